@@ -1,0 +1,133 @@
+"""The shared base of every explainer: model handling, targets, one forward+backward.
+
+A method is a small subclass that overrides :meth:`Explainer.attribute` (input-space methods) and,
+where its map is not simply ``|attribution|`` summed over channels, :meth:`Explainer.saliency`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.hooks import HookManager, preserved_state
+from bbdecoder.targets import TargetLike, fixed_target, select_scores
+
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Explainer:
+    """Base class: holds the model and never mutates it.
+
+    Args:
+        model: any ``nn.Module`` returning logits ``(N, classes)`` (or anything, with a callable target).
+        input_transform: applied to the inputs inside every forward pass, e.g. :class:`Normalize`.
+            Attributions are then taken with respect to the *untransformed* inputs (pixel space), so
+            a "black" baseline really is black. ``None``: inputs go to the model as they are.
+        eval_mode: run the model in eval mode (BatchNorm running statistics, no dropout) and restore
+            every module's mode afterwards. ``False`` keeps the model's current modes.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, input_transform: InputTransform | None = None, eval_mode: bool = True
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.input_transform = input_transform
+        self.eval_mode = eval_mode
+
+    # -- pieces subclasses use -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self) -> Iterator[HookManager]:
+        """Model in the requested mode, grad enabled, hooks registered through the yielded manager.
+
+        Modes, ``requires_grad`` flags and hooks are restored/removed on exit, also on errors.
+        """
+        with preserved_state(self.model, eval_mode=True if self.eval_mode else None), HookManager() as hooks:
+            with torch.enable_grad():
+                yield hooks
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        """The model's raw output for ``inputs`` (the input transform applied)."""
+        x = self.input_transform(inputs) if self.input_transform is not None else inputs
+        return self.model(x)
+
+    def scores(self, inputs: torch.Tensor, target: TargetLike) -> tuple[torch.Tensor, Any]:
+        """One differentiable score per sample (N,), and the raw output."""
+        output = self.forward(inputs)
+        return select_scores(output, target, inputs.shape[0]), output
+
+    def freeze_target(self, inputs: torch.Tensor, target: TargetLike) -> TargetLike:
+        """Resolve ``None`` to the arg-max classes of the clean inputs (for noisy/path methods)."""
+        if target is not None:
+            if callable(target) and not isinstance(target, torch.Tensor):
+                return target
+        with self.session(), torch.no_grad():
+            output = self.forward(inputs)
+        return fixed_target(output, target, inputs.shape[0])
+
+    def input_gradient(self, inputs: torch.Tensor, target: TargetLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """dScore/dInput shaped like ``inputs``, and the scores (N,), from one forward+backward.
+
+        Only the input gradient is computed: parameter gradients are neither computed nor touched.
+        Call inside :meth:`session`.
+        """
+        x = leaf_input(inputs)
+        scores, _ = self.scores(x, target)
+        (grad,) = torch.autograd.grad(scores.sum(), x)
+        return grad, scores.detach()
+
+    # -- the public interface --------------------------------------------------------------------
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """Attribution shaped like ``inputs`` (N, C, *spatial)."""
+        raise NotImplementedError(f"{type(self).__name__} has no input-space attribution")
+
+    def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """Non-negative map (N, 1, *spatial) at input resolution: ``|attribution|`` summed over channels."""
+        return self.attribute(inputs, target, **kwargs).abs().sum(dim=1, keepdim=True)
+
+    def __call__(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        return self.attribute(inputs, target, **kwargs)
+
+
+def check_inputs(inputs: Any, min_dim: int = 2) -> torch.Tensor:
+    """Validate a batch of inputs: a floating tensor with a batch dimension."""
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if not inputs.dtype.is_floating_point:
+        raise TypeError(f"inputs must be floating point (gradients need it), got {inputs.dtype}; use .float()")
+    if inputs.dim() < min_dim:
+        raise ValueError(
+            f"inputs must be a batch (N, ...) with at least {min_dim} dims, got shape {tuple(inputs.shape)}; "
+            "add the batch dimension with x.unsqueeze(0)"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs is an empty batch (N = 0)")
+    return inputs
+
+
+def leaf_input(inputs: torch.Tensor) -> torch.Tensor:
+    """A detached leaf copy-free view of ``inputs`` that requires grad (inference tensors are cloned)."""
+    x = inputs.detach()
+    if x.is_inference():
+        x = x.clone()
+    return x.requires_grad_(True)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel (dim 1); pass as ``input_transform`` to explain in pixel space."""
+
+    def __init__(self, mean: Any, std: Any) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = self.mean.to(x).view(shape)
+        std = self.std.to(x).view(shape)
+        return (x - mean) / std

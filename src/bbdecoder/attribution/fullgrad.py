@@ -1,0 +1,337 @@
+"""FullGrad (Srinivas & Fleuret, NeurIPS 2019) and Simple FullGrad.
+
+The full-gradient decomposition of a piecewise-linear network with biases is exact:
+
+    F(x) = sum(x * dF/dx) + sum over bias layers l of sum(dF/d output_l * b_l)
+
+FullGrad's saliency aggregates both parts: ``psi(|x * dF/dx|)`` plus, for every layer with a spatial
+output, the upsampled ``psi(|bias-gradient_l|)``, each summed over channels (``psi`` = per-sample
+min-max over (C, *spatial) jointly). Bias layers are matched to their gradients *by module* through
+tensor hooks attached to each call's output, so execution order, unused modules and modules called
+twice are all handled, and in-place activations after a layer do not corrupt its gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs, leaf_input
+from bbdecoder.attribution.bias_layers import broadcast_bias, effective_bias, is_bias_layer
+from bbdecoder.attribution.postprocess import channel_sum_minmax, resize_to
+from bbdecoder.hooks import HookManager
+from bbdecoder.targets import TargetLike, select_scores
+
+LayerGradHandler = Callable[[str, torch.Tensor, torch.Tensor], None]
+"""Called during backward with (layer name, broadcast bias, dF/d output) for each bias-layer call."""
+
+
+class CompletenessError(AssertionError):
+    """The full-gradient decomposition does not add up to the model's output.
+
+    ``rel_error`` is the worst relative error seen, ``tolerance`` the bound it broke.
+    """
+
+    def __init__(self, rel_error: float, tolerance: float, detail: str = "") -> None:
+        self.rel_error = rel_error
+        self.tolerance = tolerance
+        message = (
+            f"FullGrad completeness check failed: the decomposition sum(x * dF/dx) + sum(bias-gradients) "
+            f"differs from the model's output by a relative error of {rel_error:.3e} (tolerance "
+            f"{tolerance:.1e}). The model has constants that are not biases of Conv/Linear/BatchNorm "
+            "layers (saturating activations such as ReLU6, LayerNorm, GELU, attention, BatchNorm in train "
+            "mode, custom bias parameters), so FullGrad's decomposition does not hold for it. Use "
+            "`SimpleFullGrad(model)`, which needs no completeness, or pass `check=False` to accept an "
+            "inexact decomposition."
+        )
+        super().__init__(message + (f" {detail}" if detail else ""))
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the completeness check: 1e-4 in float32 (the reference's), 1e-8 in float64."""
+    return 1e-8 if dtype == torch.float64 else 1e-4
+
+
+@dataclass
+class FullGradDecomposition:
+    """The parts of F(x) for a batch.
+
+    Attributes:
+        inputs: the model's inputs (N, C, *spatial) (after ``input_transform``).
+        input_gradient: dF/dx, shaped like ``inputs``.
+        bias_gradients: one tensor per bias-layer *call*, in backward order, each shaped like that
+            call's output: ``dF/d output * b`` with b broadcast over the non-channel dims.
+        layer_names: the qualified name of the module behind each bias gradient.
+        scores: F(x), the target scores (N,).
+    """
+
+    inputs: torch.Tensor
+    input_gradient: torch.Tensor
+    bias_gradients: list[torch.Tensor]
+    layer_names: list[str]
+    scores: torch.Tensor
+
+    def totals(self) -> torch.Tensor:
+        """sum(x * dF/dx) + sum of all bias gradients, per sample (N,)."""
+        total = (self.inputs * self.input_gradient).flatten(1).sum(1)
+        for bias_gradient in self.bias_gradients:
+            total = total + bias_gradient.flatten(1).sum(1)
+        return total
+
+    def relative_error(self) -> torch.Tensor:
+        """|totals - scores| / max(|scores|, |totals|), per sample (N,)."""
+        return relative_error(self.totals(), self.scores)
+
+
+def relative_error(totals: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    scale = torch.maximum(totals.abs(), scores.abs()).clamp_min(torch.finfo(scores.dtype).tiny)
+    return (totals - scores).abs() / scale
+
+
+class _FullGradFamily(Explainer):
+    """Hooks bias layers, runs one forward+backward, hands each layer's output gradient to a handler."""
+
+    def __init__(
+        self, model: nn.Module, *, input_transform: InputTransform | None = None, eval_mode: bool = True
+    ) -> None:
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        self.bias_layers = [(name, module) for name, module in model.named_modules() if is_bias_layer(module)]
+
+    def _model_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        # The decomposition lives in the model's input space: a normalisation's constant offset is not
+        # a bias of any layer, so the transform is applied outside the differentiated graph.
+        if self.input_transform is None:
+            return inputs
+        with torch.no_grad():
+            return self.input_transform(inputs)
+
+    def _backward_through_layers(
+        self, inputs: torch.Tensor, target: TargetLike, handler: LayerGradHandler
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(model input, dF/d input, scores), calling ``handler`` for every bias-layer call."""
+        check_inputs(inputs, min_dim=3)
+        x = leaf_input(self._model_input(inputs))
+        with self.session() as hooks:
+            for name, module in self.bias_layers:
+                hooks.forward_hook(module, self._make_forward_hook(name, hooks, handler))
+            scores = self._scores_of_model_input(x, target)
+            (input_gradient,) = torch.autograd.grad(scores.sum(), x)
+        return x.detach(), input_gradient, scores.detach()
+
+    def _scores_of_model_input(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        return select_scores(self.model(x), target, x.shape[0])
+
+    @staticmethod
+    def _make_forward_hook(name: str, hooks: HookManager, handler: LayerGradHandler) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            bias = effective_bias(module)
+            if bias is None:
+                return
+            bias = broadcast_bias(module, bias.to(output.dtype), output)
+
+            def on_gradient(grad: torch.Tensor) -> None:
+                handler(name, bias, grad)
+
+            hooks.tensor_hook(output, on_gradient)
+
+        return forward_hook
+
+    def _aggregate(
+        self, inputs: torch.Tensor, target: TargetLike, layer_map: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Saliency (N, 1, *spatial) from ``layer_map(grad, bias)``, plus per-sample totals and scores.
+
+        Each layer's map is reduced inside its gradient hook, so no layer gradient outlives its step of
+        the backward pass: memory stays that of a plain backward.
+        """
+        spatial = tuple(inputs.shape[2:])
+        saliency: list[torch.Tensor] = []
+        bias_total: list[torch.Tensor] = []
+
+        def handler(_name: str, bias: torch.Tensor, grad: torch.Tensor) -> None:
+            bias_total.append((grad * bias).flatten(1).sum(1))
+            if grad.dim() != len(spatial) + 2:
+                return
+            reduced = resize_to(channel_sum_minmax(layer_map(grad, bias)), spatial, align_corners=True)
+            if saliency:
+                saliency[0] = saliency[0] + reduced
+            else:
+                saliency.append(reduced)
+
+        x, input_gradient, scores = self._backward_through_layers(inputs, target, handler)
+        input_part = x * input_gradient
+        result = channel_sum_minmax(input_part)
+        if saliency:
+            result = result + saliency[0]
+        totals = input_part.flatten(1).sum(1)
+        for part in bias_total:
+            totals = totals + part
+        return result, totals, scores
+
+
+class FullGrad(_FullGradFamily):
+    """FullGrad saliency with the reference interface.
+
+    Args:
+        model: a piecewise-linear network with biases (Conv/Linear/BatchNorm, ReLU, pooling, residual
+            adds, concatenation). Never modified.
+        im_size: one sample's shape without the batch dimension, e.g. ``(3, 224, 224)``. When given,
+            completeness is checked at construction on a random input; otherwise at the first call,
+            on a random input shaped like that call's samples.
+        input_transform: applied before the model (e.g. ``Normalize``); the decomposition and the map
+            are then of the *transformed* input, as in the reference (it works on normalised images).
+        eval_mode: evaluate in eval mode (BatchNorm's running statistics) and restore modes after.
+        check: run the completeness check (raises :class:`CompletenessError`).
+
+    >>> fullgrad = FullGrad(model, im_size=(3, 224, 224))
+    >>> saliency = fullgrad.saliency(x, target)            # (N, 1, 224, 224)
+    >>> input_grad, bias_grads = fullgrad.fullGradientDecompose(x, target)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        im_size: Sequence[int] | None = None,
+        *,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+        check: bool = True,
+    ) -> None:
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        self.im_size = tuple(int(s) for s in im_size) if im_size is not None else None
+        self.check = check
+        self._checked_shapes: set[tuple[int, ...]] = set()
+        self.last_relative_error: torch.Tensor | None = None
+        if check and self.im_size is not None:
+            self.checkCompleteness()
+
+    # -- decomposition ---------------------------------------------------------------------------
+    def decompose(self, inputs: torch.Tensor, target: TargetLike = None) -> FullGradDecomposition:
+        """The full-gradient decomposition of the target scores of ``inputs`` (N, C, *spatial)."""
+        self._check_batch(inputs)
+        gradients: list[torch.Tensor] = []
+        names: list[str] = []
+
+        def keep(name: str, bias: torch.Tensor, grad: torch.Tensor) -> None:
+            gradients.append(grad * bias)
+            names.append(name)
+
+        x, input_gradient, scores = self._backward_through_layers(inputs, target, keep)
+        return FullGradDecomposition(x, input_gradient, gradients, names, scores)
+
+    def fullGradientDecompose(
+        self, image: torch.Tensor, target_class: TargetLike = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(input gradient shaped like ``image``, list of bias gradients shaped like each layer's output)."""
+        decomposition = self.decompose(image, target_class)
+        return decomposition.input_gradient, decomposition.bias_gradients
+
+    full_gradient_decompose = fullGradientDecompose
+
+    # -- completeness ----------------------------------------------------------------------------
+    def checkCompleteness(
+        self, inputs: torch.Tensor | None = None, *, tolerance: float | None = None, seed: int = 0
+    ) -> float:
+        """Check sum(decomposition) == F(x); returns the worst relative error.
+
+        On ``inputs``, or on a seeded standard-normal input of shape ``(1, *im_size)``. Raises
+        :class:`CompletenessError` above ``tolerance`` (default 1e-4 in float32, 1e-8 in float64).
+        """
+        if inputs is None:
+            inputs = self._random_input(self._require_im_size(), seed)
+        rel = self.decompose(inputs, None).relative_error()
+        worst = float(rel.max())
+        bound = default_tolerance(inputs.dtype) if tolerance is None else tolerance
+        if not worst <= bound:  # also catches NaN
+            raise CompletenessError(worst, bound)
+        self._checked_shapes.add(tuple(inputs.shape[1:]))
+        return worst
+
+    check_completeness = checkCompleteness
+
+    # -- saliency --------------------------------------------------------------------------------
+    def saliency(
+        self, inputs: torch.Tensor, target: TargetLike = None, *, target_class: TargetLike = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """FullGrad saliency, non-negative, shape (N, 1, *spatial) at input resolution.
+
+        ``target_class`` is accepted as the reference's name for ``target``. The per-sample relative
+        completeness error of this very batch is left in ``last_relative_error`` (N,) at no extra cost.
+        """
+        target = target_class if target is None else target
+        self._check_batch(inputs)
+        if self.check and tuple(inputs.shape[1:]) not in self._checked_shapes:
+            self.checkCompleteness(self._random_input(tuple(inputs.shape[1:]), 0, like=inputs))
+        result, totals, scores = self._aggregate(inputs, target, _bias_gradient)
+        self.last_relative_error = relative_error(totals, scores)
+        return result
+
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """The input part of the decomposition, ``x * dF/dx``, shaped like ``inputs``."""
+        decomposition = self.decompose(inputs, target)
+        return decomposition.inputs * decomposition.input_gradient
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _require_im_size(self) -> tuple[int, ...]:
+        if self.im_size is None:
+            raise ValueError("no im_size: pass `im_size=(C, H, W)` to FullGrad or give `inputs` to check")
+        return self.im_size
+
+    def _check_batch(self, inputs: torch.Tensor) -> None:
+        check_inputs(inputs, min_dim=3)
+        if self.im_size is not None and tuple(inputs.shape) == self.im_size:
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} look like one sample without its batch dimension "
+                f"(im_size={self.im_size}); use x.unsqueeze(0)"
+            )
+
+    def _random_input(
+        self, sample_shape: tuple[int, ...], seed: int, like: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        reference = like if like is not None else next(self.model.parameters(), torch.empty(0))
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        sample = torch.randn((1, *sample_shape), generator=generator, dtype=torch.float64)
+        return sample.to(device=reference.device, dtype=reference.dtype)
+
+
+class SimpleFullGrad(_FullGradFamily):
+    """Simple FullGrad: FullGrad's aggregation with ``|dF/d output_l|`` in place of the bias-gradient.
+
+    Needs no completeness, so it works on any network (LayerNorm, GELU, attention, ReLU6).
+    """
+
+    def saliency(
+        self, inputs: torch.Tensor, target: TargetLike = None, *, target_class: TargetLike = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Non-negative map (N, 1, *spatial) at input resolution."""
+        target = target_class if target is None else target
+        result, _, _ = self._aggregate(inputs, target, _plain_gradient)
+        return result
+
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """``x * dF/dx`` shaped like ``inputs`` (the input part of the map)."""
+        x, input_gradient, _ = self._backward_through_layers(inputs, target, lambda *_: None)
+        return x * input_gradient
+
+
+def _bias_gradient(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return grad * bias
+
+
+def _plain_gradient(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return grad
+
+
+__all__ = [
+    "CompletenessError",
+    "FullGrad",
+    "FullGradDecomposition",
+    "SimpleFullGrad",
+    "default_tolerance",
+]

@@ -1,0 +1,32 @@
+"""Gradient and Input x Gradient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bbdecoder.attribution.base import Explainer, check_inputs
+from bbdecoder.targets import TargetLike
+
+
+class Gradient(Explainer):
+    """The signed gradient of the target score with respect to the input (Simonyan et al. 2014)."""
+
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """dScore/dInput, shaped like ``inputs`` (N, C, *spatial)."""
+        check_inputs(inputs)
+        with self.session():
+            grad, _ = self.input_gradient(inputs, target)
+        return grad
+
+
+class InputXGradient(Explainer):
+    """``inputs * dScore/dInput`` (Shrikumar et al. 2016): exact for linear models without bias."""
+
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """``inputs * gradient``, shaped like ``inputs`` (N, C, *spatial)."""
+        check_inputs(inputs)
+        with self.session():
+            grad, _ = self.input_gradient(inputs, target)
+        return inputs.detach() * grad

@@ -1,0 +1,1 @@
+"""The embedded default: bundled digits, a small CNN, a planted-bias set."""

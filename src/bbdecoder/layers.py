@@ -1,0 +1,146 @@
+"""LayerIndex: every leaf module of a model gets a stable ID and its qualified name.
+
+IDs follow ``model.named_modules()`` order (the order modules are *declared*, not the order they
+run), counting only leaves (modules without children). Shared modules appear once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from torch import nn
+
+LayerSelector = Union[int, str, type, nn.Module]
+"""One layer selector: an ID, a qualified name or glob pattern, a module type, or a module."""
+
+LayerSelection = Union[None, LayerSelector, Sequence[LayerSelector]]
+"""``None`` (every layer), one selector, or a sequence of selectors (mixed kinds allowed)."""
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One leaf module: its ID, qualified name (``""`` for a model that is itself a leaf), module."""
+
+    id: int
+    name: str
+    module: nn.Module
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters(recurse=False))
+
+    @property
+    def display_name(self) -> str:
+        return self.name or "(root)"
+
+
+class LayerIndex:
+    """IDs and qualified names of a model's leaf modules, with selection by ID/name/glob/type.
+
+    >>> index = LayerIndex(model)
+    >>> index.select([0, "fc", "layer1.*.conv1", nn.BatchNorm2d])  # -> list[LayerInfo]
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._layers: list[LayerInfo] = []
+        for name, module in model.named_modules():
+            if next(module.children(), None) is None:
+                self._layers.append(LayerInfo(len(self._layers), name, module))
+        self._by_name = {layer.name: layer for layer in self._layers}
+        self._by_module = {id(layer.module): layer for layer in self._layers}
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[LayerInfo]:
+        return iter(self._layers)
+
+    def __getitem__(self, layer_id: int) -> LayerInfo:
+        return self._by_id(layer_id)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def by_module(self, module: nn.Module) -> LayerInfo | None:
+        """The leaf entry of ``module``, or ``None`` when it is not a leaf of this model."""
+        return self._by_module.get(id(module))
+
+    def select(self, selection: LayerSelection = None) -> list[LayerInfo]:
+        """Resolve a selection to layers, in ID order, without duplicates.
+
+        ``None`` selects every layer. A string with ``*?[`` is a glob over qualified names. A type
+        selects every leaf that is an instance of it. Raises ``KeyError``/``IndexError``/``TypeError``
+        naming what was not found and what would have been valid.
+        """
+        if selection is None:
+            return list(self._layers)
+        if isinstance(selection, (int, str, type, nn.Module)):
+            selection = [selection]
+        if not isinstance(selection, Sequence):
+            raise TypeError(
+                f"cannot select layers with {selection!r} ({type(selection).__name__}); use an int ID, a "
+                "qualified name or glob pattern, a module type, a module, or a list of these"
+            )
+        chosen: dict[int, LayerInfo] = {}
+        for selector in selection:
+            for layer in self._resolve_one(selector):
+                chosen[layer.id] = layer
+        return [chosen[k] for k in sorted(chosen)]
+
+    def _by_id(self, layer_id: int) -> LayerInfo:
+        if not 0 <= layer_id < len(self._layers):
+            raise IndexError(
+                f"layer ID {layer_id} does not exist: this model has {len(self._layers)} leaf layers "
+                f"with IDs 0..{len(self._layers) - 1} (see `summary()` or `bbdecoder layers`)"
+            )
+        return self._layers[layer_id]
+
+    def _resolve_one(self, selector: LayerSelector) -> list[LayerInfo]:
+        if isinstance(selector, bool):
+            raise TypeError(f"a layer selector cannot be a bool ({selector!r})")
+        if isinstance(selector, int):
+            return [self._by_id(selector)]
+        if isinstance(selector, str):
+            if _GLOB_CHARS & set(selector):
+                found = [layer for layer in self._layers if fnmatch.fnmatchcase(layer.name, selector)]
+                if not found:
+                    raise KeyError(f"the pattern {selector!r} matches no layer name of this model")
+                return found
+            if selector in self._by_name:
+                return [self._by_name[selector]]
+            close = difflib.get_close_matches(selector, self.names, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"no leaf layer is named {selector!r}{hint}")
+        if isinstance(selector, type) and issubclass(selector, nn.Module):
+            found = [layer for layer in self._layers if isinstance(layer.module, selector)]
+            if not found:
+                raise KeyError(f"this model has no leaf layer of type {selector.__name__}")
+            return found
+        if isinstance(selector, nn.Module):
+            layer = self.by_module(selector)
+            if layer is None:
+                raise KeyError(f"the module {type(selector).__name__} is not a leaf layer of this model")
+            return [layer]
+        raise TypeError(
+            f"cannot select layers with {selector!r} ({type(selector).__name__}); use an int ID, a "
+            "qualified name or glob pattern, a module type, or a module"
+        )
+
+    def table(self) -> list[dict[str, object]]:
+        """Rows of ``{"id", "name", "type", "params"}``, one per leaf layer."""
+        return [
+            {"id": layer.id, "name": layer.display_name, "type": layer.type_name, "params": layer.num_params}
+            for layer in self._layers
+        ]
