@@ -94,7 +94,9 @@ class DenseNetStyle(nn.Module):
         self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
         self.block = nn.Sequential(DenseLayer(8, growth), DenseLayer(8 + growth, growth))
         self.transition = nn.Sequential(nn.BatchNorm2d(8 + 2 * growth), nn.ReLU(), nn.AvgPool2d(2))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 + 2 * growth, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 + 2 * growth, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.transition(self.block(self.stem(x))))

@@ -20,7 +20,9 @@ from .nets import make_net, randomize_batchnorm
 TARGETS = [0, 1, 2, 3]
 
 
-def _inputs(dtype: torch.dtype, n: int = 4, shape: tuple[int, ...] = (3, 16, 16), seed: int = 1) -> torch.Tensor:
+def _inputs(
+    dtype: torch.dtype, n: int = 4, shape: tuple[int, ...] = (3, 16, 16), seed: int = 1
+) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
@@ -61,15 +63,21 @@ def test_decomposition_equals_parameter_gradient_oracle(kind: str) -> None:
     model = make_net(kind)
     x = _inputs(torch.float64)
     decomposition = FullGrad(model, im_size=(3, 16, 16)).decompose(x, TARGETS)
-    torch.testing.assert_close(decomposition.totals().sum(), _hook_free_total(model, x, TARGETS), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        decomposition.totals().sum(), _hook_free_total(model, x, TARGETS), rtol=1e-12, atol=0
+    )
     # per layer: channel sums of the bias gradient are dF/db * b (each module runs once here)
     modules = dict(model.named_modules())
     model.zero_grad(set_to_none=True)
     xg = x.clone().requires_grad_(True)
     model(xg)[torch.arange(4), torch.tensor(TARGETS)].sum().backward()
-    for name, bias_gradient in zip(decomposition.layer_names, decomposition.bias_gradients):
+    for name, bias_gradient in zip(decomposition.layer_names, decomposition.bias_gradients, strict=False):
         module = modules[name]
-        per_channel = bias_gradient.transpose(0, 1).flatten(1).sum(1) if bias_gradient.dim() > 2 else bias_gradient.sum(0)
+        per_channel = (
+            bias_gradient.transpose(0, 1).flatten(1).sum(1)
+            if bias_gradient.dim() > 2
+            else bias_gradient.sum(0)
+        )
         param_grad = module.bias.grad
         torch.testing.assert_close(per_channel, param_grad * effective_bias(module), rtol=1e-10, atol=1e-12)
     model.zero_grad(set_to_none=True)
@@ -150,11 +158,20 @@ def test_channels_last_matches_contiguous() -> None:
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_conv1d_and_conv3d_nets(dims: int) -> None:
-    conv, bn, pool = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d), 3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d)}[dims]
+    conv, bn, pool = {
+        1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+        3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d),
+    }[dims]
     torch.manual_seed(0)
     model = nn.Sequential(
-        conv(2, 4, 3, padding=1), bn(4), nn.ReLU(), pool(2), conv(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.LazyLinear(3),
+        conv(2, 4, 3, padding=1),
+        bn(4),
+        nn.ReLU(),
+        pool(2),
+        conv(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
     ).double()
     spatial = (8,) * dims
     model(torch.zeros((1, 2, *spatial), dtype=torch.float64))  # materialise the lazy layer
@@ -271,7 +288,9 @@ def _reference_saliency(fullgrad: FullGrad, x: torch.Tensor, target: list[int]) 
             continue
         scaled = _psi(bias_gradient)
         for channel in range(scaled.shape[1]):
-            total = total + F.interpolate(scaled[:, channel : channel + 1], size=spatial, mode=mode, align_corners=True)
+            total = total + F.interpolate(
+                scaled[:, channel : channel + 1], size=spatial, mode=mode, align_corners=True
+            )
     return total
 
 

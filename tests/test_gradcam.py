@@ -59,7 +59,9 @@ def test_default_layer_is_last_spatial_output_and_maps_are_scaled_per_image() ->
 
 
 def test_all_zero_map_is_zero_not_nan() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2)
+    )
     with torch.no_grad():
         model[0].weight.zero_()
         model[0].bias.fill_(-1.0)  # every activation is 0 after the ReLU

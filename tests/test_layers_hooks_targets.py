@@ -59,12 +59,11 @@ def test_model_that_is_itself_a_leaf() -> None:
 
 def test_hook_manager_removes_hooks_even_on_error() -> None:
     model = ResNetStyle()
-    with pytest.raises(RuntimeError):
-        with HookManager() as hooks:
-            for module in model.modules():
-                hooks.forward_hook(module, lambda *a: None)
-            assert count_hooks(model) > 0
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError), HookManager() as hooks:
+        for module in model.modules():
+            hooks.forward_hook(module, lambda *a: None)
+        assert count_hooks(model) > 0
+        raise RuntimeError("inside")
     assert count_hooks(model) == 0
 
 

@@ -10,14 +10,13 @@ import difflib
 import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from torch import nn
 
-LayerSelector = Union[int, str, type, nn.Module]
+LayerSelector = int | str | type | nn.Module
 """One layer selector: an ID, a qualified name or glob pattern, a module type, or a module."""
 
-LayerSelection = Union[None, LayerSelector, Sequence[LayerSelector]]
+LayerSelection = LayerSelector | Sequence[LayerSelector] | None
 """``None`` (every layer), one selector, or a sequence of selectors (mixed kinds allowed)."""
 
 _GLOB_CHARS = set("*?[")

@@ -13,11 +13,11 @@ so. Scores are the raw outputs (logits), never a softmax: the decompositions are
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-TargetLike = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
+TargetLike = int | Sequence[int] | torch.Tensor | Callable[[Any], torch.Tensor] | None
 
 
 class TargetError(ValueError):

@@ -47,9 +47,9 @@ class Explainer:
 
         Modes, ``requires_grad`` flags and hooks are restored/removed on exit, also on errors.
         """
-        with preserved_state(self.model, eval_mode=True if self.eval_mode else None), HookManager() as hooks:
-            with torch.enable_grad():
-                yield hooks
+        eval_mode = True if self.eval_mode else None
+        with preserved_state(self.model, eval_mode=eval_mode), HookManager() as hooks, torch.enable_grad():
+            yield hooks
 
     def forward(self, inputs: torch.Tensor) -> Any:
         """The model's raw output for ``inputs`` (the input transform applied)."""
@@ -63,9 +63,8 @@ class Explainer:
 
     def freeze_target(self, inputs: torch.Tensor, target: TargetLike) -> TargetLike:
         """Resolve ``None`` to the arg-max classes of the clean inputs (for noisy/path methods)."""
-        if target is not None:
-            if callable(target) and not isinstance(target, torch.Tensor):
-                return target
+        if target is not None and callable(target) and not isinstance(target, torch.Tensor):
+            return target
         with self.session(), torch.no_grad():
             output = self.forward(inputs)
         return fixed_target(output, target, inputs.shape[0])
@@ -99,7 +98,9 @@ def check_inputs(inputs: Any, min_dim: int = 2) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if not inputs.dtype.is_floating_point:
-        raise TypeError(f"inputs must be floating point (gradients need it), got {inputs.dtype}; use .float()")
+        raise TypeError(
+            f"inputs must be floating point (gradients need it), got {inputs.dtype}; use .float()"
+        )
     if inputs.dim() < min_dim:
         raise ValueError(
             f"inputs must be a batch (N, ...) with at least {min_dim} dims, got shape {tuple(inputs.shape)}; "
@@ -120,6 +121,9 @@ def leaf_input(inputs: torch.Tensor) -> torch.Tensor:
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel (dim 1); pass as ``input_transform`` to explain in pixel space."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Any, std: Any) -> None:
         super().__init__()

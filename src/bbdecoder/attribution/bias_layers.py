@@ -41,10 +41,8 @@ def effective_bias(module: nn.Module) -> torch.Tensor | None:
         if module.bias is not None:
             bias = bias + module.bias
         return bias.detach()
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        return bias.detach()
-    return None
+    own_bias = getattr(module, "bias", None)
+    return own_bias.detach() if isinstance(own_bias, torch.Tensor) else None
 
 
 def broadcast_bias(module: nn.Module, bias: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,10 @@ class _FullGradFamily(Explainer):
         return forward_hook
 
     def _aggregate(
-        self, inputs: torch.Tensor, target: TargetLike, layer_map: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        self,
+        inputs: torch.Tensor,
+        target: TargetLike,
+        layer_map: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Saliency (N, 1, *spatial) from ``layer_map(grad, bias)``, plus per-sample totals and scores.
 
@@ -257,7 +260,12 @@ class FullGrad(_FullGradFamily):
 
     # -- saliency --------------------------------------------------------------------------------
     def saliency(
-        self, inputs: torch.Tensor, target: TargetLike = None, *, target_class: TargetLike = None, **kwargs: Any
+        self,
+        inputs: torch.Tensor,
+        target: TargetLike = None,
+        *,
+        target_class: TargetLike = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """FullGrad saliency, non-negative, shape (N, 1, *spatial) at input resolution.
 
@@ -307,7 +315,12 @@ class SimpleFullGrad(_FullGradFamily):
     """
 
     def saliency(
-        self, inputs: torch.Tensor, target: TargetLike = None, *, target_class: TargetLike = None, **kwargs: Any
+        self,
+        inputs: torch.Tensor,
+        target: TargetLike = None,
+        *,
+        target_class: TargetLike = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Non-negative map (N, 1, *spatial) at input resolution."""
         target = target_class if target is None else target

@@ -54,7 +54,9 @@ class GradCAM(Explainer):
 
             def forward_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
                 if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"Grad-CAM needs a layer with a tensor output, got {type(output).__name__}")
+                    raise TypeError(
+                        f"Grad-CAM needs a layer with a tensor output, got {type(output).__name__}"
+                    )
                 call = len(activations)
                 # A copy: an in-place activation after this layer would otherwise change A.
                 activations.append(output.detach().clone())

@@ -28,7 +28,7 @@ def load_digits_data(test_fraction: float = 0.25, seed: int = 0) -> DigitsData:
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(labels) * test_fraction))
+    n_test = round(len(labels) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return DigitsData(images[train], labels[train], images[test], labels[test])
 
