@@ -1,0 +1,188 @@
+"""SmoothGrad (Smilkov et al. 2017) and its variants, around any explainer.
+
+The attribution (or saliency) of ``n_samples`` noisy copies ``x + N(0, sigma^2)`` is averaged, with
+``sigma = noise_level * (max(x) - min(x))`` taken per sample. ``smoothgrad_sq`` averages squares and
+``vargrad`` (Adebayo et al. 2018) takes the population variance across the copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.attribution.base import Explainer, check_inputs
+from bbdecoder.attribution.gradient import Gradient
+from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
+from bbdecoder.targets import TargetLike
+
+KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+ExplainFn = Callable[..., Any]
+
+
+class SmoothGrad(Explainer):
+    """Average an explainer's result over noisy copies of the input.
+
+    Args:
+        explainer_or_model: any :class:`Explainer` (``IntegratedGradients``, ``InputXGradient``,
+            ``FullGrad``, ...); a bare ``nn.Module`` is wrapped in :class:`Gradient`.
+        n_samples: noisy copies per input.
+        noise_level: noise standard deviation as a fraction of each sample's value range (max - min).
+        kind: ``"smoothgrad"`` (mean), ``"smoothgrad_sq"`` (mean of squares) or ``"vargrad"``
+            (population variance across the copies).
+        seed: seeds a ``torch.Generator`` on the inputs' device; the same seed gives the same noise.
+        internal_batch_size: most rows (copies x N) per call of the inner explainer; at least one
+            copy per call. Default: as many copies as the memory budget allows (estimated with one
+            no-grad probe forward), or one copy at a time when the inner explainer does not run the
+            model in eval mode (train-mode BatchNorm would mix the copies).
+
+    The target is frozen on the clean input first, so ``None`` means the clean arg-max class for every
+    noisy copy. Copies are concatenated along the batch dimension; tensors passed through ``kwargs``
+    to the inner explainer therefore have to broadcast over a batch of ``copies x N`` rows (or use
+    ``internal_batch_size=N`` for one copy per call).
+    """
+
+    def __init__(
+        self,
+        explainer_or_model: Explainer | nn.Module,
+        n_samples: int = 25,
+        noise_level: float = 0.15,
+        kind: str = "smoothgrad",
+        seed: int = 0,
+        internal_batch_size: int | None = None,
+    ) -> None:
+        if isinstance(explainer_or_model, Explainer):
+            inner = explainer_or_model
+        elif isinstance(explainer_or_model, nn.Module):
+            inner = Gradient(explainer_or_model)
+        else:
+            raise TypeError(
+                f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
+            )
+        super().__init__(inner.model, input_transform=inner.input_transform, eval_mode=inner.eval_mode)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if not noise_level >= 0:
+            raise ValueError(f"noise_level must be >= 0 (a fraction of the range), got {noise_level}")
+        if kind not in KINDS:
+            raise ValueError(f"unknown SmoothGrad kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if internal_batch_size is not None and (
+            isinstance(internal_batch_size, bool)
+            or not isinstance(internal_batch_size, int)
+            or internal_batch_size < 1
+        ):
+            raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
+        self.explainer = inner
+        self.n_samples = n_samples
+        self.noise_level = float(noise_level)
+        self.kind = kind
+        self.seed = seed
+        self.internal_batch_size = internal_batch_size
+
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """The inner explainer's ``attribute`` reduced over noisy copies; shaped like ``inputs``.
+
+        ``kwargs`` go to the inner ``attribute`` (e.g. ``n_steps`` for Integrated Gradients).
+        """
+        return self._smooth(self.explainer.attribute, inputs, target, kwargs)
+
+    def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """The inner explainer's ``saliency`` reduced over noisy copies; ``(N, 1, *spatial)``."""
+        return self._smooth(self.explainer.saliency, inputs, target, kwargs)
+
+    def noisy_copies(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        """All ``n_samples`` noisy copies, in the order they are drawn (for inspection and tests)."""
+        x = inputs.detach()
+        draw = self._noise_source(x)
+        return [draw() for _ in range(self.n_samples)]
+
+    # -- internals --------------------------------------------------------------------------------
+    def _noise_source(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        flat = x.reshape(x.shape[0], -1)
+        value_range = flat.max(dim=1).values - flat.min(dim=1).values
+        sigma = (self.noise_level * value_range).view((-1,) + (1,) * (x.dim() - 1))
+
+        def draw() -> torch.Tensor:
+            with torch.no_grad():
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                return x + sigma * noise
+
+        return draw
+
+    def _smooth(
+        self, explain: ExplainFn, inputs: torch.Tensor, target: TargetLike, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        check_inputs(inputs)
+        x = inputs.detach()
+        n = x.shape[0]
+        frozen = self.explainer.freeze_target(x, target)
+        draw = self._noise_source(x)
+        copies_per_call = self._copies_per_call(x)
+        reduction = _Reduction(self.kind)
+        done = 0
+        while done < self.n_samples:
+            copies = min(copies_per_call, self.n_samples - done)
+            noisy = torch.cat([draw() for _ in range(copies)])
+            result = explain(noisy, _repeat_target(frozen, copies), **kwargs)
+            if not isinstance(result, torch.Tensor):
+                raise TypeError(
+                    f"SmoothGrad needs one tensor from the inner explainer, got {type(result).__name__}; "
+                    "do not pass return_convergence_delta=True through SmoothGrad"
+                )
+            for copy in result.detach().split(n):
+                reduction.add(copy)
+            done += copies
+        return reduction.result()
+
+    def _copies_per_call(self, x: torch.Tensor) -> int:
+        n = x.shape[0]
+        if not self.explainer.eval_mode:
+            return 1
+        if self.internal_batch_size is not None:
+            rows = self.internal_batch_size
+        else:
+            with self.explainer.session():
+                rows = rows_for_budget(self.explainer, x, default_memory_budget(x.device))
+        return max(1, min(self.n_samples, rows // n))
+
+
+def _repeat_target(target: TargetLike, copies: int) -> TargetLike:
+    """A per-sample class tensor repeated for ``copies`` concatenated copies; others apply to every row."""
+    if isinstance(target, torch.Tensor) and target.dim() == 1:
+        return target.repeat(copies)
+    return target
+
+
+class _Reduction:
+    """Streaming mean, mean of squares or population variance (Welford), in a fixed order."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.count = 0
+        self.total: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, value: torch.Tensor) -> None:
+        self.count += 1
+        if self.kind == "vargrad":
+            if self.mean is None or self.m2 is None:
+                self.mean, self.m2 = value.clone(), torch.zeros_like(value)
+                return
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+            return
+        term = value * value if self.kind == "smoothgrad_sq" else value
+        self.total = term.clone() if self.total is None else self.total + term
+
+    def result(self) -> torch.Tensor:
+        if self.kind == "vargrad":
+            assert self.m2 is not None
+            return self.m2 / self.count
+        assert self.total is not None
+        return self.total / self.count
