@@ -1,0 +1,129 @@
+"""Per-layer cost against hand counts; captured features, grids and GIFs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bbdecoder.hooks import count_hooks
+from bbdecoder.inspect import (
+    capture_layer_output,
+    cost_frame,
+    feature_grid,
+    layer_costs,
+    plot_layer_costs,
+    write_gif,
+)
+
+from .nets import ResNetStyle, randomize_batchnorm
+
+
+def _conv_flops(n: int, conv: nn.Conv2d, out_hw: tuple[int, int]) -> int:
+    kh, kw = conv.kernel_size
+    return 2 * n * conv.out_channels * out_hw[0] * out_hw[1] * (conv.in_channels // conv.groups) * kh * kw
+
+
+def test_flops_equal_hand_counts_for_conv_and_linear() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 10x12 -> 10x12
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, groups=4),  # -> 4x5
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 5, 7),
+    )
+    x = torch.randn(2, 3, 10, 12)
+    costs = {cost.name: cost for cost in layer_costs(model, x, repeats=2)}
+    assert costs["0"].flops == _conv_flops(2, model[0], (10, 12))
+    assert costs["2"].flops == _conv_flops(2, model[2], (4, 5))
+    assert costs["4"].flops == 2 * 2 * (8 * 4 * 5) * 7
+    assert costs["1"].flops == 0 and costs["3"].flops == 0
+    assert costs["0"].params == 3 * 8 * 9 + 8
+    assert costs["0"].activation_bytes == 2 * 8 * 10 * 12 * 4
+    assert all(cost.forward_ms >= 0 and cost.calls == 1 for cost in costs.values())
+    frame = cost_frame(list(costs.values()))
+    assert list(frame.columns) == [
+        "id",
+        "name",
+        "type",
+        "params",
+        "flops",
+        "activation_bytes",
+        "forward_ms",
+        "calls",
+    ]
+
+
+def test_shared_module_counts_every_call_and_model_is_untouched(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResNetStyle()).train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    costs = {cost.name: cost for cost in layer_costs(model, torch.randn(2, 3, 16, 16), repeats=2)}
+    assert costs["layer1.relu"].calls == 2  # the block's ReLU runs twice
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())  # BN stats not updated
+    assert model.training and count_hooks(model) == 0
+    path = plot_layer_costs(list(costs.values()), tmp_path / "cost.png")
+    with Image.open(path) as picture:
+        picture.verify()
+
+
+def test_captured_features_equal_the_layer_output() -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResNetStyle()).train()
+    x = torch.randn(3, 3, 16, 16)
+    features = capture_layer_output(model, x, model.layer1.bn2)
+    model.eval()
+    with torch.no_grad():
+        stem = model.relu(model.bn(model.stem(x)))
+        block = model.layer1
+        expected = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(stem)))))
+    model.train()
+    torch.testing.assert_close(features, expected)
+    assert model.training and count_hooks(model) == 0
+
+
+def test_structured_outputs_are_kept() -> None:
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return x * 2, {"neg": -x}
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            doubled, rest = self.pair(x)
+            return doubled + rest["neg"]
+
+    model = Wrapper()
+    x = torch.randn(2, 3)
+    doubled, rest = capture_layer_output(model, x, model.pair)
+    torch.testing.assert_close(doubled, 2 * x)
+    torch.testing.assert_close(rest["neg"], -x)
+    with pytest.raises(RuntimeError, match="did not run"):
+        capture_layer_output(model, x, nn.ReLU())
+
+
+def test_feature_grid_non_square_and_fixed_scale() -> None:
+    features = torch.arange(5 * 3 * 7, dtype=torch.float32).reshape(5, 3, 7)
+    grid = feature_grid(features, gap=1)
+    assert grid.shape == (2 * 3 + 1, 3 * 7 + 2, 3) and grid.dtype.name == "uint8"
+    # a fixed scale makes a brighter map look brighter
+    dim = feature_grid(torch.zeros(1, 2, 2), vmin=0, vmax=10)
+    bright = feature_grid(torch.full((1, 2, 2), 10.0), vmin=0, vmax=10)
+    assert not (dim == bright).all()
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        feature_grid(torch.zeros(2, 2, 2, 2))
+
+
+def test_gif_has_one_frame_per_epoch(tmp_path) -> None:
+    frames = [feature_grid(torch.full((4, 3, 5), float(epoch)), vmin=0, vmax=3) for epoch in range(4)]
+    path = write_gif(frames, tmp_path / "evolution.gif", fps=5, scale=4)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 4
+        gif.seek(3)
+        gif.convert("RGB")
+    with pytest.raises(ValueError, match="no frames"):
+        write_gif([], tmp_path / "empty.gif")
