@@ -18,35 +18,70 @@ from bbdecoder.attribution import (
     SmoothGrad,
     make_baseline,
 )
+from bbdecoder.bias import attention_iou, heatmap_score, mask_score
 from bbdecoder.hooks import HookManager, preserved_state
+from bbdecoder.inspect import LayerCost, layer_costs
+from bbdecoder.integrations import DatasetMaps, DatasetMapsError, explain_dataset, open_maps
 from bbdecoder.layers import LayerIndex, LayerInfo
+from bbdecoder.metrics import completeness, deletion, insertion, randomisation_check
+from bbdecoder.monitor import (
+    Analyzer,
+    EmptyEpochError,
+    FunctionGraph,
+    Master_analyzer,
+    NonFiniteGradientWarning,
+    PruneReport,
+)
+from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.targets import TargetError
 from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analyzer",
     "CompletenessError",
+    "DatasetMaps",
+    "DatasetMapsError",
+    "EmptyEpochError",
     "Explainer",
     "FullGrad",
     "FullGradDecomposition",
+    "FunctionGraph",
     "GradCAM",
     "Gradient",
     "HookManager",
     "InputXGradient",
     "IntegratedGradients",
+    "LayerCost",
     "LayerIndex",
     "LayerInfo",
+    "Master_analyzer",
+    "NonFiniteGradientWarning",
     "Normalize",
+    "PruneReport",
+    "RunReader",
     "SimpleFullGrad",
     "SmoothFullGrad",
     "SmoothGrad",
+    "StoreError",
     "TargetError",
     "__version__",
+    "attention_iou",
     "colorize",
     "comparison_grid",
+    "completeness",
+    "deletion",
+    "explain_dataset",
+    "heatmap_score",
+    "insertion",
+    "layer_costs",
     "make_baseline",
+    "mask_score",
+    "open_maps",
+    "open_run",
     "overlay",
     "preserved_state",
+    "randomisation_check",
     "save_figure",
 ]

@@ -1,0 +1,23 @@
+"""The training monitor: Analyzer (alias Master_analyzer) and its probes."""
+
+from bbdecoder.monitor.activations import channel_similarity, saturation_test
+from bbdecoder.monitor.analyzer import Analyzer, EmptyEpochError, Master_analyzer, NonFiniteGradientWarning
+from bbdecoder.monitor.grad_stats import GRAD_STATS, grad_statistics
+from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_graph
+from bbdecoder.monitor.pruning import PrunedUnits, PruneReport
+
+__all__ = [
+    "GRAD_STATS",
+    "Analyzer",
+    "EmptyEpochError",
+    "FunctionGraph",
+    "Master_analyzer",
+    "NonFiniteGradientWarning",
+    "PruneReport",
+    "PrunedUnits",
+    "activation_curves",
+    "channel_similarity",
+    "grad_statistics",
+    "saturation_test",
+    "trace_graph",
+]

@@ -1,0 +1,212 @@
+"""RunReader: read a run store (also while another process is still writing it)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bbdecoder.store.schema import SCHEMA_VERSION, StoreError
+from bbdecoder.store.writer import connect, db_path
+
+SCALAR_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "stat", "value"]
+EPOCH_COLUMNS = ["epoch", "layer_id", "layer", "param", "stat", "agg", "value"]
+HISTOGRAM_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "kind", "bin", "left", "right", "count"]
+
+
+class RunReader:
+    """Read-only view of one run store. Every method queries the file afresh (sees new flushes).
+
+    ``param`` is the parameter's qualified ``state_dict`` name, or ``""`` for statistics of a
+    layer's output (activations). NaN values are stored as SQL NULL and come back as NaN.
+    """
+
+    def __init__(self, save_path: str | Path) -> None:
+        self.path = db_path(save_path)
+        if not self.path.exists():
+            raise StoreError(f"no run store at {self.path}: pass the save_path given to Analyzer")
+        self._conn = connect(self.path, readonly=True)
+        try:
+            versions = [row[0] for row in self._conn.execute("SELECT version FROM schema_version")]
+        except Exception as err:
+            self._conn.close()
+            raise StoreError(f"{self.path} is not a bbdecoder run store ({err})") from err
+        if versions != [SCHEMA_VERSION]:
+            self._conn.close()
+            raise StoreError(f"{self.path} has schema version {versions}; this reader reads {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[RunReader]:
+        """Within this block every query sees the same consistent state of the store, even while
+        another process keeps writing (one SQLite read transaction)."""
+        self._conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _frame(self, sql: str, columns: list[str], params: tuple[object, ...] = ()) -> pd.DataFrame:
+        rows = self._conn.execute(sql, params).fetchall()
+        return pd.DataFrame(rows, columns=columns)
+
+    def scalars(self, stat: str | None = None) -> pd.DataFrame:
+        """Long table, one row per value: columns ``step, epoch, layer_id, layer, param, stat, value``.
+
+        ``stat`` restricts to one statistic name (``mean``, ``mean_abs``, ``max_abs``, ``var``, ``l1``,
+        ``l2``, ``update_ratio``, ``weight_*``, ``dead_fraction``, ...).
+        """
+        where, params = ("WHERE n.name = ?", (stat,)) if stat is not None else ("", ())
+        df = self._frame(
+            "SELECT s.step, s.epoch, r.layer_id, COALESCE(l.name, ''), r.param, n.name, s.value "
+            "FROM scalars s JOIN series r USING (series_id) JOIN stat_names n USING (stat_id) "
+            f"LEFT JOIN layers l ON l.layer_id = r.layer_id {where} ORDER BY s.step, r.series_id, s.stat_id",
+            SCALAR_COLUMNS,
+            params,
+        )
+        df["value"] = df["value"].astype(float)
+        return df
+
+    def epoch_scalars(self) -> pd.DataFrame:
+        """Per-epoch aggregates across iterations: ``epoch, layer_id, layer, param, stat, agg, value``
+        with ``agg`` in ``{"mean", "var"}`` (population variance over the epoch's steps)."""
+        df = self._frame(
+            "SELECT e.epoch, r.layer_id, COALESCE(l.name, ''), r.param, n.name, e.agg, e.value "
+            "FROM epoch_scalars e JOIN series r USING (series_id) JOIN stat_names n USING (stat_id) "
+            "LEFT JOIN layers l ON l.layer_id = r.layer_id ORDER BY e.epoch, r.series_id, e.stat_id",
+            EPOCH_COLUMNS,
+        )
+        df["value"] = df["value"].astype(float)
+        return df
+
+    def histograms(self, kind: str | None = None) -> pd.DataFrame:
+        """Long table, one row per bin: ``step, epoch, layer_id, layer, param, kind, bin, left, right,
+        count``. Bins are fixed per series; values outside the range are counted in the end bins."""
+        where, params = ("WHERE h.kind = ?", (kind,)) if kind is not None else ("", ())
+        rows = self._conn.execute(
+            "SELECT h.step, h.epoch, r.layer_id, COALESCE(l.name, ''), r.param, h.kind, h.lo, h.hi, "
+            "h.nbins, h.counts FROM histograms h JOIN series r USING (series_id) "
+            f"LEFT JOIN layers l ON l.layer_id = r.layer_id {where} ORDER BY h.step, r.series_id",
+            params,
+        ).fetchall()
+        frames = []
+        for step, epoch, layer_id, layer, param, hkind, lo, hi, nbins, blob in rows:
+            edges = np.linspace(lo, hi, nbins + 1)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "layer_id": layer_id,
+                        "layer": layer,
+                        "param": param,
+                        "kind": hkind,
+                        "bin": np.arange(nbins),
+                        "left": edges[:-1],
+                        "right": edges[1:],
+                        "count": np.frombuffer(blob, dtype="<i8"),
+                    }
+                )
+            )
+        if not frames:
+            return pd.DataFrame(columns=HISTOGRAM_COLUMNS)
+        return pd.concat(frames, ignore_index=True)[HISTOGRAM_COLUMNS]
+
+    def events(self, kind: str | None = None) -> pd.DataFrame:
+        """Warnings and reports: ``event_id, step, epoch, time, kind, layer_id, layer, param, message,
+        data`` (``data`` decoded from JSON)."""
+        where, params = ("WHERE e.kind = ?", (kind,)) if kind is not None else ("", ())
+        df = self._frame(
+            "SELECT e.event_id, e.step, e.epoch, e.time, e.kind, e.layer_id, l.name, e.param, e.message, "
+            f"e.data FROM events e LEFT JOIN layers l ON l.layer_id = e.layer_id {where} ORDER BY e.event_id",
+            ["event_id", "step", "epoch", "time", "kind", "layer_id", "layer", "param", "message", "data"],
+            params,
+        )
+        df["data"] = [json.loads(d) if d is not None else None for d in df["data"]]
+        return df
+
+    def layers(self) -> pd.DataFrame:
+        """The model's leaf layers: ``layer_id, name, type, params, output_shape``."""
+        return self._frame(
+            "SELECT layer_id, name, type, params, output_shape FROM layers ORDER BY layer_id",
+            ["layer_id", "name", "type", "params", "output_shape"],
+        )
+
+    def steps(self) -> pd.DataFrame:
+        """One row per stored step: ``step, epoch, time, loss``."""
+        return self._frame(
+            "SELECT step, epoch, time, loss FROM steps ORDER BY step", ["step", "epoch", "time", "loss"]
+        )
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def artifact(self, name: str) -> str:
+        """A stored text artifact (e.g. ``"graph.txt"``, ``"graph.dot"``)."""
+        row = self._conn.execute("SELECT content FROM artifacts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            names = [r[0] for r in self._conn.execute("SELECT name FROM artifacts")]
+            raise KeyError(f"no artifact {name!r} in this run; stored: {names}")
+        return str(row[0])
+
+    def epochs(self) -> list[int]:
+        """Epoch numbers that have at least one stored step, ascending."""
+        return [int(r[0]) for r in self._conn.execute("SELECT DISTINCT epoch FROM steps ORDER BY epoch")]
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` for a sound file)."""
+        return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def to_csv(self, folder: str | Path) -> list[Path]:
+        """Export scalars, epoch aggregates, histograms, events and layers as CSV files; returns paths."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, frame in (
+            ("scalars", self.scalars()),
+            ("epoch_scalars", self.epoch_scalars()),
+            ("histograms", self.histograms()),
+            ("events", self.events()),
+            ("layers", self.layers()),
+        ):
+            path = out / f"{name}.csv"
+            frame.to_csv(path, index=False)
+            paths.append(path)
+        return paths
+
+    def to_parquet(self, folder: str | Path) -> list[Path]:
+        """Export the same tables as :meth:`to_csv` as Parquet files (needs ``pyarrow``)."""
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as err:
+            raise ImportError("Parquet export needs pyarrow: pip install pyarrow (or use to_csv)") from err
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, frame in (
+            ("scalars", self.scalars()),
+            ("epoch_scalars", self.epoch_scalars()),
+            ("histograms", self.histograms()),
+            ("layers", self.layers()),
+        ):
+            path = out / f"{name}.parquet"
+            frame.to_parquet(path, index=False)
+            paths.append(path)
+        return paths
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RunReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_run(save_path: str | Path) -> RunReader:
+    """Open the run store in ``save_path`` (a folder given to ``Analyzer``, or the ``.sqlite`` file)."""
+    return RunReader(save_path)

@@ -1,0 +1,77 @@
+"""The run store's SQLite schema (version 1).
+
+One file, ``<save_path>/run.sqlite``, in WAL mode, so another process can read it while training
+writes. Every flush is one transaction, so a crash (even SIGKILL) loses at most the rows that were
+not yet flushed and never leaves a half-written step.
+
+Tables:
+
+``schema_version(version)``
+    one row: the schema version (:data:`SCHEMA_VERSION`).
+``meta(key, value)``
+    free-form run metadata (creation time, model class, bbdecoder version, ...).
+``layers(layer_id, name, type, params, output_shape)``
+    the model's leaf layers, IDs as in :class:`bbdecoder.layers.LayerIndex`.
+``series(series_id, layer_id, param)``
+    one row per recorded tensor: ``param`` is the parameter's qualified ``state_dict`` name, or
+    ``""`` for statistics of a layer's output (activations).
+``stat_names(stat_id, name)``
+    the statistic names used in ``scalars`` and ``epoch_scalars``.
+``steps(step, epoch, time, loss)``
+    one row per recorded step (written in the same transaction as the step's scalars).
+``scalars(step, epoch, series_id, stat_id, value)``
+    per-step values (gradient statistics, update ratios, weight statistics at epoch ends, ...).
+``epoch_scalars(epoch, series_id, stat_id, agg, value)``
+    per-epoch aggregates across iterations: ``agg`` is ``"mean"`` or ``"var"`` (population).
+``histograms(step, epoch, series_id, kind, lo, hi, nbins, counts)``
+    histograms on fixed bins: ``counts`` is ``nbins`` little-endian int64; values outside
+    ``[lo, hi]`` are counted in the first or last bin.
+``events(event_id, step, epoch, time, kind, layer_id, param, message, data)``
+    warnings and reports (non-finite gradients, pruning, ...); ``data`` is JSON.
+``artifacts(name, kind, content)``
+    text artifacts (the function graph as text and DOT).
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "run.sqlite"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS layers (
+    layer_id INTEGER PRIMARY KEY, name TEXT NOT NULL, type TEXT NOT NULL,
+    params INTEGER NOT NULL, output_shape TEXT
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_id INTEGER PRIMARY KEY, layer_id INTEGER NOT NULL, param TEXT NOT NULL,
+    UNIQUE (layer_id, param)
+);
+CREATE TABLE IF NOT EXISTS stat_names (stat_id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, time REAL NOT NULL, loss REAL
+);
+CREATE TABLE IF NOT EXISTS scalars (
+    step INTEGER NOT NULL, epoch INTEGER NOT NULL, series_id INTEGER NOT NULL,
+    stat_id INTEGER NOT NULL, value REAL
+);
+CREATE INDEX IF NOT EXISTS scalars_step ON scalars (step);
+CREATE TABLE IF NOT EXISTS epoch_scalars (
+    epoch INTEGER NOT NULL, series_id INTEGER NOT NULL, stat_id INTEGER NOT NULL,
+    agg TEXT NOT NULL, value REAL
+);
+CREATE TABLE IF NOT EXISTS histograms (
+    step INTEGER NOT NULL, epoch INTEGER NOT NULL, series_id INTEGER NOT NULL, kind TEXT NOT NULL,
+    lo REAL NOT NULL, hi REAL NOT NULL, nbins INTEGER NOT NULL, counts BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, epoch INTEGER, time REAL NOT NULL,
+    kind TEXT NOT NULL, layer_id INTEGER, param TEXT, message TEXT NOT NULL, data TEXT
+);
+CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, content TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The run store is missing, of an unknown schema version, or otherwise unusable."""

@@ -1,0 +1,169 @@
+"""The run store: schema, round trips, SIGKILL safety and a concurrent reader."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from bbdecoder.store import SCHEMA_VERSION, RunWriter, StoreError, open_run
+from bbdecoder.store.reader import SCALAR_COLUMNS
+
+
+def _writer_with_rows(path):
+    w = RunWriter(path)
+    w.set_layers([(0, "fc", "Linear", 12, "[1, 3]"), (1, "act", "ReLU", 0, None)])
+    sid = w.series_id(0, "fc.weight")
+    mean, l2 = w.stat_id("mean"), w.stat_id("l2")
+    for step in range(3):
+        w.add_step(step, 0, float(step))
+        w.add_scalars([(step, 0, sid, mean, step * 0.5), (step, 0, sid, l2, float("nan"))])
+    w.add_histogram(2, 0, sid, "weight", -1.0, 1.0, np.array([1, 0, 5, 2]))
+    w.add_event("note", "hello", step=1, epoch=0, layer_id=0, data={"channels": [1, 2]})
+    w.add_epoch_scalars([(0, sid, mean, "mean", 0.5), (0, sid, mean, "var", 1 / 6)])
+    w.flush()
+    return w
+
+
+def test_round_trip_and_columns(tmp_path):
+    w = _writer_with_rows(tmp_path)
+    w.close()
+    run = open_run(tmp_path)
+    sc = run.scalars()
+    assert list(sc.columns) == SCALAR_COLUMNS
+    assert len(sc) == 6
+    means = sc[sc.stat == "mean"]
+    np.testing.assert_allclose(means["value"], [0.0, 0.5, 1.0])
+    assert set(means["layer"]) == {"fc"} and set(means["param"]) == {"fc.weight"}
+    assert sc[sc.stat == "l2"]["value"].isna().all()  # NaN is stored as NULL, read back as NaN
+    hist = run.histograms()
+    assert hist["count"].tolist() == [1, 0, 5, 2]
+    np.testing.assert_allclose(hist["left"], [-1.0, -0.5, 0.0, 0.5])
+    np.testing.assert_allclose(hist["right"], [-0.5, 0.0, 0.5, 1.0])
+    ev = run.events()
+    assert ev.loc[0, "data"] == {"channels": [1, 2]} and ev.loc[0, "layer"] == "fc"
+    ep = run.epoch_scalars()
+    assert ep.set_index("agg").loc["var", "value"] == pytest.approx(1 / 6)
+    assert run.layers()["name"].tolist() == ["fc", "act"]
+    assert run.steps()["loss"].tolist() == [0.0, 1.0, 2.0]
+    assert run.integrity_check() == "ok"
+    conn = sqlite3.connect(run.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    paths = run.to_csv(tmp_path / "csv")
+    assert all(p.exists() for p in paths)
+
+
+def test_reopen_appends_and_relabel(tmp_path):
+    _writer_with_rows(tmp_path).close()
+    w = RunWriter(tmp_path)
+    assert w.next_step() == 3 and w.last_epoch() == 0
+    w.relabel_epoch(0, 2, 7)
+    w.close()
+    run = open_run(tmp_path)
+    assert set(run.scalars()["epoch"]) == {7} and run.epochs() == [7]
+
+
+def test_unflushed_rows_are_not_visible_and_rollback_keeps_old(tmp_path):
+    w = _writer_with_rows(tmp_path)
+    sid, mean = w.series_id(0, "fc.weight"), w.stat_id("mean")
+    w.add_step(3, 0, None)
+    w.add_scalars([(3, 0, sid, mean, 9.0)])
+    assert len(open_run(tmp_path).scalars()) == 6  # buffered, not yet written
+    w.add_step(3, 0, None)  # duplicate step: the flush transaction fails and rolls back as a whole
+    with pytest.raises(sqlite3.IntegrityError):
+        w.flush()
+    run = open_run(tmp_path)
+    assert len(run.scalars()) == 6 and len(run.steps()) == 3
+
+
+def test_bad_store_paths(tmp_path):
+    with pytest.raises(StoreError, match="no run store"):
+        open_run(tmp_path / "missing")
+    _writer_with_rows(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "run.sqlite")
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version"):
+        open_run(tmp_path)
+    with pytest.raises(StoreError, match="schema version"):
+        RunWriter(tmp_path)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch, torch.nn as nn, torch.nn.functional as F
+    from bbdecoder.monitor import Analyzer
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    an = Analyzer(model, sys.argv[1], flush_every=1)
+    step = 0
+    while True:
+        x = torch.randn(16, 8)
+        loss = F.cross_entropy(an.forward_propagation(x), torch.randint(0, 4, (16,)))
+        opt.zero_grad()
+        an.backward_propagation(loss)
+        opt.step()
+        print(step, flush=True)
+        step += 1
+    """
+)
+
+
+def _check_complete(run, n_params: int) -> int:
+    sc = run.scalars()
+    grads = sc[sc.stat.isin(["mean", "mean_abs", "max_abs", "var", "l1", "l2"])]
+    per_step = grads.groupby("step").size()
+    assert (per_step == n_params * 6).all(), per_step[per_step != n_params * 6]
+    steps = run.steps()["step"].tolist()
+    assert steps == list(range(len(steps)))
+    assert sorted(per_step.index) == steps
+    return len(steps)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_loses_at_most_last_step_with_concurrent_reader(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    last_printed = -1
+    seen_counts = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.time() + 90
+        while last_printed < 60 and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            last_printed = int(line)
+            if last_printed % 10 == 5:  # read while the child keeps writing
+                with open_run(tmp_path / "run") as run, run.snapshot():
+                    seen_counts.append(_check_complete(run, 4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert last_printed >= 60, "the child did not get far enough"
+    assert seen_counts == sorted(seen_counts) and seen_counts[0] >= 6
+    with open_run(tmp_path / "run") as run:
+        assert run.integrity_check() == "ok"
+        stored = _check_complete(run, 4)
+    # every step reported done is stored; at most the step in progress at the kill is missing
+    assert stored >= last_printed + 1
+    assert not math.isnan(float(stored))
