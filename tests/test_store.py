@@ -167,3 +167,22 @@ def test_sigkill_loses_at_most_last_step_with_concurrent_reader(tmp_path):
     # every step reported done is stored; at most the step in progress at the kill is missing
     assert stored >= last_printed + 1
     assert not math.isnan(float(stored))
+
+
+def test_blobs_and_arrays_round_trip(tmp_path) -> None:
+    writer = RunWriter(tmp_path)
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    first = writer.add_array("features", "conv1", array, step=3, epoch=1, layer_id=0)
+    second = writer.add_blob("image", "grid.png", b"\x89PNG...", meta={"mime": "image/png"})
+    reader = open_run(tmp_path)  # visible at once: blobs are not buffered
+    listing = reader.blobs()
+    assert listing["blob_id"].tolist() == [first, second]
+    assert listing.loc[0, "meta"] == {"shape": [2, 3, 4], "dtype": "float32"}
+    assert (listing.loc[0, "step"], listing.loc[0, "epoch"], listing.loc[0, "layer_id"]) == (3, 1, 0)
+    np.testing.assert_array_equal(reader.array(first), array)
+    assert reader.blob(second) == b"\x89PNG..."
+    assert reader.blobs(kind="image")["name"].tolist() == ["grid.png"]
+    with pytest.raises(KeyError, match="no blob"):
+        reader.blob(999)
+    reader.close()
+    writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,31 @@ class RunReader:
             names = [r[0] for r in self._conn.execute("SELECT name FROM artifacts")]
             raise KeyError(f"no artifact {name!r} in this run; stored: {names}")
         return str(row[0])
+
+    def blobs(self, kind: str | None = None, name: str | None = None) -> pd.DataFrame:
+        """Binary records without their payload: ``blob_id, step, epoch, time, kind, name, layer_id,
+        meta`` (``meta`` decoded from JSON), in the order they were written."""
+        clauses = [(c, v) for c, v in (("kind = ?", kind), ("name = ?", name)) if v is not None]
+        where = ("WHERE " + " AND ".join(c for c, _ in clauses)) if clauses else ""
+        df = self._frame(
+            f"SELECT blob_id, step, epoch, time, kind, name, layer_id, meta FROM blobs {where} "
+            "ORDER BY blob_id",
+            ["blob_id", "step", "epoch", "time", "kind", "name", "layer_id", "meta"],
+            tuple(v for _, v in clauses),
+        )
+        df["meta"] = [json.loads(m) for m in df["meta"]]
+        return df
+
+    def blob(self, blob_id: int) -> bytes:
+        """The payload of one binary record."""
+        row = self._conn.execute("SELECT data FROM blobs WHERE blob_id = ?", (int(blob_id),)).fetchone()
+        if row is None:
+            raise KeyError(f"no blob with id {blob_id} in this run")
+        return bytes(row[0])
+
+    def array(self, blob_id: int) -> np.ndarray:
+        """A stored array (see ``RunWriter.add_array``)."""
+        return np.load(io.BytesIO(self.blob(blob_id)), allow_pickle=False)
 
     def epochs(self) -> list[int]:
         """Epoch numbers that have at least one stored step, ascending."""

@@ -30,6 +30,10 @@ Tables:
     warnings and reports (non-finite gradients, pruning, ...); ``data`` is JSON.
 ``artifacts(name, kind, content)``
     text artifacts (the function graph as text and DOT).
+``blobs(blob_id, step, epoch, time, kind, name, layer_id, meta, data)``
+    binary records: arrays saved with ``numpy.save`` (``kind`` ``"features"`` for a layer's output
+    recorded by ``get_inter_features``), PNG images (``"image"``), JSON tables (``"table"``);
+    ``meta`` is JSON (shape, dtype, mime type, ...). Written immediately, one transaction each.
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL, layer_id INTEGER, param TEXT, message TEXT NOT NULL, data TEXT
 );
 CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, content TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    blob_id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, epoch INTEGER, time REAL NOT NULL,
+    kind TEXT NOT NULL, name TEXT NOT NULL, layer_id INTEGER, meta TEXT NOT NULL, data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blobs_kind_name ON blobs (kind, name);
 """
 
 

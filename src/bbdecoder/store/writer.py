@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import time
@@ -110,6 +111,33 @@ class RunWriter:
 
     def set_artifact(self, name: str, kind: str, content: str) -> None:
         self._conn.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?)", (name, kind, content))
+
+    def add_blob(
+        self,
+        kind: str,
+        name: str,
+        data: bytes,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        layer_id: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Store one binary record now (its own transaction); returns its ``blob_id``."""
+        with self._transaction():
+            cur = self._conn.execute(
+                "INSERT INTO blobs (step, epoch, time, kind, name, layer_id, meta, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (step, epoch, time.time(), kind, name, layer_id, json.dumps(meta or {}, default=str), data),
+            )
+        return int(cur.lastrowid or 0)
+
+    def add_array(self, kind: str, name: str, array: np.ndarray, **where: Any) -> int:
+        """Store an array (``numpy.save`` format; shape and dtype also go into ``meta``)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        meta = {"shape": list(array.shape), "dtype": str(array.dtype), **where.pop("meta", {})}
+        return self.add_blob(kind, name, buffer.getvalue(), meta=meta, **where)
 
     def add_step(self, step: int, epoch: int, loss: float | None) -> None:
         self._steps.append((step, epoch, time.time(), loss))
