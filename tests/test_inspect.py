@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -127,3 +128,126 @@ def test_gif_has_one_frame_per_epoch(tmp_path) -> None:
         gif.convert("RGB")
     with pytest.raises(ValueError, match="no frames"):
         write_gif([], tmp_path / "empty.gif")
+
+
+def _train_and_record(tmp_path, epochs: int = 3):
+    import torch.nn.functional as F
+
+    from bbdecoder.monitor import Analyzer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    probe = torch.randn(2, 1, 6, 10)  # non-square maps
+    analyzer = Analyzer(model, tmp_path / "run", input_size=(1, 1, 6, 10))
+    recorded = []
+    for _ in range(epochs):
+        for _ in range(2):
+            x, y = torch.randn(8, 1, 6, 10), torch.randint(0, 3, (8,))
+            loss = F.cross_entropy(analyzer.forward_propagation(x), y)
+            optimizer.zero_grad()
+            analyzer.backward_propagation(loss)
+            optimizer.step()
+        recorded.append(analyzer.get_inter_features(probe, 3))
+        analyzer.end_epoch()
+    return analyzer, model, probe, recorded
+
+
+def test_get_inter_features_records_the_layer_output_per_epoch(tmp_path) -> None:
+    from bbdecoder.store import open_run
+
+    analyzer, model, probe, recorded = _train_and_record(tmp_path)
+    model.train()
+    features = analyzer.get_inter_features(probe, "3", dim=[0, 2], post_proc=torch.relu)
+    assert model.training  # the mode is left as it was
+    model.eval()
+    with torch.no_grad():
+        direct = model[:4](probe)
+    model.train()
+    torch.testing.assert_close(features, torch.relu(direct)[:, [0, 2]])
+    torch.testing.assert_close(recorded[-1], direct)  # the weights did not change since
+    reader = open_run(tmp_path / "run")
+    rows = reader.blobs(kind="features", name="3")
+    assert rows["epoch"].tolist() == [0, 1, 2, 3] and (rows["layer_id"] == 3).all()
+    np.testing.assert_array_equal(reader.array(int(rows["blob_id"].iloc[0])), recorded[0].numpy())
+    assert reader.array(int(rows["blob_id"].iloc[-1])).shape == (2, 2, 6, 10)
+    with pytest.raises(IndexError, match="out of range"):
+        analyzer.get_inter_features(probe, 3, dim=9)
+    with pytest.raises(ValueError, match="exactly one"):
+        analyzer.get_inter_features(probe, nn.ReLU)
+    analyzer.close()
+    assert count_hooks(model) == 0
+
+
+def test_feature_evolution_gif_has_one_frame_per_recorded_epoch(tmp_path) -> None:
+    from bbdecoder.store import open_run
+
+    analyzer, _, _, _ = _train_and_record(tmp_path, epochs=3)
+    with pytest.raises(ValueError, match="no features recorded"):
+        analyzer.compile_feature_evolution(0)
+    paths = analyzer.compile_feature_evolution(3, fps=4)
+    with Image.open(paths["gif"]) as gif:
+        assert gif.n_frames == 3
+        assert gif.info["duration"] == 250
+        gif.seek(2)
+        assert gif.convert("RGB").size == (
+            (3 * 10 + 2) * 4,
+            (2 * 6 + 1) * 4,
+        )  # 6 channels: 3 x 2 non-square cells
+    with Image.open(paths["figure"]) as figure:
+        figure.verify()
+    stored = open_run(tmp_path / "run").blobs(kind="image")
+    assert stored["name"].tolist() == ["feature_evolution/3"]
+    assert stored["meta"].iloc[0]["epochs"] == ["epoch 0", "epoch 1", "epoch 2"]
+    analyzer.close()
+
+
+def test_layer_costs_summary_and_architecture_through_the_analyzer(tmp_path) -> None:
+    import json
+
+    from bbdecoder.inspect import architecture_dot
+    from bbdecoder.monitor.graph import trace_graph
+    from bbdecoder.store import open_run
+
+    analyzer, model, probe, _ = _train_and_record(tmp_path, epochs=1)
+    table = analyzer.summary(print_table=False, cost=True)
+    assert "MFLOPs" in table.splitlines()[0]
+    conv_flops = 2 * 1 * 4 * 6 * 10 * 1 * 9
+    assert f"{conv_flops / 1e6:.3f}" in table.splitlines()[1]
+    picture = analyzer.architecture(engine="matplotlib")
+    with Image.open(picture) as image:
+        image.verify()
+    dot = architecture_dot(trace_graph(model, probe), analyzer.index)
+    assert "[0] 0 (Conv2d)" in dot and "[7] 7 (Linear)" in dot
+    reader = open_run(tmp_path / "run")
+    rows = json.loads(reader.blob(int(reader.blobs(kind="table", name="layer_costs")["blob_id"].iloc[-1])))
+    assert rows[0]["flops"] == conv_flops
+    assert reader.blobs(kind="image", name="architecture")["meta"].iloc[0]["mime"] == "image/png"
+    with pytest.raises(ValueError, match=r"\.svg or \.png"):
+        analyzer.architecture(path=tmp_path / "arch.pdf")
+    analyzer.close()
+
+
+def test_architecture_with_graphviz_when_installed(tmp_path) -> None:
+    import shutil
+
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz's dot is not installed: the matplotlib fallback is tested above")
+    from bbdecoder.inspect import draw_architecture
+    from bbdecoder.layers import LayerIndex
+    from bbdecoder.monitor.graph import trace_graph
+
+    model = ResNetStyle()
+    path = draw_architecture(
+        trace_graph(model, torch.randn(1, 3, 16, 16)), LayerIndex(model), tmp_path / "a.svg"
+    )
+    assert "[17] fc (Linear)" in path.read_text()

@@ -1,5 +1,6 @@
 """Looking inside a model: per-layer cost and intermediate features."""
 
+from bbdecoder.inspect.architecture import architecture_dot, draw_architecture
 from bbdecoder.inspect.cost import LayerCost, cost_frame, layer_costs, plot_layer_costs
 from bbdecoder.inspect.features import (
     capture_layer_output,
@@ -11,8 +12,10 @@ from bbdecoder.inspect.features import (
 
 __all__ = [
     "LayerCost",
+    "architecture_dot",
     "capture_layer_output",
     "cost_frame",
+    "draw_architecture",
     "feature_grid",
     "layer_costs",
     "plot_layer_costs",

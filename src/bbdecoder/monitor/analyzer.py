@@ -24,6 +24,7 @@ from bbdecoder.monitor.activation_watch import ActivationWatcher
 from bbdecoder.monitor.activations import channel_similarity
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics, update_ratios
 from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_graph
+from bbdecoder.monitor.inspection import InspectionMixin
 from bbdecoder.monitor.pruning import PrunedUnits, PruneReport, make_permanent, mask_channels, output_channels
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
 from bbdecoder.store.writer import RunWriter
@@ -47,7 +48,7 @@ class _Param:
     series_id: int
 
 
-class Analyzer:
+class Analyzer(InspectionMixin):
     """Record gradient, weight and activation statistics of ``model`` while it trains.
 
     Args:
@@ -61,6 +62,9 @@ class Analyzer:
         histogram_bins: number of fixed bins of the weight histograms.
         scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients.
         flush_every: write to the store every this many steps (1: a crash loses at most one step).
+        sync: a rank synchroniser for ``torch.distributed`` runs (see
+            :class:`bbdecoder.integrations.ddp.RankSync`): it opens the store on one rank only and
+            reduces each step's statistics and each epoch's activation state across ranks.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Analyzer:
         quantiles: tuple[float, ...] = QUANTILES,
         scaler: Any = None,
         flush_every: int = 1,
+        sync: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Analyzer needs an nn.Module, got {type(model).__name__}")
@@ -93,8 +98,10 @@ class Analyzer:
         self.scaler = scaler
         self.flush_every = flush_every
         self._tracked = self.index.select(layers)
+        self.input_size = tuple(input_size) if input_size is not None else None
         self._output_shapes = self._probe_shapes(input_size) if input_size is not None else {}
-        self.writer = RunWriter(self.save_path)
+        self.sync = sync
+        self.writer = RunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
         self.writer.set_layers(
             [
                 (
@@ -307,6 +314,8 @@ class Analyzer:
         self.writer.add_epoch_scalars(rows)
         if self.track_weights:
             self._record_weights(self._params, last, epoch)
+        if self.sync is not None:
+            self.sync.reduce_activations(self._activations.probes)
         self._activations.record(last, epoch)
         self.writer.flush()
         self._acc = EpochAccumulator(len(self._params), len(GRAD_STATS))
@@ -359,7 +368,8 @@ class Analyzer:
             self._ratio_label = None
         if loss is not None:
             parts.append(loss.reshape(1).double().to(stats.device))
-        host = torch.cat(parts).cpu().numpy()  # the one device -> host copy of this step
+        stacked = torch.cat(parts) if self.sync is None else self.sync.reduce_step(torch.cat(parts))
+        host = stacked.cpu().numpy()  # the one device -> host copy of this step
 
         step, epoch = self._step, self._epoch
         n = len(with_grad)
@@ -575,13 +585,18 @@ class Analyzer:
             plot_activation_curves(activation_curves(self.model, graph=graph), Path(save_folder))
         return graph
 
-    def summary(self, print_table: bool = True) -> str:
+    def summary(self, print_table: bool = True, *, cost: bool = False) -> str:
         """The layer table (ID, qualified name, type, parameters, output shape when ``input_size``
-        was given); printed and returned."""
-        lines = [f"{'ID':>4}  {'name':<40} {'type':<18} {'params':>10}  output shape"]
+        was given); printed and returned. ``cost=True`` adds FLOPs and the median forward time per
+        layer (measured on zeros of ``input_size``, see :meth:`layer_costs`)."""
+        costs = {c.id: c for c in self.layer_costs()} if cost else {}
+        extra = f"  {'MFLOPs':>10} {'ms':>8}" if cost else ""
+        lines = [f"{'ID':>4}  {'name':<40} {'type':<18} {'params':>10}{extra}  output shape"]
         for L in self.index:
             shape = str(self._output_shapes.get(L.id, "")) if self._output_shapes else ""
-            lines.append(f"{L.id:>4}  {L.display_name:<40} {L.type_name:<18} {L.num_params:>10}  {shape}")
+            measured = f"  {costs[L.id].flops / 1e6:>10.3f} {costs[L.id].forward_ms:>8.3f}" if cost else ""
+            name = f"{L.id:>4}  {L.display_name:<40} {L.type_name:<18}"
+            lines.append(f"{name} {L.num_params:>10}{measured}  {shape}")
         table = "\n".join(lines)
         if print_table:
             print(table)
