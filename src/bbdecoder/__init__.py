@@ -21,7 +21,14 @@ from bbdecoder.attribution import (
 from bbdecoder.bias import attention_iou, heatmap_score, mask_score
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.inspect import LayerCost, layer_costs
-from bbdecoder.integrations import DatasetMaps, DatasetMapsError, explain_dataset, open_maps
+from bbdecoder.integrations import (
+    DatasetMaps,
+    DatasetMapsError,
+    DistributedAnalyzer,
+    RankSync,
+    explain_dataset,
+    open_maps,
+)
 from bbdecoder.layers import LayerIndex, LayerInfo
 from bbdecoder.metrics import completeness, deletion, insertion, randomisation_check
 from bbdecoder.monitor import (
@@ -43,6 +50,7 @@ __all__ = [
     "CompletenessError",
     "DatasetMaps",
     "DatasetMapsError",
+    "DistributedAnalyzer",
     "EmptyEpochError",
     "Explainer",
     "FullGrad",
@@ -60,6 +68,7 @@ __all__ = [
     "NonFiniteGradientWarning",
     "Normalize",
     "PruneReport",
+    "RankSync",
     "RunReader",
     "SimpleFullGrad",
     "SmoothFullGrad",

@@ -12,6 +12,7 @@ from bbdecoder.keras.fullgrad import CompletenessError, FullGrad, FullGradDecomp
 from bbdecoder.keras.gradcam import GradCAM
 from bbdecoder.keras.gradient import Gradient, InputXGradient
 from bbdecoder.keras.integrated_gradients import IntegratedGradients, keras_baseline
+from bbdecoder.keras.monitor import MonitorCallback
 from bbdecoder.keras.smoothgrad import SmoothGrad
 from bbdecoder.targets import TargetError
 
@@ -24,6 +25,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedGradients",
     "KerasExplainer",
+    "MonitorCallback",
     "SimpleFullGrad",
     "SmoothGrad",
     "TargetError",

@@ -1,0 +1,217 @@
+"""The training monitor under ``torch.distributed`` (DistributedDataParallel, ``torchrun``).
+
+After ``backward`` DDP has averaged the gradients on every rank, so the gradient statistics are
+the same everywhere; what differs per rank is the loss and what each rank's forward passes saw
+(activation statistics). :class:`RankSync` makes the :class:`~bbdecoder.monitor.Analyzer`
+
+- open the run store on one rank only (``writer_rank``, default 0); the other ranks get a
+  :class:`NullWriter` and write nothing,
+- reduce each step's stacked statistics vector with **one** ``all_reduce`` (the mean over ranks:
+  the gradient statistics are unchanged, the loss becomes the mean of the ranks' losses, and a
+  NaN on any rank stays NaN),
+- merge the activation state once per epoch (``all_reduce`` MAX of the per-channel maxima, SUM of
+  the counts), so dead units are units dead on every rank and saturated fractions count every
+  sample.
+
+Every rank must call the recording methods (``backward_propagation``/``step`` every iteration,
+``end_epoch``/``close``): they are collective. Draw figures on the writer rank only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bbdecoder.layers import LayerSelection
+from bbdecoder.monitor.activations import ActivationProbe
+from bbdecoder.monitor.analyzer import Analyzer
+from bbdecoder.store.writer import RunWriter
+
+
+class NullWriter:
+    """The :class:`~bbdecoder.store.RunWriter` interface on a rank that does not write: every row is
+    dropped, identifiers are handed out consistently, no file is created."""
+
+    def __init__(self, save_path: str | Path) -> None:
+        self.path = Path(save_path)
+        self._series: dict[tuple[int, str], int] = {}
+        self._stats: dict[str, int] = {}
+        self._blobs = 0
+        self.closed = False
+
+    def next_step(self) -> int:
+        return 0
+
+    def last_epoch(self) -> int | None:
+        return None
+
+    def has_histograms(self) -> bool:
+        return False
+
+    def series_id(self, layer_id: int, param: str) -> int:
+        return self._series.setdefault((layer_id, param), len(self._series) + 1)
+
+    def stat_id(self, name: str) -> int:
+        return self._stats.setdefault(name, len(self._stats) + 1)
+
+    def add_blob(self, *args: Any, **kwargs: Any) -> int:
+        self._blobs += 1
+        return self._blobs
+
+    def add_array(self, *args: Any, **kwargs: Any) -> int:
+        return self.add_blob()
+
+    def _drop(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    set_layers = set_meta = set_artifact = add_step = add_scalars = add_epoch_scalars = _drop
+    add_histogram = add_event = flush = relabel_epoch = _drop
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RankSync:
+    """Reductions across the ranks of a process group, for ``Analyzer(..., sync=RankSync())``.
+
+    Args:
+        process_group: the group to reduce over (``None``: the default group, which must be
+            initialised with ``torch.distributed.init_process_group`` first).
+        writer_rank: the rank (within the group) that opens the run store.
+    """
+
+    def __init__(self, process_group: Any = None, writer_rank: int = 0) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "RankSync needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group(...) first (or use the plain Analyzer)"
+            )
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        if not 0 <= writer_rank < self.world_size:
+            raise ValueError(f"writer_rank must be in 0..{self.world_size - 1}, got {writer_rank}")
+        self.writer_rank = writer_rank
+        self._nccl = dist.get_backend(process_group) == "nccl"
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the one rank that writes the run store."""
+        return self.rank == self.writer_rank
+
+    def open_writer(self, save_path: str | Path) -> RunWriter | NullWriter:
+        """A :class:`RunWriter` on the writer rank, a :class:`NullWriter` elsewhere."""
+        return RunWriter(save_path) if self.is_writer else NullWriter(save_path)
+
+    def _on_backend(self, tensor: torch.Tensor) -> torch.Tensor:
+        # NCCL reduces CUDA tensors only; gloo always takes CPU tensors.
+        return tensor if self._nccl else tensor.cpu()
+
+    def reduce_step(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of one step's statistics vector (1-D), with one ``all_reduce``.
+
+        Every rank must pass a vector of the same length (the same layers with gradients)."""
+        if self.world_size == 1:
+            return values
+        reduced = self._on_backend(values.double()).clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
+        return reduced / self.world_size
+
+    def reduce_activations(self, probes: dict[int, ActivationProbe]) -> None:
+        """Merge every probe's epoch state across ranks, in place: per-channel maxima (MAX) and the
+        saturation counts, element totals, channel-variance sums and forward counts (SUM)."""
+        if self.world_size == 1:
+            return
+        live = [probe for _, probe in sorted(probes.items()) if probe.max is not None]
+        if not live:
+            return
+        maxima = torch.cat([p.max.reshape(-1).double() for p in live if p.max is not None])
+        sums = torch.tensor(
+            [
+                value
+                for p in live
+                for value in (
+                    float(p.saturated) if p.saturated is not None else 0.0,
+                    float(p.total),
+                    float(p.channel_var) if p.channel_var is not None else 0.0,
+                    float(p.forwards),
+                )
+            ],
+            dtype=torch.float64,
+        )
+        maxima = self._on_backend(maxima).clone()
+        sums = self._on_backend(sums.to(maxima.device))
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
+        host = sums.cpu().numpy().reshape(len(live), 4)
+        pos = 0
+        for probe, (saturated, total, cvar, forwards) in zip(live, host, strict=True):
+            assert probe.max is not None
+            n = probe.max.numel()
+            probe.max = maxima[pos : pos + n].to(probe.max.device, probe.max.dtype).reshape(probe.max.shape)
+            pos += n
+            device = probe.max.device
+            if probe.saturated is not None:
+                probe.saturated = torch.tensor(saturated, device=device)
+            if probe.channel_var is not None:
+                probe.channel_var = torch.tensor(cvar, dtype=probe.channel_var.dtype, device=device)
+            probe.total = int(np.rint(total))
+            probe.forwards = int(np.rint(forwards))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` (``model.module``), so
+    layer and parameter names match the unwrapped model's ``state_dict`` (no ``module.`` prefix)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+class DistributedAnalyzer(Analyzer):
+    """An :class:`~bbdecoder.monitor.Analyzer` for a model trained with ``torch.distributed``.
+
+    ``model`` may be the ``DistributedDataParallel`` wrapper or the plain model: layers and
+    parameters are named as in the unwrapped model, and :meth:`forward_propagation` runs the
+    wrapper (DDP needs its own forward to synchronise gradients). Only ``writer_rank`` writes the
+    store in ``save_path`` (give every rank the same path). Recording calls are collective: every
+    rank must make them. Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_path: str | Path = "bbdecoder_run",
+        input_size: tuple[int, ...] | None = None,
+        *,
+        layers: LayerSelection = None,
+        process_group: Any = None,
+        writer_rank: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.wrapped = model
+        sync = RankSync(process_group, writer_rank)
+        super().__init__(unwrap_model(model), save_path, input_size, layers=layers, sync=sync, **kwargs)
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the rank that writes the run store."""
+        return bool(self.sync.is_writer)
+
+    def forward_propagation(self, *inputs: Any, **kwargs: Any) -> Any:
+        """``wrapped_model(*inputs, **kwargs)`` through the DDP wrapper."""
+        self._check_open()
+        return self.wrapped(*inputs, **kwargs)
+
+
+__all__ = ["DistributedAnalyzer", "NullWriter", "RankSync", "unwrap_model"]
