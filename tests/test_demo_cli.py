@@ -1,8 +1,11 @@
-"""The demo on a reduced setting, and the CLI's paths."""
+"""The demo on its reduced setting (what `make demo` runs, smaller): every artefact, and the report
+rebuilt from run.sqlite alone."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,17 +14,22 @@ from PIL import Image
 
 from bbdecoder.attribution import FullGrad, IntegratedGradients
 from bbdecoder.cli import main
-from bbdecoder.demo.digits import DigitsCNN, load_digits_data, train_digits_cnn
-from bbdecoder.demo.run import run_demo
+from bbdecoder.demo.digits import load_digits_data, train_digits_cnn
+from bbdecoder.store import open_run
+
+SECTIONS = re.compile(r'<section id="([^"]+)"')
+IMAGES = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, float]:
-    return train_digits_cnn(epochs=3)
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out
 
 
-def test_digits_cnn_trains_in_seconds_and_explains(trained) -> None:
-    model, accuracy = trained
+def test_digits_cnn_trains_in_seconds_and_explains() -> None:
+    model, accuracy = train_digits_cnn(epochs=3)
     assert accuracy > 0.85
     data = load_digits_data()
     x, y = data.x_test[:16], data.y_test[:16]
@@ -32,38 +40,92 @@ def test_digits_cnn_trains_in_seconds_and_explains(trained) -> None:
     attributions, delta = IntegratedGradients(model).attribute(
         x, y, n_steps=64, method="gausslegendre", return_convergence_delta=True
     )
-    assert attributions.shape == x.shape
     with torch.no_grad():
         logit_gap = (model(x) - model(torch.zeros_like(x))).gather(1, y[:, None]).abs().squeeze(1)
+    assert attributions.shape == x.shape
     assert bool((delta.abs() < 0.05 * logit_gap + 1e-3).all())
 
 
-def test_demo_writes_every_artefact(tmp_path: Path) -> None:
-    result = run_demo(tmp_path / "demo", epochs=1, n_images=2)
-    names = {path.name for path in result.files}
-    assert {"saliency_grid.png", "summary.json"} <= names
-    assert len([p for p in result.files if p.parent.name == "overlays"]) == 2 * 5
-    for path in result.files:
-        assert path.exists() and path.stat().st_size > 0
+def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = {p.relative_to(demo_dir).as_posix() for p in demo_dir.rglob("*") if p.is_file()}
+    expected = {
+        "run.sqlite",
+        "report.html",
+        "summary.json",
+        "saliency_grid.png",
+        "metrics/deletion_curves.png",
+        "metrics/insertion_curves.png",
+        "metrics/deletion_insertion.csv",
+        "metrics/completeness.csv",
+        "bias/attention_iou.csv",
+        "bias/attention_iou_groups.csv",
+        "figures/grad_flow_ep000.png",
+        "figures/grad_flow_ep001.png",
+        "figures/grad_norms_ep001.png",
+        "figures/function_graph.png",
+        "figures/activation_curves.png",
+        "figures/weight_hist_conv1.weight_ep001.png",
+        "figures/weight_hist_fc.bias_ep001.png",
+    }
+    assert expected <= files
+    assert len([f for f in files if f.startswith("overlays/")]) == 2 * 5  # 2 images x 5 methods
+    assert any(f.startswith("figures/activations_ep") for f in files)
+    for name in files:
+        path = demo_dir / name
+        assert path.stat().st_size > 0
         if path.suffix == ".png":
             with Image.open(path) as picture:
                 picture.verify()
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = json.loads((demo_dir / "summary.json").read_text())
     assert summary["fullgrad_completeness_max_rel_error"] < 1e-4
     assert 0 <= summary["test_accuracy"] <= 1
+    assert 0 <= summary["fullgrad_deletion_auc"] <= 1 and 0 <= summary["gradcam_insertion_auc"] <= 1
+    assert {"bias_spurious_iou_biased", "bias_spurious_iou_control"} <= set(summary)
+
+    run = open_run(demo_dir)
+    steps = run.steps()
+    assert steps["epoch"].nunique() == 2 and steps["loss"].notna().all()
+    blobs = run.blobs()
+    sections = {(m.get("section", ""), name) for m, name in zip(blobs["meta"], blobs["name"], strict=True)}
+    assert {
+        ("saliency", "saliency grid"),
+        ("metrics", "deletion and insertion"),
+        ("metrics", "completeness"),
+        ("bias", "attention-iou"),
+        ("bias", "attention-iou by group"),
+        ("summary", "demo summary"),
+    } <= {s for s in sections if s[0] != ""}
+    maps = run.blobs(kind="saliency")
+    assert len(maps) == 5 and all(m["shape"] == [2, 1, 8, 8] for m in maps["meta"])
+    run.close()
+
+    page = (demo_dir / "report.html").read_text()
+    assert SECTIONS.findall(page) == [
+        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "nonfinite",
+        "saliency", "metrics", "bias", "graph",
+    ]  # fmt: skip
+    assert 'class="failed"' not in page and "<script" not in page
 
 
-def test_cli_layers_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model_path = tmp_path / "model.pt"
-    torch.save(DigitsCNN(), model_path)
-    assert main(["layers", "--model", str(model_path)]) == 0
-    out = capsys.readouterr().out
-    assert "conv1" in out and "Conv2d" in out and out.splitlines()[0].split()[0] == "0"
-    assert main(["layers", "--model", str(tmp_path / "missing.pt")]) == 2
-    assert "no such model file" in capsys.readouterr().err
-    (tmp_path / "junk.pt").write_text("not a model")
-    assert main(["layers", "--model", str(tmp_path / "junk.pt")]) == 2
-    assert "cannot read a model" in capsys.readouterr().err
-    torch.save(DigitsCNN().state_dict(), tmp_path / "weights.pt")
-    assert main(["layers", "--model", str(tmp_path / "weights.pt")]) == 2
-    assert "state_dict" in capsys.readouterr().err
+def test_report_rebuilds_from_the_store_alone(demo_dir: Path, tmp_path: Path, capsys) -> None:
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(demo_dir / "run.sqlite", alone / "run.sqlite")  # the demo closed its store: no WAL left
+    assert main(["report", str(alone)]) == 0
+    assert f"wrote {alone / 'report.html'}" in capsys.readouterr().out
+    original = (demo_dir / "report.html").read_text()
+    rebuilt = (alone / "report.html").read_text()
+    assert SECTIONS.findall(rebuilt) == SECTIONS.findall(original)
+    assert IMAGES.findall(rebuilt) == IMAGES.findall(original)  # byte-identical embedded pictures
+
+
+def test_export_csv_of_the_demo_run(demo_dir: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    assert main(["export", str(demo_dir), "--csv", str(tmp_path / "csv")]) == 0
+    scalars = pd.read_csv(tmp_path / "csv" / "scalars.csv", keep_default_na=False, na_values=[""])
+    run = open_run(demo_dir)
+    stored = run.scalars()
+    assert len(scalars) == len(stored)
+    pd.testing.assert_series_equal(scalars["value"], stored["value"], check_names=False)
+    run.close()

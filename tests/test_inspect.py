@@ -207,15 +207,15 @@ def test_feature_evolution_gif_has_one_frame_per_recorded_epoch(tmp_path) -> Non
         figure.verify()
     stored = open_run(tmp_path / "run").blobs(kind="image")
     assert stored["name"].tolist() == ["feature_evolution/3"]
-    assert stored["meta"].iloc[0]["epochs"] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert stored["meta"].iloc[0]["section"] == "features"
+    assert "epoch 0, epoch 1, epoch 2" in stored["meta"].iloc[0]["caption"]
     analyzer.close()
 
 
 def test_layer_costs_summary_and_architecture_through_the_analyzer(tmp_path) -> None:
-    import json
-
     from bbdecoder.inspect import architecture_dot
     from bbdecoder.monitor.graph import trace_graph
+    from bbdecoder.report import build_report, read_table
     from bbdecoder.store import open_run
 
     analyzer, model, probe, _ = _train_and_record(tmp_path, epochs=1)
@@ -229,9 +229,12 @@ def test_layer_costs_summary_and_architecture_through_the_analyzer(tmp_path) -> 
     dot = architecture_dot(trace_graph(model, probe), analyzer.index)
     assert "[0] 0 (Conv2d)" in dot and "[7] 7 (Linear)" in dot
     reader = open_run(tmp_path / "run")
-    rows = json.loads(reader.blob(int(reader.blobs(kind="table", name="layer_costs")["blob_id"].iloc[-1])))
-    assert rows[0]["flops"] == conv_flops
-    assert reader.blobs(kind="image", name="architecture")["meta"].iloc[0]["mime"] == "image/png"
+    costs = read_table(reader, int(reader.blobs(kind="table", name="layer_costs")["blob_id"].iloc[-1]))
+    assert costs["flops"].iloc[0] == conv_flops
+    assert reader.blobs(kind="image", name="architecture")["meta"].iloc[0]["section"] == "architecture"
+    report = build_report(tmp_path / "run")
+    page = report.read_text()
+    assert "Per-layer cost" in page and "Architecture" in page
     with pytest.raises(ValueError, match=r"\.svg or \.png"):
         analyzer.architecture(path=tmp_path / "arch.pdf")
     analyzer.close()

@@ -39,7 +39,9 @@ from bbdecoder.monitor import (
     NonFiniteGradientWarning,
     PruneReport,
 )
+from bbdecoder.report import build_report, store_image, store_table
 from bbdecoder.store import RunReader, StoreError, open_run
+from bbdecoder.store.export import export_tensorboard
 from bbdecoder.targets import TargetError
 from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure
 
@@ -77,11 +79,13 @@ __all__ = [
     "TargetError",
     "__version__",
     "attention_iou",
+    "build_report",
     "colorize",
     "comparison_grid",
     "completeness",
     "deletion",
     "explain_dataset",
+    "export_tensorboard",
     "heatmap_score",
     "insertion",
     "layer_costs",
@@ -93,4 +97,6 @@ __all__ = [
     "preserved_state",
     "randomisation_check",
     "save_figure",
+    "store_image",
+    "store_table",
 ]

@@ -65,6 +65,8 @@ class Analyzer(InspectionMixin):
         sync: a rank synchroniser for ``torch.distributed`` runs (see
             :class:`bbdecoder.integrations.ddp.RankSync`): it opens the store on one rank only and
             reduces each step's statistics and each epoch's activation state across ranks.
+        tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
+            folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Analyzer(InspectionMixin):
         scaler: Any = None,
         flush_every: int = 1,
         sync: Any = None,
+        tensorboard: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Analyzer needs an nn.Module, got {type(model).__name__}")
@@ -139,6 +142,9 @@ class Analyzer(InspectionMixin):
         self._optimizers: list[torch.optim.Optimizer] = []
         self._activations = ActivationWatcher(self.index, self.writer, self._hooks)
         self._pruned: list[tuple[nn.Module, str]] = []
+        from bbdecoder.monitor.tensorboard import tensorboard_logger
+
+        self.tensorboard = tensorboard_logger(tensorboard, self.save_path, sync)
         self.closed = False
         if activations is not False:
             selection = None if activations is True else activations
@@ -387,6 +393,14 @@ class Analyzer(InspectionMixin):
             ]
         self.writer.add_step(step, epoch, float(host[-1]) if loss is not None else None)
         self.writer.add_scalars(rows)
+        if self.tensorboard is not None:
+            self.tensorboard.record_step(
+                step,
+                [p.name for p in with_grad],
+                values,
+                float(host[-1]) if loss is not None else None,
+                {p.name: p.tensor for p in self._params},
+            )
         self._acc.update(np.array([p.row for p in with_grad]), values)
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
@@ -623,6 +637,8 @@ class Analyzer(InspectionMixin):
                 self._flush_ratio()
         finally:
             self._hooks.remove_all()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             self._snapshot = None
             self.writer.close()
             self.closed = True

@@ -6,7 +6,7 @@ and current step/epoch, and never changes the model (eval mode for every look, m
 
 from __future__ import annotations
 
-import json
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bbdecoder.inspect.architecture import draw_architecture
-from bbdecoder.inspect.cost import LayerCost, layer_costs, plot_layer_costs
+from bbdecoder.inspect.cost import LayerCost, cost_frame, layer_costs, plot_layer_costs
 from bbdecoder.inspect.features import (
     capture_layer_output,
     feature_grid,
@@ -25,6 +25,7 @@ from bbdecoder.inspect.features import (
     write_mp4,
 )
 from bbdecoder.layers import LayerIndex, LayerInfo
+from bbdecoder.report.blobs import store_image, store_table
 from bbdecoder.store.writer import RunWriter
 
 FEATURES_KIND = "features"
@@ -122,7 +123,7 @@ class InspectionMixin:
 
         One frame per recorded epoch (its last recording), every frame on the same colour scale
         (the range over all frames) so change is visible; ``mp4`` is ``None`` without ffmpeg. The
-        static small-multiples figure is also stored in the run store for the report.
+        static small-multiples figure also goes into the run store (report section "features").
         """
         info = self._one_layer(layer)
         self.writer.flush()
@@ -140,12 +141,13 @@ class InspectionMixin:
         from bbdecoder.viz.grids import save_figure
 
         figure_path = save_figure(figure, folder / f"{stem}.png")
-        self.writer.add_blob(
-            "image",
+        store_image(
+            self.writer,
             f"feature_evolution/{info.display_name}",
             figure_path.read_bytes(),
-            layer_id=info.id,
-            meta={"mime": "image/png", "epochs": labels, "vmin": low, "vmax": high},
+            section="features",
+            caption=f"[{info.id}] {info.display_name}, sample {sample}: {', '.join(labels)}; "
+            f"one colour scale [{low:.3g}, {high:.3g}]",
         )
         return {"gif": gif, "mp4": mp4, "figure": figure_path}
 
@@ -177,18 +179,19 @@ class InspectionMixin:
         """Per-layer parameters, FLOPs, activation bytes and forward time (see
         :func:`bbdecoder.inspect.layer_costs`) on ``inputs`` (default: zeros of ``input_size``).
 
-        The table is stored in the run store (``blobs`` kind ``"table"``, name ``"layer_costs"``);
-        with ``save_folder`` a bar chart ``layer_costs.png`` is saved there too.
+        The table and a bar chart go into the run store (report section "cost"); with
+        ``save_folder`` the chart ``layer_costs.png`` is also saved there.
         """
         inputs = self._example_input(inputs)
         with self.paused():
             costs = layer_costs(self.model, inputs, repeats=repeats)
-        rows = [cost.__dict__ for cost in costs]
-        self.writer.add_blob(
-            "table", "layer_costs", json.dumps(rows).encode(), meta={"mime": "application/json"}
-        )
-        if save_folder is not None:
-            plot_layer_costs(costs, Path(save_folder) / "layer_costs.png")
+        store_table(self.writer, "layer_costs", cost_frame(costs), section="cost", caption="Per-layer cost")
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(save_folder) if save_folder is not None else Path(scratch)
+            chart = plot_layer_costs(costs, folder / "layer_costs.png")
+            store_image(
+                self.writer, "layer_costs", chart.read_bytes(), section="cost", caption="FLOPs and time"
+            )
         return costs
 
     def architecture(
@@ -196,7 +199,8 @@ class InspectionMixin:
     ) -> Path:
         """Draw the executed graph with every module labelled by its layer ID (SVG or PNG).
 
-        Default path: ``<save_path>/architecture.png``; the picture also goes into the run store.
+        Default path: ``<save_path>/architecture.png``; a PNG of it also goes into the run store
+        (report section "architecture").
         """
         from bbdecoder.monitor.graph import trace_graph
 
@@ -206,8 +210,11 @@ class InspectionMixin:
         target = draw_architecture(
             graph, self.index, path or self.save_path / "architecture.png", engine=engine
         )
-        mime = "image/svg+xml" if target.suffix == ".svg" else "image/png"
-        self.writer.add_blob("image", "architecture", target.read_bytes(), meta={"mime": mime})
+        with tempfile.TemporaryDirectory() as scratch:
+            png = target if target.suffix == ".png" else Path(scratch) / "architecture.png"
+            if png != target:
+                draw_architecture(graph, self.index, png, engine=engine)
+            store_image(self.writer, "architecture", png.read_bytes(), section="architecture")
         return target
 
     def _example_input(self, inputs: Any) -> Any:

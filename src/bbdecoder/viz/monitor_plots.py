@@ -66,6 +66,7 @@ def _epoch_grad_means(reader: RunReader, epoch: int) -> pd.DataFrame:
                 f"the run has no gradient statistics for epoch {epoch}; epochs: {reader.epochs()}"
             )
         agg = sc.groupby(["layer_id", "param", "stat"], sort=False, as_index=False)["value"].mean()
+    agg = agg[agg.param != ""]  # layer-output (activation) series are not gradients
     wide = agg.pivot_table(index=["layer_id", "param"], columns="stat", values="value", sort=True)
     return wide.reset_index()
 

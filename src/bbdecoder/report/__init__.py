@@ -1,0 +1,27 @@
+"""The HTML report: one self-contained file built from a run store alone.
+
+``build_report(run_dir)`` renders every section of :data:`SECTIONS` that has data. Results that
+are not training statistics (saliency grids, metric and bias tables) enter the store as blobs
+through :func:`store_image` and :func:`store_table`, tagged with the section that shows them.
+"""
+
+from bbdecoder.report.blobs import figure_png, latest_records, read_table, store_image, store_table
+from bbdecoder.report.builder import REPORT_FILENAME, ReportSectionWarning, build_report
+from bbdecoder.report.html import Section
+from bbdecoder.report.sections import SECTIONS, BlobSection, ReportContext, blob_section
+
+__all__ = [
+    "REPORT_FILENAME",
+    "SECTIONS",
+    "BlobSection",
+    "ReportContext",
+    "ReportSectionWarning",
+    "Section",
+    "blob_section",
+    "build_report",
+    "figure_png",
+    "latest_records",
+    "read_table",
+    "store_image",
+    "store_table",
+]

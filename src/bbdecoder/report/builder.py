@@ -1,0 +1,72 @@
+"""Build the self-contained HTML report of a run from its run store alone."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from bbdecoder.report import html
+from bbdecoder.report.sections import SECTIONS, BlobSection, ReportContext, SectionBuilder
+from bbdecoder.store.reader import RunReader, open_run
+from bbdecoder.store.writer import db_path
+
+REPORT_FILENAME = "report.html"
+
+
+class ReportSectionWarning(RuntimeWarning):
+    """A report section failed; the report shows the error in its place."""
+
+
+def build_report(
+    run: str | Path | RunReader,
+    out: str | Path | None = None,
+    *,
+    sections: Sequence[SectionBuilder] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write one self-contained HTML file (images embedded, no scripts, no network) for ``run``.
+
+    Args:
+        run: the run folder (holding ``run.sqlite``), the ``.sqlite`` file, or an open reader.
+        out: the HTML file to write; default ``report.html`` next to the store.
+        sections: section functions in page order (default :data:`bbdecoder.report.SECTIONS`);
+            sections without data are left out. A section that raises is shown as an error box
+            (and warned about with :class:`ReportSectionWarning`); the others still render.
+        title: page title (default: "bbdecoder run: <folder name>").
+
+    Returns:
+        The path of the written file.
+    """
+    reader = run if isinstance(run, RunReader) else open_run(run)
+    store = reader.path
+    target = Path(out) if out is not None else store.parent / REPORT_FILENAME
+    builders = list(SECTIONS if sections is None else sections)
+    claimed = {"summary"} | {b.key for b in builders if isinstance(b, BlobSection)}
+    rendered: list[html.Section] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bbdecoder-report-") as scratch, reader.snapshot():
+            context = ReportContext(reader, Path(scratch), claimed)
+            for builder in builders:
+                name = getattr(builder, "__name__", type(builder).__name__)
+                try:
+                    section = builder(context)
+                except Exception as err:
+                    warnings.warn(f"report section {name} failed: {err}", ReportSectionWarning, stacklevel=2)
+                    detail = "".join(traceback.format_exception_only(type(err), err))
+                    section = html.Section(
+                        f"failed-{name}", f"{name} (failed)", f"<pre>{html.esc(detail)}</pre>", failed=True
+                    )
+                if section is not None:
+                    rendered.append(section)
+    finally:
+        if not isinstance(run, RunReader):
+            reader.close()
+    heading = title or f"bbdecoder run: {store.parent.name or store.name}"
+    subtitle = f"store {db_path(store).name} · report built {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(html.page(heading, subtitle, rendered), encoding="utf-8")
+    return target
