@@ -143,35 +143,37 @@ class _FullGradFamily(Explainer):
         return forward_hook
 
     def _aggregate(
-        self,
-        inputs: torch.Tensor,
-        target: TargetLike,
-        layer_map: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        self, inputs: torch.Tensor, target: TargetLike, *, use_bias: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Saliency (N, 1, *spatial) from ``layer_map(grad, bias)``, plus per-sample totals and scores.
+        """Saliency (N, 1, *spatial), per-sample totals of the decomposition, and the scores.
 
-        Each layer's map is reduced inside its gradient hook, so no layer gradient outlives its step of
-        the backward pass: memory stays that of a plain backward.
+        ``use_bias``: each layer contributes its bias-gradient ``dF/d output * b`` (FullGrad), else
+        its plain output gradient (Simple FullGrad; the totals are then meaningless). Each layer's
+        gradient is reduced to one channel-summed map inside its gradient hook, so no layer gradient
+        outlives its step of the backward pass and memory stays that of a plain backward. Maps of
+        one resolution are summed before a single resize: bilinear resizing is linear, so this is the
+        same map with one resize per resolution instead of one per layer.
         """
         spatial = tuple(inputs.shape[2:])
-        saliency: list[torch.Tensor] = []
+        by_resolution: dict[tuple[int, ...], torch.Tensor] = {}
         bias_total: list[torch.Tensor] = []
 
         def handler(_name: str, bias: torch.Tensor, grad: torch.Tensor) -> None:
-            bias_total.append((grad * bias).flatten(1).sum(1))
+            values = grad * bias if use_bias else grad
+            if use_bias:
+                bias_total.append(values.flatten(1).sum(1))
             if grad.dim() != len(spatial) + 2:
                 return
-            reduced = resize_to(channel_sum_minmax(layer_map(grad, bias)), spatial, align_corners=True)
-            if saliency:
-                saliency[0] = saliency[0] + reduced
-            else:
-                saliency.append(reduced)
+            reduced = channel_sum_minmax(values)
+            resolution = tuple(reduced.shape[2:])
+            previous = by_resolution.get(resolution)
+            by_resolution[resolution] = reduced if previous is None else previous + reduced
 
         x, input_gradient, scores = self._backward_through_layers(inputs, target, handler)
         input_part = x * input_gradient
         result = channel_sum_minmax(input_part)
-        if saliency:
-            result = result + saliency[0]
+        for summed in by_resolution.values():
+            result = result + resize_to(summed, spatial, align_corners=True)
         totals = input_part.flatten(1).sum(1)
         for part in bias_total:
             totals = totals + part
@@ -276,7 +278,7 @@ class FullGrad(_FullGradFamily):
         self._check_batch(inputs)
         if self.check and tuple(inputs.shape[1:]) not in self._checked_shapes:
             self.checkCompleteness(self._random_input(tuple(inputs.shape[1:]), 0, like=inputs))
-        result, totals, scores = self._aggregate(inputs, target, _bias_gradient)
+        result, totals, scores = self._aggregate(inputs, target, use_bias=True)
         self.last_relative_error = relative_error(totals, scores)
         return result
 
@@ -324,21 +326,13 @@ class SimpleFullGrad(_FullGradFamily):
     ) -> torch.Tensor:
         """Non-negative map (N, 1, *spatial) at input resolution."""
         target = target_class if target is None else target
-        result, _, _ = self._aggregate(inputs, target, _plain_gradient)
+        result, _, _ = self._aggregate(inputs, target, use_bias=False)
         return result
 
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """``x * dF/dx`` shaped like ``inputs`` (the input part of the map)."""
         x, input_gradient, _ = self._backward_through_layers(inputs, target, lambda *_: None)
         return x * input_gradient
-
-
-def _bias_gradient(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return grad * bias
-
-
-def _plain_gradient(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return grad
 
 
 __all__ = [
