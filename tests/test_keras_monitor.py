@@ -3,6 +3,7 @@ same training (analytic gradients of a linear two-layer net), with the PyTorch r
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from bbdecoder.keras import keras
+from bbdecoder.keras import keras, tf
 from bbdecoder.keras.monitor import MonitorCallback, gradient_statistics, qualified_layer_names
+from bbdecoder.monitor import NonFiniteGradientWarning
+from bbdecoder.monitor.activation_watch import ACTIVATION_STATS
 from bbdecoder.store import open_run
 from bbdecoder.store.reader import SCALAR_COLUMNS
 
@@ -181,3 +184,320 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     x, t = _data()
     with pytest.raises(ValueError, match="no leaf layer matches 'nope'"):
         model.fit(x, t, epochs=1, verbose=0, callbacks=[MonitorCallback(tmp_path, layers="nope")])
+    with pytest.raises(ValueError, match="no leaf layer matches 7"):
+        model.fit(x, t, epochs=1, verbose=0, callbacks=[MonitorCallback(tmp_path, activations=[0, 7])])
+    with pytest.raises(ValueError, match="saturation_eps must be in"):
+        MonitorCallback(tmp_path, saturation_eps=0.7)
+    assert "apply" not in vars(model.optimizer) and "train_step" not in vars(model)
+
+
+# -- activations ---------------------------------------------------------------------------------
+ACT_N, ACT_BATCH = 32, 8
+
+
+def _act_model(*, frozen: bool) -> keras.Model:
+    """Conv (fused ReLU, channel 1 planted dead by a bias of -100) -> Dense(sigmoid, weights x20, so
+    driven into saturation) -> Dense head. ``frozen``: only the head trains (for exact oracles)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    conv = keras.layers.Conv2D(4, 3, activation="relu", name="conv")
+    sat = keras.layers.Dense(5, activation="sigmoid", name="sat")
+    flat = keras.layers.Flatten(name="flat")(conv(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(sat(flat)), name="actnet")
+    kernel, bias = conv.get_weights()
+    bias[1] = -100.0
+    conv.set_weights([kernel, bias])
+    sat.set_weights([sat.get_weights()[0] * 20, sat.get_weights()[1]])
+    conv.trainable = sat.trainable = not frozen
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def _act_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2)
+    return rng.normal(size=(ACT_N, 6, 6, 2)).astype("float32"), rng.normal(size=(ACT_N, 1)).astype("float32")
+
+
+def _oracle_forward(model: keras.Model, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """float64 numpy forward of the frozen layers: ``{layer: (pre-activation, output)}``."""
+    kernel, bias = (w.astype(np.float64) for w in model.get_layer("conv").get_weights())
+    windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), (3, 3), axis=(1, 2))
+    conv_pre = np.einsum("nijcab,abco->nijo", windows, kernel) + bias  # valid 3x3 convolution
+    conv_out = np.maximum(conv_pre, 0)
+    sat_kernel, sat_bias = (w.astype(np.float64) for w in model.get_layer("sat").get_weights())
+    sat_pre = conv_out.reshape(len(x), -1) @ sat_kernel + sat_bias
+    return {"conv": (conv_pre, conv_out), "sat": (sat_pre, 0.5 * (1 + np.tanh(sat_pre / 2)))}  # sigmoid
+
+
+def _oracle_epoch(model: keras.Model, batches: list[np.ndarray], eps: float = 1e-3) -> dict[str, dict]:
+    outs = [_oracle_forward(model, xb) for xb in batches]
+    result = {}
+    for name, is_saturated in (("conv", lambda y: y == 0), ("sat", lambda y: (y < eps) | (y > 1 - eps))):
+        ys = [o[name][1] for o in outs]
+        channels = [y.reshape(-1, y.shape[-1]) for y in ys]
+        cmax = np.max([c.max(0) for c in channels], axis=0)
+        result[name] = {
+            "dead": np.flatnonzero(cmax <= 0).tolist(),
+            "dead_count": float((cmax <= 0).sum()),
+            "dead_fraction": float((cmax <= 0).mean()),
+            "saturated_fraction": sum(is_saturated(y).sum() for y in ys) / sum(y.size for y in ys),
+            "channel_var": float(np.mean([c.mean(0).var() for c in channels])),
+        }
+    return result
+
+
+def test_activation_statistics_equal_a_numpy_oracle(tmp_path: Path) -> None:
+    model = _act_model(frozen=True)
+    x, t = _act_data()
+    data = tf.data.Dataset.from_tensor_slices((x, t)).batch(ACT_BATCH).repeat()  # new samples each epoch
+    monitor = MonitorCallback(tmp_path, activations=["conv", "sat"], gradients=False, weights=False)
+    validation = (x * 1000, t)  # would revive the dead channel and change every statistic if counted
+    model.fit(
+        data,
+        epochs=2,
+        steps_per_epoch=2,
+        shuffle=False,
+        verbose=0,
+        validation_data=validation,
+        callbacks=[monitor],
+    )
+    assert _oracle_forward(model, validation[0])["conv"][1][..., 1].max() > 0
+
+    # float32 and float64 agree on every threshold decision only away from the thresholds
+    pre = _oracle_forward(model, x)
+    live = np.delete(pre["conv"][0], 1, axis=-1)
+    assert np.abs(live).min() > 1e-4 and np.abs(pre["conv"][0][..., 1]).min() > 50
+    sat_out = pre["sat"][1]
+    assert min(np.abs(sat_out - 1e-3).min(), np.abs(sat_out - (1 - 1e-3)).min()) > 1e-5
+    frame = open_run(tmp_path).scalars()
+    assert set(frame.param) == {""}
+    for epoch in (0, 1):
+        samples = x[epoch * 2 * ACT_BATCH : (epoch + 1) * 2 * ACT_BATCH]
+        expected = _oracle_epoch(model, [samples[:ACT_BATCH], samples[ACT_BATCH:]])
+        got = frame[frame.epoch == epoch]
+        assert set(got.step) == {epoch * 2 + 1}  # stored at the epoch's last step, as in PyTorch
+        for layer, want in expected.items():
+            values = got[got.layer == layer].set_index("stat").value
+            assert values["dead_count"] == want["dead_count"]
+            assert values["dead_fraction"] == pytest.approx(want["dead_fraction"], abs=1e-12)
+            assert values["saturated_fraction"] == pytest.approx(want["saturated_fraction"], abs=1e-12)
+            assert values["channel_var"] == pytest.approx(want["channel_var"], rel=1e-5)
+        assert expected["conv"]["dead"] == [1] and expected["sat"]["dead"] == []
+        assert 0.2 < expected["sat"]["saturated_fraction"] < 0.9  # the planted saturation is real
+    assert monitor.dead_units == {"conv": [1], "sat": []}
+    events = open_run(tmp_path).events("dead_units")
+    assert list(events.layer) == ["conv", "conv"] and events.data.iloc[0] == {"channels": [1]}
+    assert "1 of 4 units dead in [0] conv" in events.message.iloc[0]
+
+
+def _torch_run(path: Path) -> None:
+    """One recorded step and epoch of a PyTorch conv -> ReLU -> flatten -> linear -> sigmoid net."""
+    import torch
+    from torch import nn
+
+    from bbdecoder.monitor import Analyzer
+
+    torch_model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 1), nn.Sigmoid())
+    analyzer = Analyzer(torch_model, path, activations=True)
+    analyzer.backward_propagation(analyzer.forward_propagation(torch.randn(4, 2, 6, 6)).sum())
+    analyzer.end_epoch()
+    analyzer.close()
+
+
+def test_watching_leaves_training_bit_identical_and_stores_pytorch_names(tmp_path: Path) -> None:
+    x, t = _act_data()
+    plain, watched = _act_model(frozen=False), _act_model(frozen=False)
+    plain.fit(x, t, batch_size=ACT_BATCH, epochs=2, shuffle=False, verbose=0)
+    monitor = MonitorCallback(tmp_path / "keras", activations=True)
+    watched.fit(x, t, batch_size=ACT_BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert monitor.dead_units["conv"] == [1]  # the planted unit gets no gradient and stays dead
+    assert "apply" not in vars(watched.optimizer) and "train_step" not in vars(watched)
+    assert not any("call" in vars(layer) for layer in watched.layers)
+    assert watched.train_function is None
+
+    _torch_run(tmp_path / "torch")
+    torch_run, keras_run = open_run(tmp_path / "torch").scalars(), open_run(tmp_path / "keras").scalars()
+    assert list(keras_run.columns) == list(torch_run.columns) == SCALAR_COLUMNS
+    assert set(keras_run.stat) == set(torch_run.stat)
+    torch_act, keras_act = torch_run[torch_run.param == ""], keras_run[keras_run.param == ""]
+    assert set(keras_act.stat) == set(torch_act.stat) == set(ACTIVATION_STATS)
+    assert set(keras_act.layer) == {"conv", "flat", "sat", "head"}  # activations=True: every leaf layer
+    assert keras_act.groupby("layer").epoch.nunique().eq(2).all()  # one row per layer, stat and epoch
+    flat = keras_act[(keras_act.layer == "flat") & (keras_act.stat == "saturated_fraction")].value
+    assert flat.isna().all()  # no activation function: NaN, as for an nn.Flatten
+    torch_events, keras_events = open_run(tmp_path / "torch").events(), open_run(tmp_path / "keras").events()
+    assert list(keras_events.columns) == list(torch_events.columns)
+    assert set(keras_events.kind) == {"dead_units"}
+
+
+@pytest.mark.slow  # XLA compiles for about 12 s on 2 CPU cores
+def test_bit_identical_under_xla(tmp_path: Path) -> None:
+    x, t = _act_data()
+    weights = []
+    for callbacks in ([], [MonitorCallback(tmp_path, activations=True)]):
+        model = _act_model(frozen=False)
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True)
+        model.fit(x, t, batch_size=ACT_BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert open_run(tmp_path).events("dead_units").layer.tolist()[0] == "conv"
+
+
+def test_saturation_tests_match_numpy() -> None:
+    from bbdecoder.keras.monitor_activations import saturation_test
+
+    y = np.array([-7.0, -1.0, -0.9995, -0.5, 0.0, 0.0004, 0.5, 0.9996, 1.0, 6.0, 7.0], dtype="float32")
+    eps = 1e-3
+    cases = {
+        "sigmoid": (keras.layers.Dense(2, activation="sigmoid"), (y < eps) | (y > 1 - eps)),
+        "tanh": (keras.layers.Activation("tanh"), np.abs(y) > 1 - eps),
+        "relu": (keras.layers.Conv2D(1, 1, activation="relu"), y == 0),
+        "relu6": (keras.layers.Activation("relu6"), (y <= 0) | (y >= 6)),
+        "ReLU(6)": (keras.layers.ReLU(max_value=6.0), (y == 0) | (y >= 6)),
+        "hard_sigmoid": (keras.layers.Activation("hard_sigmoid"), (y <= 0) | (y >= 1)),
+    }
+    for name, (layer, want) in cases.items():
+        test = saturation_test(layer, eps)
+        assert test is not None, name
+        np.testing.assert_array_equal(test(tf.constant(y)).numpy(), want, err_msg=name)
+    for layer in (keras.layers.Dense(2), keras.layers.LeakyReLU(), keras.layers.LSTM(2, activation="tanh")):
+        assert saturation_test(layer, eps) is None, layer
+
+
+# -- non-finite gradients and failures ------------------------------------------------------------
+class _Poison(keras.layers.Layer):
+    """y = x * s, whose backward returns NaN for s and for x (so every earlier layer gets NaN too)."""
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        self.s = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="s")
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        @tf.custom_gradient
+        def scale(x: tf.Tensor, s: tf.Tensor) -> tuple[tf.Tensor, object]:
+            def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                nan = tf.constant(np.nan, dy.dtype)
+                return dy * nan, tf.fill(tf.shape(s), nan)
+
+            return x * s, grad
+
+        return scale(x, tf.convert_to_tensor(self.s))
+
+
+class _Shuffled(keras.Model):
+    """Declared a, mid, b, head (leaf IDs 0..3) but called a -> b -> mid -> head."""
+
+    def __init__(self) -> None:
+        super().__init__(name="shuffled")
+        self.a = keras.layers.Dense(3, name="a")
+        self.mid = _Poison(name="mid")
+        self.b = keras.layers.Dense(3, name="b")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return self.head(self.mid(self.b(self.a(x))))
+
+
+def test_nonfinite_gradient_is_attributed_to_the_first_layer_in_backward_order(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    model = _Shuffled()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, t = _data()
+    with pytest.raises(ValueError, match=r"needs a built model.*model.build\(input_shape\)"):
+        model.fit(x, t[:, :1], epochs=1, verbose=0, callbacks=[MonitorCallback(tmp_path / "unbuilt")])
+    model(x[:1])  # builds every layer
+    with pytest.warns(
+        NonFiniteGradientWarning, match=r"first in backward order is layer \[1\] mid \(mid\.s\)"
+    ):
+        model.fit(x[:4], t[:4, :1], batch_size=4, epochs=1, verbose=0, callbacks=[MonitorCallback(tmp_path)])
+    events = open_run(tmp_path).events("nonfinite_grad")
+    assert len(events) == 1
+    event = events.iloc[0]
+    assert (event.step, event.layer_id, event.layer, event.param) == (0, 1, "mid", "mid.s")
+    # a and b (leaf IDs 0 and 2) are affected too: neither the lowest nor the highest ID is the answer
+    assert sorted(event.data["affected"]) == ["a.bias", "a.kernel", "b.bias", "b.kernel", "mid.s"]
+
+
+def test_loss_scaled_statistics_are_unscaled_and_overflow_does_not_warn(
+    run: tuple[Path, list[np.ndarray], keras.Model], tmp_path: Path
+) -> None:
+    plain_path, _, _ = run
+    keras.utils.set_random_seed(0)
+    model = _model()
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR)), loss="mse")
+    x, t = _data()
+    model.fit(
+        x, t, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[MonitorCallback(tmp_path)]
+    )
+    plain, scaled = open_run(plain_path).scalars("l2"), open_run(tmp_path).scalars("l2")
+    np.testing.assert_allclose(scaled.value, plain.value, rtol=1e-6)  # not multiplied by the 32768 scale
+
+    keras.utils.set_random_seed(0)
+    poisoned = _Shuffled()
+    poisoned(x[:1])
+    poisoned.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteGradientWarning)
+        poisoned.fit(
+            x[:4], t[:4, :1], batch_size=4, verbose=0, callbacks=[MonitorCallback(tmp_path / "overflow")]
+        )
+    assert open_run(tmp_path / "overflow").events("nonfinite_grad").param.tolist() == ["mid.s"]
+    assert all(np.isfinite(w).all() for w in poisoned.get_weights())  # the step was skipped
+
+
+class _Guard(keras.layers.Layer):
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        with tf.control_dependencies([tf.debugging.assert_less(tf.reduce_max(x), 100.0)]):
+            return tf.identity(x)
+
+
+def _guarded_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), _Guard(name="guard"), keras.layers.Dense(2, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    return model
+
+
+def _assert_restored(model: keras.Model) -> None:
+    assert not {"apply", "scale_loss"} & set(vars(model.optimizer))
+    assert "train_step" not in vars(model)
+    assert not any("call" in vars(layer) for layer in model.layers)
+    assert model.train_function is None
+
+
+def test_a_failing_train_step_restores_the_model(tmp_path: Path) -> None:
+    model = _guarded_model()
+    x, t = _data()
+    bad = x.copy()
+    bad[BATCH + 1] = 1000.0  # the second batch trips the assertion inside the compiled step
+    monitor = MonitorCallback(tmp_path, activations=True)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        model.fit(bad, t, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    _assert_restored(model)
+    assert monitor.writer is None
+    reader = open_run(tmp_path)
+    assert list(reader.steps().step) == [0] and "InvalidArgumentError" in reader.meta()["aborted"]
+    model.fit(x, t, batch_size=BATCH, epochs=1, verbose=0)  # Keras' plain step again, nothing recorded
+    assert list(open_run(tmp_path).steps().step) == [0]
+
+
+def test_an_error_outside_the_step_is_cleaned_by_close_or_the_next_monitor(tmp_path: Path) -> None:
+    class Boom(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            raise RuntimeError("boom")
+
+    model = _guarded_model()
+    x, t = _data()
+    stale = MonitorCallback(tmp_path / "stale")
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, t, batch_size=BATCH, epochs=1, verbose=0, callbacks=[stale, Boom()])
+    assert "apply" in vars(model.optimizer)  # Keras skipped on_train_end: still installed
+    model.fit(x, t, batch_size=BATCH, epochs=1, verbose=0, callbacks=[MonitorCallback(tmp_path / "next")])
+    _assert_restored(model)
+    assert stale.writer is None and "finished" in open_run(tmp_path / "stale").meta()
+    with pytest.raises(RuntimeError, match="boom"), MonitorCallback(tmp_path / "ctx") as monitor:
+        model.fit(x, t, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor, Boom()])
+    _assert_restored(model)
+    assert len(open_run(tmp_path / "ctx").steps()) == N // BATCH

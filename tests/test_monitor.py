@@ -524,3 +524,31 @@ def test_context_manager_cleans_up_when_training_raises(tmp_path):
     run = open_run(tmp_path)
     assert run.steps()["step"].tolist() == [0] and run.epochs() == [0]
     assert len(run.epoch_scalars()) == 8 * 6 * 2  # the open epoch was finished on close
+
+
+def test_diverged_weights_do_not_crash_the_epoch_end(tmp_path) -> None:
+    from bbdecoder.monitor import Analyzer
+    from bbdecoder.monitor.weights import fixed_range, histogram
+
+    weight = torch.tensor([float("nan"), float("inf"), -2.0, 0.5, 1.0])
+    lo, hi = fixed_range(weight)
+    assert (lo, hi) == (-3.0, 3.0)
+    counts = histogram(weight, lo, hi, 6)
+    assert counts.sum() == 4 and counts[-1] == 1  # NaN left out, +inf in the last bin
+    model = nn.Linear(3, 2)
+    with Analyzer(model, tmp_path) as analyzer:
+        F.mse_loss(analyzer.forward_propagation(torch.randn(4, 3)), torch.zeros(4, 2)).backward()
+        analyzer.step()
+        with torch.no_grad():
+            model.weight[0, 0] = float("nan")
+        analyzer.end_epoch()  # histograms and quantiles of a diverged weight: no crash
+
+
+def test_activations_none_watches_nothing(tmp_path) -> None:
+    from bbdecoder.monitor import Analyzer
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with Analyzer(model, tmp_path, activations=None):
+        assert count_hooks(model) == 0
+    with Analyzer(model, tmp_path / "all", activations=True):
+        assert count_hooks(model) > 0

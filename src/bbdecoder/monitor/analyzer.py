@@ -57,7 +57,8 @@ class Analyzer(InspectionMixin):
         input_size: e.g. ``(1, 3, 32, 32)``; when given, :meth:`summary` shows output shapes.
         layers: layers whose parameters are tracked (IDs, names, globs, types; ``None``: all).
         weights: record update ratios every step and weight histograms/quantiles every epoch.
-        activations: layers whose outputs are watched (``None``: none; see :meth:`watch_activations`).
+        activations: layers whose outputs are watched (``None``/``False``: none, ``True``: every layer;
+            see :meth:`watch_activations`).
         dead_threshold, saturation_eps, channel_dim: activation settings.
         histogram_bins: number of fixed bins of the weight histograms.
         scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients.
@@ -146,7 +147,7 @@ class Analyzer(InspectionMixin):
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, sync)
         self.closed = False
-        if activations is not False:
+        if activations is not None and activations is not False:
             selection = None if activations is True else activations
             self.watch_activations(selection, dead_threshold, saturation_eps, channel_dim)
         self.writer.flush()

@@ -18,15 +18,20 @@ def weight_stat_names(quantiles: tuple[float, ...] = QUANTILES) -> list[str]:
 
 
 def fixed_range(weight: torch.Tensor, margin: float = 1.5) -> tuple[float, float]:
-    """Symmetric histogram range chosen once per tensor: ``margin * max|W|`` (at least 1e-3)."""
-    r = float(weight.detach().abs().max()) * margin if weight.numel() else 0.0
+    """Symmetric histogram range chosen once per tensor: ``margin * max|W|`` over the finite
+    values (at least 1e-3, so a diverged or all-zero tensor still gets a usable range)."""
+    magnitude = weight.detach().abs()
+    finite = magnitude[torch.isfinite(magnitude)]
+    r = float(finite.max()) * margin if finite.numel() else 0.0
     r = max(r, 1e-3)
     return -r, r
 
 
 def histogram(weight: torch.Tensor, lo: float, hi: float, nbins: int) -> np.ndarray:
-    """Counts on ``nbins`` equal bins of ``[lo, hi]``; out-of-range values go to the end bins."""
-    flat = weight.detach().reshape(-1).float().clamp(lo, hi)
+    """Counts on ``nbins`` equal bins of ``[lo, hi]``; out-of-range values go to the end bins,
+    NaN is left out (+-Inf count in the end bins)."""
+    flat = weight.detach().reshape(-1).float()
+    flat = flat[~torch.isnan(flat)].clamp(lo, hi)
     return torch.histc(flat, bins=nbins, min=lo, max=hi).to(torch.int64).cpu().numpy()
 
 
