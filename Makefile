@@ -5,6 +5,19 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 2
 export MPLBACKEND := Agg
+.DEFAULT_GOAL := test
+
+# A separate venv for side-by-side benchmarks against peers that need torchvision
+# (pytorch-grad-cam). Never used by `make test`.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-venv: $(BENCH_STAMP)
 
 .PHONY: venv test test-slow test-all demo lint bench bench-venv clean
 
@@ -41,14 +54,3 @@ bench: $(BENCH_STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
 
-# A separate venv for side-by-side benchmarks against peers that need torchvision
-# (pytorch-grad-cam). Never used by `make test`.
-BENCH_VENV := .venv-bench
-BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
-$(BENCH_STAMP): pyproject.toml
-	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
-	touch $(BENCH_STAMP)
-
-bench-venv: $(BENCH_STAMP)

@@ -339,7 +339,7 @@ def test_rows_per_forward_never_exceed_internal_batch_size() -> None:
 def test_default_batch_follows_the_memory_budget() -> None:
     model = nn.Sequential(nn.Linear(100, 50), nn.Tanh(), nn.Linear(50, 10))
     # float32 bytes of one row: input 100, Linear 50, Tanh 50, Linear 10, the model's output 10.
-    per_row = 4 * (100 + 50 + 50 + 10 + 10) * GRAD_MEMORY_FACTOR
+    per_row = int(4 * (100 + 50 + 50 + 10 + 10) * GRAD_MEMORY_FACTOR)
     budget = 11 * per_row + 5
     counter = RowCounter(model)
     try:

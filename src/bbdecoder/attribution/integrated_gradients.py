@@ -18,6 +18,7 @@ from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.attribution.quadrature import quadrature
 from bbdecoder.targets import TargetError, TargetLike, resolve_classes, select_scores
+from bbdecoder.validation import check_positive_int
 
 
 class IntegratedGradients(Explainer):
@@ -43,12 +44,7 @@ class IntegratedGradients(Explainer):
         memory_budget_bytes: int | None = None,
     ) -> None:
         super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
-        if memory_budget_bytes is not None and (
-            isinstance(memory_budget_bytes, bool)
-            or not isinstance(memory_budget_bytes, int)
-            or memory_budget_bytes <= 0
-        ):
-            raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
+        check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.memory_budget_bytes = memory_budget_bytes
 
     @overload  # type: ignore[override]
@@ -194,12 +190,7 @@ class IntegratedGradients(Explainer):
     # -- memory -----------------------------------------------------------------------------------
     def _rows_per_pass(self, x: torch.Tensor, internal_batch_size: int | None) -> int:
         if internal_batch_size is not None:
-            if (
-                isinstance(internal_batch_size, bool)
-                or not isinstance(internal_batch_size, int)
-                or (internal_batch_size < 1)
-            ):
-                raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
+            check_positive_int(internal_batch_size, "internal_batch_size")
             return internal_batch_size
         budget = self.memory_budget_bytes or default_memory_budget(x.device)
         return rows_for_budget(self, x, budget)

@@ -17,8 +17,7 @@ from bbdecoder.attribution.base import Explainer, check_inputs
 from bbdecoder.attribution.gradient import Gradient
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.targets import TargetLike
-
-KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+from bbdecoder.validation import check_smoothgrad_settings
 
 ExplainFn = Callable[..., Any]
 
@@ -63,18 +62,7 @@ class SmoothGrad(Explainer):
                 f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
             )
         super().__init__(inner.model, input_transform=inner.input_transform, eval_mode=inner.eval_mode)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        if not noise_level >= 0:
-            raise ValueError(f"noise_level must be >= 0 (a fraction of the range), got {noise_level}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown SmoothGrad kind {kind!r}; choose one of {', '.join(KINDS)}")
-        if internal_batch_size is not None and (
-            isinstance(internal_batch_size, bool)
-            or not isinstance(internal_batch_size, int)
-            or internal_batch_size < 1
-        ):
-            raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
+        check_smoothgrad_settings(n_samples, noise_level, kind, internal_batch_size)
         self.explainer = inner
         self.n_samples = n_samples
         self.noise_level = float(noise_level)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bbdecoder.attribution.memory import tensor_bytes
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.layers import LayerIndex
 
@@ -88,7 +89,7 @@ def _count_calls(
 
             def record(_module: nn.Module, _inputs: Any, output: Any, layer_id: int = layer.id) -> None:
                 calls[layer_id] += 1
-                activation[layer_id] += _tensor_bytes(output)
+                activation[layer_id] += tensor_bytes(output)
 
             hooks.forward_hook(layer.module, record)
         model(*args)
@@ -124,16 +125,6 @@ def _time_layers(
                 for layer_id, elapsed in current.items():
                     samples[layer_id].append(elapsed)
     return samples
-
-
-def _tensor_bytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    return 0
 
 
 def plot_layer_costs(costs: list[LayerCost], path: str | Path) -> Path:

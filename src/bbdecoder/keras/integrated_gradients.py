@@ -24,6 +24,7 @@ from bbdecoder.keras.targets import (
     rows_of,
     select_scores,
 )
+from bbdecoder.validation import check_positive_int
 
 DEFAULT_BUDGET_BYTES = 512 * 2**20
 # A row with gradients holds its saved activations, then their gradients during backward, plus slack.
@@ -49,12 +50,7 @@ class IntegratedGradients(KerasExplainer):
         memory_budget_bytes: int | None = None,
     ) -> None:
         super().__init__(model, input_transform=input_transform)
-        if memory_budget_bytes is not None and (
-            isinstance(memory_budget_bytes, bool)
-            or not isinstance(memory_budget_bytes, int)
-            or memory_budget_bytes <= 0
-        ):
-            raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
+        check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.memory_budget_bytes = memory_budget_bytes
 
     @overload  # type: ignore[override]
@@ -178,12 +174,7 @@ class IntegratedGradients(KerasExplainer):
 
     def _rows_per_pass(self, x: Any, internal_batch_size: int | None) -> int:
         if internal_batch_size is not None:
-            if (
-                isinstance(internal_batch_size, bool)
-                or not isinstance(internal_batch_size, int)
-                or internal_batch_size < 1
-            ):
-                raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
+            check_positive_int(internal_batch_size, "internal_batch_size")
             return internal_batch_size
         return rows_for_budget(self, x, self.memory_budget_bytes or DEFAULT_BUDGET_BYTES)
 

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from bbdecoder.attribution.smoothgrad import KINDS
 from bbdecoder.keras._backend import tf
 from bbdecoder.keras.base import KerasExplainer, check_inputs
 from bbdecoder.keras.gradient import Gradient
 from bbdecoder.keras.integrated_gradients import DEFAULT_BUDGET_BYTES, rows_for_budget
 from bbdecoder.keras.layers import check_model
 from bbdecoder.keras.targets import KerasTargetLike
+from bbdecoder.validation import check_smoothgrad_settings
 
 ExplainFn = Callable[..., Any]
 
@@ -53,18 +53,7 @@ class SmoothGrad(KerasExplainer):
         if not isinstance(inner, KerasExplainer):
             inner = Gradient(check_model(explainer_or_model))
         super().__init__(inner.model, input_transform=inner.input_transform)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        if not noise_level >= 0:
-            raise ValueError(f"noise_level must be >= 0 (a fraction of the range), got {noise_level}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown SmoothGrad kind {kind!r}; choose one of {', '.join(KINDS)}")
-        if internal_batch_size is not None and (
-            isinstance(internal_batch_size, bool)
-            or not isinstance(internal_batch_size, int)
-            or internal_batch_size < 1
-        ):
-            raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
+        check_smoothgrad_settings(n_samples, noise_level, kind, internal_batch_size)
         self.explainer = inner
         self.n_samples = n_samples
         self.noise_level = float(noise_level)

@@ -186,25 +186,30 @@ class RunReader:
         """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` for a sound file)."""
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
 
-    def to_csv(self, folder: str | Path) -> list[Path]:
-        """Export scalars, epoch aggregates, histograms, events and layers as CSV files; returns paths."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name, frame in (
+    def _export_tables(self, *, with_events: bool) -> list[tuple[str, pd.DataFrame]]:
+        tables = [
             ("scalars", self.scalars()),
             ("epoch_scalars", self.epoch_scalars()),
             ("histograms", self.histograms()),
             ("events", self.events()),
             ("layers", self.layers()),
-        ):
+        ]
+        return [(name, frame) for name, frame in tables if with_events or name != "events"]
+
+    def to_csv(self, folder: str | Path) -> list[Path]:
+        """Export scalars, epoch aggregates, histograms, events and layers as CSV files; returns paths."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, frame in self._export_tables(with_events=True):
             path = out / f"{name}.csv"
             frame.to_csv(path, index=False)
             paths.append(path)
         return paths
 
     def to_parquet(self, folder: str | Path) -> list[Path]:
-        """Export the same tables as :meth:`to_csv` as Parquet files (needs ``pyarrow``)."""
+        """Export the same tables as :meth:`to_csv` but events (free-form JSON) as Parquet files
+        (needs ``pyarrow``)."""
         try:
             import pyarrow  # noqa: F401
         except ImportError as err:
@@ -212,12 +217,7 @@ class RunReader:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, frame in (
-            ("scalars", self.scalars()),
-            ("epoch_scalars", self.epoch_scalars()),
-            ("histograms", self.histograms()),
-            ("layers", self.layers()),
-        ):
+        for name, frame in self._export_tables(with_events=False):
             path = out / f"{name}.parquet"
             frame.to_parquet(path, index=False)
             paths.append(path)
