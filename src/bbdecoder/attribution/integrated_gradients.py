@@ -8,7 +8,7 @@ the quadrature error, reported as the convergence delta.
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class IntegratedGradients(Explainer):
         super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
         check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.memory_budget_bytes = memory_budget_bytes
+        self._rows_cache: dict[tuple[Any, ...], int] = {}
 
     @overload  # type: ignore[override]
     def attribute(
@@ -193,7 +194,11 @@ class IntegratedGradients(Explainer):
             check_positive_int(internal_batch_size, "internal_batch_size")
             return internal_batch_size
         budget = self.memory_budget_bytes or default_memory_budget(x.device)
-        return rows_for_budget(self, x, budget)
+        # The probe forward is cached per sample shape: repeated calls (a dataset loop) skip it.
+        key = (tuple(x.shape[1:]), x.dtype, x.device, budget)
+        if key not in self._rows_cache:
+            self._rows_cache[key] = rows_for_budget(self, x, budget)
+        return self._rows_cache[key]
 
 
 def _rows_of(target: TargetLike, rows: slice | torch.Tensor) -> TargetLike:
