@@ -61,6 +61,10 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
         "bias/attention_iou_groups.csv",
         "figures/grad_flow_ep000.png",
         "figures/grad_flow_ep001.png",
+        "figures/feature_evolution_conv2.gif",
+        "figures/feature_evolution_conv2.png",
+        "figures/layer_costs.png",
+        "figures/architecture.png",
         "figures/grad_norms_ep001.png",
         "figures/function_graph.png",
         "figures/activation_curves.png",
@@ -102,7 +106,7 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
     page = (demo_dir / "report.html").read_text()
     assert SECTIONS.findall(page) == [
         "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "nonfinite",
-        "saliency", "metrics", "bias", "graph",
+        "saliency", "metrics", "bias", "cost", "features", "architecture", "graph",
     ]  # fmt: skip
     assert 'class="failed"' not in page and "<script" not in page
 

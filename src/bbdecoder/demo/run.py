@@ -30,6 +30,7 @@ from bbdecoder.store.writer import RunWriter
 from bbdecoder.viz import comparison_grid, overlay
 
 SIGNED_METHODS = ("Integrated Gradients", "Gradient")
+FEATURE_LAYER = "conv2"  # whose output the demo records once per epoch
 
 
 @dataclass
@@ -176,11 +177,16 @@ def _train_with_analyzer(
                 accuracy = evaluate_accuracy(model, data.x_test, data.y_test)
             bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{accuracy:.3f}")
             bar.close()
+            analyzer.get_inter_features(data.x_test[:1], FEATURE_LAYER)
             files += analyzer.save_collected_grads(figures, ep=epoch)
         files += analyzer.visualize_weight_hist(figures, layers=[nn.Conv2d, nn.Linear])
         files.append(plot_activation_fractions(out, figures))
         analyzer.function_graph(data.x_test[:2], save_folder=figures)
         files += [figures / "function_graph.png", figures / "activation_curves.png"]
+        evolution = analyzer.compile_feature_evolution(FEATURE_LAYER, fps=2, save_folder=figures)
+        files += [path for path in evolution.values() if path is not None]
+        analyzer.layer_costs(save_folder=figures)
+        files += [figures / "layer_costs.png", analyzer.architecture(path=figures / "architecture.png")]
     model.eval()
     return model, evaluate_accuracy(model, data.x_test, data.y_test), [f for f in files if f.exists()]
 
