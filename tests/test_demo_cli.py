@@ -133,3 +133,16 @@ def test_export_csv_of_the_demo_run(demo_dir: Path, tmp_path: Path) -> None:
     assert len(scalars) == len(stored)
     pd.testing.assert_series_equal(scalars["value"], stored["value"], check_names=False)
     run.close()
+
+
+def test_export_parquet_of_the_demo_run(demo_dir: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    pytest.importorskip("pyarrow", reason="Parquet export needs pyarrow (in the dev extra)")
+    assert main(["export", str(demo_dir), "--parquet", str(tmp_path / "pq")]) == 0
+    run = open_run(demo_dir)
+    tables = {"scalars": run.scalars(), "histograms": run.histograms(), "layers": run.layers()}
+    for name, stored in tables.items():
+        exported = pd.read_parquet(tmp_path / "pq" / f"{name}.parquet")
+        pd.testing.assert_frame_equal(exported, stored, check_dtype=False)
+    run.close()
