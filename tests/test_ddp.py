@@ -78,12 +78,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("ddp")
     ddp_path, single_path = base / "ddp_run", base / "single_run"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # fork: the children inherit the imported modules (spawn would re-import torch in each); DDP's
-    # constructor imports torch._dynamo (seconds), so import it once here, before forking.
-    import torch._dynamo
-
+    # spawn, not fork: earlier tests in the same session may have started threads (TensorFlow,
+    # TensorBoard, OpenMP pools), and a forked child can deadlock on a lock one of them held.
     mp.start_processes(
-        _worker, args=(2, str(base / "init"), str(ddp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, str(base / "init"), str(ddp_path)), nprocs=2, join=True, start_method="spawn"
     )
     model = _model()
     with Analyzer(model, single_path, activations=[1, 3]) as analyzer:
