@@ -178,6 +178,8 @@ def test_explain_error_paths(files, capsys) -> None:
         got, _, err = run(["explain", *args], capsys)
         assert got == code, (args, err)
         assert message in err, (args, err)
+    _, _, err = run(["explain", "--model", model, "--image", image], capsys)
+    assert "--channels" in err  # a shape mismatch names the flags that fix it
 
 
 def test_unknown_method_and_missing_arguments_are_usage_errors(files, capsys) -> None:

@@ -173,7 +173,7 @@ def load_image(path: str, channels: int, size: list[int] | None, scale: float) -
     return tensor.unsqueeze(0).contiguous()
 
 
-def _forward_check(model: Any, x: Any, what: str) -> Any:
+def _forward_check(model: Any, x: Any, what: str, hint: str = "") -> Any:
     import torch
 
     try:
@@ -182,7 +182,7 @@ def _forward_check(model: Any, x: Any, what: str) -> Any:
     except Exception as err:
         raise CLIError(
             f"the model does not accept {what} of shape {tuple(x.shape)}: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}",
+            f"{str(err).splitlines()[0] if str(err) else ''}{hint}",
             EXIT_INCOMPATIBLE,
         ) from err
 
@@ -336,7 +336,9 @@ def _explain(args: argparse.Namespace) -> int:
         mean = float_list(args.mean, "--mean") if args.mean else [0.0]
         std = float_list(args.std, "--std") if args.std else [1.0]
         norm_input = Normalize(mean * (c // len(mean)), std * (c // len(std)))(x)
-    logits = _forward_check(model, norm_input, "an image")
+    logits = _forward_check(
+        model, norm_input, "an image", " (set the image's channels with --channels and its size with --size)"
+    )
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise CLIError(
             f"the model returns {getattr(logits, 'shape', type(logits).__name__)}; explain needs logits of "
