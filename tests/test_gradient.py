@@ -174,3 +174,11 @@ def test_forward_error_leaves_model_clean() -> None:
     assert all(m.training for m in model.modules())
     assert count_hooks(model) == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_unbatched_image_failing_inside_the_model_gets_a_batch_hint() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 4))
+    with pytest.raises(RuntimeError) as info:
+        Gradient(model).attribute(torch.randn(3, 8, 8))  # conv2d accepts it, the Linear does not
+    notes = getattr(info.value, "__notes__", [])
+    assert any("unsqueeze(0)" in note for note in notes)

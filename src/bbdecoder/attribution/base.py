@@ -58,7 +58,17 @@ class Explainer:
 
     def scores(self, inputs: torch.Tensor, target: TargetLike) -> tuple[torch.Tensor, Any]:
         """One differentiable score per sample (N,), and the raw output."""
-        output = self.forward(inputs)
+        try:
+            output = self.forward(inputs)
+        except Exception as err:
+            # PyTorch layers accept unbatched (C, H, W) input, so a forgotten batch dimension often
+            # fails deep inside the model with a message that does not say so.
+            if inputs.dim() == 3 and hasattr(err, "add_note"):
+                err.add_note(
+                    "bbdecoder: the inputs have 3 dims; if this is one image (C, H, W), add the batch "
+                    "dimension with x.unsqueeze(0)"
+                )
+            raise
         return select_scores(output, target, inputs.shape[0]), output
 
     def freeze_target(self, inputs: torch.Tensor, target: TargetLike) -> TargetLike:
