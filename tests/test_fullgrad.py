@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bbdecoder.attribution.fullgrad as fullgrad_module
-from bbdecoder.attribution import CompletenessError, FullGrad, Normalize, SimpleFullGrad
+from bbdecoder.attribution import CompletenessError, FullGrad, Normalize, SimpleFullGrad, SmoothFullGrad
 from bbdecoder.attribution.bias_layers import effective_bias
 from bbdecoder.hooks import count_hooks
 
@@ -429,3 +429,16 @@ def test_input_transform_decomposes_the_model_input() -> None:
     decomposition = fullgrad.decompose(pixels, [0, 1])
     assert decomposition.relative_error().max() < 1e-10
     torch.testing.assert_close(decomposition.inputs, normalize(pixels))
+
+
+def test_smooth_fullgrad_is_the_mean_of_fullgrad_over_the_same_noisy_copies() -> None:
+    model = make_net("resnet")
+    smooth = SmoothFullGrad(model, im_size=(3, 16, 16), n_samples=4, noise_level=0.1, seed=3)
+    x = _inputs(torch.float64, n=3)
+    with torch.no_grad():
+        clean_classes = model(x).argmax(1)
+    fullgrad = FullGrad(model, im_size=(3, 16, 16))
+    maps = [fullgrad.saliency(copy, clean_classes) for copy in smooth.noisy_copies(x)]
+    expected = torch.stack(maps).mean(0)
+    torch.testing.assert_close(smooth.saliency(x), expected, rtol=1e-10, atol=1e-10)
+    assert count_hooks(model) == 0
