@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +159,50 @@ def test_amp_statistics_are_of_the_unscaled_gradients(tmp_path: Path) -> None:
     for step, before in enumerate(module.before_clip):
         for name, norm in before.items():
             assert l2.loc[step, name] == pytest.approx(norm, rel=1e-6)
+
+
+class IndexedModule(TinyModule):
+    """Writes the dataset indices of every batch it trains on to ``record_dir`` (one file per rank
+    and step), so the test knows each rank's shard whatever sampler Lightning chose."""
+
+    def __init__(self, record_dir: str | None = None) -> None:
+        super().__init__()
+        self.record_dir = record_dir
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], idx: int) -> torch.Tensor:
+        x, y, indices = batch
+        if self.record_dir is not None:
+            torch.save(indices, Path(self.record_dir) / f"rank{self.global_rank}_step{idx}.pt")
+        return super().training_step((x, y), idx)
+
+
+def _indexed_dataset() -> torch.utils.data.TensorDataset:
+    x, y = _loader().dataset.tensors
+    return torch.utils.data.TensorDataset(x, y, torch.arange(len(x)))
+
+
+def test_ddp_spawn_with_two_ranks_equals_one_process_on_the_combined_batch(tmp_path: Path) -> None:
+    common = {"accelerator": "cpu", "max_epochs": 1, "enable_progress_bar": False, "logger": False,
+              "enable_checkpointing": False, "enable_model_summary": False}  # fmt: skip
+    ddp_dir, single_dir, shards = tmp_path / "ddp", tmp_path / "single", tmp_path / "shards"
+    shards.mkdir()
+    dataset = _indexed_dataset()
+    pl.Trainer(devices=2, strategy="ddp_spawn", callbacks=[BBDecoderCallback(ddp_dir)], **common).fit(
+        IndexedModule(str(shards)), torch.utils.data.DataLoader(dataset, batch_size=8)
+    )
+    # one process, each step on the union of what the two ranks saw at that step (equal halves, so
+    # the mean loss over the union is the mean of the ranks' losses: DDP's averaged gradient)
+    steps = len(list(shards.glob("rank0_*")))
+    combined = [
+        torch.cat([torch.load(shards / f"rank{r}_step{k}.pt") for r in (0, 1)]).tolist() for k in range(steps)
+    ]
+    pl.Trainer(devices=1, callbacks=[BBDecoderCallback(single_dir)], **common).fit(
+        IndexedModule(), torch.utils.data.DataLoader(dataset, batch_sampler=combined)
+    )
+    assert [p.name for p in ddp_dir.glob("*.sqlite")] == ["run.sqlite"]  # rank 0 wrote, alone
+    key = ["step", "param", "stat"]
+    ddp = open_run(ddp_dir).scalars().sort_values(key).reset_index(drop=True)
+    single = open_run(single_dir).scalars().sort_values(key).reset_index(drop=True)
+    assert steps == 2 and len(ddp) == len(single) > 0 and ddp["step"].max() == steps - 1
+    pd.testing.assert_frame_equal(ddp[key], single[key])
+    np.testing.assert_allclose(ddp["value"], single["value"], rtol=1e-5, atol=1e-8)
