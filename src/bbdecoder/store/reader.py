@@ -198,14 +198,7 @@ class RunReader:
 
     def to_csv(self, folder: str | Path) -> list[Path]:
         """Export scalars, epoch aggregates, histograms, events and layers as CSV files; returns paths."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name, frame in self._export_tables(with_events=True):
-            path = out / f"{name}.csv"
-            frame.to_csv(path, index=False)
-            paths.append(path)
-        return paths
+        return self._write_tables(folder, "csv", with_events=True)
 
     def to_parquet(self, folder: str | Path) -> list[Path]:
         """Export the same tables as :meth:`to_csv` but events (free-form JSON) as Parquet files
@@ -214,12 +207,18 @@ class RunReader:
             import pyarrow  # noqa: F401
         except ImportError as err:
             raise ImportError("Parquet export needs pyarrow: pip install pyarrow (or use to_csv)") from err
+        return self._write_tables(folder, "parquet", with_events=False)
+
+    def _write_tables(self, folder: str | Path, suffix: str, *, with_events: bool) -> list[Path]:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, frame in self._export_tables(with_events=False):
-            path = out / f"{name}.parquet"
-            frame.to_parquet(path, index=False)
+        for name, frame in self._export_tables(with_events=with_events):
+            path = out / f"{name}.{suffix}"
+            if suffix == "csv":
+                frame.to_csv(path, index=False)
+            else:
+                frame.to_parquet(path, index=False)
             paths.append(path)
         return paths
 
