@@ -25,6 +25,7 @@ from bbdecoder.monitor.activations import channel_similarity
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics, update_ratios
 from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_graph
 from bbdecoder.monitor.inspection import InspectionMixin
+from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
 from bbdecoder.monitor.pruning import PrunedUnits, PruneReport, make_permanent, mask_channels, output_channels
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
 from bbdecoder.store.writer import RunWriter
@@ -68,6 +69,8 @@ class Analyzer(InspectionMixin):
             reduces each step's statistics and each epoch's activation state across ranks.
         tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
+        per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
+            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Analyzer(InspectionMixin):
         flush_every: int = 1,
         sync: Any = None,
         tensorboard: Any = None,
+        per_sample: bool | int = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Analyzer needs an nn.Module, got {type(model).__name__}")
@@ -146,6 +150,16 @@ class Analyzer(InspectionMixin):
         from bbdecoder.monitor.tensorboard import tensorboard_logger
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, sync)
+        self._per_sample = per_sample_recorder(
+            per_sample,
+            model,
+            self._params,
+            self.writer,
+            self._step,
+            hooks=self._hooks,
+            pause=self.paused,
+            distributed=sync is not None,
+        )
         self.closed = False
         if activations is not None and activations is not False:
             selection = None if activations is True else activations
@@ -392,6 +406,8 @@ class Analyzer(InspectionMixin):
                 (ratio_label[0], ratio_label[1], p.series_id, self._ratio_stat, float(v))
                 for p, v in zip(self._params, ratio_vals, strict=True)
             ]
+        if self._per_sample is not None:
+            rows += self._per_sample.rows(step, epoch)
         self.writer.add_step(step, epoch, float(host[-1]) if loss is not None else None)
         self.writer.add_scalars(rows)
         if self.tensorboard is not None:
