@@ -199,8 +199,10 @@ class DistributedAnalyzer(Analyzer):
         writer_rank: int = 0,
         **kwargs: Any,
     ) -> None:
+        from bbdecoder.integrations.sharded import rank_sync_for
+
         self.wrapped = model
-        sync = RankSync(process_group, writer_rank)
+        sync = rank_sync_for(model, process_group, writer_rank)  # ShardSync for FSDP2 (DTensor) models
         super().__init__(unwrap_model(model), save_path, input_size, layers=layers, sync=sync, **kwargs)
 
     @property

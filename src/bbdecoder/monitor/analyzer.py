@@ -375,7 +375,8 @@ class Analyzer(InspectionMixin):
         with_grad = [p for p in selected if p.tensor.grad is not None]
         if not with_grad:
             raise RuntimeError("none of the selected layers has a gradient; did the loss depend on them?")
-        stats = grad_statistics([p.tensor.grad for p in with_grad], self._inv_scale())  # type: ignore[misc]
+        grad_stats_fn = getattr(self.sync, "grad_statistics", grad_statistics)  # sharded: ShardSync's
+        stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())  # type: ignore[misc]
         parts = [stats.reshape(-1).double()]
         ratio_label, ratio_n = self._ratio_label, 0
         if self.track_weights:
@@ -383,7 +384,7 @@ class Analyzer(InspectionMixin):
             if self._snapshot is None:
                 self._snapshot = [t.clone() for t in current]
             elif ratio_label is not None:
-                ratios = update_ratios(self._snapshot, current)
+                ratios = getattr(self.sync, "update_ratios", update_ratios)(self._snapshot, current)
                 parts.append(ratios.double().to(stats.device))
                 ratio_n = len(ratios)
             self._ratio_label = None
@@ -457,7 +458,12 @@ class Analyzer(InspectionMixin):
         """Measure the update made after the last recorded step (its ``optimizer.step()``)."""
         if self._snapshot is None or self._ratio_label is None:
             return
-        ratios = update_ratios(self._snapshot, [p.tensor.detach() for p in self._params]).double().cpu()
+        ratios = getattr(self.sync, "update_ratios", update_ratios)(
+            self._snapshot, [p.tensor.detach() for p in self._params]
+        )
+        if hasattr(self.sync, "update_ratios"):
+            ratios = self.sync.reduce_step(ratios)  # sharded: combine the ranks' partial sums
+        ratios = ratios.double().cpu()
         step, epoch = self._ratio_label
         self.writer.add_scalars(
             [
@@ -470,14 +476,15 @@ class Analyzer(InspectionMixin):
     def _record_weights(self, params: list[_Param], step: int, epoch: int) -> None:
         names = weight_stat_names(self.quantiles)
         stat_ids = [self.writer.stat_id(s) for s in names]
-        table = weight_statistics([p.tensor for p in params], self.quantiles)
+        tensors = getattr(self.sync, "full_tensors", list)([p.tensor for p in params])  # sharded: unsharded
+        table = weight_statistics(tensors, self.quantiles)
         rows = []
-        for p, vals in zip(params, table, strict=True):
+        for p, tensor, vals in zip(params, tensors, table, strict=True):
             rows += [(step, epoch, p.series_id, sid, float(v)) for sid, v in zip(stat_ids, vals, strict=True)]
             if p.row not in self._hist_ranges:
-                self._hist_ranges[p.row] = fixed_range(p.tensor)
+                self._hist_ranges[p.row] = fixed_range(tensor)
             lo, hi = self._hist_ranges[p.row]
-            counts = histogram(p.tensor, lo, hi, self.histogram_bins)
+            counts = histogram(tensor, lo, hi, self.histogram_bins)
             self.writer.add_histogram(step, epoch, p.series_id, "weight", lo, hi, counts)
         self.writer.add_scalars(rows)
 
