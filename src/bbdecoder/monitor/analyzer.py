@@ -150,6 +150,8 @@ class Analyzer(InspectionMixin):
         from bbdecoder.monitor.tensorboard import tensorboard_logger
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, sync)
+        # sources of extra per-step rows (per-sample statistics, the ranks' noise scale): .rows(step, epoch)
+        self._row_sources: list[Any] = []
         self._per_sample = per_sample_recorder(
             per_sample,
             model,
@@ -160,6 +162,8 @@ class Analyzer(InspectionMixin):
             pause=self.paused,
             distributed=sync is not None,
         )
+        if self._per_sample is not None:
+            self._row_sources.append(self._per_sample)
         self.closed = False
         if activations is not None and activations is not False:
             selection = None if activations is True else activations
@@ -407,8 +411,8 @@ class Analyzer(InspectionMixin):
                 (ratio_label[0], ratio_label[1], p.series_id, self._ratio_stat, float(v))
                 for p, v in zip(self._params, ratio_vals, strict=True)
             ]
-        if self._per_sample is not None:
-            rows += self._per_sample.rows(step, epoch)
+        for source in self._row_sources:
+            rows += source.rows(step, epoch)
         self.writer.add_step(step, epoch, float(host[-1]) if loss is not None else None)
         self.writer.add_scalars(rows)
         if self.tensorboard is not None:
