@@ -249,3 +249,41 @@ def test_both_estimators_agree_on_a_small_cnn() -> None:
         diff, se = _mean_and_se(diffs[field])
         level = float(np.mean(means[field]))
         assert abs(diff) < 4 * se and abs(diff) < 0.15 * abs(level), (field, diff, se, level)
+
+
+def test_noise_figures_from_the_store(tmp_path: Path) -> None:
+    from bbdecoder.viz.noise_plots import gradient_snr, plot_gradient_snr, plot_noise_scale
+
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    gen = torch.Generator().manual_seed(3)
+    with Analyzer(model, tmp_path / "run", per_sample=True) as analyzer:
+        for step in range(12):
+            batch = 8 if step < 6 else 32  # the batch size in use changes mid-run
+            x = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
+            y = (x[:, 0] > 0).long()
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            analyzer.step(loss=loss)
+            optimizer.step()
+    snr = gradient_snr(tmp_path / "run")
+    assert len(snr) == 12 * 5 and set(snr.param) == {"0.weight", "0.bias", "2.weight", "2.bias", "*"}
+    frame = open_run(tmp_path / "run").scalars()
+    at = frame[(frame.step == 7) & (frame.param == "2.weight")].set_index("stat").value
+    trace = 32 / 31 * at["sample_var"]
+    assert snr[(snr.step == 7) & (snr.param == "2.weight")].snr.item() == pytest.approx(
+        at["sample_grad_sq"] / (trace / 32)
+    )
+    sizes = frame[frame.stat == "batch_size"].sort_values("step").value.tolist()
+    assert sizes == [8.0] * 6 + [32.0] * 6
+    for path in (
+        plot_gradient_snr(tmp_path / "run", tmp_path / "fig"),
+        plot_noise_scale(tmp_path / "run", tmp_path / "fig"),
+    ):
+        assert path.exists() and path.stat().st_size > 10_000
+    with Analyzer(nn.Linear(2, 2), tmp_path / "plain") as plain:
+        plain.model(torch.randn(3, 2)).sum().backward()
+        plain.step()
+    with pytest.raises(ValueError, match="per_sample=True"):
+        plot_noise_scale(tmp_path / "plain", tmp_path / "fig")
