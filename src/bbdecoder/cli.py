@@ -2,8 +2,9 @@
 
 Exit codes (stable, for scripts): 0 success; 2 bad arguments (argparse and malformed values);
 3 a named file or folder does not exist; 4 a file exists but cannot be read as what it should be
-(model, image, run store); 5 the model does not accept the input or the method (bad shape, hooks
-on TorchScript, FullGrad completeness); 6 an optional dependency is missing (pyarrow, tensorboard).
+(model, image, run store), or a model file is a full pickle and ``--trust-pickle`` was not given;
+5 the model does not accept the input or the method (bad shape, hooks on TorchScript, FullGrad
+completeness); 6 an optional dependency is missing (pyarrow, tensorboard).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import argparse
 import importlib
 import importlib.util
 import json
+import pickle
+import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +70,11 @@ def existing(path: str, what: str) -> Path:
     return p
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 # -- models and images -------------------------------------------------------------------------
 def is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files with a ``code/`` folder; ``torch.save`` files have none."""
@@ -102,10 +111,61 @@ def import_class(spec: str) -> Any:
     return getattr(module, class_name)
 
 
-def load_model(path: str, model_class: str | None = None, model_kwargs: str | None = None) -> Any:
-    """A model from a TorchScript file, a whole pickled model (``torch.save(model)``), or a state_dict
-    plus ``model_class`` (``module:Class``, built with the JSON ``model_kwargs``). Returned in eval
-    mode on the CPU. Pickled files can run code when loaded: load only files you trust."""
+def _refused_pickle(path: str, err: Exception) -> CLIError:
+    """The error for a file the weights-only unpickler refused: a pickle naming a Python object (a
+    whole model, or a payload) is refused naming ``--trust-pickle``; anything else is unreadable."""
+    text = str(err)
+    found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
+    if found is None:
+        detail = text.partition("WeightsUnpickler error:")[2].strip() or _first_line(err)
+        return CLIError(
+            f"cannot read a model from {path}: the safe loader (torch.load(weights_only=True)) cannot "
+            f"parse it ({detail.splitlines()[0] if detail else 'unknown reason'}). Expected a TorchScript "
+            "file or a state_dict (with --model-class); a whole pickled model from a source you trust "
+            "needs --trust-pickle",
+            EXIT_UNREADABLE,
+        )
+    return CLIError(
+        f"refused to load {path}: it is a full pickle, not tensors and a state_dict (it names the Python "
+        f"object {found.group(1)}), and unpickling it can run any code hidden in the file. If you trust "
+        "where the file comes from, pass --trust-pickle; otherwise save the model as TorchScript "
+        "(torch.jit.save) or as a state_dict (torch.save(model.state_dict(), path)) loaded with "
+        "--model-class",
+        EXIT_UNREADABLE,
+    )
+
+
+def _torch_load(file: Path, path: str, trust_pickle: bool) -> Any:
+    """``torch.load`` with the safe (weights-only) unpickler unless ``trust_pickle``; a file the safe
+    unpickler refuses is never handed to the full one."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        if trust_pickle:
+            return torch.load(file, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if str(err).startswith("Weights only load failed"):
+                raise _refused_pickle(path, err) from err
+            raise
+
+
+def load_model(
+    path: str,
+    model_class: str | None = None,
+    model_kwargs: str | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> Any:
+    """A model from a TorchScript file, a state_dict plus ``model_class`` (``module:Class``, built with
+    the JSON ``model_kwargs``), or, only with ``trust_pickle``, a whole pickled model
+    (``torch.save(model)``). Returned in eval mode on the CPU.
+
+    Files are read with ``torch.load(weights_only=True)``, which runs no code from the file; a file it
+    refuses (a whole pickled model, or a pickle naming other Python objects) raises a
+    :class:`CLIError` naming ``--trust-pickle`` instead of falling back to the full unpickler."""
     import torch
     from torch import nn
 
@@ -116,21 +176,21 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: str | No
         if is_torchscript(file):
             model = torch.jit.load(str(file), map_location="cpu")
         else:
-            try:
-                model = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception:  # a whole pickled model needs the full unpickler
-                model = torch.load(file, map_location="cpu", weights_only=False)
+            model = _torch_load(file, path, trust_pickle)
+    except CLIError:
+        raise
     except Exception as err:
         raise CLIError(
-            f"cannot read a model from {path}: {type(err).__name__}: {err}. Expected a TorchScript file, "
-            "torch.save(model, path), or torch.save(model.state_dict(), path) with --model-class",
+            f"cannot read a model from {path}: {type(err).__name__}: {_first_line(err)}. Expected a "
+            "TorchScript file, torch.save(model.state_dict(), path) with --model-class, or "
+            "torch.save(model, path) with --trust-pickle",
             EXIT_UNREADABLE,
         ) from err
     if isinstance(model, dict):
         if model_class is None:
             raise CLIError(
                 f"{path} holds a state_dict, not a model: pass --model-class package.module:Class (and "
-                "--model-kwargs '{...}' if its constructor needs arguments), or save the whole model",
+                "--model-kwargs '{...}' if its constructor needs arguments), or save it as TorchScript",
                 EXIT_UNREADABLE,
             )
         cls = import_class(model_class)
@@ -240,7 +300,7 @@ def _layers(args: argparse.Namespace) -> int:
     from bbdecoder.layers import LayerIndex
 
     size = int_list(args.input_size, "--input-size") if args.input_size else None
-    model = load_model(args.model, args.model_class, args.model_kwargs)
+    model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     index = LayerIndex(model)
     shapes: dict[int, str] = {}
     if size is not None:
@@ -321,7 +381,7 @@ def _explain(args: argparse.Namespace) -> int:
     size = int_list(args.size, "--size", length=2) if args.size else None
     if args.channels not in (1, 3):
         raise CLIError(f"--channels must be 1 or 3, got {args.channels}", 2)
-    model = load_model(args.model, args.model_class, args.model_kwargs)
+    model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     x = load_image(args.image, args.channels, size, args.scale)
     scripted = isinstance(model, torch.jit.ScriptModule)
     if scripted and args.method in HOOK_METHODS:
@@ -414,7 +474,16 @@ def _export(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------------
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="TorchScript file, torch.save(model) file, or a state_dict file"
+        "--model",
+        required=True,
+        help="TorchScript file, state_dict file (with --model-class), or torch.save(model) file (with "
+        "--trust-pickle)",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a full pickle (torch.save(model)): unpickling runs any code the file holds, so pass "
+        "it only for files you trust",
     )
     parser.add_argument("--model-class", help="for a state_dict: 'package.module:Class' or 'file.py:Class'")
     parser.add_argument("--model-kwargs", help="for a state_dict: the constructor's arguments as JSON")
