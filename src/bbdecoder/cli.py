@@ -324,6 +324,39 @@ def _layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def resolve_layer(model: Any, text: str) -> Any:
+    """The module ``--layer`` names: all digits is a leaf ID as ``bbdecoder layers`` lists them (in a
+    nested model the module *named* "2" is usually another layer); otherwise a leaf's qualified
+    name or glob pattern matching one leaf, or the qualified name of any submodule (a block)."""
+    from bbdecoder.layers import LayerIndex
+
+    index = LayerIndex(model)
+    text = text.strip()
+    if text.isdigit():
+        if not 0 <= int(text) < len(index):
+            raise CLIError(
+                f"--layer {text}: there is no leaf layer with ID {text}; this model's IDs are "
+                f"0..{len(index) - 1} (see bbdecoder layers --model ...)",
+                EXIT_USAGE,
+            )
+        return index[int(text)].module
+    submodules = dict(model.named_modules())
+    if text in submodules and text not in index.names:
+        return submodules[text]
+    try:
+        chosen = index.select(text)
+    except (KeyError, IndexError, TypeError) as err:
+        raise CLIError(f"--layer {text!r}: {err.args[0] if err.args else err}", EXIT_USAGE) from None
+    if len(chosen) != 1:
+        names = ", ".join(layer.display_name for layer in chosen[:5])
+        raise CLIError(
+            f"--layer {text!r} matches {len(chosen)} layers ({names}{', ...' if len(chosen) > 5 else ''}); "
+            "name exactly one",
+            EXIT_USAGE,
+        )
+    return chosen[0].module
+
+
 def make_explainer(method: str, model: Any, im_size: tuple[int, ...], args: argparse.Namespace) -> Any:
     """``f(x, target) -> (N, 1, H, W)`` for ``method`` (input transform = the flags' normalisation)."""
     from bbdecoder.attribution import (
@@ -355,7 +388,8 @@ def make_explainer(method: str, model: Any, im_size: tuple[int, ...], args: argp
     if method == "smooth_fullgrad":
         return SmoothFullGrad(model, input_transform=norm).saliency
     if method == "gradcam":
-        return GradCAM(model, args.layer, input_transform=norm).saliency
+        layer = resolve_layer(model, args.layer) if args.layer is not None else None
+        return GradCAM(model, layer, input_transform=norm).saliency
     if method == "ig":
         ig = IntegratedGradients(model, input_transform=norm)
         return lambda x, t: ig.attribute(x, t, n_steps=args.steps, internal_batch_size=CHUNK).sum(
@@ -533,7 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--mean", help="normalisation mean per channel, e.g. 0.485,0.456,0.406")
     explain.add_argument("--std", help="normalisation std per channel, e.g. 0.229,0.224,0.225")
-    explain.add_argument("--layer", help="Grad-CAM layer (ID or name; default the last 4-D output)")
+    explain.add_argument(
+        "--layer",
+        help="Grad-CAM layer: a leaf ID as `bbdecoder layers` shows it (all digits), else a module's "
+        "qualified name (default: the last layer with a 4-D output)",
+    )
     explain.add_argument("--steps", type=int, default=50, help="IG steps (default 50)")
     explain.add_argument("--samples", type=int, default=25, help="SmoothGrad samples (default 25)")
     explain.set_defaults(handler=_explain)
