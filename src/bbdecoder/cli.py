@@ -4,7 +4,8 @@ Exit codes (stable, for scripts): 0 success; 2 bad arguments (argparse and malfo
 3 a named file or folder does not exist; 4 a file exists but cannot be read as what it should be
 (model, image, run store), or a model file is a full pickle and ``--trust-pickle`` was not given;
 5 the model does not accept the input or the method (bad shape, hooks on TorchScript, FullGrad
-completeness); 6 an optional dependency is missing (pyarrow, tensorboard).
+completeness); 6 an optional dependency is missing (pyarrow, tensorboard); 7 an output file or
+folder cannot be written (no permission, disk full, a file where a folder should be).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import pickle
 import re
+import sqlite3
 import sys
 import warnings
 import zipfile
@@ -23,6 +26,15 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATIBLE, EXIT_DEPENDENCY = 0, 2, 3, 4, 5, 6
+EXIT_UNWRITABLE = 7
+EXIT_CODES = (EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATIBLE, EXIT_DEPENDENCY,
+              EXIT_UNWRITABLE)  # fmt: skip
+"""Every exit status the CLI returns (argparse's own errors exit with 2)."""
+MAX_INPUT_ELEMENTS = 2**25
+"""The largest input tensor (values) ``explain`` and ``layers`` build: 128 MiB as float32, e.g.
+3 x 3000 x 3000; checked before anything is allocated (IG and SmoothGrad hold 16 copies)."""
+MAX_STEPS = 10_000
+"""Upper bound of ``--steps`` (IG) and ``--samples`` (SmoothGrad)."""
 METHODS = ("fullgrad", "simple_fullgrad", "smooth_fullgrad", "ig", "smoothgrad", "gradcam", "gradient",
            "inputxgradient")  # fmt: skip
 CHUNK = 16
@@ -56,11 +68,70 @@ def int_list(text: str, name: str, length: int | None = None) -> list[int]:
 
 def float_list(text: str, name: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",")]
+        values = [float(part) for part in text.split(",")]
     except ValueError:
         raise CLIError(
             f"{name} must be comma-separated numbers such as 0.485,0.456,0.406, got {text!r}", 2
         ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise CLIError(f"{name} values must be finite numbers, got {text!r}", 2)
+    return values
+
+
+def check_budget(shape: Sequence[int], flag: str, text: str) -> None:
+    """Refuse an input of ``shape`` larger than :data:`MAX_INPUT_ELEMENTS`, before allocating it."""
+    count = math.prod(shape)
+    if count > MAX_INPUT_ELEMENTS:
+        raise CLIError(
+            f"{flag} {text} asks for an input of {count:,} values ({count * 4 / 2**20:,.0f} MiB as float32), "
+            f"more than the limit of {MAX_INPUT_ELEMENTS:,} ({MAX_INPUT_ELEMENTS * 4 // 2**20} MiB); "
+            "pick a smaller size",
+            EXIT_USAGE,
+        )
+
+
+def bounded_int(value: int, flag: str, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise CLIError(f"{flag} must be between {low} and {high}, got {value}", EXIT_USAGE)
+    return value
+
+
+def output_file(path: str, flag: str, image: bool = False) -> Path:
+    """``path`` checked as a file to write, before any work: not a folder, no file in the way of its
+    folder, and (``image``) a suffix Pillow can write. Its missing folders are created on writing."""
+    target = Path(path)
+    if target.is_dir():
+        raise CLIError(
+            f"{flag} {path} is a folder; pass a file name such as {target / 'map.png'}", EXIT_USAGE
+        )
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a folder", EXIT_USAGE)
+            break
+    if image:
+        from PIL import Image
+
+        Image.init()
+        writable = sorted(e for e, f in Image.registered_extensions().items() if f in Image.SAVE)
+        if target.suffix.lower() not in writable:
+            raise CLIError(
+                f"{flag} {path}: Pillow cannot write {target.suffix or 'a file without a suffix'!r}; use "
+                ".png (or .jpg, .tif, ...)",
+                EXIT_USAGE,
+            )
+    return target
+
+
+def output_folder(path: str, flag: str) -> Path:
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CLIError(f"{flag} {path} is a file; pass a folder (it is created if missing)", EXIT_USAGE)
+    return target
+
+
+def write_failed(path: Path | str, err: OSError) -> CLIError:
+    return CLIError(f"cannot write {path}: {err.strerror or err}", EXIT_UNWRITABLE)
 
 
 def existing(path: str, what: str) -> Path:
@@ -198,6 +269,10 @@ def load_model(
             kwargs = json.loads(model_kwargs) if model_kwargs else {}
         except json.JSONDecodeError as err:
             raise CLIError(f"--model-kwargs must be a JSON object, got {model_kwargs!r} ({err})", 2) from err
+        if not isinstance(kwargs, dict):
+            raise CLIError(
+                f"--model-kwargs must be a JSON object such as '{{\"depth\": 18}}', got {model_kwargs!r}", 2
+            )
         try:
             module = cls(**kwargs)
             module.load_state_dict(model)
@@ -214,20 +289,35 @@ def load_model(
 
 def load_image(path: str, channels: int, size: list[int] | None, scale: float) -> Any:
     """The image as a (1, C, H, W) float tensor: Pillow, converted to L or RGB, resized (bilinear)
-    to ``size`` (H, W), divided by ``scale``."""
+    to ``size`` (H, W), divided by ``scale``. Images over Pillow's decompression-bomb limit are
+    refused, and so is a native size over :data:`MAX_INPUT_ELEMENTS` when ``size`` is not given."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     file = existing(path, "image file")
+    if file.is_dir():
+        raise CLIError(f"{path} is a folder; pass the image file", EXIT_UNREADABLE)
     try:
-        with Image.open(file) as opened:
-            picture = opened.convert("L" if channels == 1 else "RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as opened:
+                width, height = opened.size
+                if size is None:
+                    check_budget((channels, height, width), "the image", f"({width} x {height} pixels)")
+                picture = opened.convert("L" if channels == 1 else "RGB")
         if size is not None:
             picture = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.asarray(picture, dtype=np.float32) / scale
-    except (UnidentifiedImageError, OSError) as err:
-        raise CLIError(f"cannot read an image from {path}: {err}", EXIT_UNREADABLE) from err
+    except CLIError as err:
+        raise CLIError(f"{err}: pass --size H,W to shrink it", err.code) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise CLIError(
+            f"refused to read {path}: {err} Shrink it with another tool, or pass a smaller image",
+            EXIT_UNREADABLE,
+        ) from None
+    except Exception as err:  # Pillow's decoders raise OSError, ValueError, SyntaxError, ...
+        raise CLIError(f"cannot read an image from {path}: {_first_line(err)}", EXIT_UNREADABLE) from err
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     return tensor.unsqueeze(0).contiguous()
@@ -251,6 +341,11 @@ def _forward_check(model: Any, x: Any, what: str, hint: str = "") -> Any:
 def _demo(args: argparse.Namespace) -> int:
     from bbdecoder.demo.run import DemoSettings, run_demo
 
+    if args.epochs is not None:
+        bounded_int(args.epochs, "--epochs", 1, 1000)
+    if args.images is not None:
+        bounded_int(args.images, "--images", 1, 100)
+    output_folder(args.out, "--out")
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.no_bias:
         settings.bias = False
@@ -300,6 +395,8 @@ def _layers(args: argparse.Namespace) -> int:
     from bbdecoder.layers import LayerIndex
 
     size = int_list(args.input_size, "--input-size") if args.input_size else None
+    if size is not None:
+        check_budget(size, "--input-size", args.input_size)
     model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     index = LayerIndex(model)
     shapes: dict[int, str] = {}
@@ -357,30 +454,41 @@ def resolve_layer(model: Any, text: str) -> Any:
     return chosen[0].module
 
 
-def make_explainer(method: str, model: Any, im_size: tuple[int, ...], args: argparse.Namespace) -> Any:
-    """``f(x, target) -> (N, 1, H, W)`` for ``method`` (input transform = the flags' normalisation)."""
+def normalization(args: argparse.Namespace, channels: int) -> Any:
+    """The ``Normalize`` of ``--mean``/``--std`` (1 or ``channels`` finite values; std > 0), or None."""
+    from bbdecoder.attribution import Normalize
+
+    if args.mean is None and args.std is None:
+        return None
+    mean = float_list(args.mean, "--mean") if args.mean else [0.0]
+    std = float_list(args.std, "--std") if args.std else [1.0]
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise CLIError(
+                f"{flag} needs 1 or {channels} values (one per channel of --channels {channels}), got "
+                f"{len(values)}",
+                EXIT_USAGE,
+            )
+    if any(v <= 0 for v in std):
+        raise CLIError("--std values must be positive", EXIT_USAGE)
+    return Normalize(mean * (channels // len(mean)), std * (channels // len(std)))
+
+
+def make_explainer(
+    method: str, model: Any, im_size: tuple[int, ...], args: argparse.Namespace, norm: Any = None
+) -> Any:
+    """``f(x, target) -> (N, 1, H, W)`` for ``method``; ``norm`` is the input transform."""
     from bbdecoder.attribution import (
         FullGrad,
         GradCAM,
         Gradient,
         InputXGradient,
         IntegratedGradients,
-        Normalize,
         SimpleFullGrad,
         SmoothFullGrad,
         SmoothGrad,
     )
 
-    norm = None
-    if args.mean is not None or args.std is not None:
-        channels = im_size[0]
-        mean = float_list(args.mean, "--mean") if args.mean else [0.0] * channels
-        std = float_list(args.std, "--std") if args.std else [1.0] * channels
-        if len(mean) not in (1, channels) or len(std) not in (1, channels):
-            raise CLIError(f"--mean and --std need 1 or {channels} values (one per channel)", 2)
-        if any(v <= 0 for v in std):
-            raise CLIError("--std values must be positive", 2)
-        norm = Normalize(mean * (channels // len(mean)), std * (channels // len(std)))
     if method == "fullgrad":
         return FullGrad(model, im_size=im_size, input_transform=norm).saliency
     if method == "simple_fullgrad":
@@ -409,12 +517,27 @@ def _explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from bbdecoder.attribution import CompletenessError, Normalize
+    from bbdecoder.attribution import CompletenessError
     from bbdecoder.viz import overlay
 
     size = int_list(args.size, "--size", length=2) if args.size else None
     if args.channels not in (1, 3):
         raise CLIError(f"--channels must be 1 or 3, got {args.channels}", 2)
+    if size is not None:
+        check_budget((args.channels, *size), "--size", args.size)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise CLIError(f"--scale must be a positive number (pixels are divided by it), got {args.scale}", 2)
+    bounded_int(args.steps, "--steps", 1, MAX_STEPS)
+    bounded_int(args.samples, "--samples", 1, MAX_STEPS)
+    if args.layer is not None and args.method != "gradcam":
+        raise CLIError(f"--layer is used by --method gradcam only, not by {args.method}", EXIT_USAGE)
+    norm = normalization(args, args.channels)
+    out = output_file(
+        args.out or str(Path(args.image).with_name(f"{Path(args.image).stem}_{args.method}.png")),
+        "--out",
+        image=True,
+    )
+    save_map = output_file(args.save_map, "--save-map") if args.save_map else None
     model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     x = load_image(args.image, args.channels, size, args.scale)
     scripted = isinstance(model, torch.jit.ScriptModule)
@@ -424,12 +547,7 @@ def _explain(args: argparse.Namespace) -> int:
             "gradient, inputxgradient, ig or smoothgrad, or pass the pickled model (torch.save(model))",
             EXIT_INCOMPATIBLE,
         )
-    norm_input = x
-    if args.mean is not None or args.std is not None:
-        c = x.shape[1]
-        mean = float_list(args.mean, "--mean") if args.mean else [0.0]
-        std = float_list(args.std, "--std") if args.std else [1.0]
-        norm_input = Normalize(mean * (c // len(mean)), std * (c // len(std)))(x)
+    norm_input = x if norm is None else norm(x)
     logits = _forward_check(
         model, norm_input, "an image", " (set the image's channels with --channels and its size with --size)"
     )
@@ -440,7 +558,7 @@ def _explain(args: argparse.Namespace) -> int:
             EXIT_INCOMPATIBLE,
         )
     try:
-        explain = make_explainer(args.method, model, tuple(x.shape[1:]), args)
+        explain = make_explainer(args.method, model, tuple(x.shape[1:]), args, norm)
     except CompletenessError as err:
         raise CLIError(f"{err} (use --method simple_fullgrad)", EXIT_INCOMPATIBLE) from err
     predicted = int(logits.argmax(dim=1))
@@ -456,19 +574,24 @@ def _explain(args: argparse.Namespace) -> int:
             f"{args.method} failed on this model: {type(err).__name__}: {err}", EXIT_INCOMPATIBLE
         ) from err
     signed = args.method in {"ig", "gradient", "inputxgradient"}
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.image).with_name(f"{Path(args.image).stem}_{args.method}.png")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
     picture = overlay(x[0], saliency[0], signed=signed)
     scale = max(1, 256 // max(picture.shape[:2]))
-    Image.fromarray(picture).resize(
-        (picture.shape[1] * scale, picture.shape[0] * scale), Image.Resampling.NEAREST
-    ).save(out)
-    if args.save_map:
-        np.save(args.save_map, saliency[0, 0].cpu().numpy())
+    for path in [out] if save_map is None else [out, save_map]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failed(path.parent, err) from err
+    try:
+        Image.fromarray(picture).resize(
+            (picture.shape[1] * scale, picture.shape[0] * scale), Image.Resampling.NEAREST
+        ).save(out)
+    except OSError as err:
+        raise write_failed(out, err) from err
+    if save_map is not None:
+        try:
+            np.save(save_map, saliency[0, 0].cpu().numpy())
+        except OSError as err:
+            raise write_failed(save_map, err) from err
     probability = float(torch.softmax(logits.double(), dim=1)[0, target])
     print(f"predicted class {predicted}; explained class {target} (probability {probability:.3f})")
     print(f"wrote {out}" + (f" and {args.save_map}" if args.save_map else ""))
@@ -485,6 +608,10 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.run_dir} holds no run store ({db_path(run).name}); pass a run folder", EXIT_MISSING
         )
+    output_folder(
+        args.tensorboard or args.csv or args.parquet,
+        next(f"--{name}" for name in ("tensorboard", "csv", "parquet") if getattr(args, name)),
+    )
     try:
         if args.tensorboard:
             export_tensorboard(run, args.tensorboard)
@@ -502,6 +629,12 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(str(err), EXIT_DEPENDENCY) from err
     except StoreError as err:
         raise CLIError(str(err), EXIT_UNREADABLE) from err
+    except sqlite3.DatabaseError as err:  # a store whose tables are damaged or missing
+        raise CLIError(
+            f"cannot read the run store in {args.run_dir}: {err} (the store is damaged)", EXIT_UNREADABLE
+        ) from err
+    except OSError as err:
+        raise write_failed(err.filename or (args.tensorboard or args.csv or args.parquet), err) from err
     return EXIT_OK
 
 
@@ -529,8 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bbdecoder",
         description="Explain and monitor PyTorch models.",
-        epilog="exit codes: 0 ok, 2 bad arguments, 3 missing file, 4 unreadable file, "
-        "5 model/input mismatch, 6 missing optional dependency",
+        epilog="exit codes: 0 ok, 2 bad arguments, 3 missing file, 4 unreadable file (or a pickle "
+        "without --trust-pickle), 5 model/input mismatch, 6 missing optional dependency, 7 cannot write "
+        "an output",
     )
     parser.add_argument("--version", action="version", version=f"bbdecoder {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -572,8 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Grad-CAM layer: a leaf ID as `bbdecoder layers` shows it (all digits), else a module's "
         "qualified name (default: the last layer with a 4-D output)",
     )
-    explain.add_argument("--steps", type=int, default=50, help="IG steps (default 50)")
-    explain.add_argument("--samples", type=int, default=25, help="SmoothGrad samples (default 25)")
+    explain.add_argument("--steps", type=int, default=50, help=f"IG steps, 1..{MAX_STEPS} (default 50)")
+    explain.add_argument(
+        "--samples", type=int, default=25, help=f"SmoothGrad samples, 1..{MAX_STEPS} (default 25)"
+    )
     explain.set_defaults(handler=_explain)
 
     layers = commands.add_parser("layers", help="the layer table: IDs, names, types, parameters, shapes")
