@@ -366,6 +366,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from bbdecoder.report import build_report
+    from bbdecoder.report.builder import REPORT_FILENAME
     from bbdecoder.store import StoreError
     from bbdecoder.store.writer import db_path
 
@@ -374,10 +375,15 @@ def _report(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.run_dir} holds no run store ({db_path(run).name}); pass a run folder", EXIT_MISSING
         )
+    out = output_file(args.out, "--out") if args.out else None
+    if out is None and (run / REPORT_FILENAME).is_dir():
+        raise CLIError(f"{run / REPORT_FILENAME} is a folder; remove it or pass --out FILE", EXIT_USAGE)
     try:
-        path = build_report(run, args.out)
+        path = build_report(run, out)
     except StoreError as err:
         raise CLIError(str(err), EXIT_UNREADABLE) from err
+    except OSError as err:  # the report could not be written (the store is read through sqlite3)
+        raise write_failed(err.filename or out or run / REPORT_FILENAME, err) from err
     except Exception as err:  # sqlite3.DatabaseError: not a database
         raise CLIError(f"cannot read the run store in {args.run_dir}: {err}", EXIT_UNREADABLE) from err
     print(f"wrote {path}")
