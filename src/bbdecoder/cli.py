@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,92 @@ def load_image(path: str, channels: int, size: list[int] | None, scale: float) -
     return tensor.unsqueeze(0).contiguous()
 
 
+def _describe_output(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"a {type(output).__name__} with keys {', '.join(map(repr, output.keys()))}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)} items"
+    return f"a {type(output).__name__}"
+
+
+def _tensor_items(output: Any) -> list[tuple[str | int, Any]]:
+    import torch
+
+    if isinstance(output, Mapping):
+        return [(k, v) for k, v in output.items() if isinstance(v, torch.Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [(i, v) for i, v in enumerate(output) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def choose_output(output: Any, requested: str | None) -> str | int | None:
+    """Which part of a model's output is the logits: ``None`` for a plain tensor, else a dict key
+    (also of a ``ModelOutput``), an attribute name, or a tuple index. ``requested`` is
+    ``--output-key``; by default ``logits`` if present, else the one tensor in the output."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        if requested is not None:
+            raise CLIError(
+                f"--output-key {requested!r}: the model returns one tensor, not a dict, ModelOutput or "
+                "tuple; drop --output-key",
+                EXIT_USAGE,
+            )
+        return None
+    what = _describe_output(output)
+    if requested is not None:
+        if isinstance(output, Mapping):
+            found = [k for k in output if k == requested or str(k) == requested]
+            if found:
+                return found[0]
+        elif isinstance(output, (tuple, list)):
+            if requested.strip().isdigit() and int(requested) < len(output):
+                return int(requested)
+        elif requested.isidentifier() and hasattr(output, requested):
+            return requested
+        raise CLIError(
+            f"--output-key {requested!r} is not in the model's output, {what}"
+            + (f"; use an index 0..{len(output) - 1}" if isinstance(output, (tuple, list)) else ""),
+            EXIT_USAGE,
+        )
+    if isinstance(output, Mapping) and "logits" in output:
+        return "logits"
+    if not isinstance(output, (Mapping, tuple, list)) and isinstance(
+        getattr(output, "logits", None), torch.Tensor
+    ):
+        return "logits"
+    tensors = _tensor_items(output)
+    if len(tensors) == 1:
+        return tensors[0][0]
+    raise CLIError(
+        f"the model returns {what}: pick the logits with --output-key KEY (a key, attribute or index)",
+        EXIT_INCOMPATIBLE,
+    )
+
+
+def pick_output(output: Any, key: str | int) -> Any:
+    """The part ``key`` of ``output`` (see :func:`choose_output`)."""
+    if isinstance(output, (Mapping, tuple, list)):
+        return output[key]  # type: ignore[index]
+    return getattr(output, str(key))
+
+
+def select_output(model: Any, key: str | int) -> Any:
+    """``model`` wrapped so that it returns ``pick_output(model(x), key)``; the model itself is not
+    changed (it becomes the wrapper's only child)."""
+    from torch import nn
+
+    class OutputSelector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return pick_output(self.model(*args, **kwargs), key)
+
+    return OutputSelector().train(model.training)
+
+
 def _forward_check(model: Any, x: Any, what: str, hint: str = "") -> Any:
     import torch
 
@@ -481,9 +567,15 @@ def normalization(args: argparse.Namespace, channels: int) -> Any:
 
 
 def make_explainer(
-    method: str, model: Any, im_size: tuple[int, ...], args: argparse.Namespace, norm: Any = None
+    method: str,
+    model: Any,
+    im_size: tuple[int, ...],
+    args: argparse.Namespace,
+    norm: Any = None,
+    layer: Any = None,
 ) -> Any:
-    """``f(x, target) -> (N, 1, H, W)`` for ``method``; ``norm`` is the input transform."""
+    """``f(x, target) -> (N, 1, H, W)`` for ``method``; ``norm`` is the input transform, ``layer`` the
+    Grad-CAM module (see :func:`resolve_layer`; default: Grad-CAM's own choice)."""
     from bbdecoder.attribution import (
         FullGrad,
         GradCAM,
@@ -502,7 +594,6 @@ def make_explainer(
     if method == "smooth_fullgrad":
         return SmoothFullGrad(model, input_transform=norm).saliency
     if method == "gradcam":
-        layer = resolve_layer(model, args.layer) if args.layer is not None else None
         return GradCAM(model, layer, input_transform=norm).saliency
     if method == "ig":
         ig = IntegratedGradients(model, input_transform=norm)
@@ -550,21 +641,27 @@ def _explain(args: argparse.Namespace) -> int:
     if scripted and args.method in HOOK_METHODS:
         raise CLIError(
             f"--method {args.method} needs forward hooks, which a TorchScript model does not support; use "
-            "gradient, inputxgradient, ig or smoothgrad, or pass the pickled model (torch.save(model))",
+            "gradient, inputxgradient, ig or smoothgrad, or pass a state_dict with --model-class",
             EXIT_INCOMPATIBLE,
         )
     norm_input = x if norm is None else norm(x)
-    logits = _forward_check(
+    output = _forward_check(
         model, norm_input, "an image", " (set the image's channels with --channels and its size with --size)"
     )
+    key = choose_output(output, args.output_key)
+    layer = resolve_layer(model, args.layer) if args.layer is not None else None
+    logits = output
+    if key is not None:
+        logits, model = pick_output(output, key), select_output(model, key)
+    picked = "" if key is None else f" (--output-key {key!r})"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise CLIError(
-            f"the model returns {getattr(logits, 'shape', type(logits).__name__)}; explain needs logits of "
-            "shape (1, classes)",
+            f"the model returns {getattr(logits, 'shape', type(logits).__name__)}{picked}; explain needs "
+            "logits of shape (1, classes)" + ("" if key is None else ": pick another with --output-key"),
             EXIT_INCOMPATIBLE,
         )
     try:
-        explain = make_explainer(args.method, model, tuple(x.shape[1:]), args, norm)
+        explain = make_explainer(args.method, model, tuple(x.shape[1:]), args, norm, layer)
     except CompletenessError as err:
         raise CLIError(f"{err} (use --method simple_fullgrad)", EXIT_INCOMPATIBLE) from err
     predicted = int(logits.argmax(dim=1))
@@ -700,6 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     explain.add_argument("--out", help="overlay PNG (default IMAGE_STEM_METHOD.png next to the image)")
     explain.add_argument("--save-map", help="also save the raw (H, W) map as .npy")
+    explain.add_argument(
+        "--output-key",
+        help="for a model returning a dict, ModelOutput or tuple: the key, attribute or index of the logits "
+        "(default: 'logits' if present, else the only tensor)",
+    )
     explain.add_argument("--channels", type=int, default=3, help="1 (grey) or 3 (RGB, default)")
     explain.add_argument("--size", help="resize to H,W first (e.g. 224,224)")
     explain.add_argument(
