@@ -782,13 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-bias", action="store_true", help="skip the planted-bias study")
     demo.add_argument("--tensorboard", action="store_true", help="also log live to OUT/tensorboard")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo, subparser=demo)
 
     report = commands.add_parser("report", help="(re)build report.html from a run store alone")
     report.add_argument("run_dir", metavar="RUN_DIR", help="folder holding run.sqlite")
     report.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
     report.add_argument("--open", action="store_true", help="open the report in a web browser")
-    report.set_defaults(handler=_report)
+    report.set_defaults(handler=_report, subparser=report)
 
     explain = commands.add_parser("explain", help="saliency map of one image, written as an overlay PNG")
     _model_args(explain)
@@ -818,12 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--samples", type=int, default=25, help=f"SmoothGrad samples, 1..{MAX_STEPS} (default 25)"
     )
-    explain.set_defaults(handler=_explain)
+    explain.set_defaults(handler=_explain, subparser=explain)
 
     layers = commands.add_parser("layers", help="the layer table: IDs, names, types, parameters, shapes")
     _model_args(layers)
     layers.add_argument("--input-size", help="e.g. 1,3,224,224: run a forward pass to show output shapes")
-    layers.set_defaults(handler=_layers)
+    layers.set_defaults(handler=_layers, subparser=layers)
 
     export = commands.add_parser("export", help="export a run store to TensorBoard, CSV or Parquet")
     export.add_argument("run_dir", metavar="RUN_DIR", help="folder holding run.sqlite")
@@ -831,17 +831,20 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files here")
     target.add_argument("--csv", metavar="DIR", help="write CSV files here")
     target.add_argument("--parquet", metavar="DIR", help="write Parquet files here (needs pyarrow)")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=_export, subparser=export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (argparse errors exit with 2 through SystemExit)."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser: "bbdecoder explain: error: ..."
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.handler(args))
     except CLIError as err:
-        print(f"bbdecoder {args.command}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"bbdecoder {args.command}: error: {message}", file=sys.stderr)
         return err.code
 
 
