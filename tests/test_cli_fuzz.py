@@ -73,6 +73,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save({"fc.weight": torch.zeros(1), "fc.bias": Payload(root / "marker")}, root / "evil.pt")
     (root / "junk.pt").write_text("not a model")
     (root / "folder").mkdir()
+    (root / "folder.npy").mkdir()
     (root / "file").write_text("x")
     pixels = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(root / "digit.png")
@@ -182,7 +183,7 @@ def explain_options(broken: int | None) -> st.SearchStrategy[list[str]]:
         option("--steps", ["1", "2", "3"], ["0", "-3", "10001", "x", "2.5"], 1, b(9)),
         option("--samples", ["1", "2", "3"], ["0", "-3", "10001", "x"], 1, b(10)),
         option("--out", at("out.png", "new/o.png", "out.jpg"), at("folder", "o.xyz", "file/o"), 0, b(11)),
-        option("--save-map", at("m.npy", "missing_dir/m.npy"), at("folder", "file/m.npy"), broken=b(12)),
+        option("--save-map", at("m.npy", "missing_dir/m.npy"), at("folder.npy", "file/m.npy"), broken=b(12)),
         option("--output-key", [], ["logits", "0", "x"], 9, b(13)),  # the model returns one tensor
         st.sampled_from([["--bogus"], ["--help"], ["-x", "1"]]) if broken == 14 else st.just([]),
     ]  # fmt: skip

@@ -169,12 +169,14 @@ def test_bad_explain_values_are_usage_errors(digits, tmp_path: Path, capsys) -> 
 
 def test_output_paths_are_checked_before_the_work(digits, tmp_path: Path, capsys) -> None:
     (tmp_path / "folder").mkdir()
+    (tmp_path / "maps.npy").mkdir()
     (tmp_path / "file").write_text("x")
     cases = [
         (["--out", str(tmp_path / "folder")], "--out " + str(tmp_path / "folder") + " is a folder"),
         (["--out", str(tmp_path / "file" / "o.png")], "is a file, not a folder"),
         (["--out", str(tmp_path / "o.xyz")], "Pillow cannot write '.xyz'"),
-        (["--out", str(tmp_path / "o.png"), "--save-map", str(tmp_path / "folder")], "--save-map"),
+        (["--out", str(tmp_path / "o.png"), "--save-map", str(tmp_path / "maps.npy")], "--save-map"),
+        (["--out", str(tmp_path / "o.png"), "--save-map", str(tmp_path / "maps")], "maps.npy is a folder"),
     ]
     for extra, message in cases:
         code, err = _error(_digits(digits, *extra), capsys)

@@ -634,7 +634,10 @@ def _explain(args: argparse.Namespace) -> int:
         "--out",
         image=True,
     )
-    save_map = output_file(args.save_map, "--save-map") if args.save_map else None
+    save_map = None
+    if args.save_map:  # np.save adds .npy to any other name: check the file it will write
+        name = args.save_map if args.save_map.endswith(".npy") else args.save_map + ".npy"
+        save_map = output_file(name, "--save-map")
     model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     x = load_image(args.image, args.channels, size, args.scale)
     scripted = isinstance(model, torch.jit.ScriptModule)
@@ -697,7 +700,7 @@ def _explain(args: argparse.Namespace) -> int:
             raise write_failed(save_map, err) from err
     probability = float(torch.softmax(logits.double(), dim=1)[0, target])
     print(f"predicted class {predicted}; explained class {target} (probability {probability:.3f})")
-    print(f"wrote {out}" + (f" and {args.save_map}" if args.save_map else ""))
+    print(f"wrote {out}" + (f" and {save_map}" if save_map is not None else ""))
     return EXIT_OK
 
 
