@@ -234,10 +234,11 @@ def export_argv() -> st.SearchStrategy[list[str]]:
 def demo_argv() -> st.SearchStrategy[list[str]]:
     """Demo arguments with a bad value last (it wins over the good one; a valid set would train)."""
     bad = st.sampled_from([["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "x"], ["--images", "0"],
-                           ["--images", "1000"], ["--out", "FILE"], ["--bogus"]])  # fmt: skip
+                           ["--images", "1000"], ["--out", "FILE"], ["--out", "FILE/sub"],
+                           ["--bogus"]])  # fmt: skip
     good = option("--epochs", ["1", "2"])
     return st.tuples(good, flag("--quick"), flag("--no-progress"), bad).map(
-        lambda g: ["demo", *g[0], *g[1], *g[2], *["@file" if a == "FILE" else a for a in g[3]]]
+        lambda g: ["demo", *g[0], *g[1], *g[2], *[a.replace("FILE", "@file", 1) for a in g[3]]]
     )
 
 

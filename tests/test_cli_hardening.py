@@ -243,3 +243,15 @@ def test_export_of_a_damaged_store(tmp_path: Path, capsys) -> None:
     (tmp_path / "taken").write_text("x")
     code, err = _error(["export", str(tmp_path / "run"), "--csv", str(tmp_path / "taken")], capsys)
     assert code == EXIT_USAGE and "--csv " in err and "is a file; pass a folder" in err
+
+
+def test_demo_refuses_bad_values_and_an_unwritable_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    for extra, code, message in (
+        (["--epochs", "0"], EXIT_USAGE, "--epochs must be between 1 and 1000, got 0"),
+        (["--images", "-1"], EXIT_USAGE, "--images must be between 1 and 100, got -1"),
+        (["--out", str(tmp_path / "file")], EXIT_USAGE, "is a file; pass a folder"),
+        (["--out", str(tmp_path / "file" / "sub")], EXIT_UNWRITABLE, "cannot write the demo into"),
+    ):
+        got, err = _error(["demo", "--quick", "--no-progress", *extra], capsys)
+        assert got == code and message in err, (extra, err)

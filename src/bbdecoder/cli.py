@@ -426,6 +426,7 @@ def _forward_check(model: Any, x: Any, what: str, hint: str = "") -> Any:
 # -- commands ----------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
     from bbdecoder.demo.run import DemoSettings, run_demo
+    from bbdecoder.store import StoreError
 
     if args.epochs is not None:
         bounded_int(args.epochs, "--epochs", 1, 1000)
@@ -435,14 +436,19 @@ def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.no_bias:
         settings.bias = False
-    result = run_demo(
-        args.out,
-        epochs=args.epochs,
-        n_images=args.images,
-        settings=settings,
-        progress=not args.no_progress,
-        tensorboard=args.tensorboard,
-    )
+    try:
+        result = run_demo(
+            args.out,
+            epochs=args.epochs,
+            n_images=args.images,
+            settings=settings,
+            progress=not args.no_progress,
+            tensorboard=args.tensorboard,
+        )
+    except ImportError as err:  # --tensorboard without the package
+        raise CLIError(str(err), EXIT_DEPENDENCY) from err
+    except (OSError, StoreError) as err:  # the output folder or its store cannot be written
+        raise CLIError(f"cannot write the demo into {args.out}: {err}", EXIT_UNWRITABLE) from err
     print(f"test accuracy {result.accuracy:.3f}")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.4g}")
