@@ -36,7 +36,10 @@ from bbdecoder.monitor import (
     EmptyEpochError,
     FunctionGraph,
     Master_analyzer,
+    NoiseScaleEMA,
     NonFiniteGradientWarning,
+    PerSampleError,
+    PerSampleGradients,
     PruneReport,
 )
 from bbdecoder.report import build_report, store_image, store_table
@@ -67,8 +70,11 @@ __all__ = [
     "LayerIndex",
     "LayerInfo",
     "Master_analyzer",
+    "NoiseScaleEMA",
     "NonFiniteGradientWarning",
     "Normalize",
+    "PerSampleError",
+    "PerSampleGradients",
     "PruneReport",
     "RankSync",
     "RunReader",
