@@ -248,3 +248,20 @@ def test_nothing_captured_is_an_error() -> None:
     model = nn.Linear(2, 2)
     with capture(model) as ps, pytest.raises(PerSampleError, match="no per-sample data"):
         ps.compute()
+
+
+@pytest.mark.slow  # torch.compile takes ~25 s on a loaded 2-core machine
+def test_compiled_model_gives_the_eager_numbers() -> None:
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with capture(model) as ps:
+        _ce(model(x)).mean().backward()
+        eager = ps.compute()
+    model.zero_grad()
+    compiled = torch.compile(model)
+    with capture(model) as ps:
+        _ce(compiled(x)).mean().backward()
+        got = ps.compute()
+    assert got.names == eager.names
+    torch.testing.assert_close(got.table, eager.table, rtol=1e-10, atol=1e-14)
