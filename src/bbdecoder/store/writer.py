@@ -95,7 +95,16 @@ class RunWriter:
     def _open(self) -> None:
         existed = self.path.exists() and self.path.stat().st_size > 0
         self._conn = conn = connect_readwrite(self.path)
-        kind = store_kind(conn) if existed else "empty"
+        try:
+            kind = store_kind(conn) if existed else "empty"
+        except sqlite3.DatabaseError as err:
+            if type(err) is not sqlite3.DatabaseError:
+                raise
+            self._foreign = True
+            raise StoreError(
+                f"{self.path} is not an SQLite database ({err}); it was left untouched. Pass a save_path "
+                "of its own (a new or empty folder) to the Analyzer"
+            ) from err
         if kind == "foreign":
             self._foreign = True
             raise StoreError(foreign_message(self.path, conn))
