@@ -47,7 +47,9 @@ class StoreLock:
         try:
             handle: IO[str] = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
         except OSError as err:
-            raise StoreError(f"cannot create the lock file {self.path} of the run store {db}: {err}") from err
+            raise StoreError(
+                f"cannot create the lock file {self.path} of the run store {db}: {err}{hint(err)}"
+            ) from err
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -70,7 +72,9 @@ class StoreLock:
             handle.flush()
         except OSError as err:
             self.release()
-            raise StoreError(f"cannot write the lock file {self.path} of the run store {db}: {err}") from err
+            raise StoreError(
+                f"cannot write the lock file {self.path} of the run store {db}: {err}{hint(err)}"
+            ) from err
         _held.add(self)
 
     @property
@@ -107,6 +111,15 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def hint(err: OSError) -> str:
+    """The fix for a failed write, for messages."""
+    if err.errno == errno.ENOSPC:
+        return "; free disk space or pass a save_path on another disk"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "; the folder is not writable: pass a save_path in a writable folder (reading needs none)"
+    return ""
 
 
 def _read_holder(handle: IO[str]) -> dict[str, Any]:

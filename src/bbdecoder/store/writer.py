@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.store.connection import connect_readwrite, db_path, foreign_message, store_kind
-from bbdecoder.store.lock import StoreLock
+from bbdecoder.store.lock import StoreLock, hint
 from bbdecoder.store.schema import APPLICATION_ID, DDL, SCHEMA_VERSION, StoreError, StoreWriteWarning
 
 __all__ = ["RunWriter", "ScalarRow", "connect", "db_path"]
@@ -78,7 +78,9 @@ class RunWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise StoreError(f"cannot create the run store folder {self.path.parent}: {err}") from err
+            raise StoreError(
+                f"cannot create the run store folder {self.path.parent}: {err}{hint(err)}"
+            ) from err
         self._lock = StoreLock(self.path)
         try:
             self._open()
