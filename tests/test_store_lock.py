@@ -110,3 +110,31 @@ def test_rerun_notebook_cell_refuses_the_new_analyzer_before_any_hook(tmp_path) 
     old.close()
     with open_run(tmp_path) as run:
         assert run.steps()["step"].tolist() == [0, 1, 2]
+
+
+def test_lock_file_lives_while_the_writer_is_open(tmp_path) -> None:
+    writer = RunWriter(tmp_path)
+    lock = tmp_path / "run.sqlite.lock"
+    assert lock.exists() and f'"pid": {os.getpid()}' in lock.read_text()
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.sqlite"]
+
+
+def test_a_forked_child_neither_writes_nor_keeps_the_store(tmp_path) -> None:
+    writer = RunWriter(tmp_path)
+    writer.add_step(0, 0, None)  # buffered in the parent, and in the child's copy of memory
+    pid = os.fork()
+    if pid == 0:  # the child (a DataLoader worker, say) drops its copy of the writer
+        code = 0
+        try:
+            writer.close()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(StoreLockedError):  # the parent still holds the store
+        RunWriter(tmp_path)
+    writer.close()
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0]  # written once, by the parent

@@ -1,4 +1,5 @@
-"""Single-writer ownership of a run store: an ``flock`` on ``<store>.lock`` next to the store.
+"""Single-writer ownership of a run store: an ``flock`` on ``<store>.lock`` next to the store
+(the file exists while a writer holds the store; a killed writer leaves it behind, unlocked).
 
 The operating system releases an ``flock`` when its holder dies (also on SIGKILL), so a crashed
 run never keeps the store locked. The holder writes who it is (pid, host, start time, command)
@@ -43,21 +44,7 @@ class StoreLock:
 
     def __init__(self, db: Path) -> None:
         self.path = lock_path(db)
-        self.created = not self.path.exists()
-        try:
-            handle: IO[str] = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
-        except OSError as err:
-            raise StoreError(
-                f"cannot create the lock file {self.path} of the run store {db}: {err}{hint(err)}"
-            ) from err
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _read_holder(handle)
-            handle.close()
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreLockedError(_locked_message(db, holder)) from None
-            raise StoreError(f"cannot lock the run store {db} ({self.path}): {err}") from err
+        handle = self._acquire(db)
         self._handle: IO[str] | None = handle
         self.holder = {
             "pid": os.getpid(),
@@ -77,22 +64,44 @@ class StoreLock:
             ) from err
         _held.add(self)
 
+    def _acquire(self, db: Path) -> IO[str]:
+        # The file is removed at release, so a lock taken on a file that was meanwhile unlinked (and
+        # perhaps recreated by a third writer) is not the store's lock: check the inode, try again.
+        for _ in range(100):
+            try:
+                handle: IO[str] = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+            except OSError as err:
+                raise StoreError(
+                    f"cannot create the lock file {self.path} of the run store {db}: {err}{hint(err)}"
+                ) from err
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = _read_holder(handle)
+                handle.close()
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StoreLockedError(_locked_message(db, holder)) from None
+                raise StoreError(f"cannot lock the run store {db} ({self.path}): {err}") from err
+            try:
+                mine, named = os.fstat(handle.fileno()), os.stat(self.path)
+                if (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
+                    return handle
+            except OSError:
+                pass
+            handle.close()
+        raise StoreError(f"cannot lock the run store {db}: its lock file {self.path} keeps being replaced")
+
     @property
     def held(self) -> bool:
         return self._handle is not None
 
-    def release(self, *, remove: bool = False) -> None:
-        """Give the store up (idempotent). ``remove`` deletes the lock file too: only for a lock
-        file this writer created on a store it then refused, never on a store in use."""
+    def release(self) -> None:
+        """Give the store up and remove the lock file (idempotent)."""
         handle, self._handle = self._handle, None
         if handle is None:
             return
         with contextlib.suppress(OSError):
-            if remove:
-                self.path.unlink(missing_ok=True)
-            else:
-                handle.seek(0)
-                handle.truncate()
+            self.path.unlink(missing_ok=True)  # while still holding the lock (see _acquire)
         with contextlib.suppress(OSError):
             handle.close()  # closing the last descriptor releases the flock
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sqlite3
 import time
 import warnings
@@ -70,7 +71,6 @@ class RunWriter:
         self.closed = False
         self._conn: Any = None
         self._lock: StoreLock | None = None
-        self._foreign = False
         if self.path.is_dir():
             raise StoreError(
                 f"{self.path} is a directory, not a run store file: pass its parent folder as save_path"
@@ -81,6 +81,7 @@ class RunWriter:
             raise StoreError(
                 f"cannot create the run store folder {self.path.parent}: {err}{hint(err)}"
             ) from err
+        self._pid = os.getpid()
         self._lock = StoreLock(self.path)
         try:
             self._open()
@@ -88,7 +89,7 @@ class RunWriter:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._conn.close()
-            self._lock.release(remove=self._foreign and self._lock.created)
+            self._lock.release()
             self.closed = True
             if isinstance(err, StoreError) or not isinstance(err, sqlite3.Error | OSError):
                 raise
@@ -102,13 +103,11 @@ class RunWriter:
         except sqlite3.DatabaseError as err:
             if type(err) is not sqlite3.DatabaseError:
                 raise
-            self._foreign = True
             raise StoreError(
                 f"{self.path} is not an SQLite database ({err}); it was left untouched. Pass a save_path "
                 "of its own (a new or empty folder) to the Analyzer"
             ) from err
         if kind == "foreign":
-            self._foreign = True
             raise StoreError(foreign_message(self.path, conn))
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -142,9 +141,6 @@ class RunWriter:
                 "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'blobs'), 0))"
             ).fetchone()[0]
         )
-        self._stored_last_step: int | None = conn.execute("SELECT MAX(step) FROM steps").fetchone()[0]
-        self._stored_last_epoch: int | None = conn.execute("SELECT MAX(epoch) FROM steps").fetchone()[0]
-        self._stored_histograms = conn.execute("SELECT 1 FROM histograms LIMIT 1").fetchone() is not None
         # catalog rows (always safe to write) and data rows, all written by the next successful flush
         self._new_series: list[tuple[int, int, str]] = []
         self._new_stats: list[tuple[int, str]] = []
@@ -164,21 +160,32 @@ class RunWriter:
         self._dropped_steps: list[int] = []
 
     # -- identifiers --------------------------------------------------------------------------
+    def _stored(self, sql: str) -> Any:
+        try:
+            return self._conn.execute(sql).fetchone()[0]
+        except _ENVIRONMENT_ERRORS:
+            return None  # an unreadable store: the buffer alone answers
+
     def next_step(self) -> int:
         """The first step number not yet stored or buffered (0 for a new store)."""
-        last = max(
-            [s for s in (self._stored_last_step, *(r[0] for r in self._steps[-1:])) if s is not None],
-            default=-1,
-        )
-        return int(last) + 1
+        steps = [
+            s
+            for s in (self._stored("SELECT MAX(step) FROM steps"), *(r[0] for r in self._steps))
+            if s is not None
+        ]
+        return int(max(steps)) + 1 if steps else 0
 
     def last_epoch(self) -> int | None:
         """The epoch of the last stored or buffered step (``None`` for a new store)."""
-        epochs = [e for e in (self._stored_last_epoch, *(r[1] for r in self._steps)) if e is not None]
-        return max(epochs) if epochs else None
+        epochs = [
+            e
+            for e in (self._stored("SELECT MAX(epoch) FROM steps"), *(r[1] for r in self._steps))
+            if e is not None
+        ]
+        return int(max(epochs)) if epochs else None
 
     def has_histograms(self) -> bool:
-        return self._stored_histograms or bool(self._histograms)
+        return bool(self._histograms) or self._stored("SELECT 1 FROM histograms LIMIT 1") is not None
 
     def series_id(self, layer_id: int, param: str) -> int:
         """The ID of the series ``(layer_id, param)``, allocated here (this is the only writer)."""
@@ -294,8 +301,6 @@ class RunWriter:
         for rows in (self._steps, self._scalars, self._histograms, self._events):
             relabel(rows)
         self._relabels.append((first_step, last_step, epoch))
-        if self._stored_last_step is not None and first_step <= self._stored_last_step <= last_step:
-            self._stored_last_epoch = epoch
         self.flush()
 
     def checkpoint(self) -> bool:
@@ -316,6 +321,8 @@ class RunWriter:
         if self.closed:
             return
         self.closed = True
+        if os.getpid() != self._pid:
+            return  # a forked child (a DataLoader worker): the store is its parent's, leave it alone
         try:
             self._write(rows=True, force=True)
             if self.pending:
@@ -352,7 +359,7 @@ class RunWriter:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _write(self, *, rows: bool, force: bool) -> None:
-        if self._conn is None:
+        if self._conn is None or os.getpid() != self._pid:
             return
         data = rows and (any(self._data_buffers) or bool(self._relabels or self._dropped_steps))
         if not (data or self._blobs or self._catalog_pending()):
@@ -442,12 +449,6 @@ class RunWriter:
         self._blobs.clear()
         if not rows:
             return
-        if self._steps:
-            self._stored_last_step = max(self._stored_last_step or 0, self._steps[-1][0])
-            self._stored_last_epoch = max(
-                [e for e in (self._stored_last_epoch, *(r[1] for r in self._steps)) if e is not None]
-            )
-        self._stored_histograms = self._stored_histograms or bool(self._histograms)
         self._relabels.clear()
         self._dropped_steps.clear()
         for buffer in self._data_buffers:
