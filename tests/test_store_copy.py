@@ -128,3 +128,21 @@ def test_checkpoint_with_a_reader_holding_a_snapshot(tmp_path) -> None:
         assert run.backup(tmp_path / "b" / "run.sqlite").exists()
     writer.close()
     assert _steps(tmp_path / "b") == [0, 1]
+
+
+@pytest.mark.parametrize("aggregates", [True, False])
+def test_epoch_end_checkpoints_while_the_writer_stays_open(tmp_path, aggregates: bool) -> None:
+    writer = RunWriter(tmp_path / "run")
+    sid, mean = writer.series_id(0, "w"), writer.stat_id("mean")
+    for step in range(3):
+        writer.add_step(step, 0, None)
+        writer.add_scalars([(step, 0, sid, mean, 1.0)])
+        writer.flush()
+    writer.add_epoch_scalars([(0, sid, mean, "mean", 1.0)] if aggregates else [])  # the epoch ends
+    writer.flush()
+    writer.add_step(3, 1, None)  # a step of the next epoch: only in the WAL
+    writer.flush()
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "run" / "run.sqlite", tmp_path / "alone" / "run.sqlite")
+    assert _steps(tmp_path / "alone") == [0, 1, 2]
+    writer.close()

@@ -158,6 +158,7 @@ class RunWriter:
         self._failed_at = 0.0
         self._warned_drop = False
         self._dropped_steps: list[int] = []
+        self._checkpoint_due = False
 
     # -- identifiers --------------------------------------------------------------------------
     def _stored(self, sql: str) -> Any:
@@ -246,7 +247,10 @@ class RunWriter:
         self._scalars.extend(rows)
 
     def add_epoch_scalars(self, rows: list[tuple[int, int, int, str, float]]) -> None:
+        """Buffer an epoch's aggregates; this marks an epoch end: the flush that writes them also
+        checkpoints the WAL into ``run.sqlite``."""
         self._epoch_scalars.extend(rows)
+        self._checkpoint_due = True
 
     def add_histogram(
         self, step: int, epoch: int, series_id: int, kind: str, lo: float, hi: float, counts: np.ndarray
@@ -363,6 +367,9 @@ class RunWriter:
             return
         data = rows and (any(self._data_buffers) or bool(self._relabels or self._dropped_steps))
         if not (data or self._blobs or self._catalog_pending()):
+            if rows and self._checkpoint_due and self._failing is None:
+                self._checkpoint_due = False
+                self._checkpoint_quietly()
             return
         if (
             self._failing is not None
@@ -371,7 +378,7 @@ class RunWriter:
         ):
             self._bound_buffer()
             return
-        epoch_end = rows and bool(self._epoch_scalars)
+        epoch_end = rows and self._checkpoint_due
         try:
             with self._transaction():
                 self._write_catalog()
@@ -390,6 +397,7 @@ class RunWriter:
             return
         self._written(rows)
         if epoch_end:
+            self._checkpoint_due = False
             self._checkpoint_quietly()
 
     def _catalog_pending(self) -> bool:
