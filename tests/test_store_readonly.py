@@ -114,6 +114,14 @@ def test_killed_writers_store_with_its_wal_in_a_read_only_folder(tmp_path) -> No
         open_run(ro)
 
 
+def test_reading_a_finished_store_leaves_its_folder_as_it_was(tmp_path) -> None:
+    _finished_store(tmp_path)
+    with open_run(tmp_path) as run:
+        assert len(run.steps()) == 5
+    build_report(tmp_path, tmp_path / "page.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html", "run.sqlite"]  # no -wal, -shm left
+
+
 def test_unreadable_and_missing_stores_name_the_cause(tmp_path) -> None:
     with pytest.raises(StoreError, match="no run store at"):
         open_run(tmp_path / "missing")

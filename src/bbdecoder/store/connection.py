@@ -57,7 +57,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as err:  # "file is not a database"
         conn.close()
         raise StoreError(f"{path} is not a bbdecoder run store (not an SQLite database: {err})") from err
-    wal = path.with_name(path.name + "-wal")
+    wal = wal_path(path)
     if wal.exists() and wal.stat().st_size > 0:
         raise StoreError(
             f"cannot open the run store {path} read-only ({first}): its folder is not writable and "
@@ -98,3 +98,24 @@ def foreign_message(path: Path, conn: sqlite3.Connection) -> str:
         f"{path} is an SQLite database that is not a bbdecoder run store (tables: {table_list(conn)}); "
         "it was left untouched. Pass a save_path of its own (a new or empty folder) to the Analyzer"
     )
+
+
+def wal_path(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def tidy_after_read(path: Path) -> None:
+    """Remove the empty ``-wal``/``-shm`` files a read-only connection leaves next to a finished
+    store (it may not delete them itself). SQLite's own close does it: a connection that closes
+    last checkpoints and deletes them, and leaves them alone while any other connection (a writer
+    that started meanwhile) is open. Call only when the store had no ``-wal`` when it was opened."""
+    if not wal_path(path).exists() or not os.access(path.parent, os.W_OK):
+        return
+    try:
+        conn = sqlite3.connect(str(path), timeout=1.0)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bbdecoder.store.connection import connect_readonly, db_path, store_kind, table_list
+from bbdecoder.store.connection import (
+    connect_readonly,
+    db_path,
+    store_kind,
+    table_list,
+    tidy_after_read,
+    wal_path,
+)
 from bbdecoder.store.schema import SCHEMA_VERSION, StoreError
 
 SCALAR_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "stat", "value"]
@@ -33,6 +40,7 @@ class RunReader:
             raise StoreError(f"{self.path} is a directory, not a run store file: pass its parent folder")
         if not self.path.exists():
             raise StoreError(f"no run store at {self.path}: pass the save_path given to Analyzer")
+        self._tidy = not wal_path(self.path).exists()  # a finished store: leave no -wal/-shm behind
         self._conn = connect_readonly(self.path)
         try:
             kind = store_kind(self._conn)
@@ -41,13 +49,13 @@ class RunReader:
                 raise StoreError(f"{self.path} is not a bbdecoder run store ({detail})")
             versions = [row[0] for row in self._conn.execute("SELECT version FROM schema_version")]
         except StoreError:
-            self._conn.close()
+            self.close()
             raise
         except sqlite3.Error as err:
-            self._conn.close()
+            self.close()
             raise StoreError(f"cannot read the run store {self.path}: {err}") from err
         if versions != [SCHEMA_VERSION]:
-            self._conn.close()
+            self.close()
             raise StoreError(f"{self.path} has schema version {versions}; this reader reads {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -240,6 +248,9 @@ class RunReader:
 
     def close(self) -> None:
         self._conn.close()
+        if self._tidy:
+            self._tidy = False
+            tidy_after_read(self.path)
 
     def __enter__(self) -> RunReader:
         return self

@@ -68,7 +68,7 @@ class RunWriter:
         self.path = db_path(save_path)
         self.max_buffer_bytes = int(max_buffer_bytes)
         self.retry_seconds = float(retry_seconds)
-        self.closed = False
+        self.closed = True  # until the store is open
         self._conn: Any = None
         self._lock: StoreLock | None = None
         if self.path.is_dir():
@@ -90,10 +90,15 @@ class RunWriter:
                 with contextlib.suppress(Exception):
                     self._conn.close()
             self._lock.release()
-            self.closed = True
             if isinstance(err, StoreError) or not isinstance(err, sqlite3.Error | OSError):
                 raise
-            raise StoreError(f"cannot open the run store {self.path} for writing: {err}") from err
+            fix = hint(err) if isinstance(err, OSError) else ""
+            if "full" in str(err):
+                fix = "; free disk space or pass a save_path on another disk"
+            elif "readonly" in str(err) or "unable to open" in str(err):
+                fix = "; pass a save_path in a writable folder (reading needs no write access)"
+            raise StoreError(f"cannot open the run store {self.path} for writing: {err}{fix}") from err
+        self.closed = False
 
     def _open(self) -> None:
         existed = self.path.exists() and self.path.stat().st_size > 0
