@@ -223,3 +223,16 @@ def test_blobs_and_arrays_round_trip(tmp_path) -> None:
         reader.blob(999)
     reader.close()
     writer.close()
+
+
+def test_has_histograms_next_step_and_last_epoch_see_stored_and_buffered_rows(tmp_path) -> None:
+    writer = RunWriter(tmp_path)
+    assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (False, 0, None)
+    sid = writer.series_id(0, "w")
+    writer.add_step(0, 2, None)
+    writer.add_histogram(0, 2, sid, "weight", 0.0, 1.0, np.array([1, 2]))
+    assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (True, 1, 2)  # buffered
+    writer.close()
+    writer = RunWriter(tmp_path)
+    assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (True, 1, 2)  # stored
+    writer.close()

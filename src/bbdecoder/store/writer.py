@@ -168,9 +168,10 @@ class RunWriter:
     # -- identifiers --------------------------------------------------------------------------
     def _stored(self, sql: str) -> Any:
         try:
-            return self._conn.execute(sql).fetchone()[0]
+            row = self._conn.execute(sql).fetchone()
         except _ENVIRONMENT_ERRORS:
             return None  # an unreadable store: the buffer alone answers
+        return None if row is None else row[0]
 
     def next_step(self) -> int:
         """The first step number not yet stored or buffered (0 for a new store)."""
@@ -295,7 +296,9 @@ class RunWriter:
 
     def flush(self) -> None:
         """Write every buffered row in one transaction (all or nothing). When the store cannot be
-        written the rows stay buffered (see the class docstring); this never raises for that."""
+        written the rows stay buffered (see the class docstring); this never raises for that. Rows
+        that are wrong themselves (a step stored twice: a bug) still raise ``sqlite3.IntegrityError``
+        and roll the transaction back."""
         self._write(rows=True, force=False)
 
     def relabel_epoch(self, first_step: int, last_step: int, epoch: int) -> None:
