@@ -110,11 +110,10 @@ CHILD = textwrap.dedent(
     conn = an.writer._conn
     calls = []
 
-    def inside_flush():
-        if conn.in_transaction:
-            calls.append(1)
-            if len(calls) == 3:  # some of the step's rows are inserted, the commit is not done
-                os.kill(os.getpid(), signal.SIGKILL)
+    def inside_flush():  # called every 20 SQLite instructions of the step's flush, its only statements
+        calls.append(1)
+        if len(calls) == 3:  # some of the step's rows are inserted, the commit is not done
+            os.kill(os.getpid(), signal.SIGKILL)
         return 0
 
     step = 0
@@ -173,7 +172,7 @@ def _run_child(tmp_path, kill_in_flush: int, kill_after: int):
                 with open_run(tmp_path / "run") as run, run.snapshot():
                     seen.append(len(_check_complete(run, 4)))
                 assert seen[-1] == len(acknowledged)
-            if acknowledged[-1] == kill_after:
+            if acknowledged[-1] == kill_after or acknowledged[-1] == kill_in_flush:
                 proc.send_signal(signal.SIGKILL)  # it is blocked waiting: it committed exactly this
                 break
             proc.stdin.write("go\n")
