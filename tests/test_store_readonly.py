@@ -70,6 +70,8 @@ def test_finished_store_in_a_read_only_folder(tmp_path, capsys) -> None:
         assert main(["export", str(ro), "--csv", str(tmp_path / "csv2")]) == 0
         page = build_report(ro, tmp_path / "report.html")
         assert page.stat().st_size > 1000
+        assert main(["report", str(ro), "--out", str(tmp_path / "cli.html")]) == 0
+        assert (tmp_path / "cli.html").stat().st_size > 1000
         assert backup(ro, tmp_path / "copy.sqlite").exists()
         with pytest.raises(StoreError, match=str(ro)):
             RunWriter(ro)  # a writer is refused with the path, and a reason
