@@ -16,8 +16,9 @@ from torch import nn
 
 from bbdecoder.monitor import Analyzer
 from bbdecoder.store import RunWriter, StoreError, StoreLockedError, open_run
+from tests.store_child import STORE_ONLY_PRELUDE
 
-HOLDER = textwrap.dedent(
+HOLDER = STORE_ONLY_PRELUDE + textwrap.dedent(
     """
     import sys
     from bbdecoder.store.writer import RunWriter

@@ -18,6 +18,7 @@ from bbdecoder.cli import main
 from bbdecoder.report import build_report
 from bbdecoder.store import RunWriter, StoreError, backup, open_run
 from bbdecoder.store.export import export_csv
+from tests.store_child import STORE_ONLY_PRELUDE
 
 
 def _finished_store(folder: Path, steps: int = 5) -> None:
@@ -80,7 +81,7 @@ def test_finished_store_in_a_read_only_folder(tmp_path, capsys) -> None:
     capsys.readouterr()
 
 
-KILLED = textwrap.dedent(
+KILLED = STORE_ONLY_PRELUDE + textwrap.dedent(
     """
     import os, signal, sys
     from bbdecoder.store.writer import RunWriter
