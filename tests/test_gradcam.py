@@ -71,7 +71,7 @@ def test_all_zero_map_is_zero_not_nan() -> None:
 
 def test_errors_for_layers_that_do_not_fit() -> None:
     model = _vgg()
-    with pytest.raises(KeyError, match="no leaf layer"):
+    with pytest.raises(KeyError, match="no module is named"):
         GradCAM(model, layer="nope")
     flat = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(ValueError, match="no layer with a spatial output"):
