@@ -80,7 +80,7 @@ class AblationCAM(BaseCAM):
         def make_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
             rows = torch.arange(start, stop, device=inputs.device)
             samples = rows // c
-            ablated = record.raw[samples.to(record.raw.device)].clone()
+            ablated = record.raw[samples.to(record.raw.device)].clone(memory_format=torch.contiguous_format)
             flat = ablated.view(stop - start, -1)
             cols = positions[(rows % c).to(positions.device)]
             flat.scatter_(1, cols, self.ablation_value)
