@@ -26,7 +26,9 @@ def trunk(cin: int = 3, width: int = 6) -> nn.Sequential:
     )
 
 
-def split_net(seed: int = 0, classes: int = 4, width: int = 6, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+def split_net(
+    seed: int = 0, classes: int = 4, width: int = 6, dtype: torch.dtype = torch.float64
+) -> nn.Sequential:
     """``Sequential(trunk, LinearHead)``: layer = ``model[0]`` (a block, not a leaf)."""
     torch.manual_seed(seed)
     return nn.Sequential(trunk(width=width), LinearHead(width, classes)).to(dtype).eval()

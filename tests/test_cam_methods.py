@@ -229,7 +229,8 @@ def test_callable_target_per_row() -> None:
     by_callable = ScoreCAM(model, model[0], batch_size=4).layer_map(x, lambda out: out[:, 2])
     torch.testing.assert_close(by_callable, by_class)
     torch.testing.assert_close(
-        AblationCAM(model, model[0]).layer_map(x, lambda out: out[:, 2]), AblationCAM(model, model[0]).layer_map(x, 2)
+        AblationCAM(model, model[0]).layer_map(x, lambda out: out[:, 2]),
+        AblationCAM(model, model[0]).layer_map(x, 2),
     )
 
 

@@ -18,6 +18,8 @@ class GradCAM(BaseCAM):
 
     method_name = "Grad-CAM"
 
-    def cam_weights(self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
         assert gradients is not None
         return gradients.flatten(2).mean(dim=2)

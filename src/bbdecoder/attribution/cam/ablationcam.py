@@ -44,8 +44,13 @@ class AblationCAM(BaseCAM):
         eval_mode: bool = True,
     ) -> None:
         super().__init__(
-            model, layer, reshape, target_layers=target_layers, reshape_transform=reshape_transform,
-            input_transform=input_transform, eval_mode=eval_mode,
+            model,
+            layer,
+            reshape,
+            target_layers=target_layers,
+            reshape_transform=reshape_transform,
+            input_transform=input_transform,
+            eval_mode=eval_mode,
         )
         self.batch_size = check_batch_size(batch_size)
         self.ablation_value = float(ablation_value)
@@ -64,7 +69,9 @@ class AblationCAM(BaseCAM):
             )
         return moved[0].flatten(1).long()
 
-    def cam_weights(self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
         inputs = ctx.inputs.detach()
         record = ctx.record
         n, c = activations.shape[:2]

@@ -142,7 +142,9 @@ class BaseCAM(Explainer):
         return self._layers
 
     # -- the steps a method overrides ------------------------------------------------------------
-    def cam_weights(self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
         """One weight per sample and channel, ``(N, C)``."""
         raise NotImplementedError(f"{type(self).__name__} must override cam_weights or cam_image")
 
@@ -348,10 +350,9 @@ class BaseCAM(Explainer):
                         output = self.forward(batch)
                 else:
                     output = self.forward(batch)
-                row_target = target if callable(target) and not isinstance(target, torch.Tensor) else None
-                if row_target is None:
-                    assert isinstance(target, torch.Tensor)
-                    row_target = target[samples]
+                row_target: TargetLike = target
+                if isinstance(target, torch.Tensor):  # frozen classes, one per sample
+                    row_target = target[samples.to(target.device)]
                 out.append(select_scores(output, row_target, stop - start).detach())
         return torch.cat(out)
 

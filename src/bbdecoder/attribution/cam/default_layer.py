@@ -59,8 +59,11 @@ def find_default_layer(cam: BaseCAM, hooks: HookManager, inputs: torch.Tensor) -
         hooks.forward_hook(module, make_hook(name))
     cam.forward(inputs[:1])
     chosen = next(
-        ((name, module, output, version) for name, module, output, version, _ in reversed(events)
-         if _spatial(cam, name, output, inputs)),
+        (
+            (name, module, output, version)
+            for name, module, output, version, _ in reversed(events)
+            if _spatial(cam, name, output, inputs)
+        ),
         None,
     )
     if chosen is None:
@@ -74,7 +77,8 @@ def find_default_layer(cam: BaseCAM, hooks: HookManager, inputs: torch.Tensor) -
         raise ValueError(
             f"the last module with a spatial output, {name!r}, outputs shape {tuple(output.shape)}, which "
             f"does not look like a channel-first feature map (N, C, *spatial) of inputs shaped "
-            f"{tuple(inputs[:1].shape)}; if it is channels-last pass reshape='channels_last', or choose `layer=`"
+            f"{tuple(inputs[:1].shape)}; if it is channels-last pass reshape='channels_last', "
+            "or choose `layer=`"
         )
     # The same tensor leaves a block's last activation, the block, its stage: name the innermost.
     for ev_name, ev_module, ev_output, ev_version, passthrough in events:

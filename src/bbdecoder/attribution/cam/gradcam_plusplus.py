@@ -18,7 +18,9 @@ class GradCAMPlusPlus(BaseCAM):
     method_name = "Grad-CAM++"
     eps = 1e-6
 
-    def cam_weights(self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
         assert gradients is not None
         g = gradients.flatten(2)
         g2 = g * g

@@ -34,7 +34,9 @@ class ChannelsLast(Reshape):
 
     def apply(self, tensor: torch.Tensor, input_spatial: tuple[int, ...]) -> torch.Tensor:
         if tensor.dim() < 3:
-            raise ValueError(f"channels_last needs an output (N, *spatial, C), got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"channels_last needs an output (N, *spatial, C), got shape {tuple(tensor.shape)}"
+            )
         return tensor.movedim(-1, 1)
 
 
@@ -54,10 +56,11 @@ class Tokens(Reshape):
             raise ValueError(f"tokens() needs an output (N, L, C), got shape {tuple(tensor.shape)}")
         count = tensor.shape[1] - self.prefix
         grid = self.grid if self.grid is not None else infer_grid(count, input_spatial)
-        if count <= 0 or math.prod(grid) != count:
+        if count <= 0 or math.prod(grid) != count or (self.grid is None and not _fits(grid, input_spatial)):
             raise ValueError(
-                f"{tensor.shape[1]} tokens minus prefix={self.prefix} do not fill the grid {grid}; "
-                "set tokens(prefix=..., grid=(h, w))"
+                f"{tensor.shape[1]} tokens minus prefix={self.prefix} do not fill a grid shaped like the "
+                f"input {input_spatial} (best {grid}); set tokens(prefix=..., grid=(h, w)) "
+                "(a class token: prefix=1)"
             )
         patches = tensor[:, self.prefix :, :]
         return patches.reshape(tensor.shape[0], *grid, tensor.shape[2]).movedim(-1, 1)
@@ -82,13 +85,21 @@ def infer_grid(count: int, input_spatial: tuple[int, ...]) -> tuple[int, int]:
         return (0, 0)
     ratio = input_spatial[0] / input_spatial[1] if len(input_spatial) == 2 and input_spatial[1] else 1.0
     best = (1, count)
-    for h in range(1, int(math.isqrt(count)) + 1):
+    for h in range(1, math.isqrt(count) + 1):
         if count % h:
             continue
         for pair in ((h, count // h), (count // h, h)):
             if abs(math.log(pair[0] / pair[1] / ratio)) < abs(math.log(best[0] / best[1] / ratio)):
                 best = pair
     return best
+
+
+def _fits(grid: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
+    """Whether ``grid`` has about the input's aspect ratio (strides within a factor 2 of each other)."""
+    if len(input_spatial) != len(grid):
+        return len(input_spatial) == 0
+    strides = [i / g for i, g in zip(input_spatial, grid, strict=True)]
+    return max(strides) / min(strides) <= 2.0
 
 
 ReshapeLike = ReshapeFn | str | None
@@ -108,6 +119,8 @@ def resolve_reshape(reshape: ReshapeLike) -> Callable[[torch.Tensor, tuple[int, 
     if isinstance(reshape, Reshape):
         return reshape.apply
     if not callable(reshape):
-        raise TypeError(f"reshape must be a callable, 'channels_last' or 'tokens', got {type(reshape).__name__}")
+        raise TypeError(
+            f"reshape must be a callable, 'channels_last' or 'tokens', got {type(reshape).__name__}"
+        )
     user_fn = reshape
     return lambda tensor, _spatial: user_fn(tensor)

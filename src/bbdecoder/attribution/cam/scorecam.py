@@ -41,13 +41,20 @@ class ScoreCAM(BaseCAM):
         eval_mode: bool = True,
     ) -> None:
         super().__init__(
-            model, layer, reshape, target_layers=target_layers, reshape_transform=reshape_transform,
-            input_transform=input_transform, eval_mode=eval_mode,
+            model,
+            layer,
+            reshape,
+            target_layers=target_layers,
+            reshape_transform=reshape_transform,
+            input_transform=input_transform,
+            eval_mode=eval_mode,
         )
         self.batch_size = check_batch_size(batch_size)
         self.progress = progress
 
-    def cam_weights(self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
         inputs = ctx.inputs.detach()
         n, c = activations.shape[:2]
         size = tuple(inputs.shape[2:])

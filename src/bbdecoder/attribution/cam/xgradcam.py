@@ -16,7 +16,9 @@ class XGradCAM(BaseCAM):
     method_name = "XGrad-CAM"
     eps = 1e-7
 
-    def cam_weights(self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
         assert gradients is not None
         a = activations.flatten(2)
         return (gradients.flatten(2) * a).sum(dim=2) / (a.sum(dim=2) + self.eps)
