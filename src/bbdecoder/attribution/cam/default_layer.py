@@ -57,7 +57,15 @@ def find_default_layer(cam: BaseCAM, hooks: HookManager, inputs: torch.Tensor) -
             continue
         hooks.forward_pre_hook(module, pre_hook)
         hooks.forward_hook(module, make_hook(name))
-    cam.forward(inputs[:1])
+    try:
+        cam.forward(inputs[:1])
+    except Exception as err:
+        if inputs.dim() == 3 and hasattr(err, "add_note"):
+            err.add_note(
+                "bbdecoder: the inputs have 3 dims; if this is one image (C, H, W), add the batch "
+                "dimension with x.unsqueeze(0)"
+            )
+        raise
     chosen = next(
         (
             (name, module, output, version)
