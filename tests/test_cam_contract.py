@@ -149,3 +149,14 @@ def test_bad_inputs_are_refused_before_any_forward(cls: type[BaseCAM]) -> None:
     with pytest.raises(TypeError, match="unexpected keyword"):
         cls(model).saliency(torch.randn(1, 3, 8, 8, dtype=torch.float64), 0, abs=True)
     assert count_hooks(model) == 0
+
+
+@pytest.mark.slow  # importing torch._dynamo alone takes 10-25 s on a loaded machine
+def test_a_compiled_model_is_explained_through_its_eager_modules() -> None:
+    model = _model().eval()
+    compiled = torch.compile(model)  # lazy: nothing is compiled unless it is called
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for cls in (GradCAM, ScoreCAM):
+        ours = cls(compiled, "3").saliency(x, [0, 1])
+        torch.testing.assert_close(ours, cls(model, model[3]).saliency(x, [0, 1]))
+        assert cls(compiled).layer_names == [] and cls(compiled, model[3]).layer is model[3]

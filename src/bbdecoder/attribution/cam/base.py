@@ -92,6 +92,11 @@ class BaseCAM(Explainer):
         eval_mode: bool = True,
     ) -> None:
         super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            # torch.compile: hooks added after compilation are not seen by the compiled graph, so the
+            # maps are taken on the eager modules (same weights, same outputs).
+            self.model = model = inner
         if layer is not None and target_layers is not None:
             raise TypeError("give `layer=` or `target_layers=` (its pytorch-grad-cam name), not both")
         if reshape is not None and reshape_transform is not None:
