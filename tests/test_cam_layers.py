@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from bbdecoder import GradCAM, LayerCAM, LayerIndex, channels_last, tokens
 from bbdecoder.hooks import count_hooks
 
-from .cam_nets import LinearHead, nonlinear_net, split_net
+from .cam_nets import LinearHead, nonlinear_net, split_net, trunk
 from .nets import ResNetStyle, randomize_batchnorm
 
 
@@ -326,3 +326,26 @@ def test_layers_that_are_not_channel_first_get_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown reshape"):
         GradCAM(tok, reshape="nhwc")
     assert count_hooks(tok) == 0 and count_hooks(nhwc) == 0
+
+
+class ClassTokenHead(nn.Module):
+    """Only the class token reaches the logits, as after a ViT's last block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = trunk(width=16)
+        self.to_tokens = ToTokens(16)
+        self.mix = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.to_tokens(self.trunk(x))
+        return self.fc(self.mix(t)[:, 0])
+
+
+def test_a_layer_the_score_does_not_depend_on_is_flagged() -> None:
+    model = ClassTokenHead().double().eval()
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"zero at every position.*blocks\[-1\]\.norm1"):
+        heat = GradCAM(model, "to_tokens", reshape=tokens(prefix=1)).saliency(x)
+    assert torch.equal(heat, torch.zeros_like(heat))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -308,6 +309,14 @@ class BaseCAM(Explainer):
             if self.uses_gradients and grad is None:
                 grad = torch.zeros_like(raw_i)  # the score does not depend on this layer's output
             gradient = self.to_channel_first(name, grad, inputs) if grad is not None else None
+            if gradient is not None and bool((gradient == 0).flatten(1).all(dim=1).any()):
+                warnings.warn(
+                    f"the score's gradient at layer {name or '(root)'!r} is zero at every position for some "
+                    f"images: the score does not depend on this map, so {self.method_name} is empty there. "
+                    "(In a ViT's last block only the class token reaches the head; take a layer before the "
+                    "last attention, e.g. blocks[-1].norm1.)",
+                    stacklevel=3,
+                )
             records.append(LayerRecord(name, module, activation, gradient, raw_i, calls[i]))
         return records, frozen
 
