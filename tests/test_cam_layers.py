@@ -349,3 +349,21 @@ def test_a_layer_the_score_does_not_depend_on_is_flagged() -> None:
     with pytest.warns(UserWarning, match=r"zero at every position.*blocks\[-1\]\.norm1"):
         heat = GradCAM(model, "to_tokens", reshape=tokens(prefix=1)).saliency(x)
     assert torch.equal(heat, torch.zeros_like(heat))
+
+
+def test_one_dimensional_signals() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv1d(5, 5, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).double().eval()  # fmt: skip
+    x = torch.randn(2, 2, 20, dtype=torch.float64)
+    cam = GradCAM(model)
+    with torch.no_grad():
+        features = model[:4](x)
+    a = features.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model[4:](a)[torch.arange(2), torch.tensor([0, 2])].sum(), a)
+    expected = torch.relu((grad.mean(dim=2, keepdim=True) * features).sum(1, keepdim=True))
+    torch.testing.assert_close(cam.layer_map(x, [0, 2]), expected)
+    assert cam.layer is model[3]
+    assert cam.saliency(x, [0, 2]).shape == (2, 1, 20)
