@@ -244,3 +244,27 @@ def test_saliency_resizes_each_method_like_gradcam() -> None:
         low, high = up.min(1, keepdim=True).values, up.max(1, keepdim=True).values
         expected = ((up - low) / (high - low)).view(2, 1, 12, 10)
         torch.testing.assert_close(cam.saliency(x, [1, 2]), expected)
+
+
+def test_ablationcam_ablates_the_last_call_of_a_shared_module() -> None:
+    from .test_cam_layers import SharedConv
+
+    torch.manual_seed(0)
+    model = SharedConv().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    targets = [0, 2]
+    maps = []
+    with torch.no_grad():
+        for n in range(2):
+            second = model.conv(torch.relu(model.conv(torch.relu(model.stem(x[n : n + 1])))))
+            y = model.head(torch.tanh(second))[0, targets[n]]
+            weights = []
+            for c in range(second.shape[1]):
+                ablated = second.clone()
+                ablated[:, c] = 0
+                weights.append((y - model.head(torch.tanh(ablated))[0, targets[n]]) / y)
+            w = torch.stack(weights)
+            maps.append(torch.relu((w[:, None, None] * second[0]).sum(0, keepdim=True)))
+    ours = AblationCAM(model, model.conv, batch_size=3).layer_map(x, targets)
+    assert bool((ours > 0).any())
+    torch.testing.assert_close(ours, torch.stack(maps))
