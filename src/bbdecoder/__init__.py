@@ -16,6 +16,7 @@ from bbdecoder.attribution import (
     SimpleFullGrad,
     SmoothFullGrad,
     SmoothGrad,
+    UnreachableBiasError,
     make_baseline,
 )
 from bbdecoder.bias import attention_iou, heatmap_score, mask_score
@@ -77,6 +78,7 @@ __all__ = [
     "SmoothGrad",
     "StoreError",
     "TargetError",
+    "UnreachableBiasError",
     "__version__",
     "attention_iou",
     "build_report",

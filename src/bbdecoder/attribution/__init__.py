@@ -2,6 +2,7 @@
 
 from bbdecoder.attribution.base import Explainer, Normalize
 from bbdecoder.attribution.baselines import make_baseline
+from bbdecoder.attribution.bias_layers import UnreachableBiasError
 from bbdecoder.attribution.fullgrad import CompletenessError, FullGrad, FullGradDecomposition, SimpleFullGrad
 from bbdecoder.attribution.gradcam import GradCAM
 from bbdecoder.attribution.gradient import Gradient, InputXGradient
@@ -23,6 +24,7 @@ __all__ = [
     "SimpleFullGrad",
     "SmoothFullGrad",
     "SmoothGrad",
+    "UnreachableBiasError",
     "make_baseline",
     "quadrature",
 ]

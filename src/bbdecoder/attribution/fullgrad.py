@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs, leaf_input
-from bbdecoder.attribution.bias_layers import broadcast_bias, effective_bias, is_bias_layer
+from bbdecoder.attribution.bias_layers import (
+    PrimitiveCapture,
+    UnreachableBiasError,
+    broadcast_bias,
+    effective_bias,
+    is_bias_layer,
+    is_stock_layer,
+)
 from bbdecoder.attribution.postprocess import channel_sum_minmax, resize_to
 from bbdecoder.hooks import HookManager
 from bbdecoder.targets import TargetLike, select_scores
@@ -109,38 +116,86 @@ class _FullGradFamily(Explainer):
         with torch.no_grad():
             return self.input_transform(inputs)
 
+    # SimpleFullGrad needs no exact bias: where a fused layer's biased tensor cannot be found it falls
+    # back to the layer's output. FullGrad refuses such a layer by name.
+    _strict_bias_location = True
+
     def _backward_through_layers(
         self, inputs: torch.Tensor, target: TargetLike, handler: LayerGradHandler
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(model input, dF/d input, scores), calling ``handler`` for every bias-layer call."""
         check_inputs(inputs, min_dim=3)
         x = leaf_input(self._model_input(inputs))
-        with self.session() as hooks:
-            for name, module in self.bias_layers:
-                hooks.forward_hook(module, self._make_forward_hook(name, hooks, handler))
-            scores = self._scores_of_model_input(x, target)
-            (input_gradient,) = torch.autograd.grad(scores.sum(), x)
+        captures: list[PrimitiveCapture] = []
+        try:
+            with self.session() as hooks:
+                for name, module in self.bias_layers:
+                    if is_stock_layer(module):
+                        hooks.forward_hook(module, self._make_forward_hook(name, hooks, handler))
+                    else:
+                        pre_hook, hook = self._make_capture_hooks(name, hooks, handler, captures)
+                        hooks.forward_pre_hook(module, pre_hook)
+                        hooks.forward_hook(module, hook)
+                scores = self._scores_of_model_input(x, target)
+                (input_gradient,) = torch.autograd.grad(scores.sum(), x)
+        finally:
+            # A forward that raised inside a fused layer leaves its capture mode on the stack.
+            while captures:
+                captures.pop().__exit__(None, None, None)
         return x.detach(), input_gradient, scores.detach()
 
     def _scores_of_model_input(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
         return select_scores(self.model(x), target, x.shape[0])
 
     @staticmethod
-    def _make_forward_hook(name: str, hooks: HookManager, handler: LayerGradHandler) -> Callable[..., None]:
+    def _hook_biased_tensor(
+        name: str, module: nn.Module, output: torch.Tensor, hooks: HookManager, handler: LayerGradHandler
+    ) -> None:
+        bias = effective_bias(module)
+        if bias is None or not output.requires_grad:
+            return
+        bias = broadcast_bias(module, bias.to(output.dtype), output)
+
+        def on_gradient(grad: torch.Tensor) -> None:
+            handler(name, bias, grad)
+
+        hooks.tensor_hook(output, on_gradient)
+
+    @classmethod
+    def _make_forward_hook(
+        cls, name: str, hooks: HookManager, handler: LayerGradHandler
+    ) -> Callable[..., None]:
         def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            bias = effective_bias(module)
-            if bias is None:
-                return
-            bias = broadcast_bias(module, bias.to(output.dtype), output)
-
-            def on_gradient(grad: torch.Tensor) -> None:
-                handler(name, bias, grad)
-
-            hooks.tensor_hook(output, on_gradient)
+            if isinstance(output, torch.Tensor):
+                cls._hook_biased_tensor(name, module, output, hooks, handler)
 
         return forward_hook
+
+    def _make_capture_hooks(
+        self, name: str, hooks: HookManager, handler: LayerGradHandler, captures: list[PrimitiveCapture]
+    ) -> tuple[Callable[..., None], Callable[..., None]]:
+        """Hooks for a bias layer with its own forward: the bias is read where the primitive added it."""
+        strict = self._strict_bias_location
+
+        def pre_hook(module: nn.Module, _inputs: Any) -> None:
+            def on_output(biased: torch.Tensor) -> None:
+                self._hook_biased_tensor(name, module, biased, hooks, handler)
+
+            capture = PrimitiveCapture(module, on_output)
+            capture.__enter__()
+            captures.append(capture)
+
+        def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            capture = captures.pop()
+            capture.__exit__(None, None, None)
+            if capture.count or effective_bias(module) is None:
+                return
+            if strict:
+                raise UnreachableBiasError(name, module)
+            if isinstance(output, torch.Tensor):
+                self._hook_biased_tensor(name, module, output, hooks, handler)
+
+        return pre_hook, forward_hook
 
     def _aggregate(
         self, inputs: torch.Tensor, target: TargetLike, *, use_bias: bool
@@ -192,7 +247,16 @@ class FullGrad(_FullGradFamily):
         input_transform: applied before the model (e.g. ``Normalize``); the decomposition and the map
             are then of the *transformed* input, as in the reference (it works on normalised images).
         eval_mode: evaluate in eval mode (BatchNorm's running statistics) and restore modes after.
-        check: run the completeness check (raises :class:`CompletenessError`).
+        check: run the completeness check (raises :class:`CompletenessError`). ``check=False`` means
+            *you accept an inexact decomposition*: maps are computed whatever the error, and the
+            per-sample relative completeness error of every ``saliency`` call is still left in
+            ``last_relative_error`` (N,) for you to look at.
+
+    Bias layers with their own ``forward`` (timm's ``BatchNormAct2d``, a ``BatchNorm2d`` subclass that
+    also applies drop and activation children) are read where the bias is added: the tensor that
+    ``F.batch_norm`` (or ``F.conv*d`` / ``F.linear``) returned inside the forward, before the
+    activation. A layer whose forward never makes such a call is refused by name with
+    :class:`~bbdecoder.attribution.bias_layers.UnreachableBiasError`, with or without ``check``.
 
     >>> fullgrad = FullGrad(model, im_size=(3, 224, 224))
     >>> saliency = fullgrad.saliency(x, target)            # (N, 1, 224, 224)
@@ -313,8 +377,11 @@ class FullGrad(_FullGradFamily):
 class SimpleFullGrad(_FullGradFamily):
     """Simple FullGrad: FullGrad's aggregation with ``|dF/d output_l|`` in place of the bias-gradient.
 
-    Needs no completeness, so it works on any network (LayerNorm, GELU, attention, ReLU6).
+    Needs no completeness, so it works on any network (LayerNorm, GELU, attention, ReLU6). A fused
+    layer whose pre-activation tensor cannot be found contributes the gradient at its output.
     """
+
+    _strict_bias_location = False
 
     def saliency(
         self,
@@ -340,5 +407,6 @@ __all__ = [
     "FullGrad",
     "FullGradDecomposition",
     "SimpleFullGrad",
+    "UnreachableBiasError",
     "default_tolerance",
 ]
