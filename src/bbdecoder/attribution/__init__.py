@@ -7,6 +7,7 @@ from bbdecoder.attribution.fullgrad import CompletenessError, FullGrad, FullGrad
 from bbdecoder.attribution.gradcam import GradCAM
 from bbdecoder.attribution.gradient import Gradient, InputXGradient
 from bbdecoder.attribution.integrated_gradients import IntegratedGradients
+from bbdecoder.attribution.outputs import ProbabilityOutputError
 from bbdecoder.attribution.quadrature import quadrature
 from bbdecoder.attribution.smooth_fullgrad import SmoothFullGrad
 from bbdecoder.attribution.smoothgrad import SmoothGrad
@@ -21,6 +22,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedGradients",
     "Normalize",
+    "ProbabilityOutputError",
     "SimpleFullGrad",
     "SmoothFullGrad",
     "SmoothGrad",

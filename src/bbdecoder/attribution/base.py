@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bbdecoder.attribution.outputs import check_scores_from, model_output
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.targets import TargetLike, fixed_target, select_scores
 
@@ -29,16 +30,27 @@ class Explainer:
             a "black" baseline really is black. ``None``: inputs go to the model as they are.
         eval_mode: run the model in eval mode (BatchNorm running statistics, no dropout) and restore
             every module's mode afterwards. ``False`` keeps the model's current modes.
+        scores_from: ``"logits"`` (default): a final ``nn.Softmax``/``nn.LogSoftmax``/``nn.Sigmoid``
+            module is looked through and its input, the logits, explained; an output that is
+            probabilities without such a module raises
+            :class:`~bbdecoder.attribution.outputs.ProbabilityOutputError`. ``"output"``: explain what
+            the model returns, as it is. See :mod:`bbdecoder.attribution.outputs`.
     """
 
     def __init__(
-        self, model: nn.Module, *, input_transform: InputTransform | None = None, eval_mode: bool = True
+        self,
+        model: nn.Module,
+        *,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+        scores_from: str = "logits",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.input_transform = input_transform
         self.eval_mode = eval_mode
+        self.scores_from = check_scores_from(scores_from)
 
     # -- pieces subclasses use -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -52,9 +64,9 @@ class Explainer:
             yield hooks
 
     def forward(self, inputs: torch.Tensor) -> Any:
-        """The model's raw output for ``inputs`` (the input transform applied)."""
+        """The model's output for ``inputs`` (the input transform applied; see ``scores_from``)."""
         x = self.input_transform(inputs) if self.input_transform is not None else inputs
-        return self.model(x)
+        return model_output(self.model, x, self.scores_from)
 
     def scores(self, inputs: torch.Tensor, target: TargetLike) -> tuple[torch.Tensor, Any]:
         """One differentiable score per sample (N,), and the raw output."""

@@ -13,6 +13,7 @@ twice are all handled, and in-place activations after a layer do not corrupt its
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,10 @@ from bbdecoder.attribution.bias_layers import (
     is_bias_layer,
     is_stock_layer,
 )
+from bbdecoder.attribution.outputs import model_output
 from bbdecoder.attribution.postprocess import channel_sum_minmax, resize_to
 from bbdecoder.hooks import HookManager
-from bbdecoder.targets import TargetLike, select_scores
+from bbdecoder.targets import TargetError, TargetLike, select_scores
 
 LayerGradHandler = Callable[[str, torch.Tensor, torch.Tensor], None]
 """Called during backward with (layer name, broadcast bias, dF/d output) for each bias-layer call."""
@@ -103,9 +105,14 @@ class _FullGradFamily(Explainer):
     """Hooks bias layers, runs one forward+backward, hands each layer's output gradient to a handler."""
 
     def __init__(
-        self, model: nn.Module, *, input_transform: InputTransform | None = None, eval_mode: bool = True
+        self,
+        model: nn.Module,
+        *,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+        scores_from: str = "logits",
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
         self.bias_layers = [(name, module) for name, module in model.named_modules() if is_bias_layer(module)]
 
     def _model_input(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -145,7 +152,7 @@ class _FullGradFamily(Explainer):
         return x.detach(), input_gradient, scores.detach()
 
     def _scores_of_model_input(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-        return select_scores(self.model(x), target, x.shape[0])
+        return select_scores(model_output(self.model, x, self.scores_from), target, x.shape[0])
 
     @staticmethod
     def _hook_biased_tensor(
@@ -247,6 +254,8 @@ class FullGrad(_FullGradFamily):
         input_transform: applied before the model (e.g. ``Normalize``); the decomposition and the map
             are then of the *transformed* input, as in the reference (it works on normalised images).
         eval_mode: evaluate in eval mode (BatchNorm's running statistics) and restore modes after.
+        scores_from: ``"logits"`` (default) explains the logits beneath a final softmax/sigmoid
+            module (the decomposition is exact for them); see :class:`~bbdecoder.attribution.Explainer`.
         check: run the completeness check (raises :class:`CompletenessError`). ``check=False`` means
             *you accept an inexact decomposition*: maps are computed whatever the error, and the
             per-sample relative completeness error of every ``saliency`` call is still left in
@@ -271,14 +280,18 @@ class FullGrad(_FullGradFamily):
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
         check: bool = True,
+        scores_from: str = "logits",
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
         self.im_size = tuple(int(s) for s in im_size) if im_size is not None else None
         self.check = check
         self._checked_shapes: set[tuple[int, ...]] = set()
         self.last_relative_error: torch.Tensor | None = None
         if check and self.im_size is not None:
-            self.checkCompleteness()
+            # An output that needs a target (a callable, a tuple without logits) is checked at the
+            # first call instead, with that call's target.
+            with contextlib.suppress(TargetError):
+                self.checkCompleteness()
 
     # -- decomposition ---------------------------------------------------------------------------
     def decompose(self, inputs: torch.Tensor, target: TargetLike = None) -> FullGradDecomposition:
@@ -305,16 +318,24 @@ class FullGrad(_FullGradFamily):
 
     # -- completeness ----------------------------------------------------------------------------
     def checkCompleteness(
-        self, inputs: torch.Tensor | None = None, *, tolerance: float | None = None, seed: int = 0
+        self,
+        inputs: torch.Tensor | None = None,
+        *,
+        target: TargetLike = None,
+        tolerance: float | None = None,
+        seed: int = 0,
     ) -> float:
         """Check sum(decomposition) == F(x); returns the worst relative error.
 
-        On ``inputs``, or on a seeded standard-normal input of shape ``(1, *im_size)``. Raises
-        :class:`CompletenessError` above ``tolerance`` (default 1e-4 in float32, 1e-8 in float64).
+        On ``inputs``, or on a seeded standard-normal input of shape ``(1, *im_size)`` (``(N, *im_size)``
+        when ``target`` is a per-sample sequence of length N). ``target`` is as everywhere: give the
+        callable you explain with when the output needs one (a segmentation map, a ``ModelOutput``
+        without ``logits``). Raises :class:`CompletenessError` above ``tolerance`` (default 1e-4 in
+        float32, 1e-8 in float64).
         """
         if inputs is None:
-            inputs = self._random_input(self._require_im_size(), seed)
-        rel = self.decompose(inputs, None).relative_error()
+            inputs = self._random_input(self._require_im_size(), seed, batch=_target_batch(target))
+        rel = self.decompose(inputs, target).relative_error()
         worst = float(rel.max())
         bound = default_tolerance(inputs.dtype) if tolerance is None else tolerance
         if not worst <= bound:  # also catches NaN
@@ -341,7 +362,10 @@ class FullGrad(_FullGradFamily):
         target = target_class if target is None else target
         self._check_batch(inputs)
         if self.check and tuple(inputs.shape[1:]) not in self._checked_shapes:
-            self.checkCompleteness(self._random_input(tuple(inputs.shape[1:]), 0, like=inputs))
+            # A callable or per-sample target may assume this call's batch size: the probe has it too.
+            batch = 1 if target is None or isinstance(target, int) else inputs.shape[0]
+            probe = self._random_input(tuple(inputs.shape[1:]), 0, like=inputs, batch=batch)
+            self.checkCompleteness(probe, target=target)
         result, totals, scores = self._aggregate(inputs, target, use_bias=True)
         self.last_relative_error = relative_error(totals, scores)
         return result
@@ -366,12 +390,22 @@ class FullGrad(_FullGradFamily):
             )
 
     def _random_input(
-        self, sample_shape: tuple[int, ...], seed: int, like: torch.Tensor | None = None
+        self, sample_shape: tuple[int, ...], seed: int, like: torch.Tensor | None = None, batch: int = 1
     ) -> torch.Tensor:
         reference = like if like is not None else next(self.model.parameters(), torch.empty(0))
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        sample = torch.randn((1, *sample_shape), generator=generator, dtype=torch.float64)
+        sample = torch.randn((batch, *sample_shape), generator=generator, dtype=torch.float64)
         return sample.to(device=reference.device, dtype=reference.dtype)
+
+
+def _target_batch(target: TargetLike) -> int:
+    """Samples a random check input needs for ``target``: N for a per-sample sequence, else 1."""
+    if target is None or isinstance(target, int):
+        return 1
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return 1
+    classes = torch.as_tensor(target)
+    return int(classes.shape[0]) if classes.dim() == 1 else 1
 
 
 class SimpleFullGrad(_FullGradFamily):

@@ -17,7 +17,7 @@ from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.attribution.quadrature import quadrature
-from bbdecoder.targets import TargetError, TargetLike, resolve_classes, select_scores
+from bbdecoder.targets import TargetError, TargetLike, class_scores, resolve_classes, select_scores
 from bbdecoder.validation import check_positive_int
 
 
@@ -31,6 +31,8 @@ class IntegratedGradients(Explainer):
             images pass the raw images plus ``input_transform=Normalize(mean, std)``: ``"black"`` is
             then black, whereas a zero after normalisation would be the dataset mean.
         eval_mode: run the model in eval mode and restore every module's mode afterwards.
+        scores_from: ``"logits"`` (default: the logits beneath a final softmax/sigmoid module) or
+            ``"output"``; see :class:`~bbdecoder.attribution.Explainer`.
         memory_budget_bytes: bytes the step batches may use when ``internal_batch_size`` is not given;
             default 512 MiB on CPU and half the free memory on CUDA.
     """
@@ -42,8 +44,9 @@ class IntegratedGradients(Explainer):
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
         memory_budget_bytes: int | None = None,
+        scores_from: str = "logits",
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
         check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.memory_budget_bytes = memory_budget_bytes
         self._rows_cache: dict[tuple[Any, ...], int] = {}
@@ -184,7 +187,7 @@ class IntegratedGradients(Explainer):
                     continue
                 chunk_classes = resolve_classes(output, _rows_of(target, slice(start, stop)), stop - start)
                 classes.append(chunk_classes)
-                scores.append(output.gather(1, chunk_classes[:, None]).squeeze(1))
+                scores.append(class_scores(output, chunk_classes))
         frozen: TargetLike = target if is_callable else torch.cat(classes)
         return torch.cat(scores), frozen
 

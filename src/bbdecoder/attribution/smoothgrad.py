@@ -61,7 +61,12 @@ class SmoothGrad(Explainer):
             raise TypeError(
                 f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
             )
-        super().__init__(inner.model, input_transform=inner.input_transform, eval_mode=inner.eval_mode)
+        super().__init__(
+            inner.model,
+            input_transform=inner.input_transform,
+            eval_mode=inner.eval_mode,
+            scores_from=inner.scores_from,
+        )
         check_smoothgrad_settings(n_samples, noise_level, kind, internal_batch_size)
         self.explainer = inner
         self.n_samples = n_samples

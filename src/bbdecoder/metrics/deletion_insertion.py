@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from bbdecoder.attribution.base import check_inputs
+from bbdecoder.attribution.outputs import model_output
 from bbdecoder.hooks import preserved_state
 from bbdecoder.metrics.substrates import SubstrateSpec, fixed_substrate, is_imputing, noisy_linear_impute
 from bbdecoder.metrics.summary import summarise
-from bbdecoder.targets import TargetLike, fixed_target
+from bbdecoder.targets import TargetLike, as_logits, fixed_target
 
 MODES = ("deletion", "insertion")
 ORDERS = ("morf", "lerf", "random")
@@ -170,7 +171,10 @@ def perturbation_curve(
     with preserved_state(model, eval_mode=True), torch.no_grad():
 
         def logits_of(batch: torch.Tensor) -> torch.Tensor:
-            return model(input_transform(batch) if input_transform is not None else batch)
+            # The logits (also beneath a final softmax module, or a ModelOutput's ``logits``): the
+            # probability score is their softmax, never a softmax of probabilities.
+            output = model_output(model, input_transform(batch) if input_transform is not None else batch)
+            return as_logits(output, batch.shape[0])
 
         classes = fixed_target(logits_of(x), target, n)
         if not isinstance(classes, torch.Tensor):
