@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs, leaf_input
+from bbdecoder.attribution.base import Explainer, InputTransform, leaf_input
 from bbdecoder.attribution.bias_layers import (
     PrimitiveCapture,
     UnreachableBiasError,
@@ -131,7 +131,7 @@ class _FullGradFamily(Explainer):
         self, inputs: torch.Tensor, target: TargetLike, handler: LayerGradHandler
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(model input, dF/d input, scores), calling ``handler`` for every bias-layer call."""
-        check_inputs(inputs, min_dim=3)
+        self.validate_inputs(inputs, min_dim=3)
         x = leaf_input(self._model_input(inputs))
         captures: list[PrimitiveCapture] = []
         try:
@@ -382,7 +382,7 @@ class FullGrad(_FullGradFamily):
         return self.im_size
 
     def _check_batch(self, inputs: torch.Tensor) -> None:
-        check_inputs(inputs, min_dim=3)
+        self.validate_inputs(inputs, min_dim=3)
         if self.im_size is not None and tuple(inputs.shape) == self.im_size:
             raise ValueError(
                 f"inputs of shape {tuple(inputs.shape)} look like one sample without its batch dimension "

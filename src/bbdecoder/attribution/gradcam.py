@@ -45,7 +45,7 @@ class GradCAM(Explainer):
 
     def layer_map(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
         """The raw Grad-CAM map at the layer's resolution, (N, 1, *layer_spatial), non-negative."""
-        check_inputs(inputs, min_dim=3)
+        check_inputs(inputs, min_dim=3, model=self.model)
         layer = self.layer if self.layer is not None else self._default_layer(inputs)
         activations: list[torch.Tensor] = []
         gradients: dict[int, torch.Tensor] = {}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, check_inputs
+from bbdecoder.attribution.base import Explainer
 from bbdecoder.attribution.gradient import Gradient
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.targets import TargetLike
@@ -109,7 +109,7 @@ class SmoothGrad(Explainer):
     def _smooth(
         self, explain: ExplainFn, inputs: torch.Tensor, target: TargetLike, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        check_inputs(inputs)
+        self.validate_inputs(inputs)
         x = inputs.detach()
         n = x.shape[0]
         frozen = self.explainer.freeze_target(x, target)
