@@ -34,7 +34,8 @@ class IntegratedGradients(Explainer):
         scores_from: ``"logits"`` (default: the logits beneath a final softmax/sigmoid module) or
             ``"output"``; see :class:`~bbdecoder.attribution.Explainer`.
         memory_budget_bytes: bytes the step batches may use when ``internal_batch_size`` is not given;
-            default 512 MiB on CPU and half the free memory on CUDA.
+            default 1 GiB on CPU and half the free memory on CUDA. On CPU a pass is also kept near
+            512 MiB of activations, where passes are fastest per row (see ``memory.rows_for_budget``).
     """
 
     def __init__(
