@@ -119,7 +119,7 @@ def main() -> None:
             }
             for r in rows:
                 print(f"  r={r:3d}: {per_row[r] * 1e3:7.1f} ms/row  ({per_row[r] / best:.2f}x best)")
-    save_results(f"ig_rows_t{threads}", out)
+    save_results(f"ig_rows_{args.models}_{args.sizes}_t{threads}".replace(",", "-"), out)
 
 
 if __name__ == "__main__":

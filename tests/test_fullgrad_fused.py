@@ -168,3 +168,17 @@ def test_fused_layer_leaves_the_model_as_found() -> None:
     assert count_hooks(model) == 0
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+class FailingAct(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("act failed")
+
+
+def test_a_forward_failing_inside_a_fused_layer_leaves_no_capture_mode() -> None:
+    model = fused_net()
+    model[1].act = FailingAct()
+    with pytest.raises(RuntimeError, match="act failed"):
+        FullGrad(model).saliency(_inputs(), 0)
+    assert torch.overrides._get_current_function_mode() is None  # type: ignore[attr-defined]
+    assert count_hooks(model) == 0

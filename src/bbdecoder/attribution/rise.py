@@ -111,7 +111,6 @@ class RISE(PerturbationExplainer):
             _, frozen = self.clean_scores(x, target)
             rows_per_pass = self.rows_per_pass(x)
             masks_per_pass = max(1, rows_per_pass // n)
-            self.batch_size_used = masks_per_pass * n
             for first in self._progress(
                 range(0, self.n_masks, masks_per_pass), -(-self.n_masks // masks_per_pass), "masks"
             ):
