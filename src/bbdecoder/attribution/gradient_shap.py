@@ -90,8 +90,10 @@ class GradientSHAP(Explainer):
             for start in range(0, total_rows, rows_per_pass):
                 stop = min(start + rows_per_pass, total_rows)
                 samples = torch.arange(start, stop) % n
-                noise = torch.randn((stop - start, *x.shape[1:]), generator=generator, dtype=torch.float64)
-                noisy = x[samples.to(x.device)] + (stdevs * noise).to(device=x.device, dtype=x.dtype)
+                noisy = x[samples.to(x.device)]
+                if stdevs > 0:
+                    noise = torch.randn((stop - start, *x.shape[1:]), generator=generator, dtype=torch.float64)
+                    noisy = noisy + (stdevs * noise).to(device=x.device, dtype=x.dtype)
                 base = references[choice[start:stop].to(x.device)]
                 alpha = alphas[start:stop].to(device=x.device, dtype=x.dtype).view(broadcast)
                 with torch.no_grad():
