@@ -92,7 +92,8 @@ class GradientSHAP(Explainer):
                 samples = torch.arange(start, stop) % n
                 noisy = x[samples.to(x.device)]
                 if stdevs > 0:
-                    noise = torch.randn((stop - start, *x.shape[1:]), generator=generator, dtype=torch.float64)
+                    shape = (stop - start, *x.shape[1:])
+                    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
                     noisy = noisy + (stdevs * noise).to(device=x.device, dtype=x.dtype)
                 base = references[choice[start:stop].to(x.device)]
                 alpha = alphas[start:stop].to(device=x.device, dtype=x.dtype).view(broadcast)
