@@ -235,3 +235,14 @@ def test_probability_detection_does_not_fire_on_logits() -> None:
     assert probability_kind(torch.rand(4, 1)) is None  # one output: cannot tell, never refused
     with pytest.raises(ValueError, match="scores_from"):
         Gradient(trunk(), scores_from="probs")
+
+
+def test_deletion_with_a_probability_model() -> None:
+    model = Wrapped("softmax_functional")
+    x = _x()
+    maps = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ProbabilityOutputError):
+        deletion(model, x, maps, step=16)
+    as_is = deletion(model, x, maps, step=16, scores_from="output", score="logit")
+    reference = deletion(model.net, x, maps, step=16)  # softmax of the logits: the same probabilities
+    torch.testing.assert_close(as_is.auc, reference.auc)
