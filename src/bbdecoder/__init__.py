@@ -43,7 +43,10 @@ from bbdecoder.monitor import (
     EmptyEpochError,
     FunctionGraph,
     Master_analyzer,
+    NoiseScaleEMA,
     NonFiniteGradientWarning,
+    PerSampleError,
+    PerSampleGradients,
     PruneReport,
 )
 from bbdecoder.report import build_report, store_image, store_table
@@ -78,9 +81,12 @@ __all__ = [
     "LayerIndex",
     "LayerInfo",
     "Master_analyzer",
+    "NoiseScaleEMA",
     "NonFiniteGradientWarning",
     "Normalize",
     "Occlusion",
+    "PerSampleError",
+    "PerSampleGradients",
     "ProbabilityOutputError",
     "PruneReport",
     "RankSync",
