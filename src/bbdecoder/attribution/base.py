@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from bbdecoder.attribution.keywords import checked_keywords, expand_forward_args, forwards_keywords
 from bbdecoder.attribution.outputs import check_scores_from, model_output
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.targets import TargetLike, fixed_target, select_scores
@@ -37,7 +38,21 @@ class Explainer:
             probabilities without such a module raises
             :class:`~bbdecoder.attribution.outputs.ProbabilityOutputError`. ``"output"``: explain what
             the model returns, as it is. See :mod:`bbdecoder.attribution.outputs`.
+
+    Every ``attribute`` / ``saliency`` also takes the peers' spellings (Captum's ``baselines=`` and
+    ``additional_forward_args=``, pytorch-grad-cam's ``targets=`` and per-sample target objects) and
+    refuses an unknown keyword with a ``TypeError`` naming the nearest valid one; see
+    :mod:`bbdecoder.attribution.keywords`.
     """
+
+    _checked_methods = ("attribute", "saliency", "__call__")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls._checked_methods:
+            method = cls.__dict__.get(name)
+            if callable(method):
+                setattr(cls, name, checked_keywords(method))
 
     def __init__(
         self,
@@ -77,10 +92,14 @@ class Explainer:
         ):
             yield hooks
 
-    def forward(self, inputs: torch.Tensor) -> Any:
-        """The model's output for ``inputs`` (the input transform applied; see ``scores_from``)."""
+    def forward(self, inputs: torch.Tensor, samples: torch.Tensor | None = None) -> Any:
+        """The model's output for ``inputs`` (the input transform applied; see ``scores_from``).
+
+        ``samples`` (rows,): the sample each row belongs to, for per-sample
+        ``additional_forward_args``; ``None``: rows ``0..rows-1`` (modulo the batch size).
+        """
         x = self.input_transform(inputs) if self.input_transform is not None else inputs
-        return model_output(self.model, x, self.scores_from)
+        return model_output(self.model, x, self.scores_from, args=expand_forward_args(x.shape[0], samples))
 
     def scores(self, inputs: torch.Tensor, target: TargetLike) -> tuple[torch.Tensor, Any]:
         """One differentiable score per sample (N,), and the raw output."""
@@ -117,10 +136,13 @@ class Explainer:
         return grad, scores.detach()
 
     # -- the public interface --------------------------------------------------------------------
+    @checked_keywords
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """Attribution shaped like ``inputs`` (N, C, *spatial)."""
         raise NotImplementedError(f"{type(self).__name__} has no input-space attribution")
 
+    @checked_keywords
+    @forwards_keywords(lambda self: self.attribute)
     def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """Non-negative map (N, 1, *spatial) at input resolution: ``|attribution|`` summed over channels."""
         return self.attribute(inputs, target, **kwargs).abs().sum(dim=1, keepdim=True)

@@ -30,10 +30,11 @@ from bbdecoder.attribution.bias_layers import (
     is_bias_layer,
     is_stock_layer,
 )
+from bbdecoder.attribution.keywords import expand_forward_args
 from bbdecoder.attribution.outputs import model_output
 from bbdecoder.attribution.postprocess import channel_sum_minmax, resize_to
 from bbdecoder.hooks import HookManager
-from bbdecoder.targets import TargetError, TargetLike, select_scores
+from bbdecoder.targets import PerSampleTargets, TargetError, TargetLike, select_scores
 
 LayerGradHandler = Callable[[str, torch.Tensor, torch.Tensor], None]
 """Called during backward with (layer name, broadcast bias, dF/d output) for each bias-layer call."""
@@ -152,7 +153,8 @@ class _FullGradFamily(Explainer):
         return x.detach(), input_gradient, scores.detach()
 
     def _scores_of_model_input(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-        return select_scores(model_output(self.model, x, self.scores_from), target, x.shape[0])
+        output = model_output(self.model, x, self.scores_from, args=expand_forward_args(x.shape[0]))
+        return select_scores(output, target, x.shape[0])
 
     @staticmethod
     def _hook_biased_tensor(
@@ -402,6 +404,8 @@ def _target_batch(target: TargetLike) -> int:
     """Samples a random check input needs for ``target``: N for a per-sample sequence, else 1."""
     if target is None or isinstance(target, int):
         return 1
+    if isinstance(target, PerSampleTargets):
+        return len(target)
     if callable(target) and not isinstance(target, torch.Tensor):
         return 1
     classes = torch.as_tensor(target)

@@ -101,7 +101,7 @@ class GradientSHAP(Explainer):
                     point = base + alpha * (noisy - base)
                 point.requires_grad_(True)
                 scores = select_scores(
-                    self.forward(point), _rows_of(frozen, samples.to(x.device)), stop - start
+                    self.forward(point, samples), _rows_of(frozen, samples.to(x.device)), stop - start
                 )
                 (grad,) = torch.autograd.grad(scores.sum(), point)
                 accumulated.index_add_(0, samples.to(x.device), ((noisy - base) * grad).to(torch.float64))

@@ -17,7 +17,14 @@ from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.attribution.quadrature import check_quadrature, quadrature_slice
-from bbdecoder.targets import TargetError, TargetLike, class_scores, resolve_classes, select_scores
+from bbdecoder.targets import (
+    TargetError,
+    TargetLike,
+    class_scores,
+    resolve_classes,
+    select_scores,
+    target_rows,
+)
 from bbdecoder.validation import check_positive_int
 
 
@@ -169,7 +176,7 @@ class IntegratedGradients(Explainer):
                 path = base[sample] + alphas_x[step].view(broadcast) * diff[sample]
             path.requires_grad_(True)
             row_target = _rows_of(target, sample)
-            scores = select_scores(self.forward(path), row_target, stop - start)
+            scores = select_scores(self.forward(path, sample), row_target, stop - start)
             (grad,) = torch.autograd.grad(scores.sum(), path)
             step_weights = weights.tolist()
             for s in range(first_step, last_step + 1):
@@ -190,9 +197,9 @@ class IntegratedGradients(Explainer):
         with torch.no_grad():
             for start in range(0, n, rows_per_pass):
                 stop = min(start + rows_per_pass, n)
-                output = self.forward(x[start:stop])
+                output = self.forward(x[start:stop], torch.arange(start, stop))
                 if is_callable:
-                    scores.append(select_scores(output, target, stop - start))
+                    scores.append(select_scores(output, _rows_of(target, slice(start, stop)), stop - start))
                     continue
                 chunk_classes = resolve_classes(output, _rows_of(target, slice(start, stop)), stop - start)
                 classes.append(chunk_classes)
@@ -214,10 +221,8 @@ class IntegratedGradients(Explainer):
 
 
 def _rows_of(target: TargetLike, rows: slice | torch.Tensor) -> TargetLike:
-    """The part of a per-sample class tensor that belongs to ``rows``; other targets apply to all rows."""
-    if isinstance(target, torch.Tensor) and target.dim() == 1:
-        return target[rows]
-    return target
+    """The part of a per-sample class tensor or target list that belongs to ``rows`` (others: all rows)."""
+    return target_rows(target, rows)
 
 
 def _per_sample_target(target: TargetLike, n: int) -> TargetLike:

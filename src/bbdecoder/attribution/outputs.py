@@ -49,13 +49,13 @@ def check_scores_from(value: Any) -> str:
     return str(value)
 
 
-def model_output(model: nn.Module, x: Any, scores_from: str = "logits") -> Any:
-    """``model(x)``, with a final probability module's output replaced by the logits it was given.
+def model_output(model: nn.Module, x: Any, scores_from: str = "logits", args: tuple[Any, ...] = ()) -> Any:
+    """``model(x, *args)``, with a final probability module's output replaced by the logits it was given.
 
-    ``scores_from="output"``: ``model(x)`` as it is. See the module docstring for what is detected.
+    ``scores_from="output"``: ``model(x, *args)`` as it is. See the module docstring for what is detected.
     """
     if scores_from == "output":
-        return model(x)
+        return model(x, *args)
     heads = [
         (name, module) for name, module in model.named_modules() if isinstance(module, PROBABILITY_MODULES)
     ]
@@ -67,7 +67,7 @@ def model_output(model: nn.Module, x: Any, scores_from: str = "logits") -> Any:
                 last[:] = [(name, module, args[0] if args else None, output)]
 
             hooks.forward_hook(module, record)
-        output = model(x)
+        output = model(x, *args)
     scores = logits_entry(output)
     if scores is None:
         return output

@@ -18,7 +18,7 @@ from torch import nn
 
 from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.memory import activation_bytes_per_row, default_memory_budget
-from bbdecoder.targets import TargetLike, as_logits, select_scores
+from bbdecoder.targets import TargetLike, as_logits, select_scores, target_rows
 from bbdecoder.validation import check_positive_int
 
 RowMaker = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -94,7 +94,7 @@ class PerturbationExplainer(Explainer):
             stop = min(start + rows_per_pass, n_rows)
             rows, samples = make(start, stop)
             with torch.no_grad():
-                output = self.forward(rows)
+                output = self.forward(rows, samples)
                 scores[start:stop] = self._row_scores(output, target, samples).to(torch.float64)
         return scores
 
@@ -109,7 +109,7 @@ class PerturbationExplainer(Explainer):
     def _row_scores(self, output: Any, target: TargetLike, samples: torch.Tensor) -> torch.Tensor:
         n = samples.shape[0]
         if _is_callable(target):
-            return select_scores(output, target, n).detach()
+            return select_scores(output, target_rows(target, samples), n).detach()
         assert isinstance(target, torch.Tensor)
         classes = target.to(samples.device)[samples]
         logits = as_logits(output, n)

@@ -120,7 +120,7 @@ class RISE(PerturbationExplainer):
                 samples = torch.arange(n, device=x.device).repeat(last - first)
                 rows = x[samples] * kept + background[samples] * (1 - kept)
                 with torch.no_grad():
-                    scores = self._row_scores(self.forward(rows), frozen, samples).to(torch.float64)
+                    scores = self._row_scores(self.forward(rows, samples), frozen, samples).to(torch.float64)
                 weighted = scores.view(last - first, n, 1, 1, 1) * masks.view(last - first, 1, 1, *spatial)
                 accumulated += weighted.sum(dim=0)
         return (accumulated / (self.p * self.n_masks)).to(x.dtype)

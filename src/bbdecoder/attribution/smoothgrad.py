@@ -15,8 +15,9 @@ from torch import nn
 
 from bbdecoder.attribution.base import Explainer
 from bbdecoder.attribution.gradient import Gradient
+from bbdecoder.attribution.keywords import forwards_keywords
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
-from bbdecoder.targets import TargetLike
+from bbdecoder.targets import PerSampleTargets, TargetLike
 from bbdecoder.validation import check_smoothgrad_settings
 
 ExplainFn = Callable[..., Any]
@@ -75,6 +76,7 @@ class SmoothGrad(Explainer):
         self.seed = seed
         self.internal_batch_size = internal_batch_size
 
+    @forwards_keywords(lambda self: self.explainer.attribute)
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """The inner explainer's ``attribute`` reduced over noisy copies; shaped like ``inputs``.
 
@@ -82,6 +84,7 @@ class SmoothGrad(Explainer):
         """
         return self._smooth(self.explainer.attribute, inputs, target, kwargs)
 
+    @forwards_keywords(lambda self: self.explainer.saliency)
     def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """The inner explainer's ``saliency`` reduced over noisy copies; ``(N, 1, *spatial)``."""
         return self._smooth(self.explainer.saliency, inputs, target, kwargs)
@@ -146,6 +149,8 @@ class SmoothGrad(Explainer):
 def _repeat_target(target: TargetLike, copies: int) -> TargetLike:
     """A per-sample class tensor repeated for ``copies`` concatenated copies; others apply to every row."""
     if isinstance(target, torch.Tensor) and target.dim() == 1:
+        return target.repeat(copies)
+    if isinstance(target, PerSampleTargets):
         return target.repeat(copies)
     return target
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +29,7 @@ from bbdecoder.attribution.cam.reshape import ReshapeLike, resolve_reshape
 from bbdecoder.attribution.postprocess import minmax_per_sample, resize_to
 from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerSelection, find_modules
-from bbdecoder.targets import TargetLike, fixed_target, select_scores
+from bbdecoder.targets import TargetLike, fixed_target, select_scores, target_rows
 
 
 @dataclass
@@ -203,6 +204,29 @@ class BaseCAM(Explainer):
         resized = [resize_to(minmax_per_sample(m), size, align_corners=False) for m in maps]
         return minmax_per_sample(torch.stack(resized).mean(dim=0))
 
+    def __call__(  # type: ignore[override]
+        self,
+        input_tensor: torch.Tensor,
+        targets: TargetLike = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
+    ) -> np.ndarray:
+        """pytorch-grad-cam's call: ``cam(input_tensor=x, targets=[ClassifierOutputTarget(3), ...])``.
+
+        Returns the maps of :meth:`saliency` as a float32 numpy array ``(N, *spatial)`` (no channel
+        dim), resized to the input and min-max scaled to [0, 1] per image, as pytorch-grad-cam returns
+        them. ``targets``: anything :mod:`bbdecoder.targets` takes, including one target object per
+        sample (each called on its sample's output row) and ``None`` for the arg-max classes.
+        ``aug_smooth`` / ``eigen_smooth`` are not implemented and must stay ``False``.
+        """
+        if aug_smooth or eigen_smooth:
+            raise ValueError(
+                "aug_smooth and eigen_smooth are pytorch-grad-cam options that are not implemented here; "
+                "leave them False (EigenCAM gives the first principal component of the activations)"
+            )
+        maps = self.saliency(input_tensor, targets)
+        return maps[:, 0].detach().cpu().numpy().astype(np.float32)
+
     # -- machinery -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _session(self) -> Iterator[HookManager]:
@@ -361,12 +385,12 @@ class BaseCAM(Explainer):
                 if replace is not None and module is not None:
                     with HookManager() as row_hooks:
                         row_hooks.forward_hook(module, replace(start, stop))
-                        output = self.forward(batch)
+                        output = self.forward(batch, samples)
                 else:
-                    output = self.forward(batch)
-                row_target: TargetLike = target
-                if isinstance(target, torch.Tensor):  # frozen classes, one per sample
-                    row_target = target[samples.to(target.device)]
+                    output = self.forward(batch, samples)
+                # frozen classes or target objects, one per sample
+                on = target.device if isinstance(target, torch.Tensor) else samples.device
+                row_target = target_rows(target, samples.to(on))
                 out.append(select_scores(output, row_target, stop - start).detach())
         return torch.cat(out)
 
