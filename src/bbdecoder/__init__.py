@@ -62,7 +62,7 @@ from bbdecoder.monitor import (
 from bbdecoder.report import build_report, store_image, store_table
 from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.store.export import export_tensorboard
-from bbdecoder.targets import TargetError
+from bbdecoder.targets import PerSampleTargets, TargetError
 from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure
 
 __version__ = "0.1.0"
@@ -103,6 +103,7 @@ __all__ = [
     "Occlusion",
     "PerSampleError",
     "PerSampleGradients",
+    "PerSampleTargets",
     "ProbabilityOutputError",
     "PruneReport",
     "RankSync",
