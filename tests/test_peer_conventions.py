@@ -200,7 +200,7 @@ def test_abs_true_is_refused_with_captum_meaning() -> None:
 
 def test_peer_hints_for_arguments_that_live_elsewhere() -> None:
     model = Net().eval()
-    with pytest.raises(TypeError, match="batch_size= .*constructor"):
+    with pytest.raises(TypeError, match=r"batch_size= .*constructor"):
         Occlusion(model).attribute(images(), sliding_window_shapes=3, perturbations_per_eval=4)
     with pytest.raises(TypeError, match="progress=True"):
         FeatureAblation(model).attribute(images(), show_progress=True)
