@@ -124,31 +124,39 @@ def _rename(kwargs: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return out
 
 
-def unknown_keyword_error(owner: str, name: str, names: list[str]) -> TypeError:
+def unknown_keyword_error(owner: str, name: str, names: list[str], forward_args: bool = True) -> TypeError:
     """The ``TypeError`` for an unknown keyword: the nearest valid name, a hint, the accepted ones."""
     message = f"{owner}() got an unexpected keyword argument {name!r}"
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     if close:
         message += f"; did you mean {close[0]!r}?"
-    if name in HINTS:
+    if name == FORWARD_ARGS and not forward_args:
+        message += " (the Keras explainers call the model with the inputs only; wrap the model instead)"
+    elif name in HINTS:
         message += f" ({HINTS[name]})"
     message += "." if not close else ""
-    shown = [n for n in names if n not in ("inputs", "input_tensor")] + [FORWARD_ARGS]
+    shown = [n for n in names if n not in ("inputs", "input_tensor")] + (
+        [FORWARD_ARGS] if forward_args else []
+    )
     message += f" It accepts: {', '.join(shown)}."
     return TypeError(message)
 
 
-def _check(owner: str, kwargs: dict[str, Any], names: list[str]) -> None:
+def _check(owner: str, kwargs: dict[str, Any], names: list[str], forward_args: bool = True) -> None:
     for key in kwargs:
-        if key == FORWARD_ARGS or key in names:
+        if key in names or (forward_args and key == FORWARD_ARGS):
             continue
         if any(alias in names for alias in ALIASES.get(key, ())):
             continue
-        raise unknown_keyword_error(owner, key, names)
+        raise unknown_keyword_error(owner, key, names, forward_args)
 
 
-def checked_keywords(method: F) -> F:
-    """Wrap an explainer method: peers' names renamed, ``additional_forward_args`` taken, unknown refused."""
+def checked_keywords(method: F, *, torch_conventions: bool = True) -> F:
+    """Wrap an explainer method: peers' names renamed, ``additional_forward_args`` taken, unknown refused.
+
+    ``torch_conventions=False`` (the Keras explainers): only the renaming and the refusal; neither
+    ``additional_forward_args`` nor per-sample target objects.
+    """
     if getattr(method, "_checks_keywords", False):
         return method
     own, _ = _names(method)
@@ -157,16 +165,16 @@ def checked_keywords(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if len(args) > 1:
+        if torch_conventions and len(args) > 1:
             args = (args[0], as_target(args[1]), *args[2:])
         if not kwargs:
             return method(self, *args)
         kwargs = _rename(kwargs, own)
         owner = f"{type(self).__name__}.{method.__name__}"
-        if forwarder is not None:
-            _check(owner, kwargs, list(dict.fromkeys(own + accepted_keywords(forwarder(self)))))
-        else:
-            _check(owner, kwargs, own)
+        names = own if forwarder is None else list(dict.fromkeys(own + accepted_keywords(forwarder(self))))
+        _check(owner, kwargs, names, torch_conventions)
+        if not torch_conventions:
+            return method(self, *args, **kwargs)
         for key in target_keys:
             if key in kwargs:
                 kwargs[key] = as_target(kwargs[key])

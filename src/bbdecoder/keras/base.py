@@ -7,11 +7,13 @@ moving statistics, no dropout); nothing of the model is changed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from bbdecoder.attribution.keywords import checked_keywords, forwards_keywords
 from bbdecoder.keras._backend import tf
 from bbdecoder.keras.layers import check_model
 from bbdecoder.keras.targets import KerasTargetLike, fixed_target, is_callable_target, select_scores
@@ -28,6 +30,14 @@ class KerasExplainer:
         input_transform: applied to the inputs inside every forward pass (e.g. a normalisation), so
             attributions are taken with respect to the untransformed inputs. ``None``: as they are.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # An unknown keyword is refused with the nearest valid name, never ignored (as for PyTorch).
+        super().__init_subclass__(**kwargs)
+        for name in ("attribute", "saliency"):
+            method = cls.__dict__.get(name)
+            if callable(method):
+                setattr(cls, name, checked_keywords(method, torch_conventions=False))
 
     def __init__(self, model: Any, *, input_transform: KerasInputTransform | None = None) -> None:
         self.model = check_model(model)
@@ -59,10 +69,13 @@ class KerasExplainer:
         grad = tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grad, tf.stop_gradient(scores)
 
+    @functools.partial(checked_keywords, torch_conventions=False)
     def attribute(self, inputs: Any, target: KerasTargetLike = None, **kwargs: Any) -> Any:
         """Attribution shaped like ``inputs`` (N, *spatial, C), a tf.Tensor."""
         raise NotImplementedError(f"{type(self).__name__} has no input-space attribution")
 
+    @functools.partial(checked_keywords, torch_conventions=False)
+    @forwards_keywords(lambda self: self.attribute)
     def saliency(self, inputs: Any, target: KerasTargetLike = None, **kwargs: Any) -> Any:
         """Non-negative map (N, *spatial, 1): ``|attribution|`` summed over the channel (last) axis."""
         return tf.reduce_sum(tf.abs(self.attribute(inputs, target, **kwargs)), axis=-1, keepdims=True)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bbdecoder.attribution.keywords import forwards_keywords
 from bbdecoder.keras._backend import tf
 from bbdecoder.keras.base import KerasExplainer, check_inputs
 from bbdecoder.keras.gradient import Gradient
@@ -61,10 +62,12 @@ class SmoothGrad(KerasExplainer):
         self.seed = seed
         self.internal_batch_size = internal_batch_size
 
+    @forwards_keywords(lambda self: self.explainer.attribute)
     def attribute(self, inputs: Any, target: KerasTargetLike = None, **kwargs: Any) -> Any:
         """The inner ``attribute`` reduced over noisy copies; a tf.Tensor shaped like ``inputs``."""
         return self._smooth(self.explainer.attribute, inputs, target, kwargs)
 
+    @forwards_keywords(lambda self: self.explainer.saliency)
     def saliency(self, inputs: Any, target: KerasTargetLike = None, **kwargs: Any) -> Any:
         """The inner ``saliency`` reduced over noisy copies; a tf.Tensor (N, *spatial, 1)."""
         return self._smooth(self.explainer.saliency, inputs, target, kwargs)
