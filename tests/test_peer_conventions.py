@@ -513,3 +513,17 @@ def test_target_layers_on_every_cam_and_a_two_layer_list_is_averaged() -> None:
     low = expected.flatten(1).min(1).values.view(-1, 1, 1, 1)
     high = expected.flatten(1).max(1).values.view(-1, 1, 1, 1)
     torch.testing.assert_close(both.saliency(x, 1), (expected - low) / (high - low), rtol=0, atol=1e-6)
+
+
+def test_a_subclass_names_the_keywords_it_reads_from_kwargs() -> None:
+    class Scaled(Gradient):
+        extra_keywords = ("factor",)
+
+        def attribute(self, inputs: torch.Tensor, target: Any = None, **kwargs: Any) -> torch.Tensor:
+            return super().attribute(inputs, target) * kwargs.get("factor", 1.0)
+
+    model = Net().eval()
+    x = images()
+    torch.testing.assert_close(Scaled(model).attribute(x, 1, factor=2.0), Gradient(model).attribute(x, 1) * 2)
+    with pytest.raises(TypeError, match="did you mean 'factor'"):
+        Scaled(model).attribute(x, 1, facter=2.0)

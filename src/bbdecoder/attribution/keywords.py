@@ -15,6 +15,9 @@ Every ``attribute`` / ``saliency`` (and a CAM's ``__call__``) goes through :func
   into :class:`~bbdecoder.targets.PerSampleTargets`;
 * refuses any other unknown keyword with a ``TypeError`` naming the nearest valid one (and, for the
   peers' arguments that mean something else here, where their setting lives).
+
+A subclass whose method reads keywords out of ``**kwargs`` itself names them in the class attribute
+``extra_keywords`` (a tuple of names); they are then let through.
 """
 
 from __future__ import annotations
@@ -172,6 +175,7 @@ def checked_keywords(method: F, *, torch_conventions: bool = True) -> F:
         kwargs = _rename(kwargs, own)
         owner = f"{type(self).__name__}.{method.__name__}"
         names = own if forwarder is None else list(dict.fromkeys(own + accepted_keywords(forwarder(self))))
+        names = names + [name for name in getattr(type(self), "extra_keywords", ()) if name not in names]
         _check(owner, kwargs, names, torch_conventions)
         if not torch_conventions:
             return method(self, *args, **kwargs)
