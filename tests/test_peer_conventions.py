@@ -527,3 +527,18 @@ def test_a_subclass_names_the_keywords_it_reads_from_kwargs() -> None:
     torch.testing.assert_close(Scaled(model).attribute(x, 1, factor=2.0), Gradient(model).attribute(x, 1) * 2)
     with pytest.raises(TypeError, match="did you mean 'factor'"):
         Scaled(model).attribute(x, 1, facter=2.0)
+
+
+def test_cam_layer_maps_take_the_same_keywords() -> None:
+    model = ScaledNet().double().eval()
+    x = images(2).double()
+    scale = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    cam = GradCAM(model, nn.Conv2d)
+    together = cam.layer_map(
+        x, targets=[ClassifierOutputTarget(3), ClassifierOutputTarget(1)], additional_forward_args=(scale,)
+    )
+    for i, c in enumerate((3, 1)):
+        alone = GradCAM(Bound(model, scale[i : i + 1]), nn.Conv2d).layer_map(x[i : i + 1], c)
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="did you mean 'target'"):
+        cam.layer_maps(x, targett=1)

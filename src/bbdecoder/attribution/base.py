@@ -45,7 +45,7 @@ class Explainer:
     :mod:`bbdecoder.attribution.keywords`.
     """
 
-    _checked_methods = ("attribute", "saliency", "__call__")
+    _checked_methods = ("attribute", "saliency", "__call__", "layer_map", "layer_maps")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
