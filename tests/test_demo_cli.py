@@ -105,10 +105,10 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
 
     page = (demo_dir / "report.html").read_text()
     assert SECTIONS.findall(page) == [
-        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "nonfinite",
-        "saliency", "metrics", "bias", "cost", "features", "architecture", "graph",
+        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "alerts",
+        "nonfinite", "saliency", "metrics", "bias", "cost", "features", "architecture", "graph",
     ]  # fmt: skip
-    assert 'class="failed"' not in page and "<script" not in page
+    assert 'class="failed"' not in page and not re.search(r"<script[^>]*\ssrc=", page)  # all inline
 
 
 def test_report_rebuilds_from_the_store_alone(demo_dir: Path, tmp_path: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import warnings
@@ -90,6 +91,13 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_report_run(tmp_path_factory.mktemp("report_run"))
 
 
+def chart_specs(text: str) -> list[dict]:
+    """The chart specs of a page's inline JSON payload."""
+    found = re.search(r'<script type="application/json" id="bbd-payload">(.*?)</script>', text, re.S)
+    assert found is not None
+    return json.loads(found.group(1))["charts"]
+
+
 def section_ids(text: str) -> list[str]:
     return re.findall(r'<section id="([^"]+)"', text)
 
@@ -107,16 +115,20 @@ def test_full_report_has_every_section_and_only_embedded_images(report_run: Path
     page = build_report(report_run, tmp_path / "r.html")
     text = page.read_text()
     assert section_ids(text) == [
-        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "nonfinite",
-        "saliency", "metrics", "bias", "graph",
+        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "alerts",
+        "nonfinite", "saliency", "metrics", "bias", "graph",
     ]  # fmt: skip
     images = decoded_images(text)
     assert len(images) == text.count("<img ")  # every <img> is an embedded, decodable PNG
     assert all(w > 50 and h > 50 for _, (w, h) in images)
     alts = [alt for alt, _ in images]
-    assert {"saliency grid", "group scores", "weight histograms over epochs", "training loss"} <= set(alts)
-    assert sum(a.startswith("gradient flow, epoch") for a in alts) == 2  # first and last epoch
-    assert "<script" not in text and "http://" not in text and "https://" not in text
+    assert {"saliency grid", "group scores", "weight histograms over epochs"} <= set(alts)
+    charts = chart_specs(text)
+    assert sum(c["id"].startswith("gradient-flow-") for c in charts) == 2  # first and last epoch
+    assert {"loss", "grad-l2", "grad-l1", "update-ratio"} <= {c["id"] for c in charts}
+    # everything inline: no script or stylesheet is loaded from anywhere
+    assert re.findall(r"<script[^>]*\ssrc=", text) == [] and re.findall(r"<link[^>]*stylesheet", text) == []
+    assert re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", text) == []
     assert "No non-finite (NaN or Inf) gradient was recorded." in text
     assert "NaN" in text  # the NaN in the metrics table is shown, not dropped
     assert 'class="failed"' not in text
