@@ -481,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--csv", metavar="DIR", help="write CSV files here")
     target.add_argument("--parquet", metavar="DIR", help="write Parquet files here (needs pyarrow)")
     export.set_defaults(handler=_export)
+
+    from bbdecoder.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 

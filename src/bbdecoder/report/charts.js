@@ -239,6 +239,11 @@
 
   function renderAlerts(alerts) {
     var box = document.getElementById("bbd-alerts");
+    if (!box && alerts && alerts.length && window.bbdLive) {
+      box = el("div");
+      box.id = "bbd-alerts";
+      liveBox().appendChild(box);
+    }
     if (!box || !alerts) return;
     box.innerHTML = "";
     if (!alerts.length) { box.appendChild(el("p", "note", "No alert was raised.")); return; }
@@ -256,9 +261,29 @@
     box.appendChild(table);
   }
 
+  function liveBox() {
+    // Charts whose section had no data when the page was served go into one section at the end.
+    var box = document.getElementById("bbd-live-new");
+    if (!box) {
+      var section = el("section");
+      section.id = "live-new";
+      section.appendChild(el("h2", null, "Recorded since the page was opened"));
+      box = el("div");
+      box.id = "bbd-live-new";
+      section.appendChild(box);
+      (document.querySelector("main") || document.body).appendChild(section);
+    }
+    return box;
+  }
+
   function update(payload) {
     (payload.charts || []).forEach(function (spec) {
       var root = document.querySelector('[data-chart="' + spec.id + '"]');
+      if (!root && payload.live) {
+        root = el("div", "bbd-chart");
+        root.dataset.chart = spec.id;
+        liveBox().appendChild(root);
+      }
       if (!root) return;
       if (charts[spec.id]) charts[spec.id].update(spec);
       else charts[spec.id] = new Chart(root, spec);
@@ -284,6 +309,7 @@
     var node = document.getElementById("bbd-payload");
     if (!node) return;
     var payload = JSON.parse(node.textContent);
+    window.bbdLive = !!payload.live;
     update(payload);
     window.addEventListener("resize", function () {
       Object.keys(charts).forEach(function (k) {
