@@ -83,7 +83,11 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert summary["fullgrad_completeness_max_rel_error"] < 1e-4
     # completeness against |F(x)| (not against F(x) - F(baseline), near zero for some samples)
-    assert summary["ig_completeness_error_vs_score_median"] <= summary["ig_completeness_error_vs_score_worst"] < 0.1
+    assert (
+        summary["ig_completeness_error_vs_score_median"]
+        <= summary["ig_completeness_error_vs_score_worst"]
+        < 0.1
+    )
     assert "ig_completeness_max_rel_error" not in summary
     assert 0 <= summary["test_accuracy"] <= 1
     assert 0 <= summary["fullgrad_deletion_auc"] <= 1 and 0 <= summary["gradcam_insertion_auc"] <= 1
