@@ -205,3 +205,23 @@ def test_table_and_image_blobs_round_trip(tmp_path: Path) -> None:
     assert back["name"].tolist() == ["a", "b"] and back["n"].tolist() == [3, 4]
     assert back["x"][0] == 1.5 and np.isnan(back["x"][1])
     reader.close()
+
+
+def test_layer_table_says_why_output_shapes_are_missing_and_ratio_table_has_no_inf(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    nn.init.zeros_(net[0].bias)  # a zero-initialised bias: its first update ratio is ||dW|| / 0
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Analyzer(net, tmp_path) as analyzer:  # no input_size: no output shapes
+        for _ in range(3):
+            loss = F.cross_entropy(analyzer.forward_propagation(torch.randn(5, 4)), torch.randint(0, 2, (5,)))
+            optimizer.zero_grad()
+            analyzer.backward_propagation(loss)
+            optimizer.step()
+    with open_run(tmp_path) as reader:
+        ratios = reader.scalars("update_ratio")
+    assert np.isinf(ratios["value"]).any()  # the store holds the infinite ratio ...
+    text = build_report(tmp_path).read_text()
+    assert "3 layer(s) without an output shape" in text and "input_size=(1, C, H, W)" in text
+    assert ">inf<" not in text.lower()  # ... the page shows no inf cell
+    assert "update ratio(s) were infinite (the weight was exactly zero" in text

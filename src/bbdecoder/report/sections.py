@@ -125,8 +125,24 @@ def layer_table(ctx: ReportContext) -> Section | None:
     layers = ctx.layers
     if layers.empty:
         return None
+    layers = layers.copy()
+    missing = layers["output_shape"].isna() | (layers["output_shape"] == "")
+    if missing.any():  # a layer's recorded features (get_inter_features) know its output shape
+        features = ctx.reader.blobs(kind="features")
+        for record in features.itertuples():
+            shape = record.meta.get("shape")
+            hit = missing & (layers["layer_id"] == record.layer_id)
+            if shape and hit.any():
+                layers.loc[hit, "output_shape"] = str(list(shape))
+                missing &= ~hit
     frame = layers.rename(columns={"layer_id": "ID", "output_shape": "output shape"}).fillna("")
-    return Section("layers", "Layers", html.table(frame, max_rows=1000))
+    body = html.table(frame, max_rows=1000)
+    if missing.any():
+        body += html.paragraph(
+            f"{int(missing.sum())} layer(s) without an output shape: the run recorded none for them. Pass "
+            "input_size=(1, C, H, W) to Analyzer to record them."
+        )
+    return Section("layers", "Layers", body)
 
 
 def _flow(ctx: ReportContext, epoch: int) -> tuple[list[dict[str, object]], dict[str, np.ndarray]]:
