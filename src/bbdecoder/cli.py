@@ -721,10 +721,11 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.run_dir} holds no run store ({db_path(run).name}); pass a run folder", EXIT_MISSING
         )
-    output_folder(
-        args.tensorboard or args.csv or args.parquet,
-        next(f"--{name}" for name in ("tensorboard", "csv", "parquet") if getattr(args, name)),
-    )
+    if not wants_sink(args):  # --mlflow / --wandb write to their own stores
+        output_folder(
+            args.tensorboard or args.csv or args.parquet,
+            next(f"--{name}" for name in ("tensorboard", "csv", "parquet") if getattr(args, name)),
+        )
     try:
         if args.tensorboard:
             export_tensorboard(run, args.tensorboard)
