@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bbdecoder.report import build_report
+from bbdecoder.store import RunWriter
 from tests.test_report import make_report_run
 from tests.test_report_browser import DevTools, ensure_chromium
 
@@ -19,6 +20,10 @@ from tests.test_report_browser import DevTools, ensure_chromium
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_report_run(tmp_path_factory.mktemp("interactive_run"))
+    writer = RunWriter(root)
+    writer.add_event("exploding_grad", "exploding gradient at step 4: [4] 4 (4.weight)", step=4, layer_id=4,
+                     param="4.weight")  # fmt: skip
+    writer.close()
     return build_report(root, root / "report.html")
 
 
@@ -192,6 +197,12 @@ def test_hover_legend_log_and_filter_in_chromium(page: Path, tmp_path: Path) -> 
             " return t.style.display === 'block' ? t.textContent : null; })()"
         )
         assert bar["param"] in text
+        # the alert table, drawn by the page from the payload
+        rows = tab.js(
+            "Array.from(document.querySelectorAll('#bbd-alerts tr.bbd-alert'))"
+            ".map(r => [r.dataset.kind, r.textContent])"
+        )
+        assert len(rows) == 1 and rows[0][0] == "exploding_grad" and "4.weight" in rows[0][1]
         assert tab.errors() == []
         assert [u for u in tab.requests() if not u.startswith(("file:", "data:"))] == []
     finally:

@@ -255,7 +255,15 @@ def test_dashboard_in_process_run_table_and_readonly_reader(tmp_path: Path) -> N
     assert dashboard.authorised("t0k") and not dashboard.authorised("t0") and not dashboard.authorised(None)
     assert dashboard.run("../two") is None and dashboard.run("two") is not None
     payload = json.loads(dashboard.payload(*dashboard.run("two")))
-    assert payload["latest_step"] == 2 and payload["run"] == "two"
+    assert payload["latest_step"] == 2 and payload["run"] == "two" and payload["alerts"] == []
+    # an alert stored by training appears in the next payload (the page's alert table shows it)
+    from bbdecoder.store import RunWriter
+
+    writer = RunWriter(tmp_path / "runs" / "two")
+    writer.add_event("loss_spike", "loss spike at step 2: 9.0", step=2, epoch=0)
+    writer.close()
+    payload = json.loads(dashboard.payload(*dashboard.run("two")))
+    assert [(a["kind"], a["step"]) for a in payload["alerts"]] == [("loss_spike", 2)]
     dashboard.close()
     reader = ReadOnlyRunReader(tmp_path / "runs" / "two" / "run.sqlite")
     with pytest.raises(Exception, match=r"readonly|read-only|query_only"):
