@@ -262,7 +262,12 @@ def test_dashboard_in_process_run_table_and_readonly_reader(tmp_path: Path) -> N
     writer = RunWriter(tmp_path / "runs" / "two")
     writer.add_event("loss_spike", "loss spike at step 2: 9.0", step=2, epoch=0)
     writer.close()
-    payload = json.loads(dashboard.payload(*dashboard.run("two")))
+    deadline = time.monotonic() + 60  # rebuilds are spaced by twice the last build time
+    while time.monotonic() < deadline:
+        payload = json.loads(dashboard.payload(*dashboard.run("two")))
+        if payload["alerts"]:
+            break
+        time.sleep(0.1)
     assert [(a["kind"], a["step"]) for a in payload["alerts"]] == [("loss_spike", 2)]
     dashboard.close()
     reader = ReadOnlyRunReader(tmp_path / "runs" / "two" / "run.sqlite")

@@ -19,6 +19,7 @@ import secrets
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -81,6 +82,8 @@ class _Run:
     reader: ReadOnlyRunReader | None = None
     version: int | None = None
     payload: bytes = b""
+    built_at: float = 0.0
+    build_seconds: float = 0.0
 
 
 class Dashboard:
@@ -135,14 +138,18 @@ class Dashboard:
         return entry.reader
 
     def payload(self, name: str, entry: _Run) -> bytes:
-        """The JSON payload of one run, recomputed only when the store changed."""
+        """The JSON payload of one run, recomputed only when the store changed, and for a large run
+        (a slow rebuild) at most every twice its build time, so polling never queues rebuilds."""
         with entry.lock:
             reader = self._reader(entry)
             version = reader.data_version()
-            if version != entry.version or not entry.payload:
+            now = time.monotonic()
+            stale = version != entry.version or not entry.payload
+            if stale and (not entry.payload or now - entry.built_at >= 2 * entry.build_seconds):
                 _, payload = collect(reader, max_points=self.max_points)
                 payload["run"] = name
                 entry.payload, entry.version = to_json(payload).encode(), version
+                entry.built_at, entry.build_seconds = time.monotonic(), time.monotonic() - now
             return entry.payload
 
     def page(self, name: str, entry: _Run) -> bytes:
