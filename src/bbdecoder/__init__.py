@@ -3,6 +3,7 @@
 Everything public is importable from here: ``from bbdecoder import FullGrad``.
 """
 
+from bbdecoder.alerts import AlertConfig, AlertEngine, AlertWarning
 from bbdecoder.attribution import (
     CompletenessError,
     Explainer,
@@ -40,6 +41,7 @@ from bbdecoder.monitor import (
     PruneReport,
 )
 from bbdecoder.report import build_report, store_image, store_table
+from bbdecoder.sinks import MLflowSink, WandbSink
 from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.store.export import export_tensorboard
 from bbdecoder.targets import TargetError
@@ -48,6 +50,9 @@ from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlertConfig",
+    "AlertEngine",
+    "AlertWarning",
     "Analyzer",
     "CompletenessError",
     "DatasetMaps",
@@ -66,6 +71,7 @@ __all__ = [
     "LayerCost",
     "LayerIndex",
     "LayerInfo",
+    "MLflowSink",
     "Master_analyzer",
     "NonFiniteGradientWarning",
     "Normalize",
@@ -77,6 +83,7 @@ __all__ = [
     "SmoothGrad",
     "StoreError",
     "TargetError",
+    "WandbSink",
     "__version__",
     "attention_iou",
     "build_report",
