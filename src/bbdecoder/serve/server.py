@@ -32,33 +32,20 @@ from bbdecoder.report import html
 from bbdecoder.report.builder import collect, render_report
 from bbdecoder.report.charts import MAX_POINTS, to_json
 from bbdecoder.store.reader import RunReader
-from bbdecoder.store.schema import DB_FILENAME, SCHEMA_VERSION, StoreError
+from bbdecoder.store.schema import DB_FILENAME, StoreError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class ReadOnlyRunReader(RunReader):
-    """A :class:`RunReader` whose connection cannot write: the file is opened with SQLite's
-    ``mode=ro`` (the operating system sees a read-only open) and ``query_only`` is set."""
+    """A :class:`RunReader` (SQLite ``mode=ro``: the operating system sees a read-only open) with
+    ``query_only`` set, that never opens the store for writing, not even to tidy up ``-wal``/``-shm``
+    files on close."""
 
     def __init__(self, store: Path) -> None:
-        self.path = store
-        if not store.exists():
-            raise StoreError(f"no run store at {store}")
-        uri = store.resolve().as_uri() + "?mode=ro"
-        self._conn = sqlite3.connect(
-            uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
-        self._conn.execute("PRAGMA busy_timeout = 30000")
+        super().__init__(store)
+        self._tidy = False
         self._conn.execute("PRAGMA query_only = 1")
-        try:
-            versions = [row[0] for row in self._conn.execute("SELECT version FROM schema_version")]
-        except sqlite3.Error as err:
-            self._conn.close()
-            raise StoreError(f"{store} is not a bbdecoder run store ({err})") from err
-        if versions != [SCHEMA_VERSION]:
-            self._conn.close()
-            raise StoreError(f"{store} has schema version {versions}; this reader reads {SCHEMA_VERSION}")
 
     def data_version(self) -> int:
         """Changes whenever another connection commits to the store (SQLite ``data_version``)."""
