@@ -1,7 +1,9 @@
 """Activation probes: dead units, saturation, variance across channels, channel similarity.
 
 A probe is fed each watched layer's output (detached, inside ``no_grad``) and keeps its running
-state on the device; the analyzer reads it once per epoch.
+state in tensors updated **in place** (no Python counters, no re-assigned attributes), so a hook
+traced by ``torch.compile`` adds no guard that changes from one step to the next; the analyzer
+reads the state once per epoch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,52 @@ import torch
 from torch import nn
 
 SaturationFn = Callable[[torch.Tensor], torch.Tensor]
+
+RECTIFIERS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Threshold,
+)
+"""Activation functions with a "dead" regime (a unit whose output is never above the threshold)."""
+
+ACTIVATION_FUNCTIONS: tuple[type[nn.Module], ...] = (
+    *RECTIFIERS,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.GLU,
+)
+"""Modules watched by ``activations=True``."""
+
+CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+"""Layers whose outputs are ``(N, C, ...)``; every other layer's units are along the last dim
+(``Linear``, ``LayerNorm``, ``Embedding``, attention: ``(N, L, D)``)."""
 
 
 def saturation_test(module: nn.Module, eps: float) -> SaturationFn | None:
@@ -42,40 +90,63 @@ def channels_first(output: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ActivationProbe:
-    """Running activation state of one layer over the current epoch.
+    """Running activation state of one layer over the current epoch (all tensors, updated in place).
 
     - ``max``: per channel, the largest activation seen; a unit is **dead** when this is
-      ``<= threshold`` (i.e. its activation was ``<= threshold`` for every sample and position).
-    - saturated / total element counts (for activation modules with a saturation test).
+      ``<= threshold`` (its activation was ``<= threshold`` for every sample and position).
+      Only counted when ``dead`` is true (rectifiers, or a layer the user named).
+    - ``saturated`` / ``total``: element counts (for activation modules with a saturation test).
     - ``channel_var``: population variance, across channels, of each channel's mean activation,
       summed over forwards (divide by ``forwards``).
     """
 
-    def __init__(self, module: nn.Module, threshold: float, eps: float, dim: int) -> None:
+    def __init__(self, module: nn.Module, threshold: float, eps: float, dim: int, *, dead: bool) -> None:
         self.threshold = threshold
         self.dim = dim
+        self.dead = dead
         self.saturation = saturation_test(module, eps)
-        self.reset()
-
-    def reset(self) -> None:
         self.max: torch.Tensor | None = None
         self.saturated: torch.Tensor | None = None
-        self.total = 0
+        self.total: torch.Tensor | None = None
         self.channel_var: torch.Tensor | None = None
-        self.forwards = 0
+        self.forwards: torch.Tensor | None = None
+
+    @property
+    def seen(self) -> bool:
+        """State exists (at least one forward since the probe was created)."""
+        return self.max is not None
+
+    def reset(self) -> None:
+        """Start a new epoch: the same tensors, refilled."""
+        if self.max is None:
+            return
+        assert self.saturated is not None and self.total is not None
+        assert self.channel_var is not None and self.forwards is not None
+        self.max.fill_(-float("inf"))
+        for t in (self.saturated, self.total, self.channel_var, self.forwards):
+            t.zero_()
+
+    def _allocate(self, channels: int, like: torch.Tensor) -> None:
+        device = like.device
+        self.max = torch.full((channels,), -float("inf"), dtype=torch.float32, device=device)
+        self.saturated = torch.zeros((), dtype=torch.float64, device=device)
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.channel_var = torch.zeros((), dtype=torch.float64, device=device)
+        self.forwards = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, output: torch.Tensor) -> None:
         y = output.detach()
         ch = channels_first(y, self.dim)
-        cmax = ch.amax(dim=1)
-        self.max = cmax if self.max is None or self.max.shape != cmax.shape else torch.maximum(self.max, cmax)
-        cvar = ch.float().mean(dim=1).var(correction=0)
-        self.channel_var = cvar if self.channel_var is None else self.channel_var + cvar
-        self.forwards += 1
+        if self.max is None or self.max.shape[0] != ch.shape[0]:
+            self._allocate(ch.shape[0], y)
+        assert self.max is not None and self.saturated is not None and self.total is not None
+        assert self.channel_var is not None and self.forwards is not None
+        torch.maximum(self.max, ch.amax(dim=1).float(), out=self.max)
+        self.channel_var.add_(ch.float().mean(dim=1).var(correction=0))
+        self.forwards.add_(1)
         if self.saturation is not None:
-            sat = self.saturation(y).sum()
-            self.saturated = sat if self.saturated is None else self.saturated + sat
-            self.total += y.numel()
+            self.saturated.add_(self.saturation(y).sum())
+            self.total.add_(y.numel())
 
     def dead_mask(self) -> torch.Tensor | None:
         """Boolean ``(C,)``: channels whose activation never exceeded the threshold (``None``: no data)."""
