@@ -69,9 +69,7 @@ def _epoch_grad_means(reader: RunReader, epoch: int) -> pd.DataFrame:
     both = pd.concat([agg[["layer_id", "param", "stat", "value"]], from_steps], ignore_index=True)
     # stored aggregates first; the step means only fill what the aggregates lack (all-NaN epochs)
     both = both.drop_duplicates(subset=["layer_id", "param", "stat"], keep="first")
-    wide = both.pivot_table(
-        index=["layer_id", "param"], columns="stat", values="value", sort=True, dropna=False
-    )
+    wide = both.set_index(["layer_id", "param", "stat"])["value"].unstack("stat").sort_index()
     wide = wide.reindex(columns=list(_GRAD_STATS))
     return wide.reset_index()
 
