@@ -13,8 +13,12 @@ from torch import nn
 
 from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo
-from bbdecoder.monitor.activations import CHANNELS_FIRST, RECTIFIERS, ActivationProbe
+from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, CHANNELS_FIRST, RECTIFIERS, ActivationProbe
+
 from bbdecoder.store.writer import RunWriter
+
+PASS_THROUGH = (*ACTIVATION_FUNCTIONS, nn.Dropout, nn.Identity, nn.AlphaDropout)
+"""Parameter-free leaves that keep the unit count of their input."""
 
 ACTIVATION_STATS = ("dead_fraction", "dead_count", "saturated_fraction", "channel_var")
 
@@ -30,6 +34,23 @@ def default_channel_dim(layer: LayerInfo, index: LayerIndex) -> int:
             if candidate.num_params > 0:
                 return -1
     return -1
+
+
+def expected_channels(layer: LayerInfo, index: LayerIndex) -> tuple[int, torch.device] | None:
+    """``(units, device)`` of ``layer``'s output along its default dim, read from the weights of the
+    layer or of the nearest preceding leaf with parameters (``None`` when it cannot be known before a
+    forward). Allocating probe state up front keeps a compiled forward from recompiling when the
+    state appears after the first call."""
+    for candidate in reversed(list(index)[: layer.id + 1]):
+        weight = getattr(candidate.module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+            size = weight.shape[-1] if isinstance(candidate.module, nn.Embedding) else weight.shape[0]
+            return int(size), weight.device
+        if candidate is not layer and candidate.num_params > 0:
+            return None
+        if candidate is not layer and not isinstance(candidate.module, PASS_THROUGH):
+            return None
+    return None
 
 
 class ActivationWatcher:
@@ -54,6 +75,9 @@ class ActivationWatcher:
             layer_dim = default_channel_dim(layer, self.index) if dim is None else dim
             dead = named or isinstance(layer.module, RECTIFIERS)
             probe = ActivationProbe(layer.module, threshold, eps, layer_dim, dead=dead)
+            expected = expected_channels(layer, self.index) if dim is None else None
+            if expected is not None:
+                probe.allocate(*expected)
             self.probes[layer.id] = probe
             self.writer.series_id(layer.id, "")
             self.hooks.forward_hook(layer.module, self._hook(probe, layer))

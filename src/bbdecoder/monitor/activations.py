@@ -113,7 +113,7 @@ class ActivationProbe:
 
     @property
     def seen(self) -> bool:
-        """State exists (at least one forward since the probe was created)."""
+        """State exists (allocated up front from the weights, or by the first forward)."""
         return self.max is not None
 
     def reset(self) -> None:
@@ -126,8 +126,9 @@ class ActivationProbe:
         for t in (self.saturated, self.total, self.channel_var, self.forwards):
             t.zero_()
 
-    def _allocate(self, channels: int, like: torch.Tensor) -> None:
-        device = like.device
+    def allocate(self, channels: int, device: torch.device) -> None:
+        """Create the state for ``channels`` units (done before the first forward when the count is
+        known from the weights; otherwise on the first forward)."""
         self.max = torch.full((channels,), -float("inf"), dtype=torch.float32, device=device)
         self.saturated = torch.zeros((), dtype=torch.float64, device=device)
         self.total = torch.zeros((), dtype=torch.float64, device=device)
@@ -138,7 +139,7 @@ class ActivationProbe:
         y = output.detach()
         ch = channels_first(y, self.dim)
         if self.max is None or self.max.shape[0] != ch.shape[0]:
-            self._allocate(ch.shape[0], y)
+            self.allocate(ch.shape[0], y.device)
         assert self.max is not None and self.saturated is not None and self.total is not None
         assert self.channel_var is not None and self.forwards is not None
         torch.maximum(self.max, ch.amax(dim=1).float(), out=self.max)

@@ -91,7 +91,7 @@ def _coverage_text(coverage: str | None, tracked: int) -> str:
     import json
 
     try:
-        c = json.loads(coverage) if coverage else None
+        c = json.loads(coverage or "")
         return (
             f"{c['tracked_tensors']} of {c['trainable_tensors']} trainable tensors "
             f"({c['tracked_elements']:,} of {c['trainable_elements']:,} elements; "
