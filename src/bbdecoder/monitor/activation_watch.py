@@ -14,7 +14,6 @@ from torch import nn
 from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, CHANNELS_FIRST, RECTIFIERS, ActivationProbe
-
 from bbdecoder.store.writer import RunWriter
 
 PASS_THROUGH = (*ACTIVATION_FUNCTIONS, nn.Dropout, nn.Identity, nn.AlphaDropout)
