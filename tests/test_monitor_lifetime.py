@@ -186,3 +186,59 @@ def test_all_nan_epoch_still_draws_the_gradient_figures(tmp_path) -> None:
 
     table = _epoch_grad_means(open_run(tmp_path / "run"), 0)
     assert len(table) == 4 and table["max_abs"].isna().all()  # every parameter there, as a marker
+
+
+def _train_recorded(path, *, every: int = 1, deferred: bool = False, steps: int = 6):
+    from bbdecoder.monitor.host_copy import HostCopy
+
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    an = Analyzer(model, path, every=every)
+    if deferred:  # the CUDA path: each step's vector is read one step later
+        an._host = HostCopy(deferred=True)
+    before, after = [], []
+    for i in range(steps):
+        x = torch.randn(5, 4)
+        loss = F.cross_entropy(model(x), torch.randint(0, 3, (5,)))
+        if i == 3:
+            loss = loss * float("inf")
+        opt.zero_grad()
+        loss.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonFiniteGradientWarning)
+            an.step(loss=loss)
+        before.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+        if i != 3:
+            opt.step()
+        after.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    an.close()
+    return open_run(path), before, after
+
+
+def test_deferred_host_copy_stores_exactly_what_the_immediate_one_does(tmp_path) -> None:
+    now, _, _ = _train_recorded(tmp_path / "now")
+    later, _, _ = _train_recorded(tmp_path / "later", deferred=True)
+    a, b = now.scalars(), later.scalars()
+    assert len(a) == len(b) and len(a) > 0
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(a, b)
+    assert now.steps()["loss"].tolist()[:3] == later.steps()["loss"].tolist()[:3]
+    assert (
+        later.events("nonfinite_grad")["step"].tolist()
+        == [3]
+        == now.events("nonfinite_grad")["step"].tolist()
+    )
+
+
+def test_every_records_every_kth_step_and_the_update_after_it(tmp_path) -> None:
+    run, before, after = _train_recorded(tmp_path, every=2)
+    assert run.steps()["step"].tolist() == [0, 2, 4]
+    sc = run.scalars()
+    assert set(sc[sc.stat == "l2"].step) == {0, 2, 4}
+    ratios = sc[sc.stat == "update_ratio"]
+    assert set(ratios.step) == {0, 2, 4}
+    for row in ratios.itertuples():
+        w0, w1 = before[row.step][row.param], after[row.step][row.param]
+        want = (w1 - w0).norm() / w0.norm() if w0.norm() > 0 else (w1 - w0).norm()
+        assert row.value == pytest.approx(want.item(), rel=1e-5)
