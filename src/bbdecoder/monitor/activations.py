@@ -105,6 +105,7 @@ class ActivationProbe:
         self.dim = dim
         self.dead = dead
         self.saturation = saturation_test(module, eps)
+        self.zero_saturates = isinstance(module, nn.ReLU)
         self.max: torch.Tensor | None = None
         self.saturated: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
@@ -137,16 +138,24 @@ class ActivationProbe:
 
     def update(self, output: torch.Tensor) -> None:
         y = output.detach()
-        ch = channels_first(y, self.dim)
-        if self.max is None or self.max.shape[0] != ch.shape[0]:
-            self.allocate(ch.shape[0], y.device)
+        if y.dim() == 1:
+            channel_max, channel_mean = y, y.float()
+        else:  # reduce over every other dim in place of a channels-first copy
+            others = tuple(d for d in range(y.dim()) if d != self.dim % y.dim())
+            channel_max = y.amax(dim=others)
+            channel_mean = y.float().mean(dim=others)
+        if self.max is None or self.max.shape[0] != channel_max.shape[0]:
+            self.allocate(channel_max.shape[0], y.device)
         assert self.max is not None and self.saturated is not None and self.total is not None
         assert self.channel_var is not None and self.forwards is not None
-        torch.maximum(self.max, ch.amax(dim=1).float(), out=self.max)
-        self.channel_var.add_(ch.float().mean(dim=1).var(correction=0))
+        torch.maximum(self.max, channel_max.float(), out=self.max)
+        self.channel_var.add_(channel_mean.var(correction=0))
         self.forwards.add_(1)
         if self.saturation is not None:
-            self.saturated.add_(self.saturation(y).sum())
+            if self.zero_saturates:  # ReLU: saturated == exactly 0, one reduction, no mask
+                self.saturated.add_(y.numel() - torch.count_nonzero(y))
+            else:
+                self.saturated.add_(self.saturation(y).sum())
             self.total.add_(y.numel())
 
     def dead_mask(self) -> torch.Tensor | None:
