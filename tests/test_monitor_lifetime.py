@@ -150,8 +150,13 @@ def test_huge_finite_gradients_stay_finite_and_exact(tmp_path) -> None:
         assert row.value == pytest.approx(want[row.stat].item(), rel=1e-6), (row.param, row.stat)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("numel", [1_000, 200_000])
-def test_variance_exact_when_the_mean_dwarfs_the_spread(numel) -> None:
+def test_variance_exact_when_the_mean_dwarfs_the_spread(numel, scaled, monkeypatch) -> None:
+    from bbdecoder.monitor import grad_stats
+
+    if scaled:  # the path CUDA always takes
+        monkeypatch.setattr(grad_stats, "_squares_fit", lambda *a: False)
     # gradients like 1000 + N(0, 1): a one-pass float32 E[g^2] - E[g]^2 is off by ~10% here
     g = 1000.0 + torch.randn(numel, generator=torch.Generator().manual_seed(numel))
     var = GradStatistics()([g])[0, 3].item()
