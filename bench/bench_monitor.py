@@ -109,7 +109,7 @@ class MiniBert(nn.Module):
         self.positions = nn.Parameter(torch.randn(1, length, dim) * 0.02)  # container-owned, as in BERT/ViT
         self.norm = nn.LayerNorm(dim)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True
+            dim, heads, 4 * dim, dropout=0.1, activation=nn.GELU(), batch_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(dim, 9)
