@@ -208,3 +208,20 @@ def test_hooks_that_never_fire_are_reported_once(tmp_path) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")
                     an.step()  # once is enough
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.Hardsigmoid(), nn.Sigmoid(), nn.Tanh(), nn.GELU()],
+)
+def test_saturation_count_equals_the_boolean_rule(module) -> None:
+    from bbdecoder.monitor.activations import saturation_count, saturation_test
+
+    torch.manual_seed(0)
+    y = module(torch.randn(4, 3, 50) * 8)
+    count, mask = saturation_count(module, 1e-3), saturation_test(module, 1e-3)
+    if mask is None:
+        assert count is None
+        return
+    assert 0 < mask(y).sum().item() < y.numel()
+    assert count(y).item() == mask(y).sum().item()
