@@ -7,12 +7,10 @@ Everything goes to the run store in ``save_path`` (see :mod:`bbdecoder.store`).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +21,18 @@ from torch import nn
 
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.layers import LayerIndex, LayerInfo, LayerSelection
+from bbdecoder.monitor.activation_api import ActivationsMixin
 from bbdecoder.monitor.activation_watch import ActivationWatcher
-from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, channel_similarity
+from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS
 from bbdecoder.monitor.coverage import ParamOwners, unwrap_model
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, GradStatistics, UpdateRatios
 from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_graph
 from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
-from bbdecoder.monitor.pruning import PrunedUnits, PruneReport, make_permanent, mask_channels, output_channels
+from bbdecoder.monitor.seed import SeedInterface
+from bbdecoder.monitor.settings import check_settings
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
 from bbdecoder.store.writer import RunWriter
-from bbdecoder.validation import check_positive_int
 
 
 class NonFiniteGradientWarning(RuntimeWarning):
@@ -76,35 +75,7 @@ def _release(hooks: HookManager, writer: Any, tensorboard: Any) -> None:
             writer.close()
 
 
-def _check_settings(
-    flush_every: Any,
-    histogram_bins: Any,
-    quantiles: Any,
-    channel_dim: Any,
-    every: Any,
-    eps: Any,
-    threshold: Any,
-) -> tuple[float, ...]:
-    check_positive_int(flush_every, "flush_every")
-    check_positive_int(histogram_bins, "histogram_bins")
-    check_positive_int(every, "every")
-    try:
-        qs = tuple(float(q) for q in quantiles)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"quantiles must be numbers in [0, 1], got {quantiles!r}") from err
-    bad = [q for q in qs if not 0.0 <= q <= 1.0]
-    if bad or not qs:
-        raise ValueError(f"quantiles must be a non-empty list of numbers in [0, 1], got {quantiles!r}")
-    if channel_dim is not None and (not isinstance(channel_dim, int) or isinstance(channel_dim, bool)):
-        raise TypeError(f"channel_dim must be an int or None (chosen per layer), got {channel_dim!r}")
-    if not isinstance(eps, (int, float)) or not 0.0 <= eps < 0.5:
-        raise ValueError(f"saturation_eps must be a number in [0, 0.5), got {eps!r}")
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise ValueError(f"dead_threshold must be a number, got {threshold!r}")
-    return qs
-
-
-class Analyzer(InspectionMixin):
+class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
     """Record gradient, weight and activation statistics of ``model`` while it trains.
 
     Args:
@@ -164,7 +135,7 @@ class Analyzer(InspectionMixin):
         self.closed = True  # until construction succeeds
         if not isinstance(model, nn.Module):
             raise TypeError(f"Analyzer needs an nn.Module, got {type(model).__name__}")
-        self.quantiles = _check_settings(
+        self.quantiles = check_settings(
             flush_every, histogram_bins, quantiles, channel_dim, every, saturation_eps, dead_threshold
         )
         if tensorboard is not None and not isinstance(tensorboard, (bool, str, Path)):
@@ -325,84 +296,6 @@ class Analyzer(InspectionMixin):
             raise RuntimeError("this Analyzer is closed; create a new one to record more")
 
     # -- the seed's interface -----------------------------------------------------------------
-    def forward_propagation(self, *inputs: Any, **kwargs: Any) -> Any:
-        """``model(*inputs, **kwargs)`` through the model as given (a ``torch.compile`` or DDP
-        wrapper runs its own forward); activation hooks record when watching."""
-        self._check_open()
-        return self.wrapped(*inputs, **kwargs)
-
-    def backward_propagation(
-        self,
-        loss: torch.Tensor,
-        collect_grads: bool = True,
-        layer_inds: LayerSelection = None,
-        *,
-        layers: LayerSelection = None,
-        retain_graph: bool = False,
-    ) -> None:
-        """``loss.backward()``, then (``collect_grads``) record the gradient statistics of the
-        selected layers (``layers=`` and ``layer_inds=`` are synonyms; ``None``: every tracked layer)."""
-        self._check_open()
-        if layer_inds is not None and layers is not None and layer_inds != layers:
-            raise ValueError("pass the layer selection as layers= or layer_inds=, not both")
-        selection = layers if layers is not None else layer_inds
-        selected = self._select_params(selection)  # validate before the graph is consumed
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss must be a scalar, got shape {tuple(loss.shape)}; reduce it first "
-                "(loss.mean() or loss.sum())"
-            )
-        if loss.grad_fn is None:
-            raise ValueError("loss does not require grad: it was computed without a graph (torch.no_grad?)")
-        if loss.grad_fn is self._last_grad_fn:
-            raise RuntimeError(
-                "backward_propagation was already called on this loss and its graph is freed; run a new "
-                "forward pass, or pass retain_graph=True to the first call"
-            )
-        loss.backward(retain_graph=retain_graph)
-        self._last_grad_fn = None if retain_graph else loss.grad_fn
-        if collect_grads:
-            self._record_step(selected, loss.detach())
-
-    def save_collected_grads(
-        self, save_folder: str | Path | None = None, ep: int | None = None
-    ) -> list[Path]:
-        """End epoch ``ep``: store per-epoch aggregates, weight histograms/quantiles and activation
-        statistics, then draw the gradient figures of that epoch into ``save_folder`` (default
-        ``<save_path>/figures``). Returns the figure paths."""
-        epoch = self.end_epoch(ep)
-        from bbdecoder.viz.monitor_plots import plot_grad_norms, plot_gradient_flow
-
-        folder = Path(save_folder) if save_folder is not None else self.save_path / "figures"
-        return [
-            plot_gradient_flow(self.save_path, folder, epoch),
-            plot_grad_norms(self.save_path, folder, epoch),
-        ]
-
-    def visualize_weight_hist(
-        self,
-        save_folder: str | Path | None = None,
-        layer_inds: LayerSelection = None,
-        *,
-        layers: LayerSelection = None,
-        style: str = "heatmap",
-    ) -> list[Path]:
-        """Draw each selected parameter's weight histograms over epochs (``style``: ``"heatmap"`` or
-        ``"ridge"``), one file per parameter. Records the current weights first when no histogram
-        was stored yet. Returns the figure paths."""
-        self._check_open()
-        selection = layers if layers is not None else layer_inds
-        params = self._select_params(selection)
-        if not self.writer.has_histograms():
-            self._record_weights(self._params, max(self._step - 1, 0), self._epoch)
-            self.writer.flush()
-        from bbdecoder.viz.monitor_plots import plot_weight_histograms
-
-        folder = Path(save_folder) if save_folder is not None else self.save_path / "figures"
-        return plot_weight_histograms(self.save_path, folder, params=[p.name for p in params], style=style)
-
     # -- plain training loops -----------------------------------------------------------------
     def step(self, layers: LayerSelection = None, loss: torch.Tensor | float | None = None) -> None:
         """Record this iteration's gradient statistics (call after ``loss.backward()``, before
@@ -648,128 +541,6 @@ class Analyzer(InspectionMixin):
         self.writer.add_scalars(rows)
 
     # -- activations --------------------------------------------------------------------------
-    def watch_activations(
-        self,
-        layers: LayerSelection = None,
-        threshold: float = 0.0,
-        eps: float = 1e-3,
-        dim: int | None = None,
-    ) -> None:
-        """Watch the outputs of ``layers`` (forward hooks, removed by :meth:`close`; ``None``: every
-        activation-function module). Only forwards in training mode are recorded. Per epoch the store
-        gets ``channel_var`` for every watched layer, ``saturated_fraction`` for activation modules
-        with a saturation test, and ``dead_fraction``/``dead_count`` (a unit is dead when its output
-        was ``<= threshold`` for every sample and position) for rectifiers (ReLU family) and for
-        every layer named here. ``dim``: the unit dimension (``None``: per layer kind)."""
-        self._check_open()
-        _check_settings(1, 1, (0.5,), dim, 1, eps, threshold)
-        chosen, named = self._activation_layers(True if layers is None else layers)
-        self._activations.watch(chosen, threshold, eps, dim, named=named)
-        self._activations.check_dims(self._output_shapes)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Within this block, forward passes are not recorded by the activation hooks."""
-        old, self._activations.paused = self._activations.paused, True
-        try:
-            yield
-        finally:
-            self._activations.paused = old
-
-    def dead_units(self, threshold: float | None = None) -> dict[str, list[int]]:
-        """``{layer name: dead channel indices}`` from the current epoch's data (or, when none was
-        seen yet, the last finished epoch). ``threshold`` overrides the watch threshold."""
-        dead = self._activations.dead_by_id(threshold)
-        return {self.index[lid].display_name: units for lid, units in dead.items()}
-
-    def get_sim(self, inputs: Any, layer: int | str, dim: int = 1) -> torch.Tensor:
-        """Cosine similarity ``(C, C)`` between the channels of ``layer``'s output on ``inputs``
-        (one forward, no_grad, eval mode, model restored)."""
-        chosen = self.index.select(layer)
-        if len(chosen) != 1:
-            raise ValueError(f"get_sim needs exactly one layer, {layer!r} selects {len(chosen)}")
-        info = chosen[0]
-        captured: list[torch.Tensor] = []
-        with (
-            HookManager() as hooks,
-            preserved_state(self.model, eval_mode=True),
-            torch.no_grad(),
-            self.paused(),
-        ):
-            hooks.forward_hook(info.module, lambda _m, _i, out: captured.append(out))
-            self.model(inputs)
-        if not captured:
-            raise RuntimeError(f"layer {info.display_name} did not run in the forward pass")
-        return channel_similarity(captured[0], dim)
-
-    # -- pruning ------------------------------------------------------------------------------
-    def prune_dead(
-        self,
-        layers: LayerSelection = None,
-        threshold: float | None = None,
-        evaluate: Callable[[nn.Module], float] | None = None,
-    ) -> PruneReport:
-        """Mask the dead units of watched ``layers`` with ``torch.nn.utils.prune`` and report them.
-
-        The producer of a dead channel is the layer itself when it has a weight with that many
-        output channels, else the nearest preceding leaf (in declaration order) that has one (e.g.
-        the BatchNorm or Conv before a ReLU). This **modifies the model by design** (``_orig``
-        parameters, ``_mask`` buffers, pre-hooks); :meth:`make_pruning_permanent` folds the masks.
-        ``evaluate(model) -> float`` is called before and after (recording paused, modes restored).
-        """
-        self._check_open()
-        dead = self._activations.dead_by_id(threshold)
-        wanted = {L.id for L in self.index.select(layers)}
-        report = PruneReport()
-        if evaluate is not None:
-            report.accuracy_before = self._evaluate(evaluate)
-        for layer_id, channels in dead.items():
-            if layer_id not in wanted or not channels:
-                continue
-            layer = self.index[layer_id]
-            name = layer.display_name
-            cmax = self._activations.channel_max(layer_id)
-            assert cmax is not None
-            producer = self._producer(layer, len(cmax))
-            if producer is None:
-                warnings.warn(
-                    f"no layer with a weight produces the channels of {name}; not pruned", stacklevel=2
-                )
-                continue
-            pruned = mask_channels(producer.module, channels)
-            self._pruned += [(producer.module, n) for n in pruned]
-            report.entries.append(PrunedUnits(layer.id, name, channels, producer.display_name, pruned))
-        if evaluate is not None:
-            report.accuracy_after = self._evaluate(evaluate)
-        self.writer.add_event(
-            "prune",
-            str(report),
-            step=self._step - 1,
-            epoch=self._epoch,
-            data={
-                "entries": [e.__dict__ for e in report.entries],
-                "before": report.accuracy_before,
-                "after": report.accuracy_after,
-            },
-        )
-        self.writer.flush()
-        return report
-
-    def _producer(self, layer: LayerInfo, channels: int) -> LayerInfo | None:
-        for candidate in reversed(list(self.index)[: layer.id + 1]):
-            if output_channels(candidate.module) == channels:
-                return candidate
-        return None
-
-    def _evaluate(self, evaluate: Callable[[nn.Module], float]) -> float:
-        with preserved_state(self.model), self.paused():
-            return float(evaluate(self.model))
-
-    def make_pruning_permanent(self) -> None:
-        """Fold the pruning masks into plain parameters and remove the pruning hooks."""
-        make_permanent(self._pruned)
-        self._pruned.clear()
-
     # -- graph and summary --------------------------------------------------------------------
     def function_graph(self, inputs: Any, save_folder: str | Path | None = None) -> FunctionGraph:
         """Trace the executed operations on ``inputs`` (model restored, nothing recorded), store the
