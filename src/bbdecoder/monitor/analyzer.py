@@ -29,6 +29,7 @@ from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, GradStati
 from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_graph
 from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
+from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
 from bbdecoder.monitor.seed import SeedInterface
 from bbdecoder.monitor.settings import check_settings
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
@@ -106,6 +107,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
             reduces each step's statistics and each epoch's activation state across ranks.
         tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
+        per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
+            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
 
     Every argument is checked before anything is registered; a constructor that fails leaves no
     hook and no open store behind, and an Analyzer that is dropped without :meth:`close` detaches
@@ -131,6 +134,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         every: int = 1,
         sync: Any = None,
         tensorboard: Any = None,
+        per_sample: bool | int = False,
     ) -> None:
         self.closed = True  # until construction succeeds
         if not isinstance(model, nn.Module):
@@ -166,7 +170,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         # the store is opened before any hook is registered, and closed again if anything fails
         self.writer = RunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
         try:
-            self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard)
+            self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
         except BaseException:
             _release(self._hooks, self.writer, self.tensorboard)
             raise
@@ -196,6 +200,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         eps: float,
         dim: int | None,
         tensorboard: Any,
+        per_sample: bool | int,
     ) -> None:
         owner_rows = [
             (
@@ -225,7 +230,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         self._ratio_stat = self.writer.stat_id("update_ratio")
         self._acc = EpochAccumulator(len(self._params), len(GRAD_STATS))
         self._grad_stats = GradStatistics()
-        self._ratios = UpdateRatios()
+        sharded_ratios = getattr(self.sync, "update_ratios", None)
+        self._ratios: Any = UpdateRatios() if sharded_ratios is None else _SyncRatios(sharded_ratios)
         self._grad_order: list[int] = []
         self._accumulated = 0
         self._calls = 0
@@ -248,6 +254,20 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         if layers:
             self._activations.watch(layers, threshold, eps, dim, named=named)
             self._activations.check_dims(self._output_shapes)
+        # sources of extra per-step rows (per-sample statistics, the ranks' noise scale): .rows(step, epoch)
+        self._row_sources: list[Any] = []
+        self._per_sample = per_sample_recorder(
+            per_sample,
+            self.model,
+            self._params,
+            self.writer,
+            self._step,
+            hooks=self._hooks,
+            pause=self.paused,
+            distributed=self.sync is not None,
+        )
+        if self._per_sample is not None:
+            self._row_sources.append(self._per_sample)
         self.writer.flush()
 
     def _by_owner_ids(self) -> set[int]:
@@ -417,7 +437,11 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
                     parts[0], _StepMeta(step, epoch, [], ratio_label, ratio_n, False, []), step=False
                 )
             return
-        stats = self._grad_stats([p.tensor.grad for p in with_grad], self._inv_scale())  # type: ignore[misc]
+        grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # sharded: ShardSync's
+        stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())  # type: ignore[misc]
+        extra = [row for source in self._row_sources for row in source.rows(step, epoch)]
+        if extra:
+            self.writer.add_scalars(extra)
         parts.insert(0, stats.reshape(-1))
         if loss is not None:
             parts.append(loss.reshape(1).double().to(stats.device))
@@ -516,7 +540,10 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         """Measure the update made after the last recorded step (its ``optimizer.step()``)."""
         if not self._ratios.ready or self._ratio_label is None:
             return
-        ratios = self._ratios.measure([p.tensor.detach() for p in self._params], keep=True).cpu()
+        ratios = self._ratios.measure([p.tensor.detach() for p in self._params], keep=True)
+        if hasattr(self.sync, "update_ratios"):
+            ratios = self.sync.reduce_step(ratios)  # sharded: combine the ranks' partial sums
+        ratios = ratios.double().cpu()
         step, epoch = self._ratio_label
         self.writer.add_scalars(
             [
@@ -529,14 +556,15 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
     def _record_weights(self, params: list[_Param], step: int, epoch: int) -> None:
         names = weight_stat_names(self.quantiles)
         stat_ids = [self.writer.stat_id(s) for s in names]
-        table = weight_statistics([p.tensor for p in params], self.quantiles)
+        tensors = getattr(self.sync, "full_tensors", list)([p.tensor for p in params])  # sharded: unsharded
+        table = weight_statistics(tensors, self.quantiles)
         rows = []
-        for p, vals in zip(params, table, strict=True):
+        for p, tensor, vals in zip(params, tensors, table, strict=True):
             rows += [(step, epoch, p.series_id, sid, float(v)) for sid, v in zip(stat_ids, vals, strict=True)]
             if p.row not in self._hist_ranges:
-                self._hist_ranges[p.row] = fixed_range(p.tensor)
+                self._hist_ranges[p.row] = fixed_range(tensor)
             lo, hi = self._hist_ranges[p.row]
-            counts = histogram(p.tensor, lo, hi, self.histogram_bins)
+            counts = histogram(tensor, lo, hi, self.histogram_bins)
             self.writer.add_histogram(step, epoch, p.series_id, "weight", lo, hi, counts)
         self.writer.add_scalars(rows)
 
@@ -616,6 +644,33 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _SyncRatios:
+    """:class:`UpdateRatios`' interface over a sync that measures the ratios itself (FSDP2's
+    ``ShardSync.update_ratios(snapshot, current)``, which also refreshes the snapshot)."""
+
+    def __init__(self, measure: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]) -> None:
+        self._measure = measure
+        self._snapshot: list[torch.Tensor] | None = None
+        self.ready = False
+
+    def reset(self) -> None:
+        self._snapshot, self.ready = None, False
+
+    def remember(self, current: list[torch.Tensor]) -> None:
+        if self._snapshot is None:
+            self._snapshot = [t.detach().clone() for t in current]
+        else:
+            for s, c in zip(self._snapshot, current, strict=True):
+                s.copy_(c)
+        self.ready = True
+
+    def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
+        assert self._snapshot is not None
+        ratios = self._measure(self._snapshot, current)
+        self.ready = keep
+        return ratios
 
 
 def _order_hook(ref: weakref.ReferenceType[Analyzer], row: int) -> Callable[[torch.Tensor], None]:
