@@ -3,26 +3,34 @@
 Everything public is importable from here: ``from bbdecoder import FullGrad``.
 """
 
+from bbdecoder.alerts import AlertConfig, AlertEngine, AlertWarning
 from bbdecoder.attribution import (
+    RISE,
     AblationCAM,
     BaseCAM,
     CompletenessError,
     EigenCAM,
     Explainer,
+    FeatureAblation,
     FullGrad,
     FullGradDecomposition,
     GradCAM,
     GradCAMPlusPlus,
     Gradient,
+    GradientSHAP,
     HiResCAM,
     InputXGradient,
     IntegratedGradients,
+    KernelSHAP,
     LayerCAM,
     Normalize,
+    Occlusion,
+    ProbabilityOutputError,
     ScoreCAM,
     SimpleFullGrad,
     SmoothFullGrad,
     SmoothGrad,
+    UnreachableBiasError,
     XGradCAM,
     channels_last,
     make_baseline,
@@ -53,6 +61,7 @@ from bbdecoder.monitor import (
     PruneReport,
 )
 from bbdecoder.report import build_report, store_image, store_table
+from bbdecoder.sinks import MLflowSink, WandbSink
 from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.store.export import export_tensorboard
 from bbdecoder.targets import TargetError
@@ -61,7 +70,11 @@ from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure
 __version__ = "0.1.0"
 
 __all__ = [
+    "RISE",
     "AblationCAM",
+    "AlertConfig",
+    "AlertEngine",
+    "AlertWarning",
     "Analyzer",
     "BaseCAM",
     "CompletenessError",
@@ -71,26 +84,32 @@ __all__ = [
     "EigenCAM",
     "EmptyEpochError",
     "Explainer",
+    "FeatureAblation",
     "FullGrad",
     "FullGradDecomposition",
     "FunctionGraph",
     "GradCAM",
     "GradCAMPlusPlus",
     "Gradient",
+    "GradientSHAP",
     "HiResCAM",
     "HookManager",
     "InputXGradient",
     "IntegratedGradients",
+    "KernelSHAP",
     "LayerCAM",
     "LayerCost",
     "LayerIndex",
     "LayerInfo",
+    "MLflowSink",
     "Master_analyzer",
     "NoiseScaleEMA",
     "NonFiniteGradientWarning",
     "Normalize",
+    "Occlusion",
     "PerSampleError",
     "PerSampleGradients",
+    "ProbabilityOutputError",
     "PruneReport",
     "RankSync",
     "RunReader",
@@ -100,6 +119,8 @@ __all__ = [
     "SmoothGrad",
     "StoreError",
     "TargetError",
+    "UnreachableBiasError",
+    "WandbSink",
     "XGradCAM",
     "__version__",
     "attention_iou",

@@ -164,7 +164,7 @@ class BaseCAM(Explainer):
     # -- the public interface --------------------------------------------------------------------
     def layer_maps(self, inputs: torch.Tensor, target: TargetLike = None) -> list[torch.Tensor]:
         """One raw map per layer, each ``(N, 1, *layer_spatial)``, non-negative (ReLU applied)."""
-        check_inputs(inputs, min_dim=3)
+        check_inputs(inputs, min_dim=3, model=self.model)
         records, frozen = self.record(inputs, target)
         maps = []
         for record in records:
