@@ -18,6 +18,7 @@ from bbdecoder.attribution import (
     SmoothGrad,
     make_baseline,
 )
+from bbdecoder.attribution.rollout import AttentionRollout, GradientRollout
 from bbdecoder.bias import attention_iou, heatmap_score, mask_score
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.inspect import LayerCost, layer_costs
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analyzer",
+    "AttentionRollout",
     "CompletenessError",
     "DatasetMaps",
     "DatasetMapsError",
@@ -60,6 +62,7 @@ __all__ = [
     "FunctionGraph",
     "GradCAM",
     "Gradient",
+    "GradientRollout",
     "HookManager",
     "InputXGradient",
     "IntegratedGradients",
