@@ -40,6 +40,7 @@ from bbdecoder.monitor import (
     NonFiniteGradientWarning,
     PruneReport,
 )
+from bbdecoder.monitor.transformer_probes import TransformerProbes
 from bbdecoder.report import build_report, store_image, store_table
 from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.store.export import export_tensorboard
@@ -80,6 +81,7 @@ __all__ = [
     "SmoothGrad",
     "StoreError",
     "TargetError",
+    "TransformerProbes",
     "__version__",
     "attention_iou",
     "build_report",

@@ -98,6 +98,26 @@ def _hf_attention_classes(model: nn.Module) -> list[tuple[type[nn.Module], int, 
     return found
 
 
+def hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name, module, index of the weights in its output)`` of every Hugging Face attention module."""
+    found = []
+    for cls, index, layer_name in _hf_attention_classes(model):
+        for name, module in model.named_modules():
+            if isinstance(module, cls) and (layer_name is None or name.endswith(layer_name)):
+                found.append((name, module, index))
+    return found
+
+
+def attention_implementations(model: nn.Module) -> set[str | None]:
+    """The ``config._attn_implementation`` values of the Hugging Face configs in ``model``."""
+    return {c._attn_implementation_internal for c in _configs(model)}
+
+
+def recompute_attention(block: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T * scale)`` (N, H, T, T) and ``v`` (N, H, T, d) from a timm-style ``qkv`` output."""
+    return _recompute(block, qkv)
+
+
 def _configs(model: nn.Module) -> list[Any]:
     """Every distinct config (and sub-config) with an attention implementation in ``model``."""
     seen: dict[int, Any] = {}
@@ -178,11 +198,9 @@ def capture_attention(model: nn.Module, hooks: HookManager) -> Iterator[Captured
             return hook
 
         registered = 0
-        for cls, index, layer_name in hf:
-            for name, module in model.named_modules():
-                if isinstance(module, cls) and (layer_name is None or name.endswith(layer_name)):
-                    hooks.forward_hook(module, make(index))
-                    registered += 1
+        for _name, module, index in hf_attention_modules(model):
+            hooks.forward_hook(module, make(index))
+            registered += 1
         if registered:
             with eager_attention(model):
                 yield captured
@@ -221,4 +239,13 @@ def capture_attention(model: nn.Module, hooks: HookManager) -> Iterator[Captured
     yield captured
 
 
-__all__ = ["AttentionCaptureError", "CapturedAttention", "capture_attention", "eager_attention", "qkv_blocks"]
+__all__ = [
+    "AttentionCaptureError",
+    "CapturedAttention",
+    "attention_implementations",
+    "capture_attention",
+    "eager_attention",
+    "hf_attention_modules",
+    "qkv_blocks",
+    "recompute_attention",
+]
