@@ -17,7 +17,7 @@ from bbdecoder.integrations.transformers import BBDecoderTrainerCallback  # noqa
 from bbdecoder.store import open_run  # noqa: E402
 
 
-def _bert() -> Any:
+def _bert(attn: str = "sdpa") -> Any:
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=40,
@@ -27,6 +27,7 @@ def _bert() -> Any:
         intermediate_size=32,
         max_position_embeddings=16,
         num_labels=2,
+        attn_implementation=attn,
     )
     return transformers.BertForSequenceClassification(config)
 
@@ -55,8 +56,10 @@ class RecordingTrainer(transformers.Trainer):  # type: ignore[misc]
         return super()._clip_grad_norm(model)
 
 
-def _train(tmp_path: Path, callback: BBDecoderTrainerCallback | None, **extra: Any) -> RecordingTrainer:
-    model = _bert()
+def _train(
+    tmp_path: Path, callback: BBDecoderTrainerCallback | None, attn: str = "sdpa", **extra: Any
+) -> RecordingTrainer:
+    model = _bert(attn)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
@@ -135,3 +138,14 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
 def test_reserved_arguments() -> None:
     with pytest.raises(TypeError, match="scaler"):
         BBDecoderTrainerCallback("x", scaler=None)
+
+
+def test_probes_through_the_callback(tmp_path: Path) -> None:
+    trainer = _train(tmp_path, BBDecoderTrainerCallback(tmp_path / "run", probes=True), attn="eager")
+    run = open_run(tmp_path / "run")
+    steps = set(run.scalars("l2").step)
+    assert len(steps) == len(trainer.reference) == 6
+    for stat in ("act_rms", "act_kurtosis", "attn_entropy", "logit_max"):
+        assert set(run.scalars(stat).step) == steps, stat
+    with pytest.raises(Exception, match="eager"):
+        _train(tmp_path / "sdpa", BBDecoderTrainerCallback(tmp_path / "run2", probes=True), attn="sdpa")

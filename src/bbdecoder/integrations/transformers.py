@@ -62,6 +62,9 @@ class BBDecoderTrainerCallback(TrainerCallback):
 
     Args:
         save_path: folder of the run store.
+        probes: also record :class:`~bbdecoder.monitor.transformer_probes.TransformerProbes`
+            statistics (``True``, or a dict of its keyword arguments, e.g. ``{"attention": False}``
+            for a model running SDPA attention).
         analyzer_kwargs: passed to :class:`~bbdecoder.monitor.Analyzer` (``layers=``,
             ``weights=``, ``activations=``, ``flush_every=``, ...); ``scaler`` and ``sync`` are set
             from the ``Trainer``.
@@ -70,7 +73,13 @@ class BBDecoderTrainerCallback(TrainerCallback):
     produced outside the checkpointed blocks (true for a classification or LM head).
     """
 
-    def __init__(self, save_path: str | Path = "bbdecoder_run", **analyzer_kwargs: Any) -> None:
+    def __init__(
+        self,
+        save_path: str | Path = "bbdecoder_run",
+        *,
+        probes: bool | dict[str, Any] = False,
+        **analyzer_kwargs: Any,
+    ) -> None:
         super().__init__()
         for reserved in ("scaler", "sync"):
             if reserved in analyzer_kwargs:
@@ -79,7 +88,9 @@ class BBDecoderTrainerCallback(TrainerCallback):
                 )
         self.save_path = Path(save_path)
         self.analyzer_kwargs = analyzer_kwargs
+        self.probes = probes
         self.analyzer: Analyzer | None = None
+        self._probes: Any = None
         self._hooks = HookManager()
         self._gradient_state: Any = None
         self._queued = False
@@ -108,6 +119,15 @@ class BBDecoderTrainerCallback(TrainerCallback):
             sync=sync,
             **self.analyzer_kwargs,
         )
+        if self.probes:
+            from bbdecoder.monitor.transformer_probes import TransformerProbes
+
+            options = self.probes if isinstance(self.probes, dict) else {}
+            try:
+                self._probes = TransformerProbes(self.analyzer, **options)
+            except Exception:
+                self.analyzer.close()
+                raise
         self._gradient_state = getattr(optimizer, "gradient_state", None)
         if self._gradient_state is None:
             from accelerate.state import GradientState
@@ -126,6 +146,9 @@ class BBDecoderTrainerCallback(TrainerCallback):
     def close(self) -> None:
         """Remove the hooks and close the analyzer (finishing its open epoch); idempotent."""
         self._hooks.remove_all()
+        if self._probes is not None:
+            self._probes.close()
+            self._probes = None
         if self.analyzer is not None and not self.analyzer.closed:
             self.analyzer.close()
         self._losses = []
