@@ -193,6 +193,10 @@ def _hf(kind: str, attn: str) -> nn.Module:
         model = transformers.ViTForImageClassification(
             transformers.ViTConfig(attn_implementation=attn, **kwargs)
         )
+    elif kind == "registers":
+        model = transformers.Dinov2WithRegistersForImageClassification(
+            transformers.Dinov2WithRegistersConfig(attn_implementation=attn, num_register_tokens=4, **kwargs)
+        )
     else:
         model = transformers.DeiTForImageClassificationWithTeacher(
             transformers.DeiTConfig(attn_implementation=attn, **kwargs)
@@ -201,7 +205,7 @@ def _hf(kind: str, attn: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind,prefix", [("vit", 1), ("deit", 2)])
+@pytest.mark.parametrize("kind,prefix", [("vit", 1), ("deit", 2), ("registers", 5)])
 def test_hf_rollout_sdpa_equals_eager_and_hand_rollout(kind: str, prefix: int) -> None:
     x = torch.randn(2, 3, 32, 32)
     eager, sdpa = _hf(kind, "eager"), _hf(kind, "sdpa")
