@@ -270,3 +270,16 @@ def test_hf_state_restored_when_the_call_fails() -> None:
         GradientRollout(model).attribute(x, target=7)
     assert model.config._attn_implementation == "sdpa" and count_hooks(model) == hooks
     assert all(m.training for m in model.modules())
+
+
+def test_hf_vit_model_without_head_and_callable_target() -> None:
+    model = _hf("vit", "sdpa")
+    x = torch.randn(2, 3, 32, 32)
+    backbone = model.vit  # a ViTModel: returns BaseModelOutput, no logits
+    torch.testing.assert_close(AttentionRollout(backbone).attribute(x), AttentionRollout(model).attribute(x))
+    grid = GradientRollout(backbone).attribute(x, target=lambda out: out.last_hidden_state[:, 0].sum(dim=1))
+    assert grid.shape == (2, 1, 4, 4) and torch.isfinite(grid).all()
+    with pytest.raises(ValueError, match="discard_ratio"):
+        AttentionRollout(model, discard_ratio=1.0)
+    with pytest.raises(ValueError, match="head_fusion"):
+        AttentionRollout(model, head_fusion="median")

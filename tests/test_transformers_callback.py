@@ -149,3 +149,35 @@ def test_probes_through_the_callback(tmp_path: Path) -> None:
         assert set(run.scalars(stat).step) == steps, stat
     with pytest.raises(Exception, match="eager"):
         _train(tmp_path / "sdpa", BBDecoderTrainerCallback(tmp_path / "run2", probes=True), attn="sdpa")
+
+
+class _Boom(transformers.TrainerCallback):  # type: ignore[misc]
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_a_failing_train_is_closed_by_the_context_manager(tmp_path: Path) -> None:
+    callback = BBDecoderTrainerCallback(tmp_path / "run")
+    model = _bert()
+    baseline = count_hooks(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_data(), callbacks=[callback, _Boom()]
+    )
+    with pytest.raises(RuntimeError, match="boom"), callback:
+        trainer.train()
+    assert callback.analyzer is not None and callback.analyzer.closed
+    assert count_hooks(model) == baseline
+    assert all(
+        p._post_accumulate_grad_hooks is None or not p._post_accumulate_grad_hooks for p in model.parameters()
+    )
+    assert sorted(set(open_run(tmp_path / "run").scalars("l2").step)) == [0, 1]
