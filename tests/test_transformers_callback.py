@@ -181,3 +181,18 @@ def test_a_failing_train_is_closed_by_the_context_manager(tmp_path: Path) -> Non
         p._post_accumulate_grad_hooks is None or not p._post_accumulate_grad_hooks for p in model.parameters()
     )
     assert sorted(set(open_run(tmp_path / "run").scalars("l2").step)) == [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reentrant_gradient_checkpointing(tmp_path: Path) -> None:
+    trainer = _train(
+        tmp_path,
+        BBDecoderTrainerCallback(tmp_path / "run"),
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    l2 = open_run(tmp_path / "run").scalars("l2").pivot(index="step", columns="param", values="value")
+    assert len(l2) == len(trainer.reference) == 6
+    for step, reference in enumerate(trainer.reference):
+        for name, value in reference.items():
+            assert l2.sort_index().iloc[step][name] == pytest.approx(value, rel=1e-5, abs=1e-9), (step, name)
