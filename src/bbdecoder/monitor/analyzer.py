@@ -30,8 +30,17 @@ from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_grap
 from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
 from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
+from bbdecoder.monitor.run_folder import PARAMETERS_META, check_run_folder, parameter_signature
 from bbdecoder.monitor.seed import SeedInterface
 from bbdecoder.monitor.settings import check_settings
+from bbdecoder.monitor.user_scalars import (
+    OPTIMIZER_PARAM,
+    USER_LAYER_ID,
+    USER_PARAM,
+    check_epoch,
+    learning_rates,
+    scalar_value,
+)
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
 from bbdecoder.store.writer import RunWriter
 
@@ -84,7 +93,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
             ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` wrapper is seen
             through: names are the unwrapped model's ``state_dict`` names, and
             :meth:`forward_propagation` calls the wrapper.
-        save_path: folder of the run store (created; an existing store is appended to).
+        save_path: folder of the run store (created). A store that already holds steps is refused
+            unless ``resume=True``.
         input_size: e.g. ``(1, 3, 32, 32)``; when given, :meth:`summary` shows output shapes.
         layers: whose parameters are tracked (IDs, names, globs, types, also the name or ID of a
             module with children that owns parameters; ``None``: every trainable parameter, see
@@ -112,6 +122,9 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
             events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
             :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.
+        resume: append to the store in ``save_path`` (steps and epochs continue after its last ones);
+            refused with the reason when it holds another model (other parameter names or shapes).
+            Without it a store that holds steps is refused (see :mod:`bbdecoder.monitor.run_folder`).
 
     Every argument is checked before anything is registered; a constructor that fails leaves no
     hook and no open store behind, and an Analyzer that is dropped without :meth:`close` detaches
@@ -139,6 +152,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         tensorboard: Any = None,
         per_sample: bool | int = False,
         alerts: Any = True,
+        resume: bool = False,
     ) -> None:
         self.closed = True  # until construction succeeds
         if not isinstance(model, nn.Module):
@@ -170,6 +184,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         self.input_size = tuple(input_size) if input_size is not None else None
         self._output_shapes = self._probe_shapes(self.input_size) if self.input_size is not None else {}
         self.sync = sync
+        self.resume = bool(resume)
         self._hooks = HookManager()
         self.tensorboard: Any = None
         # the store is opened before any hook is registered, and closed again if anything fails
@@ -218,9 +233,12 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
             )
             for o in self.owners
         ]
+        check_run_folder(self.writer, self.model, owner_rows, self.resume)
         self.writer.set_layers(owner_rows)
         self.writer.set_meta("model", type(self.model).__name__)
+        self.writer.set_meta(PARAMETERS_META, json.dumps(parameter_signature(self.model)))
         self._step = self.writer.next_step()
+        self._first_step = self._step
         last = self.writer.last_epoch()
         self._epoch = 0 if last is None else last + 1
         self._epoch_first_step: int | None = None
@@ -341,10 +359,68 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         def hook(*_: Any) -> None:
             analyzer = ref()
             if analyzer is not None and not analyzer.closed:
+                recorded = analyzer._recorded
                 analyzer.step()
+                if analyzer._recorded != recorded:  # a recorded (not skipped) step: its learning rates
+                    analyzer._log_learning_rates()
 
         self._hooks.add(optimizer.register_step_pre_hook(hook))
         return self
+
+    def log(self, *, epoch: int | bool | None = None, step: int | None = None, **scalars: Any) -> None:
+        """Store your own values in the run: ``log(val_acc=0.91)``, ``log(loss=loss)``, ``log(epoch=3, ...)``.
+
+        Each value is a number or a one-element tensor. Per step (default) the values are labelled with
+        the optimizer step just counted (call after ``optimizer.step()``; ``step=`` to choose another)
+        and read back with ``open_run(path).scalars()`` as rows ``layer_id=-1, param="user",
+        stat=<name>``; ``loss=`` is also the step's loss in ``steps()`` (the report's loss curve).
+        With ``epoch=`` (a number, or ``True`` for the epoch the values are about: the one that just
+        ended when no step was recorded since) they are per-epoch rows of ``epoch_scalars()`` with
+        ``agg="value"``. The learning rates of attached optimizers are recorded without a call. See
+        :mod:`bbdecoder.monitor.user_scalars`.
+        """
+        self._check_open()
+        if not scalars:
+            raise TypeError("log() needs at least one value, e.g. analyzer.log(val_acc=0.9)")
+        epoch = check_epoch(epoch)
+        values = [(name, scalar_value(name, value)) for name, value in scalars.items()]
+        series = self.writer.series_id(USER_LAYER_ID, USER_PARAM)
+        if epoch is not None:
+            if step is not None:
+                raise TypeError("log() takes step= or epoch=, not both")
+            if epoch is True:
+                ended = self._epoch_first_step is None and self._step > self._first_step and self._epoch > 0
+                epoch = self._epoch - 1 if ended else self._epoch
+            self.writer.add_epoch_scalars(
+                [(int(epoch), series, self.writer.stat_id(name), "value", v) for name, v in values]
+            )
+        else:
+            if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+                raise TypeError(f"log(step=...) takes a step number >= 0, got {step!r}")
+            at = (
+                step
+                if step is not None
+                else (self._step - 1 if self._step > self._first_step else self._step)
+            )
+            self.writer.add_scalars(
+                [(at, self._epoch, series, self.writer.stat_id(name), v) for name, v in values]
+            )
+            if "loss" in scalars:
+                set_loss = getattr(self.writer, "set_loss", None)  # the non-writing ranks' writer has none
+                if set_loss is not None:
+                    set_loss(at, dict(values)["loss"])
+        # written with the next step's flush (and by close); an epoch's values at once
+        if epoch is not None:
+            self.writer.flush()
+
+    def _log_learning_rates(self) -> None:
+        rates = learning_rates(self._optimizers)
+        if rates:
+            series = self.writer.series_id(USER_LAYER_ID, OPTIMIZER_PARAM)
+            step = self._step - 1
+            self.writer.add_scalars(
+                [(step, self._epoch, series, self.writer.stat_id(n), v) for n, v in rates]
+            )
 
     @property
     def has_new_gradients(self) -> bool:

@@ -154,6 +154,8 @@ class RunWriter:
         self._artifacts: dict[str, tuple[str, str]] = {}
         self._relabels: list[tuple[int, int, int]] = []
         self._steps: list[tuple[int, int, float, float | None]] = []
+        self._loss_updates: list[tuple[float, int]] = []  # (loss, step) of steps already written
+        self._late_losses: dict[int, float] = {}  # losses given before their step row was buffered
         self._scalars: list[ScalarRow] = []
         self._epoch_scalars: list[tuple[int, int, int, str, float]] = []
         self._histograms: list[tuple[int, int, int, str, float, float, int, bytes]] = []
@@ -247,7 +249,19 @@ class RunWriter:
         return self.add_blob(kind, name, buffer.getvalue(), meta=meta, **where)
 
     def add_step(self, step: int, epoch: int, loss: float | None) -> None:
+        if loss is None:
+            loss = self._late_losses.pop(step, None)
         self._steps.append((step, epoch, time.time(), loss))
+
+    def set_loss(self, step: int, loss: float) -> None:
+        """Set the loss of ``step``: in its buffered row, in its stored row (next flush), or in the row
+        when it is added later (a deferred host copy)."""
+        for i, row in enumerate(self._steps):
+            if row[0] == step:
+                self._steps[i] = (row[0], row[1], row[2], float(loss))
+                return
+        self._loss_updates.append((float(loss), int(step)))
+        self._late_losses[int(step)] = float(loss)
 
     def add_scalars(self, rows: list[ScalarRow]) -> None:
         self._scalars.extend(rows)
@@ -280,7 +294,14 @@ class RunWriter:
 
     @property
     def _data_buffers(self) -> tuple[list[Any], ...]:
-        return (self._steps, self._scalars, self._epoch_scalars, self._histograms, self._events)
+        return (
+            self._steps,
+            self._scalars,
+            self._epoch_scalars,
+            self._histograms,
+            self._events,
+            self._loss_updates,
+        )
 
     @property
     def pending(self) -> int:
@@ -432,6 +453,7 @@ class RunWriter:
             for table in ("steps", "scalars", "histograms", "events"):
                 c.execute(f"UPDATE {table} SET epoch = ? WHERE step BETWEEN ? AND ?", (epoch, first, last))
         c.executemany("INSERT INTO steps VALUES (?, ?, ?, ?)", self._steps)
+        c.executemany("UPDATE steps SET loss = ? WHERE step = ?", self._loss_updates)
         c.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?, ?)", self._scalars)
         c.executemany("INSERT INTO epoch_scalars VALUES (?, ?, ?, ?, ?)", self._epoch_scalars)
         c.executemany("INSERT INTO histograms VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._histograms)

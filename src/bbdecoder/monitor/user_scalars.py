@@ -1,0 +1,67 @@
+"""The user's own values in the run store: ``Analyzer.log(**scalars)`` and the optimizers' learning rates.
+
+Where they are stored (read them with ``open_run(path).scalars()`` / ``.epoch_scalars()``):
+
+* ``log(name=value)`` -- a per-step row ``(step, epoch, layer_id=-1, param="user", stat=name)``; the
+  step is the last one the Analyzer counted (the optimizer step just taken), or ``step=`` when given;
+* ``log(epoch=e, name=value)`` -- a per-epoch row ``(epoch, layer_id=-1, param="user", stat=name,
+  agg="value")``; ``epoch=True`` means the epoch the values are about (the one that just ended when
+  no step was recorded since);
+* ``log(loss=value)`` -- also the step's ``loss`` in ``open_run(path).steps()`` (the report's loss
+  curve);
+* the learning rate of every attached optimizer, at each recorded step, as ``(layer_id=-1,
+  param="optimizer", stat="lr")`` (``lr_group{i}`` for parameter group i > 0, ``opt{j}_`` prefixed
+  for a second attached optimizer j > 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+USER_LAYER_ID = -1
+USER_PARAM = "user"
+OPTIMIZER_PARAM = "optimizer"
+
+
+def scalar_value(name: str, value: Any) -> float:
+    """``value`` as a float: a Python or NumPy number, or a one-element tensor (copied to the host)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"log({name}=...) takes one number; got a tensor of shape {tuple(value.shape)} "
+                "(reduce it first, e.g. .mean())"
+            )
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return float(value.reshape(()))
+    raise TypeError(f"log({name}=...) takes a number or a one-element tensor, got {type(value).__name__}")
+
+
+def check_epoch(epoch: Any) -> int | bool | None:
+    if epoch is None or epoch is True:
+        return epoch
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise TypeError(f"log(epoch=...) takes an epoch number >= 0 or True, got {epoch!r}")
+    return int(epoch)
+
+
+def learning_rates(optimizers: list[torch.optim.Optimizer]) -> list[tuple[str, float]]:
+    """``(stat name, lr)`` for every param group of every optimizer (groups without ``lr`` skipped)."""
+    out: list[tuple[str, float]] = []
+    for j, optimizer in enumerate(optimizers):
+        prefix = f"opt{j}_" if j else ""
+        for i, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                lr = float(lr.detach().reshape(-1)[0].item()) if lr.numel() else None
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(float(lr)):
+                out.append((f"{prefix}lr" + (f"_group{i}" if i else ""), float(lr)))
+    return out
