@@ -162,9 +162,32 @@ def test_resume_of_a_store_without_the_parameter_list(tmp_path: Path) -> None:
     run_once(tmp_path, make_model(width=4))
     conn = sqlite3.connect(tmp_path / "run.sqlite")
     with conn:
-        conn.execute("DELETE FROM meta WHERE key = 'parameters'")
+        conn.execute("DELETE FROM artifacts WHERE name = 'parameters.json'")
     conn.close()
     with pytest.raises(StoreError, match="layer table differs"):
         Analyzer(make_model(width=5), tmp_path, resume=True)
     run_once(tmp_path, make_model(width=4), resume=True)
     assert len(open_run(tmp_path).steps()) == 4
+
+
+def test_the_report_shows_the_loss_and_the_logged_values(tmp_path: Path) -> None:
+    from bbdecoder import build_report
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Analyzer(model, tmp_path, alerts=False).attach(opt) as analyzer:
+        train(analyzer, model, opt, 3, log_loss=True)
+        analyzer.log(val_acc=0.5)
+        analyzer.end_epoch()
+        analyzer.log(epoch=True, val_top5=0.9)
+    import warnings
+
+    from bbdecoder.report import ReportSectionWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReportSectionWarning)  # a section that fails would warn
+        page = build_report(tmp_path).read_text()
+    assert "training loss per step" in page  # the loss curve, from log(loss=)
+    assert "Logged values and learning rates" in page
+    for title in ("lr per step", "val_acc per step", "loss per step", "values per epoch", "val_top5"):
+        assert title in page, title

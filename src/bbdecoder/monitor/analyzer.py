@@ -30,7 +30,7 @@ from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_grap
 from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
 from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
-from bbdecoder.monitor.run_folder import PARAMETERS_META, check_run_folder, parameter_signature
+from bbdecoder.monitor.run_folder import PARAMETERS_ARTIFACT, check_run_folder, parameter_signature
 from bbdecoder.monitor.seed import SeedInterface
 from bbdecoder.monitor.settings import check_settings
 from bbdecoder.monitor.user_scalars import (
@@ -236,7 +236,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         check_run_folder(self.writer, self.model, owner_rows, self.resume)
         self.writer.set_layers(owner_rows)
         self.writer.set_meta("model", type(self.model).__name__)
-        self.writer.set_meta(PARAMETERS_META, json.dumps(parameter_signature(self.model)))
+        self.writer.set_artifact(PARAMETERS_ARTIFACT, "json", json.dumps(parameter_signature(self.model)))
         self._step = self.writer.next_step()
         self._first_step = self._step
         last = self.writer.last_epoch()

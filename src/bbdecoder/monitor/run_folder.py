@@ -1,8 +1,9 @@
 """Whether an Analyzer may write into a run folder that already holds a run.
 
 A store with recorded steps is appended to only with ``resume=True`` and only by the same model:
-the same parameter names with the same shapes (stored in the store's ``meta`` as ``parameters``).
-Stores written before that entry existed are compared by their layer table (names, types, sizes).
+the same parameter names with the same shapes, stored with the run as the artifact
+``parameters.json`` (``open_run(path).artifact("parameters.json")``). Stores written before that
+artifact existed are compared by their layer table (names, types, sizes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from bbdecoder.store import StoreError
 
-PARAMETERS_META = "parameters"
+PARAMETERS_ARTIFACT = "parameters.json"
 
 
 def parameter_signature(model: nn.Module) -> list[list[Any]]:
@@ -30,6 +31,9 @@ def _stored(path: Path) -> tuple[list[list[Any]] | None, list[tuple[Any, ...]], 
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        stored = conn.execute(
+            "SELECT content FROM artifacts WHERE name = ?", (PARAMETERS_ARTIFACT,)
+        ).fetchone()
         layers = [
             tuple(r)
             for r in conn.execute("SELECT layer_id, name, type, params FROM layers ORDER BY layer_id")
@@ -37,7 +41,7 @@ def _stored(path: Path) -> tuple[list[list[Any]] | None, list[tuple[Any, ...]], 
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-    signature = json.loads(meta[PARAMETERS_META]) if PARAMETERS_META in meta else None
+    signature = json.loads(stored[0]) if stored is not None else None
     return signature, layers, meta.get("model")
 
 

@@ -111,7 +111,7 @@ def run_summary(ctx: ReportContext) -> Section | None:
 
 
 def _coverage_text(coverage: str | None, tracked: int) -> str:
-    """"12 of 12 trainable tensors (3,412 of 3,412 elements)" from the store's coverage record."""
+    """ "12 of 12 trainable tensors (3,412 of 3,412 elements)" from the store's coverage record."""
     import json
 
     try:
@@ -135,6 +135,43 @@ def _loss_chart(steps: pd.DataFrame, max_points: int) -> dict[str, object]:
     return charts.line_chart(
         "loss", "training loss per step", matrix, "loss", labels=["loss"], max_points=max_points
     )
+
+
+def user_values(ctx: ReportContext) -> Section | None:
+    """The values given to ``Analyzer.log`` and the optimizers' learning rates (layer_id -1)."""
+    scalars = ctx.scalars
+    mine = scalars[(scalars["layer_id"] == -1) & scalars["param"].isin(["user", "optimizer"])]
+    epochs = ctx.reader.epoch_scalars()
+    per_epoch = epochs[(epochs["layer_id"] == -1) & (epochs["param"] == "user")]
+    if mine.empty and per_epoch.empty:
+        return None
+    body = html.paragraph(
+        "Values stored with analyzer.log(name=value) per step, the learning rate of every parameter group "
+        "of the attached optimizers (recorded at each recorded step), and per-epoch values "
+        "(analyzer.log(epoch=..., name=value))."
+    )
+    for (param, stat), rows in mine.groupby(["param", "stat"], sort=True):
+        rows = rows.sort_values("step")
+        matrix = charts.StatMatrix(
+            rows["step"].to_numpy(dtype=np.int64),
+            rows["value"].to_numpy(dtype=float).reshape(-1, 1),
+            [{"layer_id": -1, "layer": "", "param": str(param)}],
+            int((~np.isfinite(rows["value"].to_numpy(dtype=float))).sum()),
+        )
+        body += ctx.chart(
+            charts.line_chart(
+                f"user-{param}-{stat}",
+                f"{stat} per step",
+                matrix,
+                str(stat),
+                labels=[str(stat)],
+                max_points=ctx.max_points,
+            )
+        )
+    if not per_epoch.empty:
+        table = per_epoch.pivot_table(index="epoch", columns="stat", values="value", aggfunc="last")
+        body += html.table(table.reset_index(), caption="values per epoch")
+    return Section("user-values", "Logged values and learning rates", body)
 
 
 def layer_table(ctx: ReportContext) -> Section | None:
@@ -432,6 +469,7 @@ def other_results(ctx: ReportContext) -> Section | None:
 
 SECTIONS: list[SectionBuilder] = [
     run_summary,
+    user_values,
     layer_table,
     gradient_flow,
     gradient_norms,
