@@ -60,7 +60,8 @@ class Explainer:
         self.input_transform = input_transform
         self.eval_mode = eval_mode
         self.scores_from = check_scores_from(scores_from)
-        self.layer = layer
+        # Not ``self.layer``: the CAM family has its own ``layer`` property (the map's layer).
+        self.attribution_layer = layer
         if layer is not None:
             resolve_layer(model, layer)
 

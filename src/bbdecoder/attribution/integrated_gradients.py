@@ -56,7 +56,7 @@ class IntegratedGradients(Explainer):
         self.memory_budget_bytes = memory_budget_bytes
         self._rows_cache: dict[tuple[Any, ...], int] = {}
 
-    @overload  # type: ignore[override]
+    @overload
     def attribute(
         self,
         inputs: torch.Tensor,
@@ -128,8 +128,16 @@ class IntegratedGradients(Explainer):
         """
         if uses_layer(self, inputs):
             return layer_integrated_gradients(
-                self, inputs, target, baseline, n_steps, method, internal_batch_size,
-                return_convergence_delta, self.memory_budget_bytes, **token_options,
+                self,
+                inputs,
+                target,
+                baseline,
+                n_steps,
+                method,
+                internal_batch_size,
+                return_convergence_delta,
+                self.memory_budget_bytes,
+                **token_options,
             )
         if token_options:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(token_options))}")

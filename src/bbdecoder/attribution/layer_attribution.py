@@ -74,9 +74,10 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
         module = input_embeddings(model)
         if module is None:
             raise TypeError(
-                f"integer inputs (token ids) cannot be differentiated, and {type(model).__name__} has no "
-                "get_input_embeddings() to attribute at instead; pass layer= the embedding module (the "
-                "module or its name, e.g. Gradient(model, layer='embed')), or pass float inputs"
+                f"the inputs are integers (token ids?), and gradients need floating point; "
+                f"{type(model).__name__} has no get_input_embeddings() to attribute at instead. Pass "
+                "layer= the embedding module (the module or its name, e.g. Gradient(model, layer='embed')), "
+                "or, if the inputs are numbers rather than ids, use .float()"
             )
         layer = module
     found = find_modules(model, layer)
@@ -91,7 +92,7 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
 
 def uses_layer(explainer: Explainer, inputs: Any) -> bool:
     """Whether ``attribute`` goes through a layer: a ``layer=`` was given, or the inputs are a dict or ids."""
-    if getattr(explainer, "layer", None) is not None or isinstance(inputs, Mapping):
+    if getattr(explainer, "attribution_layer", None) is not None or isinstance(inputs, Mapping):
         return True
     return isinstance(inputs, torch.Tensor) and not inputs.dtype.is_floating_point
 
@@ -164,7 +165,7 @@ class LayerRun:
     def __init__(self, explainer: Explainer, inputs: ModelInputs, hooks: HookManager) -> None:
         self.explainer = explainer
         self.batch = TokenBatch(inputs)
-        self.name, self.module = resolve_layer(explainer.model, getattr(explainer, "layer", None))
+        self.name, self.module = resolve_layer(explainer.model, getattr(explainer, "attribution_layer", None))
         self.swap = LayerSwap(self.name, self.module)
         hooks.forward_hook(self.module, self.swap)
         self.caller = KeywordCall(explainer.model)
@@ -235,7 +236,9 @@ class LayerRun:
         return int(rows)
 
 
-def _options(kwargs: dict[str, Any]) -> tuple[int | None, int | None, int | torch.Tensor, torch.Tensor | None]:
+def _options(
+    kwargs: dict[str, Any],
+) -> tuple[int | None, int | None, int | torch.Tensor, torch.Tensor | None]:
     unknown = sorted(set(kwargs) - set(TOKEN_OPTIONS))
     if unknown:
         raise TypeError(
@@ -296,8 +299,11 @@ def layer_integrated_gradients(
         x_layer = clean if values is None else values.detach().to(clean)
         frozen = _freeze_chunks(outputs, target, batch, positions)
         ids = baseline_ids(baseline, batch, explainer.model, pad_token_id=pad_id, mask_token_id=mask_id)
-        if ids is not None:
-            base_batch = TokenBatch(batch.with_ids(ids))
+        pixels = _input_space_baseline(baseline, batch)
+        if ids is not None or pixels is not None:
+            base_inputs = batch.with_ids(ids) if ids is not None else pixels
+            assert base_inputs is not None
+            base_batch = TokenBatch(base_inputs)
             base_layer, _ = _capture_chunks(run, base_batch, rows_per_pass)
         else:
             base_layer = layer_baseline_value(baseline, x_layer)
@@ -315,13 +321,17 @@ def layer_integrated_gradients(
             with torch.no_grad():
                 path = base_layer[sample] + alphas_x[step].view(broadcast) * diff[sample]
             row_sample = sample.to(positions.device)
-            grad, _, _ = run.gradient_at(
-                batch.rows(sample), path, lambda out, s=row_sample: row_scores(out, frozen, s, positions)
-            )
+
+            def score(output: Any, rows: torch.Tensor = row_sample) -> torch.Tensor:
+                return row_scores(output, frozen, rows, positions)
+
+            grad, _, _ = run.gradient_at(batch.rows(sample), path, score)
             step_weights = weights.tolist()
             for s in range(first_step, last_step + 1):
                 lo, hi = max(start, s * n), min(stop, (s + 1) * n)
-                accumulated[lo - s * n : hi - s * n].add_(grad[lo - start : hi - start], alpha=step_weights[s - first_step])
+                accumulated[lo - s * n : hi - s * n].add_(
+                    grad[lo - start : hi - start], alpha=step_weights[s - first_step]
+                )
         attribution = batch.mask_padding(diff * accumulated)
         if not return_convergence_delta:
             return attribution
@@ -329,6 +339,18 @@ def layer_integrated_gradients(
         scores_base = _scores_at(run, batch, base_layer, frozen, positions, rows_per_pass)
     delta = attribution.reshape(n, -1).sum(dim=1) - (scores_x - scores_base).to(attribution.dtype)
     return attribution, delta
+
+
+def _input_space_baseline(baseline: Any, batch: TokenBatch) -> torch.Tensor | None:
+    """For a float tensor input, the baseline in input space (as Captum's ``Layer*`` take it)."""
+    inputs = batch.inputs
+    if not isinstance(inputs, torch.Tensor) or not inputs.dtype.is_floating_point:
+        return None
+    if isinstance(baseline, str) and baseline == "zero":
+        return None
+    from bbdecoder.attribution.baselines import make_baseline
+
+    return make_baseline(baseline, inputs)
 
 
 def _capture_chunks(run: LayerRun, batch: TokenBatch, rows: int) -> tuple[torch.Tensor, list[Any]]:
@@ -342,7 +364,9 @@ def _capture_chunks(run: LayerRun, batch: TokenBatch, rows: int) -> tuple[torch.
     return torch.cat(layers), outputs
 
 
-def _freeze_chunks(outputs: list[Any], target: TargetLike, batch: TokenBatch, positions: torch.Tensor) -> TargetLike:
+def _freeze_chunks(
+    outputs: list[Any], target: TargetLike, batch: TokenBatch, positions: torch.Tensor
+) -> TargetLike:
     if callable(target) and not isinstance(target, torch.Tensor):
         return target
     if target is not None:
@@ -358,12 +382,19 @@ def _freeze_chunks(outputs: list[Any], target: TargetLike, batch: TokenBatch, po
         chunk_target = target
         if isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() == 1):
             chunk_target = torch.as_tensor(target)[index]
-        frozen.append(freeze_token_target(output, chunk_target, part, positions[index.to(positions.device)]))
+        chunk_classes = freeze_token_target(output, chunk_target, part, positions[index.to(positions.device)])
+        assert isinstance(chunk_classes, torch.Tensor)
+        frozen.append(chunk_classes)
     return torch.cat(frozen)
 
 
 def _scores_at(
-    run: LayerRun, batch: TokenBatch, value: torch.Tensor, target: TargetLike, positions: torch.Tensor, rows: int
+    run: LayerRun,
+    batch: TokenBatch,
+    value: torch.Tensor,
+    target: TargetLike,
+    positions: torch.Tensor,
+    rows: int,
 ) -> torch.Tensor:
     """The scores (N,) with the layer's output set to ``value``, without gradients."""
     scores = []
@@ -377,7 +408,11 @@ def _scores_at(
 
 
 def layer_smoothgrad(
-    smoother: Any, explain: Callable[..., Any], inputs: ModelInputs, target: TargetLike, kwargs: dict[str, Any]
+    smoother: Any,
+    explain: Callable[..., Any],
+    inputs: ModelInputs,
+    target: TargetLike,
+    kwargs: dict[str, Any],
 ) -> torch.Tensor:
     """SmoothGrad with the noise added at the inner explainer's layer (embedding space)."""
     inner = smoother.explainer

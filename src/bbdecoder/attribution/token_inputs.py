@@ -14,6 +14,11 @@ Baselines for token models (``baseline=``):
 * an integer tensor of ids, broadcastable to ``input_ids``: the layer's output for those ids, computed
   with the same other keyword arguments (attention mask, token types);
 * a floating tensor broadcastable to the layer's output, or a number: that value at the layer.
+
+With a *float* tensor as inputs and ``layer=`` (a conv layer of a CNN, say), baselines other than
+``"zero"`` are taken in input space, as Captum's ``LayerIntegratedGradients`` takes them: ``"black"``,
+a tensor shaped like the inputs, ... (see :func:`~bbdecoder.attribution.baselines.make_baseline`), and
+the layer's baseline is its output for that input.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdecoder.targets import TargetError, TargetLike, class_scores, logits_entry, resolve_classes, select_scores
+from bbdecoder.targets import (
+    TargetError,
+    TargetLike,
+    class_scores,
+    logits_entry,
+    resolve_classes,
+    select_scores,
+)
 
 ModelInputs = torch.Tensor | Mapping[str, Any]
 
@@ -77,7 +89,7 @@ class TokenBatch:
         if isinstance(self.inputs, torch.Tensor):
             return not self.inputs.dtype.is_floating_point
         return any(
-            isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and not v.dtype == torch.bool
+            isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
             for k, v in self.inputs.items()
             if k != "attention_mask"
         )
@@ -115,7 +127,9 @@ class TokenBatch:
         if mask is None or attribution.dim() < 2 or tuple(attribution.shape[:2]) != tuple(mask.shape):
             return attribution
         keep = (mask != 0).to(attribution.device).view(*mask.shape, *(1,) * (attribution.dim() - 2))
-        return torch.where(keep, attribution, torch.zeros((), dtype=attribution.dtype, device=attribution.device))
+        return torch.where(
+            keep, attribution, torch.zeros((), dtype=attribution.dtype, device=attribution.device)
+        )
 
     def positions(self, position: int | torch.Tensor) -> torch.Tensor:
         """Per sample, the sequence position a next-token target reads (N,), long.
@@ -126,7 +140,9 @@ class TokenBatch:
         """
         if isinstance(position, torch.Tensor):
             if position.shape != (self.n,) or position.dtype.is_floating_point:
-                raise ValueError(f"a position tensor needs one integer per sample ({self.n},), got {tuple(position.shape)}")
+                raise ValueError(
+                    f"a position tensor needs one integer per sample ({self.n},), got {tuple(position.shape)}"
+                )
             return position.to(self.device, torch.long)
         if isinstance(position, bool) or not isinstance(position, int):
             raise TypeError(f"position must be an int, got {type(position).__name__}")
@@ -220,8 +236,9 @@ def layer_baseline_value(spec: Any, reference: torch.Tensor) -> torch.Tensor:
             return torch.broadcast_to(spec.detach().to(reference), reference.shape).clone()
         except RuntimeError:
             raise ValueError(
-                f"a float baseline at the layer must broadcast to the layer's output {tuple(reference.shape)}, "
-                f"got shape {tuple(spec.shape)}; for token ids pass an integer tensor"
+                f"a float baseline at the layer must broadcast to the layer's output "
+                f"{tuple(reference.shape)}, got shape {tuple(spec.shape)}; for token ids pass an integer "
+                "tensor"
             ) from None
     raise TypeError(
         f"a layer baseline must be 'pad', 'mask', 'zero', a tensor or a number, got {type(spec).__name__}"
@@ -261,7 +278,9 @@ def freeze_token_target(
     return resolve_classes(sequence_logits(output, positions, sample), target, batch.n)
 
 
-def row_scores(output: Any, target: TargetLike, sample: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def row_scores(
+    output: Any, target: TargetLike, sample: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """One differentiable score per row (rows,); ``sample`` maps rows to samples of the batch."""
     rows = int(sample.shape[0])
     if callable(target) and not isinstance(target, torch.Tensor):
@@ -275,13 +294,17 @@ def row_scores(output: Any, target: TargetLike, sample: torch.Tensor, positions:
 def token_sum(attribution: torch.Tensor) -> torch.Tensor:
     """One signed score per token: ``(N, L, *rest)`` summed over everything after L, ``(N, L)``."""
     if attribution.dim() < 2:
-        raise ValueError(f"token scores need an attribution (N, L, ...), got shape {tuple(attribution.shape)}")
+        raise ValueError(
+            f"token scores need an attribution (N, L, ...), got shape {tuple(attribution.shape)}"
+        )
     if attribution.dim() == 2:
         return attribution
     return attribution.flatten(2).sum(dim=2)
 
 
-def explain_continuation(explainer: Any, inputs: ModelInputs, continuation: Any, **kwargs: Any) -> torch.Tensor:
+def explain_continuation(
+    explainer: Any, inputs: ModelInputs, continuation: Any, **kwargs: Any
+) -> torch.Tensor:
     """Token scores for each generated token of a continuation, teacher-forced: a ``(T, L)`` tensor.
 
     Args:
@@ -300,7 +323,9 @@ def explain_continuation(explainer: Any, inputs: ModelInputs, continuation: Any,
     batch = TokenBatch(inputs)
     prompt = batch.ids
     if prompt is None or batch.n != 1:
-        raise ValueError("explain_continuation needs one prompt of token ids (1, P) (or a dict with input_ids)")
+        raise ValueError(
+            "explain_continuation needs one prompt of token ids (1, P) (or a dict with input_ids)"
+        )
     tokens = torch.as_tensor(continuation, device=prompt.device)
     if tokens.dim() == 2 and tokens.shape[0] == 1:
         tokens = tokens[0]
