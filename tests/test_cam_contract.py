@@ -144,7 +144,7 @@ def test_no_trace_on_error(cls: type[BaseCAM]) -> None:
 @pytest.mark.parametrize("cls", CAMS, ids=lambda c: c.__name__)
 def test_bad_inputs_are_refused_before_any_forward(cls: type[BaseCAM]) -> None:
     model = _model()
-    with pytest.raises(RuntimeError, match="unsqueeze"):  # the note added to torch's error
+    with pytest.raises(ValueError, match="unsqueeze"):  # the shared input check, before any forward
         cls(model).saliency(torch.randn(3, 8, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="unexpected keyword"):
         cls(model).saliency(torch.randn(1, 3, 8, 8, dtype=torch.float64), 0, abs=True)

@@ -3,6 +3,7 @@
 Everything public is importable from here: ``from bbdecoder import FullGrad``.
 """
 
+from bbdecoder.alerts import AlertConfig, AlertEngine, AlertWarning
 from bbdecoder.attribution import (
     RISE,
     AblationCAM,
@@ -60,6 +61,7 @@ from bbdecoder.monitor import (
     PruneReport,
 )
 from bbdecoder.report import build_report, store_image, store_table
+from bbdecoder.sinks import MLflowSink, WandbSink
 from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.store.export import export_tensorboard
 from bbdecoder.targets import TargetError
@@ -70,6 +72,9 @@ __version__ = "0.1.0"
 __all__ = [
     "RISE",
     "AblationCAM",
+    "AlertConfig",
+    "AlertEngine",
+    "AlertWarning",
     "Analyzer",
     "BaseCAM",
     "CompletenessError",
@@ -96,6 +101,7 @@ __all__ = [
     "LayerCost",
     "LayerIndex",
     "LayerInfo",
+    "MLflowSink",
     "Master_analyzer",
     "NoiseScaleEMA",
     "NonFiniteGradientWarning",
@@ -114,6 +120,7 @@ __all__ = [
     "StoreError",
     "TargetError",
     "UnreachableBiasError",
+    "WandbSink",
     "XGradCAM",
     "__version__",
     "attention_iou",
