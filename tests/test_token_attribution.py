@@ -9,7 +9,7 @@ import torch
 from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
 from torch import nn
 
-from bbdecoder import Gradient, InputXGradient, IntegratedGradients, SmoothGrad
+from bbdecoder import Gradient, GradientSHAP, InputXGradient, IntegratedGradients, SmoothGrad
 from bbdecoder.attribution.layer_attribution import LayerCallError
 from bbdecoder.hooks import count_hooks
 from bbdecoder.targets import TargetError
@@ -391,3 +391,50 @@ def test_mapping_inputs_and_unknown_options() -> None:
         Gradient(model).attribute(batch, 1, n_stepz=3)
     with pytest.raises(ValueError, match="matches 2 modules"):
         Gradient(model, layer="*e*")
+
+
+# -- GradientSHAP -------------------------------------------------------------------------------------
+def test_gradient_shap_is_exact_on_the_linear_model_with_one_reference() -> None:
+    model = bag_model()
+    batch = token_batch()
+    reference = torch.tensor([[2, 2, 2, 2, 2]])
+    ours = GradientSHAP(model).attribute(batch, 1, baselines=reference, n_samples=5)
+    closed = IntegratedGradients(model).attribute(batch, 1, baseline=reference, n_steps=2)
+    torch.testing.assert_close(ours, closed, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("stdevs", [0.0, 0.05])
+def test_gradient_shap_at_the_embeddings_equals_a_hand_loop_over_inputs_embeds(stdevs: float) -> None:
+    model = tiny_bert()
+    batch = bert_batch()
+    references = torch.tensor([[0] * 8, [5] * 8])
+    n, n_samples, target = 3, 4, 2
+    ours = GradientSHAP(model, seed=7).attribute(
+        batch,
+        target,
+        baselines=references,
+        n_samples=n_samples,
+        stdevs=stdevs,
+        internal_batch_size=n * n_samples,
+    )
+    # The same draws, in the same order, through inputs_embeds (no hooks).
+    generator = torch.Generator().manual_seed(7)
+    choice = torch.randint(2, (n * n_samples,), generator=generator)
+    alphas = torch.rand(n * n_samples, generator=generator, dtype=torch.float64)
+    embed = model.bert.embeddings.word_embeddings
+    sample = torch.arange(n * n_samples) % n
+    x = embed(batch["input_ids"]).detach()[sample]
+    if stdevs > 0:
+        x = x + stdevs * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    base = embed(references).detach()[choice]
+    point = (base + alphas.view(-1, 1, 1) * (x - base)).requires_grad_(True)
+    logits = model(
+        inputs_embeds=point,
+        attention_mask=batch["attention_mask"][sample],
+        token_type_ids=batch["token_type_ids"][sample],
+    ).logits
+    (grad,) = torch.autograd.grad(logits[:, target].sum(), point)
+    expected = torch.zeros(n, 8, 16, dtype=torch.float64).index_add_(0, sample, (x - base) * grad) / n_samples
+    keep = batch["attention_mask"].bool()
+    assert relative_error(ours[keep], expected[keep]) < 1e-10
+    assert torch.equal(ours[~keep], torch.zeros_like(ours[~keep]))

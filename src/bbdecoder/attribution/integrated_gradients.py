@@ -37,6 +37,9 @@ class IntegratedGradients(Explainer):
         memory_budget_bytes: bytes the step batches may use when ``internal_batch_size`` is not given;
             default 1 GiB on CPU and half the free memory on CUDA. On CPU a pass is also kept near
             512 MiB of activations, where passes are fastest per row (see ``memory.rows_for_budget``).
+        layer: attribute at this layer's output (Captum's ``LayerIntegratedGradients``); token ids and
+            dict inputs default to ``get_input_embeddings()``. See
+            :mod:`bbdecoder.attribution.layer_attribution`.
     """
 
     def __init__(

@@ -445,3 +445,103 @@ def layer_smoothgrad(
             reduction.add(copy)
         done += copies
     return batch.mask_padding(reduction.result())
+
+
+def layer_gradient_shap(
+    explainer: Any,
+    inputs: ModelInputs,
+    target: TargetLike,
+    baselines: Any,
+    n_samples: int,
+    stdevs: float,
+    internal_batch_size: int | None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """GradientSHAP at the layer's output: expected ``(A + eps - B) * dF/dA(B + alpha (A + eps - B))``.
+
+    ``baselines``: ``"pad"``, ``"mask"`` or ``"zero"`` (one reference), integer ids ``(B, L)`` (a set of
+    ``B`` reference sequences, each run with every sample's other inputs) or a float tensor
+    ``(B, *layer_output_sample_shape)`` (a set of references at the layer). The noise ``eps`` has
+    standard deviation ``stdevs`` at the layer. Draws are made in the same order as the input-space
+    :class:`~bbdecoder.attribution.gradient_shap.GradientSHAP`, from a generator seeded with its seed.
+    """
+    pad_id, mask_id, position, values = _options(kwargs)
+    check_positive_int(n_samples, "n_samples")
+    if not stdevs >= 0:
+        raise ValueError(f"stdevs must be >= 0, got {stdevs}")
+    with explainer.session() as hooks:
+        run = LayerRun(explainer, inputs, hooks)
+        batch = run.batch
+        n = batch.n
+        rows_per_pass = run.rows_per_pass(
+            internal_batch_size, getattr(explainer, "memory_budget_bytes", None)
+        )
+        positions = run.positions(position)
+        clean, outputs = _capture_chunks(run, batch, rows_per_pass)
+        x_layer = clean if values is None else values.detach().to(clean)
+        frozen = _freeze_chunks(outputs, target, batch, positions)
+        references = _reference_set(run, baselines, x_layer, rows_per_pass, pad_id, mask_id)
+        generator = torch.Generator().manual_seed(explainer.seed)
+        total_rows = n * n_samples
+        choice = torch.randint(references.shape[0], (total_rows,), generator=generator)
+        alphas = torch.rand(total_rows, generator=generator, dtype=torch.float64)
+        accumulated = torch.zeros_like(x_layer, dtype=torch.float64)
+        broadcast = (-1,) + (1,) * (x_layer.dim() - 1)
+        for start in range(0, total_rows, rows_per_pass):
+            stop = min(start + rows_per_pass, total_rows)
+            sample = (torch.arange(start, stop) % n).to(x_layer.device)
+            noisy = x_layer[sample]
+            if stdevs > 0:
+                noise = torch.randn(
+                    (stop - start, *x_layer.shape[1:]), generator=generator, dtype=torch.float64
+                )
+                noisy = noisy + (stdevs * noise).to(noisy)
+            base = references[choice[start:stop].to(x_layer.device), sample]
+            alpha = alphas[start:stop].to(noisy).view(broadcast)
+            with torch.no_grad():
+                point = base + alpha * (noisy - base)
+
+            row_sample = sample.to(positions.device)
+
+            def score(output: Any, rows: torch.Tensor = row_sample) -> torch.Tensor:
+                return row_scores(output, frozen, rows, positions)
+
+            grad, _, _ = run.gradient_at(batch.rows(sample), point, score)
+            accumulated.index_add_(0, sample, ((noisy - base) * grad).to(torch.float64))
+    return batch.mask_padding((accumulated / n_samples).to(x_layer.dtype))
+
+
+def _reference_set(
+    run: LayerRun,
+    baselines: Any,
+    x_layer: torch.Tensor,
+    rows: int,
+    pad_id: int | None,
+    mask_id: int | None,
+) -> torch.Tensor:
+    """Layer-space references ``(B, N, *layer_sample_shape)``: reference ``j`` for sample ``i``."""
+    batch = run.batch
+    if isinstance(baselines, torch.Tensor) and baselines.dtype.is_floating_point:
+        if tuple(baselines.shape[1:]) != tuple(x_layer.shape[1:]):
+            raise ValueError(
+                f"float references at the layer must be (B, {', '.join(map(str, x_layer.shape[1:]))}), got "
+                f"{tuple(baselines.shape)}"
+            )
+        expanded = baselines.detach().to(x_layer)[:, None].expand(-1, *x_layer.shape)
+        return expanded.contiguous()
+    if isinstance(baselines, torch.Tensor):
+        ids = batch.ids
+        if ids is None or baselines.dim() != 2 or baselines.shape[1] != ids.shape[1]:
+            raise ValueError(
+                "integer references must be token ids (B, L) with the inputs' length L; got shape "
+                f"{tuple(baselines.shape)}"
+            )
+        layers = []
+        for reference in baselines.to(ids.device, ids.dtype):
+            reference_batch = TokenBatch(batch.with_ids(reference.expand_as(ids).clone()))
+            layers.append(_capture_chunks(run, reference_batch, rows)[0])
+        return torch.stack(layers)
+    ids = baseline_ids(baselines, batch, run.explainer.model, pad_token_id=pad_id, mask_token_id=mask_id)
+    if ids is not None:
+        return _capture_chunks(run, TokenBatch(batch.with_ids(ids)), rows)[0][None]
+    return layer_baseline_value(baselines, x_layer)[None]
