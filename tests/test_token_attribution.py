@@ -438,3 +438,16 @@ def test_gradient_shap_at_the_embeddings_equals_a_hand_loop_over_inputs_embeds(s
     keep = batch["attention_mask"].bool()
     assert relative_error(ours[keep], expected[keep]) < 1e-10
     assert torch.equal(ours[~keep], torch.zeros_like(ours[~keep]))
+
+
+@pytest.mark.slow  # importing torch._dynamo alone takes 10-25 s on a loaded machine
+def test_a_compiled_model_is_explained_through_its_eager_modules() -> None:
+    model = bag_model()
+    compiled = torch.compile(model)
+    batch = token_batch()
+    for layer in (None, "embed"):
+        ours = IntegratedGradients(compiled, layer=layer).attribute(batch, 1, baseline="zero", n_steps=4)
+        torch.testing.assert_close(
+            ours, IntegratedGradients(model).attribute(batch, 1, baseline="zero", n_steps=4)
+        )
+    assert count_hooks(model) == 0

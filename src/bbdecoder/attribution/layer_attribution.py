@@ -68,8 +68,16 @@ def input_embeddings(model: nn.Module) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
+def eager_model(model: nn.Module) -> nn.Module:
+    """The eager module under ``torch.compile`` (hooks added after compilation are not seen by the
+    compiled graph; the eager modules have the same weights and outputs), else ``model``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
     """The one ``(qualified name, module)`` that ``layer`` names; ``None``: the input embeddings."""
+    model = eager_model(model)
     if layer is None:
         module = input_embeddings(model)
         if module is None:
@@ -168,7 +176,7 @@ class LayerRun:
         self.name, self.module = resolve_layer(explainer.model, getattr(explainer, "attribution_layer", None))
         self.swap = LayerSwap(self.name, self.module)
         hooks.forward_hook(self.module, self.swap)
-        self.caller = KeywordCall(explainer.model)
+        self.caller = KeywordCall(eager_model(explainer.model))
 
     def forward(self, inputs: ModelInputs) -> Any:
         transform = self.explainer.input_transform
@@ -221,7 +229,7 @@ class LayerRun:
         def count(_module: nn.Module, _args: Any, output: Any) -> None:
             total[0] += tensor_bytes(output)
 
-        model = self.explainer.model
+        model = eager_model(self.explainer.model)
         leaves = [m for m in model.modules() if next(m.children(), None) is None]
         with HookManager() as probe, torch.no_grad():
             for leaf in leaves:
