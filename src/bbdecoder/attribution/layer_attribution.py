@@ -270,11 +270,11 @@ def layer_gradient(
         run = LayerRun(explainer, inputs, hooks)
         positions = run.positions(position)
         sample = torch.arange(run.batch.n, device=positions.device)
-        frozen: list[TargetLike] = [target]
 
         def score(output: Any) -> torch.Tensor:
-            frozen[0] = freeze_token_target(output, target, run.batch, positions)
-            return row_scores(output, frozen[0], sample, positions)
+            # One pass: None is the arg-max of this very output.
+            classes = freeze_token_target(output, target, run.batch, positions)
+            return row_scores(output, classes, sample, positions)
 
         grad, value, _ = run.gradient_at(inputs, values, score)
     result = grad * value if times_activation else grad
@@ -430,10 +430,12 @@ def layer_smoothgrad(
         clean, output = run.capture(inputs)
         positions = run.positions(position)
         frozen = freeze_token_target(output, target, run.batch, positions)
+        rows = run.rows_per_pass(smoother.internal_batch_size, None) if inner.eval_mode else 0
     batch = run.batch
     n = batch.n
     draw = smoother._noise_source(clean)
-    copies_per_call = max(1, min(smoother.n_samples, (smoother.internal_batch_size or n) // n))
+    # Train-mode modules (BatchNorm, dropout) would mix the copies: one copy per call then.
+    copies_per_call = max(1, min(smoother.n_samples, rows // n))
     from bbdecoder.attribution.smoothgrad import _Reduction, _repeat_target
 
     reduction = _Reduction(smoother.kind)

@@ -85,16 +85,6 @@ class TokenBatch:
         return None
 
     @property
-    def has_integer_inputs(self) -> bool:
-        if isinstance(self.inputs, torch.Tensor):
-            return not self.inputs.dtype.is_floating_point
-        return any(
-            isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
-            for k, v in self.inputs.items()
-            if k != "attention_mask"
-        )
-
-    @property
     def attention_mask(self) -> torch.Tensor | None:
         if isinstance(self.inputs, Mapping):
             mask = self.inputs.get("attention_mask")
