@@ -451,3 +451,29 @@ def test_a_compiled_model_is_explained_through_its_eager_modules() -> None:
             ours, IntegratedGradients(model).attribute(batch, 1, baseline="zero", n_steps=4)
         )
     assert count_hooks(model) == 0
+
+
+def test_smoothgrad_without_noise_equals_its_inner_method_also_for_ig_and_continuations() -> None:
+    model = tiny_bert()
+    batch = bert_batch()
+    ig = IntegratedGradients(model)
+    smooth = SmoothGrad(ig, n_samples=2, noise_level=0.0).attribute(batch, 1, baseline="pad", n_steps=4)
+    torch.testing.assert_close(
+        smooth, ig.attribute(batch, 1, baseline="pad", n_steps=4), rtol=1e-12, atol=1e-15
+    )
+    gpt2 = tiny_gpt2()
+    prompt, continuation = torch.tensor([[4, 8]]), torch.tensor([16, 23])
+    smooth_table = SmoothGrad(Gradient(gpt2), n_samples=2, noise_level=0.0).explain_continuation(
+        prompt, continuation
+    )
+    table = Gradient(gpt2).explain_continuation(prompt, continuation)
+    torch.testing.assert_close(smooth_table, table, rtol=1e-12, atol=1e-15)
+
+
+def test_saliency_of_token_inputs_is_the_absolute_token_score() -> None:
+    model = bag_model()
+    batch = token_batch()
+    explainer = InputXGradient(model)
+    saliency = explainer.saliency(batch, 0)
+    assert saliency.shape == (3, 5)
+    torch.testing.assert_close(saliency, explainer.token_scores(batch, 0).abs(), rtol=0, atol=0)
