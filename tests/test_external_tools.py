@@ -28,13 +28,17 @@ _which = shutil.which
 
 def _without(monkeypatch: pytest.MonkeyPatch, *tools: str) -> None:
     """Make ``tools`` look uninstalled (``shutil.which`` answers None for them)."""
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name in tools else _which(name, *a, **k))
+
+    def which(name: str, *args: object, **kwargs: object) -> str | None:
+        return None if name in tools else _which(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "which", which)
 
 
 def _need(tool: str) -> str:
     path = _which(tool)
     if path is None:
-        pytest.skip(f"{tool} is not installed (make test installs it as root: apt-get install graphviz ffmpeg)")
+        pytest.skip(f"{tool} is not installed (make test installs it as root: apt-get install {tool})")
     return path
 
 
