@@ -60,12 +60,16 @@ demo: $(STAMP)
 	$(VENV)/bin/bbdecoder demo --out runs/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples tools
 	$(VENV)/bin/mypy
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/run_all.py
 
+# The documentation site, from docs/ and the docstrings, into site/ (offline; warnings are errors).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache
 
