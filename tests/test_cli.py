@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from bbdecoder.cli import (
     EXIT_DEPENDENCY,
@@ -50,7 +49,9 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 def test_layers_table_with_output_shapes(files, capsys) -> None:
     root = files["root"]
-    code, out, _ = run(["layers", "--model", str(root / "model.pt"), "--input-size", "2,1,8,8"], capsys)
+    code, out, _ = run(
+        ["layers", "--model", str(root / "model.pt"), "--trust-pickle", "--input-size", "2,1,8,8"], capsys
+    )
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == [str(i) for i in range(len(rows))]
@@ -67,12 +68,14 @@ def test_layers_table_with_output_shapes(files, capsys) -> None:
 
 def test_layers_error_paths(files, capsys) -> None:
     root = files["root"]
+    trusted = ["--model", str(root / "model.pt"), "--trust-pickle"]
     cases = [
         (["--model", str(root / "missing.pt")], EXIT_MISSING, "no such model file"),
         (["--model", str(root / "junk.pt")], EXIT_UNREADABLE, "cannot read a model"),
         (["--model", str(root / "weights.pt")], EXIT_UNREADABLE, "holds a state_dict"),
-        (["--model", str(root / "model.pt"), "--input-size", "1,x,8"], EXIT_USAGE, "comma-separated"),
-        (["--model", str(root / "model.pt"), "--input-size", "1,3,8,8"], EXIT_INCOMPATIBLE, "(1, 3, 8, 8)"),
+        (["--model", str(root / "model.pt")], EXIT_UNREADABLE, "--trust-pickle"),
+        ([*trusted, "--input-size", "1,x,8"], EXIT_USAGE, "comma-separated"),
+        ([*trusted, "--input-size", "1,3,8,8"], EXIT_INCOMPATIBLE, "(1, 3, 8, 8)"),
         (["--model", str(root / "weights.pt"), "--model-class", "nomodule"], EXIT_USAGE, "module:Class"),
         (["--model", str(root / "weights.pt"), "--model-class", "bbdecoder.nothing:X"], EXIT_UNREADABLE,
          "cannot import"),
@@ -109,6 +112,7 @@ def test_explain_every_method_writes_an_overlay(files, capsys, method: str, tmp_
         "explain",
         "--model",
         str(root / "model.pt"),
+        "--trust-pickle",
         "--image",
         str(root / "digit.png"),
         "--channels",
@@ -130,6 +134,7 @@ def test_explain_gradient_map_equals_autograd(files, capsys, tmp_path: Path) -> 
         "explain",
         "--model",
         str(root / "model.pt"),
+        "--trust-pickle",
         "--image",
         str(root / "digit.png"),
         "--channels",
@@ -175,10 +180,10 @@ def test_explain_error_paths(files, capsys) -> None:
         (["--model", str(root / "junk.pt"), "--image", image], EXIT_UNREADABLE, "cannot read a model"),
     ]  # fmt: skip
     for args, code, message in cases:
-        got, _, err = run(["explain", *args], capsys)
+        got, _, err = run(["explain", *args, "--trust-pickle"], capsys)
         assert got == code, (args, err)
         assert message in err, (args, err)
-    _, _, err = run(["explain", "--model", model, "--image", image], capsys)
+    _, _, err = run(["explain", "--model", model, "--trust-pickle", "--image", image], capsys)
     assert "--channels" in err  # a shape mismatch names the flags that fix it
 
 
@@ -230,4 +235,7 @@ def test_model_file_that_is_not_a_module(tmp_path: Path, capsys) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pt")
     code, _, err = run(["layers", "--model", str(tmp_path / "list.pt")], capsys)
     assert code == EXIT_UNREADABLE and "holds a list, not a torch.nn.Module" in err
-    assert isinstance(nn.Module, type)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    code, out, err = run(["layers", "--model", str(tmp_path / "tensor.pt")], capsys)
+    assert (code, out) == (EXIT_UNREADABLE, "")
+    assert err == f"bbdecoder layers: error: {tmp_path / 'tensor.pt'} holds a Tensor, not a torch.nn.Module\n"

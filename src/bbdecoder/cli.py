@@ -2,8 +2,10 @@
 
 Exit codes (stable, for scripts): 0 success; 2 bad arguments (argparse and malformed values);
 3 a named file or folder does not exist; 4 a file exists but cannot be read as what it should be
-(model, image, run store); 5 the model does not accept the input or the method (bad shape, hooks
-on TorchScript, FullGrad completeness); 6 an optional dependency is missing (pyarrow, tensorboard).
+(model, image, run store), or a model file is a full pickle and ``--trust-pickle`` was not given;
+5 the model does not accept the input or the method (bad shape, hooks on TorchScript, FullGrad
+completeness); 6 an optional dependency is missing (pyarrow, tensorboard); 7 an output file or
+folder cannot be written (no permission, disk full, a file where a folder should be).
 """
 
 from __future__ import annotations
@@ -12,13 +14,27 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
+import pickle
+import re
+import sqlite3
 import sys
+import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATIBLE, EXIT_DEPENDENCY = 0, 2, 3, 4, 5, 6
+EXIT_UNWRITABLE = 7
+EXIT_CODES = (EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATIBLE, EXIT_DEPENDENCY,
+              EXIT_UNWRITABLE)  # fmt: skip
+"""Every exit status the CLI returns (argparse's own errors exit with 2)."""
+MAX_INPUT_ELEMENTS = 2**25
+"""The largest input tensor (values) ``explain`` and ``layers`` build: 128 MiB as float32, e.g.
+3 x 3000 x 3000; checked before anything is allocated (IG and SmoothGrad hold 16 copies)."""
+MAX_STEPS = 10_000
+"""Upper bound of ``--steps`` (IG) and ``--samples`` (SmoothGrad)."""
 METHODS = ("fullgrad", "simple_fullgrad", "smooth_fullgrad", "ig", "smoothgrad", "gradcam", "gradient",
            "inputxgradient")  # fmt: skip
 CHUNK = 16
@@ -52,11 +68,70 @@ def int_list(text: str, name: str, length: int | None = None) -> list[int]:
 
 def float_list(text: str, name: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",")]
+        values = [float(part) for part in text.split(",")]
     except ValueError:
         raise CLIError(
             f"{name} must be comma-separated numbers such as 0.485,0.456,0.406, got {text!r}", 2
         ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise CLIError(f"{name} values must be finite numbers, got {text!r}", 2)
+    return values
+
+
+def check_budget(shape: Sequence[int], flag: str, text: str) -> None:
+    """Refuse an input of ``shape`` larger than :data:`MAX_INPUT_ELEMENTS`, before allocating it."""
+    count = math.prod(shape)
+    if count > MAX_INPUT_ELEMENTS:
+        raise CLIError(
+            f"{flag} {text} asks for an input of {count:,} values ({count * 4 / 2**20:,.0f} MiB as float32), "
+            f"more than the limit of {MAX_INPUT_ELEMENTS:,} ({MAX_INPUT_ELEMENTS * 4 // 2**20} MiB); "
+            "pick a smaller size",
+            EXIT_USAGE,
+        )
+
+
+def bounded_int(value: int, flag: str, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise CLIError(f"{flag} must be between {low} and {high}, got {value}", EXIT_USAGE)
+    return value
+
+
+def output_file(path: str, flag: str, image: bool = False) -> Path:
+    """``path`` checked as a file to write, before any work: not a folder, no file in the way of its
+    folder, and (``image``) a suffix Pillow can write. Its missing folders are created on writing."""
+    target = Path(path)
+    if target.is_dir():
+        raise CLIError(
+            f"{flag} {path} is a folder; pass a file name such as {target / 'map.png'}", EXIT_USAGE
+        )
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a folder", EXIT_USAGE)
+            break
+    if image:
+        from PIL import Image
+
+        Image.init()
+        writable = sorted(e for e, f in Image.registered_extensions().items() if f in Image.SAVE)
+        if target.suffix.lower() not in writable:
+            raise CLIError(
+                f"{flag} {path}: Pillow cannot write {target.suffix or 'a file without a suffix'!r}; use "
+                ".png (or .jpg, .tif, ...)",
+                EXIT_USAGE,
+            )
+    return target
+
+
+def output_folder(path: str, flag: str) -> Path:
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CLIError(f"{flag} {path} is a file; pass a folder (it is created if missing)", EXIT_USAGE)
+    return target
+
+
+def write_failed(path: Path | str, err: OSError) -> CLIError:
+    return CLIError(f"cannot write {path}: {err.strerror or err}", EXIT_UNWRITABLE)
 
 
 def existing(path: str, what: str) -> Path:
@@ -64,6 +139,11 @@ def existing(path: str, what: str) -> Path:
     if not p.exists():
         raise CLIError(f"no such {what}: {path}", EXIT_MISSING)
     return p
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # -- models and images -------------------------------------------------------------------------
@@ -102,10 +182,61 @@ def import_class(spec: str) -> Any:
     return getattr(module, class_name)
 
 
-def load_model(path: str, model_class: str | None = None, model_kwargs: str | None = None) -> Any:
-    """A model from a TorchScript file, a whole pickled model (``torch.save(model)``), or a state_dict
-    plus ``model_class`` (``module:Class``, built with the JSON ``model_kwargs``). Returned in eval
-    mode on the CPU. Pickled files can run code when loaded: load only files you trust."""
+def _refused_pickle(path: str, err: Exception) -> CLIError:
+    """The error for a file the weights-only unpickler refused: a pickle naming a Python object (a
+    whole model, or a payload) is refused naming ``--trust-pickle``; anything else is unreadable."""
+    text = str(err)
+    found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
+    if found is None:
+        detail = text.partition("WeightsUnpickler error:")[2].strip() or _first_line(err)
+        return CLIError(
+            f"cannot read a model from {path}: the safe loader (torch.load(weights_only=True)) cannot "
+            f"parse it ({detail.splitlines()[0] if detail else 'unknown reason'}). Expected a TorchScript "
+            "file or a state_dict (with --model-class); a whole pickled model from a source you trust "
+            "needs --trust-pickle",
+            EXIT_UNREADABLE,
+        )
+    return CLIError(
+        f"refused to load {path}: it is a full pickle, not tensors and a state_dict (it names the Python "
+        f"object {found.group(1)}), and unpickling it can run any code hidden in the file. If you trust "
+        "where the file comes from, pass --trust-pickle; otherwise save the model as TorchScript "
+        "(torch.jit.save) or as a state_dict (torch.save(model.state_dict(), path)) loaded with "
+        "--model-class",
+        EXIT_UNREADABLE,
+    )
+
+
+def _torch_load(file: Path, path: str, trust_pickle: bool) -> Any:
+    """``torch.load`` with the safe (weights-only) unpickler unless ``trust_pickle``; a file the safe
+    unpickler refuses is never handed to the full one."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        if trust_pickle:
+            return torch.load(file, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if str(err).startswith("Weights only load failed"):
+                raise _refused_pickle(path, err) from err
+            raise
+
+
+def load_model(
+    path: str,
+    model_class: str | None = None,
+    model_kwargs: str | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> Any:
+    """A model from a TorchScript file, a state_dict plus ``model_class`` (``module:Class``, built with
+    the JSON ``model_kwargs``), or, only with ``trust_pickle``, a whole pickled model
+    (``torch.save(model)``). Returned in eval mode on the CPU.
+
+    Files are read with ``torch.load(weights_only=True)``, which runs no code from the file; a file it
+    refuses (a whole pickled model, or a pickle naming other Python objects) raises a
+    :class:`CLIError` naming ``--trust-pickle`` instead of falling back to the full unpickler."""
     import torch
     from torch import nn
 
@@ -116,21 +247,21 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: str | No
         if is_torchscript(file):
             model = torch.jit.load(str(file), map_location="cpu")
         else:
-            try:
-                model = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception:  # a whole pickled model needs the full unpickler
-                model = torch.load(file, map_location="cpu", weights_only=False)
+            model = _torch_load(file, path, trust_pickle)
+    except CLIError:
+        raise
     except Exception as err:
         raise CLIError(
-            f"cannot read a model from {path}: {type(err).__name__}: {err}. Expected a TorchScript file, "
-            "torch.save(model, path), or torch.save(model.state_dict(), path) with --model-class",
+            f"cannot read a model from {path}: {type(err).__name__}: {_first_line(err)}. Expected a "
+            "TorchScript file, torch.save(model.state_dict(), path) with --model-class, or "
+            "torch.save(model, path) with --trust-pickle",
             EXIT_UNREADABLE,
         ) from err
     if isinstance(model, dict):
         if model_class is None:
             raise CLIError(
                 f"{path} holds a state_dict, not a model: pass --model-class package.module:Class (and "
-                "--model-kwargs '{...}' if its constructor needs arguments), or save the whole model",
+                "--model-kwargs '{...}' if its constructor needs arguments), or save it as TorchScript",
                 EXIT_UNREADABLE,
             )
         cls = import_class(model_class)
@@ -138,6 +269,10 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: str | No
             kwargs = json.loads(model_kwargs) if model_kwargs else {}
         except json.JSONDecodeError as err:
             raise CLIError(f"--model-kwargs must be a JSON object, got {model_kwargs!r} ({err})", 2) from err
+        if not isinstance(kwargs, dict):
+            raise CLIError(
+                f"--model-kwargs must be a JSON object such as '{{\"depth\": 18}}', got {model_kwargs!r}", 2
+            )
         try:
             module = cls(**kwargs)
             module.load_state_dict(model)
@@ -154,23 +289,124 @@ def load_model(path: str, model_class: str | None = None, model_kwargs: str | No
 
 def load_image(path: str, channels: int, size: list[int] | None, scale: float) -> Any:
     """The image as a (1, C, H, W) float tensor: Pillow, converted to L or RGB, resized (bilinear)
-    to ``size`` (H, W), divided by ``scale``."""
+    to ``size`` (H, W), divided by ``scale``. Images over Pillow's decompression-bomb limit are
+    refused, and so is a native size over :data:`MAX_INPUT_ELEMENTS` when ``size`` is not given."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     file = existing(path, "image file")
+    if file.is_dir():
+        raise CLIError(f"{path} is a folder; pass the image file", EXIT_UNREADABLE)
     try:
-        with Image.open(file) as opened:
-            picture = opened.convert("L" if channels == 1 else "RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as opened:
+                width, height = opened.size
+                if size is None:
+                    check_budget((channels, height, width), "the image", f"({width} x {height} pixels)")
+                picture = opened.convert("L" if channels == 1 else "RGB")
         if size is not None:
             picture = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.asarray(picture, dtype=np.float32) / scale
-    except (UnidentifiedImageError, OSError) as err:
-        raise CLIError(f"cannot read an image from {path}: {err}", EXIT_UNREADABLE) from err
+    except CLIError as err:
+        raise CLIError(f"{err}: pass --size H,W to shrink it", err.code) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise CLIError(
+            f"refused to read {path}: {err} Shrink it with another tool, or pass a smaller image",
+            EXIT_UNREADABLE,
+        ) from None
+    except Exception as err:  # Pillow's decoders raise OSError, ValueError, SyntaxError, ...
+        raise CLIError(f"cannot read an image from {path}: {_first_line(err)}", EXIT_UNREADABLE) from err
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     return tensor.unsqueeze(0).contiguous()
+
+
+def _describe_output(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"a {type(output).__name__} with keys {', '.join(map(repr, output.keys()))}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)} items"
+    return f"a {type(output).__name__}"
+
+
+def _tensor_items(output: Any) -> list[tuple[str | int, Any]]:
+    import torch
+
+    if isinstance(output, Mapping):
+        return [(k, v) for k, v in output.items() if isinstance(v, torch.Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [(i, v) for i, v in enumerate(output) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def choose_output(output: Any, requested: str | None) -> str | int | None:
+    """Which part of a model's output is the logits: ``None`` for a plain tensor, else a dict key
+    (also of a ``ModelOutput``), an attribute name, or a tuple index. ``requested`` is
+    ``--output-key``; by default ``logits`` if present, else the one tensor in the output."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        if requested is not None:
+            raise CLIError(
+                f"--output-key {requested!r}: the model returns one tensor, not a dict, ModelOutput or "
+                "tuple; drop --output-key",
+                EXIT_USAGE,
+            )
+        return None
+    what = _describe_output(output)
+    if requested is not None:
+        if isinstance(output, Mapping):
+            found = [k for k in output if k == requested or str(k) == requested]
+            if found:
+                return found[0]
+        elif isinstance(output, (tuple, list)):
+            if requested.strip().isdigit() and int(requested) < len(output):
+                return int(requested)
+        elif requested.isidentifier() and hasattr(output, requested):
+            return requested
+        raise CLIError(
+            f"--output-key {requested!r} is not in the model's output, {what}"
+            + (f"; use an index 0..{len(output) - 1}" if isinstance(output, (tuple, list)) else ""),
+            EXIT_USAGE,
+        )
+    if isinstance(output, Mapping) and "logits" in output:
+        return "logits"
+    if not isinstance(output, (Mapping, tuple, list)) and isinstance(
+        getattr(output, "logits", None), torch.Tensor
+    ):
+        return "logits"
+    tensors = _tensor_items(output)
+    if len(tensors) == 1:
+        return tensors[0][0]
+    raise CLIError(
+        f"the model returns {what}: pick the logits with --output-key KEY (a key, attribute or index)",
+        EXIT_INCOMPATIBLE,
+    )
+
+
+def pick_output(output: Any, key: str | int) -> Any:
+    """The part ``key`` of ``output`` (see :func:`choose_output`)."""
+    if isinstance(output, (Mapping, tuple, list)):
+        return output[key]  # type: ignore[index]
+    return getattr(output, str(key))
+
+
+def select_output(model: Any, key: str | int) -> Any:
+    """``model`` wrapped so that it returns ``pick_output(model(x), key)``; the model itself is not
+    changed (it becomes the wrapper's only child)."""
+    from torch import nn
+
+    class OutputSelector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return pick_output(self.model(*args, **kwargs), key)
+
+    return OutputSelector().train(model.training)
 
 
 def _forward_check(model: Any, x: Any, what: str, hint: str = "") -> Any:
@@ -190,18 +426,29 @@ def _forward_check(model: Any, x: Any, what: str, hint: str = "") -> Any:
 # -- commands ----------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
     from bbdecoder.demo.run import DemoSettings, run_demo
+    from bbdecoder.store import StoreError
 
+    if args.epochs is not None:
+        bounded_int(args.epochs, "--epochs", 1, 1000)
+    if args.images is not None:
+        bounded_int(args.images, "--images", 1, 100)
+    output_folder(args.out, "--out")
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.no_bias:
         settings.bias = False
-    result = run_demo(
-        args.out,
-        epochs=args.epochs,
-        n_images=args.images,
-        settings=settings,
-        progress=not args.no_progress,
-        tensorboard=args.tensorboard,
-    )
+    try:
+        result = run_demo(
+            args.out,
+            epochs=args.epochs,
+            n_images=args.images,
+            settings=settings,
+            progress=not args.no_progress,
+            tensorboard=args.tensorboard,
+        )
+    except ImportError as err:  # --tensorboard without the package
+        raise CLIError(str(err), EXIT_DEPENDENCY) from err
+    except (OSError, StoreError) as err:  # the output folder or its store cannot be written
+        raise CLIError(f"cannot write the demo into {args.out}: {err}", EXIT_UNWRITABLE) from err
     print(f"test accuracy {result.accuracy:.3f}")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.4g}")
@@ -211,6 +458,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from bbdecoder.report import build_report
+    from bbdecoder.report.builder import REPORT_FILENAME
     from bbdecoder.store import StoreError
     from bbdecoder.store.writer import db_path
 
@@ -219,10 +467,15 @@ def _report(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.run_dir} holds no run store ({db_path(run).name}); pass a run folder", EXIT_MISSING
         )
+    out = output_file(args.out, "--out") if args.out else None
+    if out is None and (run / REPORT_FILENAME).is_dir():
+        raise CLIError(f"{run / REPORT_FILENAME} is a folder; remove it or pass --out FILE", EXIT_USAGE)
     try:
-        path = build_report(run, args.out)
+        path = build_report(run, out)
     except StoreError as err:
         raise CLIError(str(err), EXIT_UNREADABLE) from err
+    except OSError as err:  # the report could not be written (the store is read through sqlite3)
+        raise write_failed(err.filename or out or run / REPORT_FILENAME, err) from err
     except Exception as err:  # sqlite3.DatabaseError: not a database
         raise CLIError(f"cannot read the run store in {args.run_dir}: {err}", EXIT_UNREADABLE) from err
     print(f"wrote {path}")
@@ -240,7 +493,9 @@ def _layers(args: argparse.Namespace) -> int:
     from bbdecoder.layers import LayerIndex
 
     size = int_list(args.input_size, "--input-size") if args.input_size else None
-    model = load_model(args.model, args.model_class, args.model_kwargs)
+    if size is not None:
+        check_budget(size, "--input-size", args.input_size)
+    model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     index = LayerIndex(model)
     shapes: dict[int, str] = {}
     if size is not None:
@@ -264,30 +519,80 @@ def _layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def make_explainer(method: str, model: Any, im_size: tuple[int, ...], args: argparse.Namespace) -> Any:
-    """``f(x, target) -> (N, 1, H, W)`` for ``method`` (input transform = the flags' normalisation)."""
+def resolve_layer(model: Any, text: str) -> Any:
+    """The module ``--layer`` names: all digits is a leaf ID as ``bbdecoder layers`` lists them (in a
+    nested model the module *named* "2" is usually another layer); otherwise a leaf's qualified
+    name or glob pattern matching one leaf, or the qualified name of any submodule (a block)."""
+    from bbdecoder.layers import LayerIndex
+
+    index = LayerIndex(model)
+    text = text.strip()
+    if text.isdigit():
+        if not 0 <= int(text) < len(index):
+            raise CLIError(
+                f"--layer {text}: there is no leaf layer with ID {text}; this model's IDs are "
+                f"0..{len(index) - 1} (see bbdecoder layers --model ...)",
+                EXIT_USAGE,
+            )
+        return index[int(text)].module
+    submodules = dict(model.named_modules())
+    if text in submodules and text not in index.names:
+        return submodules[text]
+    try:
+        chosen = index.select(text)
+    except (KeyError, IndexError, TypeError) as err:
+        raise CLIError(f"--layer {text!r}: {err.args[0] if err.args else err}", EXIT_USAGE) from None
+    if len(chosen) != 1:
+        names = ", ".join(layer.display_name for layer in chosen[:5])
+        raise CLIError(
+            f"--layer {text!r} matches {len(chosen)} layers ({names}{', ...' if len(chosen) > 5 else ''}); "
+            "name exactly one",
+            EXIT_USAGE,
+        )
+    return chosen[0].module
+
+
+def normalization(args: argparse.Namespace, channels: int) -> Any:
+    """The ``Normalize`` of ``--mean``/``--std`` (1 or ``channels`` finite values; std > 0), or None."""
+    from bbdecoder.attribution import Normalize
+
+    if args.mean is None and args.std is None:
+        return None
+    mean = float_list(args.mean, "--mean") if args.mean else [0.0]
+    std = float_list(args.std, "--std") if args.std else [1.0]
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise CLIError(
+                f"{flag} needs 1 or {channels} values (one per channel of --channels {channels}), got "
+                f"{len(values)}",
+                EXIT_USAGE,
+            )
+    if any(v <= 0 for v in std):
+        raise CLIError("--std values must be positive", EXIT_USAGE)
+    return Normalize(mean * (channels // len(mean)), std * (channels // len(std)))
+
+
+def make_explainer(
+    method: str,
+    model: Any,
+    im_size: tuple[int, ...],
+    args: argparse.Namespace,
+    norm: Any = None,
+    layer: Any = None,
+) -> Any:
+    """``f(x, target) -> (N, 1, H, W)`` for ``method``; ``norm`` is the input transform, ``layer`` the
+    Grad-CAM module (see :func:`resolve_layer`; default: Grad-CAM's own choice)."""
     from bbdecoder.attribution import (
         FullGrad,
         GradCAM,
         Gradient,
         InputXGradient,
         IntegratedGradients,
-        Normalize,
         SimpleFullGrad,
         SmoothFullGrad,
         SmoothGrad,
     )
 
-    norm = None
-    if args.mean is not None or args.std is not None:
-        channels = im_size[0]
-        mean = float_list(args.mean, "--mean") if args.mean else [0.0] * channels
-        std = float_list(args.std, "--std") if args.std else [1.0] * channels
-        if len(mean) not in (1, channels) or len(std) not in (1, channels):
-            raise CLIError(f"--mean and --std need 1 or {channels} values (one per channel)", 2)
-        if any(v <= 0 for v in std):
-            raise CLIError("--std values must be positive", 2)
-        norm = Normalize(mean * (channels // len(mean)), std * (channels // len(std)))
     if method == "fullgrad":
         return FullGrad(model, im_size=im_size, input_transform=norm).saliency
     if method == "simple_fullgrad":
@@ -295,7 +600,7 @@ def make_explainer(method: str, model: Any, im_size: tuple[int, ...], args: argp
     if method == "smooth_fullgrad":
         return SmoothFullGrad(model, input_transform=norm).saliency
     if method == "gradcam":
-        return GradCAM(model, args.layer, input_transform=norm).saliency
+        return GradCAM(model, layer, input_transform=norm).saliency
     if method == "ig":
         ig = IntegratedGradients(model, input_transform=norm)
         return lambda x, t: ig.attribute(x, t, n_steps=args.steps, internal_batch_size=CHUNK).sum(
@@ -315,38 +620,57 @@ def _explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from bbdecoder.attribution import CompletenessError, Normalize
+    from bbdecoder.attribution import CompletenessError
     from bbdecoder.viz import overlay
 
     size = int_list(args.size, "--size", length=2) if args.size else None
     if args.channels not in (1, 3):
         raise CLIError(f"--channels must be 1 or 3, got {args.channels}", 2)
-    model = load_model(args.model, args.model_class, args.model_kwargs)
+    if size is not None:
+        check_budget((args.channels, *size), "--size", args.size)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise CLIError(f"--scale must be a positive number (pixels are divided by it), got {args.scale}", 2)
+    bounded_int(args.steps, "--steps", 1, MAX_STEPS)
+    bounded_int(args.samples, "--samples", 1, MAX_STEPS)
+    if args.layer is not None and args.method != "gradcam":
+        raise CLIError(f"--layer is used by --method gradcam only, not by {args.method}", EXIT_USAGE)
+    norm = normalization(args, args.channels)
+    out = output_file(
+        args.out or str(Path(args.image).with_name(f"{Path(args.image).stem}_{args.method}.png")),
+        "--out",
+        image=True,
+    )
+    save_map = None
+    if args.save_map:  # np.save adds .npy to any other name: check the file it will write
+        name = args.save_map if args.save_map.endswith(".npy") else args.save_map + ".npy"
+        save_map = output_file(name, "--save-map")
+    model = load_model(args.model, args.model_class, args.model_kwargs, trust_pickle=args.trust_pickle)
     x = load_image(args.image, args.channels, size, args.scale)
     scripted = isinstance(model, torch.jit.ScriptModule)
     if scripted and args.method in HOOK_METHODS:
         raise CLIError(
             f"--method {args.method} needs forward hooks, which a TorchScript model does not support; use "
-            "gradient, inputxgradient, ig or smoothgrad, or pass the pickled model (torch.save(model))",
+            "gradient, inputxgradient, ig or smoothgrad, or pass a state_dict with --model-class",
             EXIT_INCOMPATIBLE,
         )
-    norm_input = x
-    if args.mean is not None or args.std is not None:
-        c = x.shape[1]
-        mean = float_list(args.mean, "--mean") if args.mean else [0.0]
-        std = float_list(args.std, "--std") if args.std else [1.0]
-        norm_input = Normalize(mean * (c // len(mean)), std * (c // len(std)))(x)
-    logits = _forward_check(
+    norm_input = x if norm is None else norm(x)
+    output = _forward_check(
         model, norm_input, "an image", " (set the image's channels with --channels and its size with --size)"
     )
+    key = choose_output(output, args.output_key)
+    layer = resolve_layer(model, args.layer) if args.layer is not None else None
+    logits = output
+    if key is not None:
+        logits, model = pick_output(output, key), select_output(model, key)
+    picked = "" if key is None else f" (--output-key {key!r})"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise CLIError(
-            f"the model returns {getattr(logits, 'shape', type(logits).__name__)}; explain needs logits of "
-            "shape (1, classes)",
+            f"the model returns {getattr(logits, 'shape', type(logits).__name__)}{picked}; explain needs "
+            "logits of shape (1, classes)" + ("" if key is None else ": pick another with --output-key"),
             EXIT_INCOMPATIBLE,
         )
     try:
-        explain = make_explainer(args.method, model, tuple(x.shape[1:]), args)
+        explain = make_explainer(args.method, model, tuple(x.shape[1:]), args, norm, layer)
     except CompletenessError as err:
         raise CLIError(f"{err} (use --method simple_fullgrad)", EXIT_INCOMPATIBLE) from err
     predicted = int(logits.argmax(dim=1))
@@ -362,22 +686,27 @@ def _explain(args: argparse.Namespace) -> int:
             f"{args.method} failed on this model: {type(err).__name__}: {err}", EXIT_INCOMPATIBLE
         ) from err
     signed = args.method in {"ig", "gradient", "inputxgradient"}
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.image).with_name(f"{Path(args.image).stem}_{args.method}.png")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
     picture = overlay(x[0], saliency[0], signed=signed)
     scale = max(1, 256 // max(picture.shape[:2]))
-    Image.fromarray(picture).resize(
-        (picture.shape[1] * scale, picture.shape[0] * scale), Image.Resampling.NEAREST
-    ).save(out)
-    if args.save_map:
-        np.save(args.save_map, saliency[0, 0].cpu().numpy())
+    for path in [out] if save_map is None else [out, save_map]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failed(path.parent, err) from err
+    try:
+        Image.fromarray(picture).resize(
+            (picture.shape[1] * scale, picture.shape[0] * scale), Image.Resampling.NEAREST
+        ).save(out)
+    except OSError as err:
+        raise write_failed(out, err) from err
+    if save_map is not None:
+        try:
+            np.save(save_map, saliency[0, 0].cpu().numpy())
+        except OSError as err:
+            raise write_failed(save_map, err) from err
     probability = float(torch.softmax(logits.double(), dim=1)[0, target])
     print(f"predicted class {predicted}; explained class {target} (probability {probability:.3f})")
-    print(f"wrote {out}" + (f" and {args.save_map}" if args.save_map else ""))
+    print(f"wrote {out}" + (f" and {save_map}" if save_map is not None else ""))
     return EXIT_OK
 
 
@@ -391,6 +720,10 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.run_dir} holds no run store ({db_path(run).name}); pass a run folder", EXIT_MISSING
         )
+    output_folder(
+        args.tensorboard or args.csv or args.parquet,
+        next(f"--{name}" for name in ("tensorboard", "csv", "parquet") if getattr(args, name)),
+    )
     try:
         if args.tensorboard:
             export_tensorboard(run, args.tensorboard)
@@ -408,13 +741,28 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(str(err), EXIT_DEPENDENCY) from err
     except StoreError as err:
         raise CLIError(str(err), EXIT_UNREADABLE) from err
+    except sqlite3.DatabaseError as err:  # a store whose tables are damaged or missing
+        raise CLIError(
+            f"cannot read the run store in {args.run_dir}: {err} (the store is damaged)", EXIT_UNREADABLE
+        ) from err
+    except OSError as err:
+        raise write_failed(err.filename or (args.tensorboard or args.csv or args.parquet), err) from err
     return EXIT_OK
 
 
 # -- parser ------------------------------------------------------------------------------------
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="TorchScript file, torch.save(model) file, or a state_dict file"
+        "--model",
+        required=True,
+        help="TorchScript file, state_dict file (with --model-class), or torch.save(model) file (with "
+        "--trust-pickle)",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a full pickle (torch.save(model)): unpickling runs any code the file holds, so pass "
+        "it only for files you trust",
     )
     parser.add_argument("--model-class", help="for a state_dict: 'package.module:Class' or 'file.py:Class'")
     parser.add_argument("--model-kwargs", help="for a state_dict: the constructor's arguments as JSON")
@@ -426,8 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bbdecoder",
         description="Explain and monitor PyTorch models.",
-        epilog="exit codes: 0 ok, 2 bad arguments, 3 missing file, 4 unreadable file, "
-        "5 model/input mismatch, 6 missing optional dependency",
+        epilog="exit codes: 0 ok, 2 bad arguments, 3 missing file, 4 unreadable file (or a pickle "
+        "without --trust-pickle), 5 model/input mismatch, 6 missing optional dependency, 7 cannot write "
+        "an output",
     )
     parser.add_argument("--version", action="version", version=f"bbdecoder {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -442,13 +791,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-bias", action="store_true", help="skip the planted-bias study")
     demo.add_argument("--tensorboard", action="store_true", help="also log live to OUT/tensorboard")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo, subparser=demo)
 
     report = commands.add_parser("report", help="(re)build report.html from a run store alone")
     report.add_argument("run_dir", metavar="RUN_DIR", help="folder holding run.sqlite")
     report.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
     report.add_argument("--open", action="store_true", help="open the report in a web browser")
-    report.set_defaults(handler=_report)
+    report.set_defaults(handler=_report, subparser=report)
 
     explain = commands.add_parser("explain", help="saliency map of one image, written as an overlay PNG")
     _model_args(explain)
@@ -457,6 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     explain.add_argument("--out", help="overlay PNG (default IMAGE_STEM_METHOD.png next to the image)")
     explain.add_argument("--save-map", help="also save the raw (H, W) map as .npy")
+    explain.add_argument(
+        "--output-key",
+        help="for a model returning a dict, ModelOutput or tuple: the key, attribute or index of the logits "
+        "(default: 'logits' if present, else the only tensor)",
+    )
     explain.add_argument("--channels", type=int, default=3, help="1 (grey) or 3 (RGB, default)")
     explain.add_argument("--size", help="resize to H,W first (e.g. 224,224)")
     explain.add_argument(
@@ -464,15 +818,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--mean", help="normalisation mean per channel, e.g. 0.485,0.456,0.406")
     explain.add_argument("--std", help="normalisation std per channel, e.g. 0.229,0.224,0.225")
-    explain.add_argument("--layer", help="Grad-CAM layer (ID or name; default the last 4-D output)")
-    explain.add_argument("--steps", type=int, default=50, help="IG steps (default 50)")
-    explain.add_argument("--samples", type=int, default=25, help="SmoothGrad samples (default 25)")
-    explain.set_defaults(handler=_explain)
+    explain.add_argument(
+        "--layer",
+        help="Grad-CAM layer: a leaf ID as `bbdecoder layers` shows it (all digits), else a module's "
+        "qualified name (default: the last layer with a 4-D output)",
+    )
+    explain.add_argument("--steps", type=int, default=50, help=f"IG steps, 1..{MAX_STEPS} (default 50)")
+    explain.add_argument(
+        "--samples", type=int, default=25, help=f"SmoothGrad samples, 1..{MAX_STEPS} (default 25)"
+    )
+    explain.set_defaults(handler=_explain, subparser=explain)
 
     layers = commands.add_parser("layers", help="the layer table: IDs, names, types, parameters, shapes")
     _model_args(layers)
     layers.add_argument("--input-size", help="e.g. 1,3,224,224: run a forward pass to show output shapes")
-    layers.set_defaults(handler=_layers)
+    layers.set_defaults(handler=_layers, subparser=layers)
 
     export = commands.add_parser("export", help="export a run store to TensorBoard, CSV or Parquet")
     export.add_argument("run_dir", metavar="RUN_DIR", help="folder holding run.sqlite")
@@ -480,17 +840,20 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files here")
     target.add_argument("--csv", metavar="DIR", help="write CSV files here")
     target.add_argument("--parquet", metavar="DIR", help="write Parquet files here (needs pyarrow)")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=_export, subparser=export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (argparse errors exit with 2 through SystemExit)."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser: "bbdecoder explain: error: ..."
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.handler(args))
     except CLIError as err:
-        print(f"bbdecoder {args.command}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"bbdecoder {args.command}: error: {message}", file=sys.stderr)
         return err.code
 
 

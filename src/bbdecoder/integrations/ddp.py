@@ -76,6 +76,9 @@ class NullWriter:
     def pending(self) -> int:
         return 0
 
+    def checkpoint(self) -> bool:
+        return True
+
     def close(self) -> None:
         self.closed = True
 

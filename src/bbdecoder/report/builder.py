@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import tempfile
 import time
 import traceback
@@ -39,7 +41,9 @@ def build_report(
         title: page title (default: "bbdecoder run: <folder name>").
 
     Returns:
-        The path of the written file.
+        The path of the written file. It is written to a temporary file in the same folder and moved
+        into place atomically (``os.replace``): a ``report.html`` that is a symlink is replaced, never
+        followed, so a received run folder cannot make the report overwrite a file elsewhere.
     """
     reader = run if isinstance(run, RunReader) else open_run(run)
     store = reader.path
@@ -67,6 +71,28 @@ def build_report(
             reader.close()
     heading = title or f"bbdecoder run: {store.parent.name or store.name}"
     subtitle = f"store {db_path(store).name} · report built {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(html.page(heading, subtitle, rendered), encoding="utf-8")
+    write_atomically(target, html.page(heading, subtitle, rendered).encode("utf-8"))
     return target
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to a new file next to ``target``, then rename it over ``target``.
+
+    The temporary file is created exclusively and without following links (``O_EXCL |
+    O_NOFOLLOW``), with the usual permissions (0o666 less the umask); the rename replaces whatever
+    ``target`` is, a symlink included, without writing through it. Raises ``OSError`` (e.g.
+    ``IsADirectoryError`` when ``target`` is a folder); no temporary file is left behind.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(temporary, flags, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
