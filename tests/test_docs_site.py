@@ -89,3 +89,17 @@ def test_reference_warns_on_undocumented_and_missing_names(monkeypatch, caplog) 
     assert not any("bbdecoder.documented " in w or "bbdecoder.Documented " in w for w in warnings)
     assert "## Explainers" in page and "::: bbdecoder.documented" in page
     assert "An alias of [`Documented`][bbdecoder.Documented]" in page
+
+
+def test_pages_missing_from_the_nav_are_added(tmp_path: Path) -> None:
+    hooks = _hooks()
+    (tmp_path / "index.md").write_text("# Home\n")
+    (tmp_path / "store.md").write_text("intro\n# What the store promises\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep_page.md").write_text("no heading\n")
+    config = {"nav": [{"Home": "index.md"}], "docs_dir": str(tmp_path)}
+    nav = hooks.on_config(config)["nav"]
+    assert nav == [
+        {"Home": "index.md"},
+        {"More": [{"What the store promises": "store.md"}, {"Deep page": "sub/deep_page.md"}]},
+    ]

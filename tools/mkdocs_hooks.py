@@ -4,6 +4,8 @@
   mkdocstrings entry per public name, grouped by the subpackage that defines it; a name added to
   ``__all__`` appears without editing any page, and one that is missing or has no docstring is a
   warning (an error under ``mkdocs build --strict``).
+* pages of ``docs/`` that ``mkdocs.yml``'s nav does not list are added under "More", so a new
+  page is never left out of the site.
 * ``<!-- include README.md "## Section" -->``: a README section pasted into a page, its links to
   ``docs/`` rewritten for the site.
 """
@@ -109,6 +111,36 @@ def _section(text: str, heading: str) -> str:
 
 def _include(match: re.Match[str]) -> str:
     return _section((ROOT / match.group("file")).read_text(), match.group("heading"))
+
+
+def _nav_files(nav: Any) -> list[str]:
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, dict):
+        return [f for value in nav.values() for f in _nav_files(value)]
+    if isinstance(nav, list):
+        return [f for item in nav for f in _nav_files(item)]
+    return []
+
+
+def _title(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.stem.replace("_", " ").capitalize()
+
+
+def on_config(config: Any) -> Any:
+    nav = config.get("nav")
+    if not nav:
+        return config
+    docs = Path(config["docs_dir"])
+    listed = set(_nav_files(nav))
+    extra = sorted(p.relative_to(docs).as_posix() for p in docs.rglob("*.md"))
+    extra = [page for page in extra if page not in listed]
+    if extra:
+        nav.append({"More": [{_title(docs / page): page} for page in extra]})
+    return config
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
