@@ -148,7 +148,7 @@ MUTATIONS = [
         "src/bbdecoder/attribution/fullgrad.py",
         "        for summed in by_resolution.values():",
         "        for summed in by_resolution.values() if use_bias else []:",
-        ("tests/test_fullgrad.py",),
+        ("tests/test_fullgrad.py", "tests/test_simple_fullgrad_reference.py"),
     ),
     Mutation(
         "fullgrad_resize_mode",
