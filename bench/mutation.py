@@ -34,7 +34,7 @@ class Mutation:
     tests: tuple[str, ...]
 
 
-MONITOR = ("tests/test_monitor.py",)
+MONITOR = ("tests/test_monitor.py", "tests/test_grad_stats_oracles.py")
 MUTATIONS = [
     Mutation(
         "dead_last_batch",
