@@ -1,84 +1,127 @@
-"""Simple FullGrad against a brute-force float64 reference built from plain autograd.
-
-Reference (Srinivas & Fleuret 2019, "Simple FullGrad"): psi(|x * dF/dx|) summed over channels,
-plus, for every bias layer (Conv, Linear, BatchNorm) with a spatial output, the bilinear
-(align_corners=True) upsampling of psi(|dF/d output|) summed over channels; psi is a per-sample
-min-max over (C, H, W) jointly, (v - min) / (max - min + 1e-6).
-"""
+"""SimpleFullGrad against an independent loop: retain_grad on every bias layer's output, then the
+reference's aggregation (psi per layer, every channel upsampled on its own, channels summed)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F
 
 from bbdecoder import SimpleFullGrad
 
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 5),
-    )
-    with torch.no_grad():
-        bn = model[1]
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+from .nets import make_net
 
 
-def _psi_channel_sum(values: torch.Tensor) -> torch.Tensor:
-    magnitude = values.abs()
-    flat = magnitude.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
-    return ((magnitude - low) / (high - low + 1e-6)).sum(dim=1, keepdim=True)
+def _psi(values: torch.Tensor) -> torch.Tensor:
+    values = values.abs()
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    low = values.flatten(1).min(1).values.view(shape)
+    values = values - low
+    return values / (values.flatten(1).max(1).values.view(shape) + 1e-6)
 
 
-def _reference(model: nn.Module, x: torch.Tensor, target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the map, its input-gradient part alone)."""
-    model = model.double()
-    x = x.double().clone().requires_grad_(True)
+def _has_bias(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True  # eval mode: beta - mean * gamma / sqrt(var + eps)
+    return isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None
+
+
+def reference_simple_fullgrad(
+    model: nn.Module, x: torch.Tensor, target: list[int], skip: int | None = None
+) -> torch.Tensor:
+    """``psi(|x dF/dx|)`` + sum over bias-layer *calls* with spatial output of upsample(psi(|dF/dy|)).
+
+    ``skip``: leave out that call (in forward order) -- to show the comparison sees one missing layer.
+    """
     outputs: list[torch.Tensor] = []
 
-    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        output.retain_grad()
-        outputs.append(output)
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        # The kept tensor is a copy that nothing downstream modifies in place (ReLU(inplace=True)
+        # would otherwise change what its .grad refers to); the model goes on with a second copy.
+        kept = output.clone()
+        kept.retain_grad()
+        outputs.append(kept)
+        return kept.clone()
 
-    layers = [m for m in model if isinstance(m, nn.Conv2d | nn.BatchNorm2d | nn.Linear)]
-    handles = [m.register_forward_hook(keep) for m in layers]
+    handles = [m.register_forward_hook(keep) for m in model.modules() if _has_bias(m)]
     try:
-        scores = model(x)[torch.arange(len(x)), torch.tensor(target)]
-        scores.sum().backward()
+        point = x.clone().requires_grad_(True)
+        score = model(point)[torch.arange(len(target)), torch.tensor(target)].sum()
+        score.backward()
     finally:
         for handle in handles:
             handle.remove()
-    input_part = _psi_channel_sum(x * x.grad)
-    result = input_part
-    for output in outputs:
-        if output.dim() == 4:  # layers with a spatial output
-            layer = _psi_channel_sum(output.grad)
-            result = result + F.interpolate(layer, size=x.shape[2:], mode="bilinear", align_corners=True)
-    return result.detach(), input_part.detach()
+    model.zero_grad(set_to_none=True)
+    assert point.grad is not None
+    total = _psi(point.grad * x).sum(1, keepdim=True)
+    for index, output in enumerate(outputs):
+        if index == skip or output.dim() != 4:
+            continue
+        assert output.grad is not None
+        scaled = _psi(output.grad)
+        for channel in range(scaled.shape[1]):
+            total = total + F.interpolate(
+                scaled[:, channel : channel + 1], size=x.shape[2:], mode="bilinear", align_corners=True
+            )
+    return total
 
 
-def test_simple_fullgrad_equals_the_brute_force_reference() -> None:
-    model = _model()
-    x = torch.rand(3, 3, 12, 10)
-    target = [4, 0, 2]
-    expected, input_part = _reference(_model(), x, target)
-    saliency = SimpleFullGrad(model).saliency(x, target)
-    assert saliency.shape == (3, 1, 12, 10)
-    torch.testing.assert_close(saliency.double(), expected, rtol=1e-4, atol=1e-4)
-    # the layers' maps matter: without them the map is far outside the tolerance
-    assert float((expected - input_part).abs().min()) > 0.1
+class SharedTwice(nn.Module):
+    """A conv used twice, a conv that never runs, a bias-free conv: calls, not modules, count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.unused = nn.Conv2d(4, 4, 1)
+        self.no_bias = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        x = torch.relu(self.bn(self.no_bias(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    shared = SharedTwice().double().eval()
+    with torch.no_grad():
+        shared.bn.running_mean.uniform_(-1, 1)
+        shared.bn.running_var.uniform_(0.5, 2)
+    return {
+        "vgg": make_net("vgg"),
+        "resnet": make_net("resnet"),
+        "densenet": make_net("densenet"),
+        "shared": shared,
+    }
+
+
+@pytest.mark.parametrize("kind", ["vgg", "resnet", "densenet", "shared"])
+def test_simple_fullgrad_equals_the_independent_loop(kind: str) -> None:
+    model = _models()[kind]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    target = [0, 2, 1]
+    ours = SimpleFullGrad(model).saliency(x, target)
+    reference = reference_simple_fullgrad(model, x, target)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    # every layer's map matters: the loop without any single call is far from ours
+    with torch.no_grad():
+        calls = []
+        handles = [
+            m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules() if _has_bias(m)
+        ]
+        model(x)
+        for handle in handles:
+            handle.remove()
+    spatial_calls = 0
+    for skip in range(len(calls)):
+        without = reference_simple_fullgrad(model, x, target, skip=skip)
+        if torch.equal(without, reference):
+            continue  # a non-spatial call (the Linear head) has no map to drop
+        spatial_calls += 1
+        assert (without - ours).abs().max() > 1e-3
+    assert spatial_calls >= 3

@@ -188,7 +188,10 @@ class DistributedAnalyzer(Analyzer):
     parameters are named as in the unwrapped model, and :meth:`forward_propagation` runs the
     wrapper (DDP needs its own forward to synchronise gradients). Only ``writer_rank`` writes the
     store in ``save_path`` (give every rank the same path). Recording calls are collective: every
-    rank must make them. Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
+    rank must make them. A model sharded with FSDP2's ``fully_shard`` gets a
+    :class:`~bbdecoder.integrations.sharded.ShardSync`: the statistics of the unsharded tensors.
+    ``noise_scale=True`` (DDP wrapper only) stores the two-batch gradient noise scale across ranks
+    (:mod:`bbdecoder.integrations.ddp_noise`). Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
     """
 
     def __init__(
@@ -200,11 +203,18 @@ class DistributedAnalyzer(Analyzer):
         layers: LayerSelection = None,
         process_group: Any = None,
         writer_rank: int = 0,
+        noise_scale: bool = False,
         **kwargs: Any,
     ) -> None:
+        from bbdecoder.integrations.sharded import rank_sync_for
+
         self.wrapped = model
-        sync = RankSync(process_group, writer_rank)
+        sync = rank_sync_for(model, process_group, writer_rank)  # ShardSync for FSDP2 (DTensor) models
         super().__init__(unwrap_model(model), save_path, input_size, layers=layers, sync=sync, **kwargs)
+        if noise_scale:  # the two-batch gradient noise scale across ranks (see ddp_noise)
+            from bbdecoder.integrations.ddp_noise import RankNoiseScale
+
+            self._row_sources.append(RankNoiseScale(model, self.writer, self._hooks, process_group))
 
     @property
     def is_writer(self) -> bool:

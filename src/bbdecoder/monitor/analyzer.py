@@ -25,6 +25,7 @@ from bbdecoder.monitor.activations import channel_similarity
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics, update_ratios
 from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_graph
 from bbdecoder.monitor.inspection import InspectionMixin
+from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
 from bbdecoder.monitor.pruning import PrunedUnits, PruneReport, make_permanent, mask_channels, output_channels
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
 from bbdecoder.store.writer import RunWriter
@@ -68,6 +69,8 @@ class Analyzer(InspectionMixin):
             reduces each step's statistics and each epoch's activation state across ranks.
         tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
+        per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
+            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Analyzer(InspectionMixin):
         flush_every: int = 1,
         sync: Any = None,
         tensorboard: Any = None,
+        per_sample: bool | int = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Analyzer needs an nn.Module, got {type(model).__name__}")
@@ -146,6 +150,20 @@ class Analyzer(InspectionMixin):
         from bbdecoder.monitor.tensorboard import tensorboard_logger
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, sync)
+        # sources of extra per-step rows (per-sample statistics, the ranks' noise scale): .rows(step, epoch)
+        self._row_sources: list[Any] = []
+        self._per_sample = per_sample_recorder(
+            per_sample,
+            model,
+            self._params,
+            self.writer,
+            self._step,
+            hooks=self._hooks,
+            pause=self.paused,
+            distributed=sync is not None,
+        )
+        if self._per_sample is not None:
+            self._row_sources.append(self._per_sample)
         self.closed = False
         if activations is not None and activations is not False:
             selection = None if activations is True else activations
@@ -361,7 +379,8 @@ class Analyzer(InspectionMixin):
         with_grad = [p for p in selected if p.tensor.grad is not None]
         if not with_grad:
             raise RuntimeError("none of the selected layers has a gradient; did the loss depend on them?")
-        stats = grad_statistics([p.tensor.grad for p in with_grad], self._inv_scale())  # type: ignore[misc]
+        grad_stats_fn = getattr(self.sync, "grad_statistics", grad_statistics)  # sharded: ShardSync's
+        stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())  # type: ignore[misc]
         parts = [stats.reshape(-1).double()]
         ratio_label, ratio_n = self._ratio_label, 0
         if self.track_weights:
@@ -369,7 +388,7 @@ class Analyzer(InspectionMixin):
             if self._snapshot is None:
                 self._snapshot = [t.clone() for t in current]
             elif ratio_label is not None:
-                ratios = update_ratios(self._snapshot, current)
+                ratios = getattr(self.sync, "update_ratios", update_ratios)(self._snapshot, current)
                 parts.append(ratios.double().to(stats.device))
                 ratio_n = len(ratios)
             self._ratio_label = None
@@ -392,6 +411,8 @@ class Analyzer(InspectionMixin):
                 (ratio_label[0], ratio_label[1], p.series_id, self._ratio_stat, float(v))
                 for p, v in zip(self._params, ratio_vals, strict=True)
             ]
+        for source in self._row_sources:
+            rows += source.rows(step, epoch)
         self.writer.add_step(step, epoch, float(host[-1]) if loss is not None else None)
         self.writer.add_scalars(rows)
         if self.tensorboard is not None:
@@ -441,7 +462,12 @@ class Analyzer(InspectionMixin):
         """Measure the update made after the last recorded step (its ``optimizer.step()``)."""
         if self._snapshot is None or self._ratio_label is None:
             return
-        ratios = update_ratios(self._snapshot, [p.tensor.detach() for p in self._params]).double().cpu()
+        ratios = getattr(self.sync, "update_ratios", update_ratios)(
+            self._snapshot, [p.tensor.detach() for p in self._params]
+        )
+        if hasattr(self.sync, "update_ratios"):
+            ratios = self.sync.reduce_step(ratios)  # sharded: combine the ranks' partial sums
+        ratios = ratios.double().cpu()
         step, epoch = self._ratio_label
         self.writer.add_scalars(
             [
@@ -454,14 +480,15 @@ class Analyzer(InspectionMixin):
     def _record_weights(self, params: list[_Param], step: int, epoch: int) -> None:
         names = weight_stat_names(self.quantiles)
         stat_ids = [self.writer.stat_id(s) for s in names]
-        table = weight_statistics([p.tensor for p in params], self.quantiles)
+        tensors = getattr(self.sync, "full_tensors", list)([p.tensor for p in params])  # sharded: unsharded
+        table = weight_statistics(tensors, self.quantiles)
         rows = []
-        for p, vals in zip(params, table, strict=True):
+        for p, tensor, vals in zip(params, tensors, table, strict=True):
             rows += [(step, epoch, p.series_id, sid, float(v)) for sid, v in zip(stat_ids, vals, strict=True)]
             if p.row not in self._hist_ranges:
-                self._hist_ranges[p.row] = fixed_range(p.tensor)
+                self._hist_ranges[p.row] = fixed_range(tensor)
             lo, hi = self._hist_ranges[p.row]
-            counts = histogram(p.tensor, lo, hi, self.histogram_bins)
+            counts = histogram(tensor, lo, hi, self.histogram_bins)
             self.writer.add_histogram(step, epoch, p.series_id, "weight", lo, hi, counts)
         self.writer.add_scalars(rows)
 
