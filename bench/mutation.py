@@ -35,6 +35,8 @@ class Mutation:
 
 
 MONITOR = ("tests/test_monitor.py", "tests/test_grad_stats_oracles.py")
+CAM_BASE = "src/bbdecoder/attribution/cam/base.py"
+CAM_TESTS = ("tests/test_gradcam.py", "tests/test_cam_contract.py", "tests/test_cam_methods.py")
 MUTATIONS = [
     Mutation(
         "dead_last_batch",
@@ -112,35 +114,35 @@ MUTATIONS = [
     Mutation(
         "gradcam_resize_mode",
         "Grad-CAM upsampled with align_corners=True",
-        "src/bbdecoder/attribution/gradcam.py",
-        "resize_to(cam, tuple(inputs.shape[2:]), align_corners=False)",
-        "resize_to(cam, tuple(inputs.shape[2:]), align_corners=True)",
-        ("tests/test_gradcam.py",),
+        CAM_BASE,
+        "return minmax_per_sample(resize_to(maps[0], size, align_corners=False))",
+        "return minmax_per_sample(resize_to(maps[0], size, align_corners=True))",
+        CAM_TESTS,
     ),
     Mutation(
         "gradcam_batch_minmax",
         "Grad-CAM min-max over the whole batch instead of per image",
-        "src/bbdecoder/attribution/gradcam.py",
-        "return minmax_per_sample(resize_to(cam, tuple(inputs.shape[2:]), align_corners=False))",
-        "up = resize_to(cam, tuple(inputs.shape[2:]), align_corners=False)\n"
-        "        return (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)",
-        ("tests/test_gradcam.py",),
+        CAM_BASE,
+        "return minmax_per_sample(resize_to(maps[0], size, align_corners=False))",
+        "up = resize_to(maps[0], size, align_corners=False)\n"
+        "            return (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)",
+        CAM_TESTS,
     ),
     Mutation(
         "gradcam_first_call",
-        "a module called twice contributes its first call to Grad-CAM, not its last",
-        "src/bbdecoder/attribution/gradcam.py",
-        "last = len(activations) - 1",
-        "last = 0",
-        ("tests/test_gradcam.py",),
+        "a module called twice contributes its first call's gradient to Grad-CAM, not its last",
+        CAM_BASE,
+        "if call == calls[i]:  # only the last call's gradient is kept",
+        "if call == 1:",
+        CAM_TESTS,
     ),
     Mutation(
         "gradcam_no_relu",
         "Grad-CAM without its ReLU",
-        "src/bbdecoder/attribution/gradcam.py",
-        "return torch.relu((weights * activation).sum(dim=1, keepdim=True))",
-        "return (weights * activation).sum(dim=1, keepdim=True)",
-        ("tests/test_gradcam.py",),
+        CAM_BASE,
+        "maps.append(torch.relu(cam).unsqueeze(1))",
+        "maps.append(cam.unsqueeze(1))",
+        CAM_TESTS,
     ),
     Mutation(
         "simple_fullgrad_drops_layers",
