@@ -4,6 +4,7 @@ read back from its .wandb file; live logging through the Analyzer's writer gives
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from bbdecoder.store import open_run
 def train(root: Path, attach=None, steps: int = 6) -> Path:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
-    nn.init.zeros_(net[3].bias)  # an infinite first update ratio (zero weight) travels too
+    nn.init.zeros_(net[3].bias)  # a zero weight: its first update ratio is the absolute update size
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     with Analyzer(net, root, input_size=(1, 1, 4, 4), activations=nn.ReLU) as analyzer:
         if attach is not None:
@@ -36,6 +37,20 @@ def train(root: Path, attach=None, steps: int = 6) -> Path:
             if step % 3 == 2:
                 analyzer.end_epoch()
     return root
+
+
+def plant_infinite_ratio(root: Path, param: str) -> None:
+    """The monitor stores ||dW|| where W was zero (never inf); a store from before that, or another
+    writer, may hold an infinite value: plant one so that its export is tested too."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(root / "run.sqlite")) as conn, conn:
+        conn.execute(
+            "UPDATE scalars SET value = 9e999 WHERE step = 0 AND stat_id = "
+            "(SELECT stat_id FROM stat_names WHERE name = 'update_ratio') AND series_id IN "
+            "(SELECT series_id FROM series WHERE param = ?)",
+            (param,),
+        )
 
 
 def expected_series(root: Path) -> dict[str, list[tuple[int, float]]]:
@@ -91,6 +106,7 @@ def test_mlflow_export_equals_the_store_value_for_value(tmp_path: Path, mlflow_u
     from bbdecoder.sinks import export_mlflow
 
     root = train(tmp_path / "run")
+    plant_infinite_ratio(root, "3.bias")
     want = expected_series(root)
     assert any(math.isinf(v) for _, v in want["update_ratio/3.bias"])
     run_id = export_mlflow(root, mlflow_uri)

@@ -36,6 +36,7 @@ from bbdecoder.attribution import (
     make_baseline,
     tokens,
 )
+from bbdecoder.attribution.rollout import AttentionRollout, GradientRollout
 from bbdecoder.bias import attention_iou, heatmap_score, mask_score
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.inspect import LayerCost, layer_costs
@@ -60,6 +61,7 @@ from bbdecoder.monitor import (
     PerSampleGradients,
     PruneReport,
 )
+from bbdecoder.monitor.transformer_probes import TransformerProbes
 from bbdecoder.report import build_report, store_image, store_table
 from bbdecoder.sinks import MLflowSink, WandbSink
 from bbdecoder.store import RunReader, StoreError, open_run
@@ -76,6 +78,7 @@ __all__ = [
     "AlertEngine",
     "AlertWarning",
     "Analyzer",
+    "AttentionRollout",
     "BaseCAM",
     "CompletenessError",
     "DatasetMaps",
@@ -91,6 +94,7 @@ __all__ = [
     "GradCAM",
     "GradCAMPlusPlus",
     "Gradient",
+    "GradientRollout",
     "GradientSHAP",
     "HiResCAM",
     "HookManager",
@@ -119,6 +123,7 @@ __all__ = [
     "SmoothGrad",
     "StoreError",
     "TargetError",
+    "TransformerProbes",
     "UnreachableBiasError",
     "WandbSink",
     "XGradCAM",

@@ -81,6 +81,7 @@ SectionBuilder = Callable[[ReportContext], "Section | None"]
 
 def run_summary(ctx: ReportContext) -> Section | None:
     meta = ctx.reader.meta()
+    coverage = meta.pop("coverage", None)
     rows: list[tuple[str, object]] = [(key, value) for key, value in sorted(meta.items())]
     layers = ctx.layers
     if not layers.empty:
@@ -100,13 +101,28 @@ def run_summary(ctx: ReportContext) -> Section | None:
         "SELECT COUNT(DISTINCT r.param) FROM series r WHERE r.param != '' AND "
         "EXISTS (SELECT 1 FROM scalars s WHERE s.series_id = r.series_id LIMIT 1)",
     )[0][0]
-    rows.append(("parameter tensors tracked", int(tracked)))
+    rows.append(("parameter tensors tracked", _coverage_text(coverage, int(tracked))))
     body = html.table(pd.DataFrame(rows, columns=["item", "value"]).astype({"value": object}))
     for record in latest_records(ctx.reader, TABLE_KIND, "summary").itertuples():
         body += html.table(read_table(ctx.reader, record.blob_id), caption=record.caption)
     if not steps.empty and steps["loss"].notna().any():
         body += ctx.chart(_loss_chart(steps, ctx.max_points))
     return Section("summary", "Run summary", body)
+
+
+def _coverage_text(coverage: str | None, tracked: int) -> str:
+    """"12 of 12 trainable tensors (3,412 of 3,412 elements)" from the store's coverage record."""
+    import json
+
+    try:
+        c = json.loads(coverage or "")
+        return (
+            f"{c['tracked_tensors']} of {c['trainable_tensors']} trainable tensors "
+            f"({c['tracked_elements']:,} of {c['trainable_elements']:,} elements; "
+            f"{c['total_tensors']} tensors in the model)"
+        )
+    except (ValueError, KeyError, TypeError):
+        return str(tracked)  # a store written before coverage was recorded
 
 
 def _loss_chart(steps: pd.DataFrame, max_points: int) -> dict[str, object]:
