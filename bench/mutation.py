@@ -32,9 +32,13 @@ class Mutation:
     old: str
     new: str
     tests: tuple[str, ...]
+    more: tuple[tuple[str, str], ...] = ()  # further (old, new) replacements in the same file
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(self.old, self.new), *self.more]
 
 
-MONITOR = ("tests/test_monitor.py", "tests/test_grad_stats_oracles.py")
+MONITOR = ("tests/test_monitor.py", "tests/test_monitor_activations.py", "tests/test_grad_stats_oracles.py")
 CAM_BASE = "src/bbdecoder/attribution/cam/base.py"
 CAM_TESTS = ("tests/test_gradcam.py", "tests/test_cam_contract.py", "tests/test_cam_methods.py")
 MUTATIONS = [
@@ -42,8 +46,8 @@ MUTATIONS = [
         "dead_last_batch",
         "dead units decided from the last batch only (the running max is overwritten)",
         "src/bbdecoder/monitor/activations.py",
-        "else torch.maximum(self.max, cmax)",
-        "else cmax",
+        "torch.maximum(self.max, channel_max.float(), out=self.max)",
+        "self.max.copy_(channel_max.float())",
         MONITOR,
     ),
     Mutation(
@@ -58,17 +62,24 @@ MUTATIONS = [
         "one_pass_variance",
         "gradient variance as E[g^2] - E[g]^2 in float32 (cancellation)",
         "src/bbdecoder/monitor/grad_stats.py",
-        "centered_norm * centered_norm / counts, l1, l2]",
-        "l2 * l2 / counts - mean * mean, l1, l2]",
+        "var = zeros.index_add(0, seg, centred * centred) / counts",
+        "var = zeros.index_add(0, seg, (flat * flat).float()).double() / counts - mean * mean",
         MONITOR,
+        (
+            (
+                "var = centred_sq / n\n",
+                "var = (torch.stack([(g.float() ** 2).sum() for g in grads]).double() / n - mean * mean)\n",
+            ),
+        ),
     ),
     Mutation(
         "max_abs_from_max",
         "max |g| taken as max g (negative extremes ignored)",
         "src/bbdecoder/monitor/grad_stats.py",
-        "torch.maximum(e.max, -e.min)",
-        "e.max",
+        'max_abs = zeros.scatter_reduce(0, seg, magnitude, "amax")',
+        'max_abs = zeros.scatter_reduce(0, seg, flat, "amax")',
         MONITOR,
+        (("maxima.append(buf.amax())", "maxima.append(g.amax())"),),
     ),
     Mutation(
         "epoch_accumulator_float32",
@@ -99,8 +110,8 @@ MUTATIONS = [
         "update_ratio_damped",
         "update ratio divided by max(||W||, 1)",
         "src/bbdecoder/monitor/grad_stats.py",
-        "    return delta / before\n",
-        "    return delta / before.clamp_min(1.0)\n",
+        "ratios = torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)",
+        "ratios = delta / before.clamp_min(1.0)",
         MONITOR,
     ),
     Mutation(
@@ -178,10 +189,10 @@ MUTATIONS = [
     ),
     Mutation(
         "channel_var_not_averaged",
-        "channel variance summed over forwards, not averaged",
+        "channel variance of the last forward only, not averaged over forwards",
         "src/bbdecoder/monitor/activations.py",
-        "self.channel_var = cvar if self.channel_var is None else self.channel_var + cvar",
-        "self.channel_var = cvar",
+        "self.channel_var.add_(channel_mean.var(correction=0))",
+        "self.channel_var.copy_(channel_mean.var(correction=0))",
         MONITOR,
     ),
 ]
@@ -192,13 +203,16 @@ def run(mutation: Mutation, timeout: float) -> str:
     path = ROOT / mutation.path
     original = path.read_bytes()
     text = original.decode()
-    if text.count(mutation.old) != 1:
+    if any(text.count(old) != 1 for old, _ in mutation.pairs()):
         return "stale"
+    mutated = text
+    for old, new in mutation.pairs():
+        mutated = mutated.replace(old, new)
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
                *mutation.tests]  # fmt: skip
     try:
-        path.write_text(text.replace(mutation.old, mutation.new))
+        path.write_text(mutated)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
         return "survived" if done.returncode == 0 else "killed"
     except subprocess.TimeoutExpired:
