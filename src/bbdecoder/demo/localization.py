@@ -95,7 +95,9 @@ def random_maps(like: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     return torch.rand(like.shape, generator=generator, dtype=torch.float64).to(like.dtype)
 
 
-def localization_scores(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0) -> dict[str, torch.Tensor]:
+def localization_scores(
+    maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
+) -> dict[str, torch.Tensor]:
     """All three scores of one method: ``{"pointing", "energy", "attention_iou"}``, each (N,)."""
     from bbdecoder.bias import mask_score
 

@@ -16,6 +16,7 @@ a second.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,23 +26,35 @@ from torch import nn
 from torch.nn import functional as F
 
 CLASSES = ("disc", "square", "triangle", "cross")
+TEXTURES = ("stripes", "checks", "dots", "solid")  # the class cue of CLASSES[i] is TEXTURES[i]
 IMAGE_SIZE = 64
 
 
 @dataclass
 class ShapesData:
     """Images (N, 3, S, S) float32 in [0, 1], labels (N,) int64 (index into :data:`CLASSES`), object
-    masks (N, S, S) bool."""
+    masks (N, S, S) bool, and each object's placement: ``centres`` (N, 2) as (y, x) in pixels (pixel
+    centres at k + 0.5), ``radii`` (N,) in pixels, ``angles`` (N,) in radians."""
 
     images: torch.Tensor
     labels: torch.Tensor
     masks: torch.Tensor
+    centres: torch.Tensor
+    radii: torch.Tensor
+    angles: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def __getitem__(self, index: slice | torch.Tensor) -> ShapesData:
-        return ShapesData(self.images[index], self.labels[index], self.masks[index])
+        return ShapesData(
+            self.images[index],
+            self.labels[index],
+            self.masks[index],
+            self.centres[index],
+            self.radii[index],
+            self.angles[index],
+        )
 
 
 def _interpolation_matrix(size: int, knots: int) -> np.ndarray:
@@ -84,39 +97,50 @@ def _sin_plane(a: np.ndarray, b: np.ndarray, c: np.ndarray, grid: np.ndarray) ->
 
 
 def _textures(
-    rng: np.random.Generator, labels: np.ndarray, frame: tuple[np.ndarray, ...], grid: np.ndarray
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    frame: tuple[np.ndarray, ...],
+    grid: np.ndarray,
+    texture_cue: float,
 ) -> np.ndarray:
-    """(N, S, S) texture in [0.65, 1]: stripes at a random angle, checks or dots, random frequency.
+    """(N, S, S) texture in [0.45, 1]: stripes at a random angle, checks, dots (random frequency) or
+    solid. With probability ``texture_cue`` an object wears its class's own texture (:data:`TEXTURES`),
+    else a random one: the texture is a second, local cue to the class, inside the object.
 
     ``frame`` = (cos, sin, cx, cy, radius) per image: the object's coordinates are
     u = (cos (x - cx) + sin (y - cy)) / radius and v = (cos (y - cy) - sin (x - cx)) / radius, so every
     pattern is a product of sines of planes in (x, y), each computed separably."""
     n = len(labels)
-    kind = rng.integers(0, 3, n)
+    own = rng.random(n) < texture_cue
+    kind = np.where(own, labels % len(TEXTURES), rng.integers(0, len(TEXTURES), n))
     freq = (np.pi * rng.uniform(2.5, 4.5, n)).astype(np.float32) / frame[4]
     phase = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
     angle = rng.uniform(0, np.pi, n).astype(np.float32)
     pattern = np.empty((n, len(grid), len(grid)), dtype=np.float32)
+    pattern[kind == 3] = 1.0  # solid
     for k in range(3):
         rows = np.flatnonzero(kind == k)
         cos, sin, cx, cy, _ = (f[rows] for f in frame)
         f, p, a = freq[rows], phase[rows], angle[rows]
 
-        def plane(cu: np.ndarray, cv: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        def plane(
+            cu: np.ndarray, cv: np.ndarray, shift: np.ndarray, rows_frame: tuple = (f, cos, sin, cx, cy)
+        ) -> np.ndarray:
             # sin(f (cu u + cv v) + shift), with u and v written out in x and y
-            ax = f * (cu * cos - cv * sin)
-            by = f * (cu * sin + cv * cos)
-            return _sin_plane(ax, by, shift - ax * cx - by * cy, grid)  # noqa: B023
+            ff, cs, sn, x0, y0 = rows_frame
+            ax = ff * (cu * cs - cv * sn)
+            by = ff * (cu * sn + cv * cs)
+            return _sin_plane(ax, by, shift - ax * x0 - by * y0, grid)
 
         one, zero = np.ones(len(rows), np.float32), np.zeros(len(rows), np.float32)
         if k == 0:  # stripes
             pattern[rows] = 0.5 + 0.5 * plane(np.cos(a), np.sin(a), p)
         elif k == 1:  # checks
             pattern[rows] = 0.5 + 0.5 * np.sign(plane(one, zero, p) * plane(zero, one, zero))
-        else:  # dots
+        elif k == 2:  # dots
             quarter = np.float32(np.pi / 2)
             pattern[rows] = 0.5 + 0.5 * plane(one, zero, p + quarter) * plane(zero, one, zero + quarter)
-    return 0.65 + 0.35 * pattern
+    return 0.45 + 0.55 * pattern
 
 
 def _palette(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -137,6 +161,7 @@ def make_shapes_data(
     size: int = IMAGE_SIZE,
     n_strokes: int = 4,
     noise: float = 0.06,
+    texture_cue: float = 0.8,
 ) -> ShapesData:
     """``n`` images of textured shapes on cluttered backgrounds, with their object masks.
 
@@ -145,7 +170,8 @@ def make_shapes_data(
         seed: fixes everything (classes, placement, textures, colours, clutter, noise).
         size: image side in pixels (>= 32).
         n_strokes: distractor strokes per image.
-        noise: standard deviation of the per-pixel Gaussian noise.
+        noise: standard deviation of the per-pixel (uniform) noise.
+        texture_cue: probability that an object wears its class's texture (else a random one).
 
     Returns:
         :class:`ShapesData`; the same arguments give bit-identical data.
@@ -159,7 +185,7 @@ def make_shapes_data(
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), n)
     scale = size / IMAGE_SIZE
-    radius = (rng.uniform(11.0, 17.0, n) * scale).astype(np.float32)
+    radius = (rng.uniform(12.0, 18.0, n) * scale).astype(np.float32)
     cy = rng.uniform(radius + 1, size - radius - 1).astype(np.float32)
     cx = rng.uniform(radius + 1, size - radius - 1).astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
@@ -170,7 +196,7 @@ def make_shapes_data(
     u = cos[:, None, None] * dx + sin[:, None, None] * dy
     v = cos[:, None, None] * dy - sin[:, None, None] * dx
     masks = _shape_masks(labels, u, v)
-    texture = _textures(rng, labels, (cos, sin, cx, cy, radius), grid)
+    texture = _textures(rng, labels, (cos, sin, cx, cy, radius), grid, texture_cue)
 
     # Background: a smooth colour field from a coarse 5 x 5 grid, muted towards grey.
     knots = 5
@@ -189,7 +215,7 @@ def make_shapes_data(
         image_index = np.broadcast_to(np.arange(n)[:, None, None], ys.shape)
         stroke_colour = np.broadcast_to(colour[:, :, None, :], (*ys.shape, 3))
         for oy, ox in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            keep = np.broadcast_to(thick[:, :, None], ys.shape) if (oy, ox) != (0, 0) else np.ones(ys.shape, bool)
+            keep = np.broadcast_to(thick[:, :, None] | ((oy, ox) == (0, 0)), ys.shape)
             yy = np.clip(ys[keep].astype(int) + oy, 0, size - 1)
             xx = np.clip(xs[keep].astype(int) + ox, 0, size - 1)
             images[image_index[keep], :, yy, xx] = stroke_colour[keep]
@@ -210,24 +236,25 @@ def make_shapes_data(
         torch.from_numpy(images),
         torch.from_numpy(labels.astype(np.int64)),
         torch.from_numpy(masks),
+        torch.from_numpy(np.stack([cy, cx], axis=1)),
+        torch.from_numpy(radius),
+        torch.from_numpy(theta),
     )
 
 
 class ShapesCNN(nn.Module):
-    """Four Conv-BN-ReLU blocks (max-pooled between them: 64 -> 32 -> 16 -> 8), global average pool,
-    Linear. Piecewise linear with biases, so FullGrad's completeness holds exactly; Grad-CAM's
-    default layer is the last block's 8 x 8 output."""
+    """Four Conv-BN-ReLU blocks, the first three with stride 2 (64 -> 32 -> 16 -> 8), global average
+    pool, Linear. Piecewise linear with biases, so FullGrad's completeness holds exactly; Grad-CAM's
+    default layer is the last block's 8 x 8 output. The receptive field of a last-block unit is 31
+    pixels, about one object."""
 
-    def __init__(self, width: int = 8, num_classes: int = len(CLASSES), extra: int = 0) -> None:
+    def __init__(self, width: int = 16, num_classes: int = len(CLASSES)) -> None:
         super().__init__()
-        channels = [3, width, 2 * width, 4 * width, 8 * width]
+        channels = [3, width, 2 * width, 4 * width, 4 * width]
         blocks: list[nn.Module] = []
-        for index, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-            if index < len(channels) - 2:
-                blocks.append(nn.MaxPool2d(2))
-        for _ in range(extra):
-            blocks += [nn.Conv2d(channels[-1], channels[-1], 3, padding=1), nn.BatchNorm2d(channels[-1]), nn.ReLU()]
+        for index, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
+            stride = 2 if index < 3 else 1
+            blocks += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.features = nn.Sequential(*blocks)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
@@ -244,14 +271,13 @@ def train_shapes_cnn(
     batch_size: int = 64,
     lr: float = 4e-3,
     seed: int = 0,
-    width: int = 8,
-    extra: int = 0,
+    width: int = 16,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """Train :class:`ShapesCNN` with Adam (one-cycle learning rate) and fixed seeds; returned in eval
     mode. ``on_epoch(epoch, loss)`` is called after each epoch (for progress lines)."""
     torch.manual_seed(seed)
-    model = ShapesCNN(width=width, extra=extra)
+    model = ShapesCNN(width=width)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(data) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
