@@ -74,7 +74,9 @@ def test_demo_without_scikit_learn_exits_6_naming_the_extra(tmp_path: Path) -> N
         "from bbdecoder.cli import main\n"
         f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert done.returncode == 6, done.stderr
     assert "pip install 'bbdecoder[demo]'" in done.stderr and "scikit-learn" in done.stderr
     assert "Traceback" not in done.stderr

@@ -98,14 +98,20 @@ def random_maps(like: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
 def localization_scores(
     maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
 ) -> dict[str, torch.Tensor]:
-    """All three scores of one method: ``{"pointing", "energy", "attention_iou"}``, each (N,)."""
-    from bbdecoder.bias import mask_score
+    """All three scores of one method: ``{"pointing", "energy", "attention_iou"}``, each (N,) float64.
+
+    Energy and Attention-IoU are taken of the map min-max scaled per image (as in Score-CAM's energy
+    game and :func:`~bbdecoder.bias.mask_score`), so a constant offset (FullGrad's per-layer sums have
+    one) does not count as mass everywhere; a constant map scores NaN on both.
+    """
+    from bbdecoder.bias import mask_score, minmax_scale
 
     maps_, masks_ = _pair(maps, masks)
+    scaled = minmax_scale(maps_)
     iou = mask_score(maps_.float(), {"object": masks_.float()})["object"].double()
     return {
         "pointing": pointing_game(maps_, masks_, tolerance=tolerance),
-        "energy": energy_in_mask(maps_, masks_),
+        "energy": energy_in_mask(scaled, masks_),
         "attention_iou": iou,
     }
 

@@ -49,7 +49,7 @@ class DemoSettings:
     bias_test: int = 300
     bias_epochs: int = 8
     shapes: bool = True
-    shapes_train: int = 3000
+    shapes_train: int = 2500
     shapes_test: int = 500
     shapes_epochs: int = 6
     shapes_eval: int = 64
@@ -437,7 +437,8 @@ def _shapes(
 
 
 def _save_digits(model: nn.Module, data: DigitsData, out: Path, count: int = 3) -> list[Path]:
-    """The digits CNN as TorchScript and state_dict, and a few test digits as 8x8 grey PNGs."""
+    """The digits CNN as TorchScript and state_dict, and a few test digits as 8x8 grey PNGs
+    (``digit_<i>.png``, labels in ``digits.csv``)."""
     from PIL import Image
 
     torch.jit.save(torch.jit.script(model.eval()), str(out / "digits_cnn.pt"))
@@ -445,12 +446,15 @@ def _save_digits(model: nn.Module, data: DigitsData, out: Path, count: int = 3) 
     files = [out / "digits_cnn.pt", out / "digits_cnn_state_dict.pt"]
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
+    rows = []
     for index in range(min(count, len(data.y_test))):
         pixels = (data.x_test[index, 0].numpy() * 255).round().astype(np.uint8)
-        path = folder / f"digit_{index}_label{int(data.y_test[index])}.png"
+        path = folder / f"digit_{index}.png"
         Image.fromarray(pixels, mode="L").save(path)
         files.append(path)
-    return files
+        rows.append({"file": path.name, "label": int(data.y_test[index])})
+    pd.DataFrame(rows).to_csv(folder / "digits.csv", index=False)
+    return [*files, folder / "digits.csv"]
 
 
 def _save_rgb(picture: np.ndarray, path: Path) -> None:

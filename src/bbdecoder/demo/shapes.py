@@ -161,7 +161,7 @@ def make_shapes_data(
     size: int = IMAGE_SIZE,
     n_strokes: int = 4,
     noise: float = 0.06,
-    texture_cue: float = 0.8,
+    texture_cue: float = 0.9,
 ) -> ShapesData:
     """``n`` images of textured shapes on cluttered backgrounds, with their object masks.
 
@@ -248,7 +248,7 @@ class ShapesCNN(nn.Module):
     default layer is the last block's 8 x 8 output. The receptive field of a last-block unit is 31
     pixels, about one object."""
 
-    def __init__(self, width: int = 16, num_classes: int = len(CLASSES)) -> None:
+    def __init__(self, width: int = 8, num_classes: int = len(CLASSES)) -> None:
         super().__init__()
         channels = [3, width, 2 * width, 4 * width, 4 * width]
         blocks: list[nn.Module] = []
@@ -268,10 +268,10 @@ def train_shapes_cnn(
     data: ShapesData,
     *,
     epochs: int = 6,
-    batch_size: int = 64,
-    lr: float = 4e-3,
+    batch_size: int = 32,
+    lr: float = 1e-2,
     seed: int = 0,
-    width: int = 16,
+    width: int = 8,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """Train :class:`ShapesCNN` with Adam (one-cycle learning rate) and fixed seeds; returned in eval

@@ -38,7 +38,7 @@ STATE_DICT_FILE = "shapes_cnn_state_dict.pt"
 class ShapesSettings:
     """Sizes of the shapes part; :meth:`quick` is the reduced setting of the tests."""
 
-    n_train: int = 3000
+    n_train: int = 2500
     n_test: int = 500
     epochs: int = 6
     n_eval: int = 64
@@ -229,16 +229,21 @@ def _save_model(model: nn.Module, out: Path) -> list[Path]:
 
 
 def _save_samples(data: ShapesData, folder: Path, count: int) -> list[Path]:
+    """``shape_<i>.png`` (64x64 RGB) for the first test images; their classes in ``shapes.csv``."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, rows = [], []
     for index in range(min(count, len(data))):
         pixels = (data.images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        path = folder / f"shape_{index}_{CLASSES[int(data.labels[index])]}.png"
+        path = folder / f"shape_{index}.png"
         Image.fromarray(pixels).save(path)
         paths.append(path)
-    return paths
+        rows.append(
+            {"file": path.name, "label": int(data.labels[index]), "class": CLASSES[int(data.labels[index])]}
+        )
+    pd.DataFrame(rows).to_csv(folder / "shapes.csv", index=False)
+    return [*paths, folder / "shapes.csv"]
 
 
 __all__ = [
