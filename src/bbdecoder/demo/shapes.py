@@ -225,7 +225,7 @@ def make_shapes_data(
     colour = _palette(rng, (n,)).astype(np.float32)
     images[inside[0], :, inside[1], inside[2]] = colour[inside[0]] * texture[inside][:, None]
     # Uniform pixel noise with standard deviation `noise`, generated into one buffer (no temporaries).
-    jitter = np.empty_like(images)
+    jitter = np.empty(images.shape, dtype=np.float32)
     rng.random(out=jitter, dtype=np.float32)
     jitter -= np.float32(0.5)
     jitter *= np.float32(2 * noise * np.sqrt(3.0))
@@ -256,12 +256,12 @@ class ShapesCNN(nn.Module):
             stride = 2 if index < 3 else 1
             blocks += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.features = nn.Sequential(*blocks)
-        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveMaxPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(channels[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.gap(self.features(x))))
+        return self.fc(self.flatten(self.pool(self.features(x))))
 
 
 def train_shapes_cnn(
@@ -272,7 +272,7 @@ def train_shapes_cnn(
     lr: float = 1e-2,
     seed: int = 0,
     width: int = 8,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int, float], object] | None = None,
 ) -> nn.Module:
     """Train :class:`ShapesCNN` with Adam (one-cycle learning rate) and fixed seeds; returned in eval
     mode. ``on_epoch(epoch, loss)`` is called after each epoch (for progress lines)."""

@@ -143,14 +143,16 @@ def run_shapes(
     train = make_shapes_data(s.n_train, seed=s.seed)
     test = make_shapes_data(s.n_test, seed=s.seed + 10_000)  # disjoint stream, fixed by the seed
     bar = progress_bar(s.epochs, "shapes: training ShapesCNN", unit="epochs", enabled=progress)
-    model = train_shapes_cnn(
-        train,
-        epochs=s.epochs,
-        seed=s.seed,
-        on_epoch=lambda _epoch, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")),
-    )
+    losses: list[float] = []
+
+    def on_epoch(_epoch: int, loss: float) -> None:
+        losses.append(loss)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    model = train_shapes_cnn(train, epochs=s.epochs, seed=s.seed, on_epoch=on_epoch)
     accuracy = shapes_accuracy(model, test)
-    bar.set_postfix(test_acc=f"{accuracy:.3f}")
+    bar.set_postfix(loss=f"{losses[-1]:.3f}", test_acc=f"{accuracy:.3f}")
     bar.close()
     stage(f"shapes: explaining and scoring {min(s.n_eval, s.n_test)} test images ...", enabled=progress)
     scored = test[: s.n_eval]
