@@ -64,9 +64,9 @@ class DemoSettings:
             bias_train=200,
             bias_test=64,
             bias_epochs=2,
-            shapes_train=600,
+            shapes_train=800,
             shapes_test=100,
-            shapes_epochs=2,
+            shapes_epochs=3,
             shapes_eval=16,
         )
 
@@ -436,12 +436,23 @@ def _shapes(
     return shapes.metrics()
 
 
+def save_torchscript(model: nn.Module, path: Path) -> Path:
+    """``torch.jit.save(torch.jit.script(model))``: the format ``bbdecoder explain --model`` loads without
+    ``--trust-pickle``. torch marks TorchScript deprecated; its warning is not the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model.eval()), str(path))
+    return path
+
+
 def _save_digits(model: nn.Module, data: DigitsData, out: Path, count: int = 3) -> list[Path]:
     """The digits CNN as TorchScript and state_dict, and a few test digits as 8x8 grey PNGs
     (``digit_<i>.png``, labels in ``digits.csv``)."""
     from PIL import Image
 
-    torch.jit.save(torch.jit.script(model.eval()), str(out / "digits_cnn.pt"))
+    save_torchscript(model, out / "digits_cnn.pt")
     torch.save(model.state_dict(), out / "digits_cnn_state_dict.pt")
     files = [out / "digits_cnn.pt", out / "digits_cnn_state_dict.pt"]
     folder = out / "samples"

@@ -48,7 +48,7 @@ class ShapesSettings:
 
     @classmethod
     def quick(cls) -> ShapesSettings:
-        return cls(n_train=600, n_test=100, epochs=2, n_eval=16, n_show=2, ig_steps=8)
+        return cls(n_train=800, n_test=100, epochs=3, n_eval=16, n_show=2, ig_steps=8)
 
 
 @dataclass
@@ -224,8 +224,9 @@ def _figures(
 def _save_model(model: nn.Module, out: Path) -> list[Path]:
     """TorchScript (``bbdecoder explain --model`` loads it without --trust-pickle) and a state_dict
     (for the hook-based methods, with ``--model-class bbdecoder.demo.shapes:ShapesCNN``)."""
-    scripted = torch.jit.script(model.eval())
-    torch.jit.save(scripted, str(out / MODEL_FILE))
+    from bbdecoder.demo.run import save_torchscript
+
+    save_torchscript(model, out / MODEL_FILE)
     torch.save(model.state_dict(), out / STATE_DICT_FILE)
     return [out / MODEL_FILE, out / STATE_DICT_FILE]
 
