@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 2
 export MPLBACKEND := Agg
+# The browser tests install Debian's chromium when it is missing (as root only; they skip otherwise).
+export BBDECODER_INSTALL_CHROMIUM ?= 1
 .DEFAULT_GOAL := test
 
 # A separate venv for side-by-side benchmarks against peers that need torchvision

@@ -14,7 +14,9 @@ seeded smooth images, black (all-zero) baseline, targets = each image's arg-max 
   and both convergence deltas instead.
 * Memory: peak RSS growth (fresh subprocess per case, see ``common.py``) vs ``internal_batch_size``.
 
-Usage: ``python bench/bench_ig.py [--quick] [--no-memory]``.
+* ResNet-50 (``--resnet50``): each library's default on the ResNet-50 layout at 224 px, one image.
+
+Usage: ``python bench/bench_ig.py [--quick] [--no-memory] [--resnet50]``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from common import (
     save_results,
     thread_arg,
 )
-from models import calibrated_resnet18, smooth_images
+from models import calibrated_resnet18, resnet50_shaped, smooth_images
 
 from bbdecoder.attribution.integrated_gradients import IntegratedGradients
 
@@ -203,6 +205,42 @@ def memory_case(case: str, threads: int) -> None:
     report_memory_case(make(model, x, targets, "gausslegendre", internal_batch_size), case=case)
 
 
+def resnet50_default_case(threads: int, repeats: int) -> dict[str, Any]:
+    """Each library's default on the ResNet-50 layout at 224 px, one image, 50 steps (issue 11).
+
+    Captum runs the 50 rows in one pass (about 4.3 GiB of activations); ours takes as many rows as the
+    default budget and the CPU pass target allow.
+    """
+    from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
+
+    model = resnet50_shaped()
+    x = smooth_images(1, 224, seed=10)
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    explainer = IntegratedGradients(model)
+    with explainer.session():
+        rows = rows_for_budget(explainer, x, default_memory_budget(x.device))
+    print(f"IG resnet50 224px b1: our default rows per pass = {rows}; {repeats} rounds", flush=True)
+    timings = interleaved(
+        {
+            "ours": ours_fn(model, x, targets, "gausslegendre", None),
+            "captum": captum_fn(model, x, targets, "gausslegendre", None),
+        },
+        repeats=repeats,
+        warmup=1,
+    )
+    ratio = paired_ratio(timings["ours"], timings["captum"])
+    print(f"  ours/captum: {ratio['median_of_ratios']:.2f}x (IQR {ratio['q1']:.2f}-{ratio['q3']:.2f})")
+    return {
+        "environment": environment(),
+        "threads": threads,
+        "our_rows_per_pass": rows,
+        "captum_rows_per_pass": N_STEPS,
+        **{k: t.summary() for k, t in timings.items()},
+        "ours/captum": ratio,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -210,6 +248,9 @@ def main() -> None:
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--resnet50", action="store_true", help="only each library's default on ResNet-50 at 224 px"
+    )
     thread_arg(parser)
     args = parser.parse_args()
     if args.memory_case:
@@ -217,6 +258,10 @@ def main() -> None:
         return
 
     threads = pin_threads(args.threads)
+    if args.resnet50:
+        result_50 = resnet50_default_case(threads, 2 if args.quick else 3)
+        print(f"results: {save_results(f'integrated_gradients_resnet50_t{threads}', result_50)}")
+        return
     result: dict[str, Any] = {
         "environment": environment(),
         "setting": {

@@ -1,28 +1,33 @@
-"""Per-step overhead of the training monitor on a ResNet-18-shaped net (CPU, 32x32, batch 64).
+"""Per-step cost of the training monitor on three small training steps (CPU).
 
-Configurations, each with its own copy of the same model and optimizer, measured interleaved
-(round-robin, order rotated every round) so that machine noise hits all of them alike:
+Models, each with its own copy of the same weights and optimizer per configuration:
 
-- ``plain``: forward, loss, zero_grad, backward, optimizer.step
-- ``grads``: + ``Analyzer(weights=False).step()``: all six gradient statistics, every layer, every step
-- ``grads+weights``: + update ratios ||dW||/||W|| of every parameter, every step
-- ``wandb``: ``wandb.watch(model, log="all", log_freq=1)`` offline (when wandb is importable)
+- ``mnist``: a 2-conv MNIST CNN (1x28x28, batch 32, Adam): a ~10 ms step
+- ``resnet18``: ResNet-18 layout for 32x32 inputs (3x3 stem, no max-pool), batch 64, SGD momentum
+- ``bert``: a BERT-mini-like encoder in plain torch (4 layers, d=256, 4 heads, FF 1024, vocab
+  8000, sequence 64, batch 8, AdamW), token classification head
 
-Reports medians, ratios to ``plain``, and the median time of the analyzer call alone; writes
-``bench/results/monitor.json``. Run::
+Configurations: ``plain`` (forward, loss, zero_grad, backward, optimizer.step), ``analyzer``
+(+ ``Analyzer.step()``: six gradient statistics of every parameter, update ratios, the store
+write, every step), ``analyzer+act`` (+ activation probes on every activation module), and
+``wandb`` (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
-    OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_DIR=/tmp/wandb-bench \\
-        .venv-bench/bin/python bench/bench_monitor.py --rounds 15 --threads 1
+Rounds are interleaved (one step of each configuration per round, the order rotated), and the
+reported ratio is the **median of the per-round ratios** to ``plain`` (so load changes hit both
+sides of each ratio alike). ``Analyzer.step()`` is also timed alone and compared with one
+``torch._foreach_norm(grads, 2)`` over the same gradients, timed right after it. The load average
+is recorded before and after. Run::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_monitor.py --threads 1 --rounds 21
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +37,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, pin_threads, save_results
+
 from bbdecoder.monitor import Analyzer
+
+
+class MnistCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.drop = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(9216, 128)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x))))))
+        return self.fc2(self.relu3(self.fc1(torch.flatten(x, 1))))
 
 
 class BasicBlock(nn.Module):
@@ -40,15 +66,17 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet18(nn.Module):
@@ -58,6 +86,7 @@ class ResNet18(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
         layers, cin = [], 64
         for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
@@ -66,127 +95,181 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MiniBert(nn.Module):
+    """BERT-mini shape: token + position embeddings, LayerNorm, 4 post-norm encoder layers, a head."""
+
+    def __init__(self, vocab: int = 8000, dim: int = 256, layers: int = 4, heads: int = 4, length: int = 64):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Parameter(torch.randn(1, length, dim) * 0.02)  # container-owned, as in BERT/ViT
+        self.norm = nn.LayerNorm(dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.1, activation=nn.GELU(), batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 9)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.norm(self.tokens(ids) + self.positions)))
+
+
+def _workload(name: str) -> tuple[nn.Module, Callable[[nn.Module], torch.optim.Optimizer], tuple, Callable]:
+    g = torch.Generator().manual_seed(0)
+    if name == "mnist":
+        x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+        return MnistCNN(), lambda m: torch.optim.Adam(m.parameters(), 1e-3), (x, y), F.cross_entropy
+    if name == "resnet18":
+        x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+        opt = lambda m: torch.optim.SGD(m.parameters(), 0.01, momentum=0.9)  # noqa: E731
+        return ResNet18(), opt, (x, y), F.cross_entropy
+    if name == "bert":
+        ids, y = torch.randint(0, 8000, (8, 64), generator=g), torch.randint(0, 9, (8, 64), generator=g)
+
+        def token_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+        return MiniBert(), lambda m: torch.optim.AdamW(m.parameters(), 1e-4), (ids, y), token_loss
+    raise ValueError(name)
+
+
 class Config:
-    def __init__(self, name: str, base: nn.Module, tmp: Path) -> None:
+    def __init__(self, name: str, base: nn.Module, make_opt: Callable, loss_fn: Callable, tmp: Path) -> None:
         self.name = name
         self.model = copy.deepcopy(base)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.opt = make_opt(self.model)
+        self.loss_fn = loss_fn
         self.times: list[float] = []
-        self.hook_times: list[float] = []
+        self.call_times: list[float] = []
+        self.norm_times: list[float] = []
         self.analyzer: Analyzer | None = None
-        self.after_backward: Callable[[], None] | None = None
-        self.log: Callable[[float], None] | None = None
-        if name in {"grads", "grads+weights"}:
-            self.analyzer = Analyzer(self.model, tmp / name, weights=name == "grads+weights")
-            self.after_backward = self.analyzer.step
+        self.run = None
+        if name.startswith("analyzer"):
+            self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":
             import wandb
 
             self.run = wandb.init(project="bbdecoder-bench", mode="offline", dir=str(tmp), reinit=True)
             wandb.watch(self.model, log="all", log_freq=1)
-            self.log = lambda loss: self.run.log({"loss": loss})
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss_fn(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.after_backward is not None:
+        if self.analyzer is not None:
             t1 = time.perf_counter()
-            self.after_backward()
-            self.hook_times.append(time.perf_counter() - t1)
+            self.analyzer.step(loss=loss)
+            self.call_times.append(time.perf_counter() - t1)
         self.opt.step()
         value = float(loss.detach())
-        if self.log is not None:
-            self.log(value)
+        if self.run is not None:
+            self.run.log({"loss": value})
         self.times.append(time.perf_counter() - t0)
+        if self.analyzer is not None:  # the cheapest full read of the same gradients, outside the step
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            t2 = time.perf_counter()
+            torch._foreach_norm(grads, 2)
+            self.norm_times.append(time.perf_counter() - t2)
 
     def close(self) -> None:
         if self.analyzer is not None:
             self.analyzer.close()
-        if self.name == "wandb":
+        if self.run is not None:
             self.run.finish()
+
+
+def measure(workload: str, rounds: int, warmup: int, with_wandb: bool) -> dict:
+    torch.manual_seed(0)
+    base, make_opt, (x, y), loss_fn = _workload(workload)
+    names = ["plain", "analyzer", "analyzer+act"] + (["wandb"] if with_wandb else [])
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = [Config(n, base, make_opt, loss_fn, Path(tmp)) for n in names]
+        for r in range(warmup + rounds):
+            shift = r % len(configs)
+            for c in configs[shift:] + configs[:shift]:
+                c.step(x, y)
+            if r == warmup - 1:
+                for c in configs:
+                    c.times.clear()
+                    c.call_times.clear()
+                    c.norm_times.clear()
+        for c in configs:
+            c.close()
+    plain = configs[0]
+    out = {
+        "params": sum(p.numel() for p in base.parameters()),
+        "tensors": len(list(base.parameters())),
+        "plain_median_s": statistics.median(plain.times),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
+        "configs": {},
+    }
+    print(
+        f"\n== {workload}: {out['params']:,} parameters in {out['tensors']} tensors, "
+        f"plain step {out['plain_median_s'] * 1e3:.1f} ms, load {load_before[0]:.1f} =="
+    )
+    for c in configs[1:]:
+        ratios = [a / b for a, b in zip(c.times, plain.times, strict=True)]
+        q = statistics.quantiles(ratios, n=4)
+        entry = {
+            "median_step_s": statistics.median(c.times),
+            "step_ratio": statistics.median(ratios),
+            "step_ratio_q1": q[0],
+            "step_ratio_q3": q[2],
+        }
+        line = f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+        if c.call_times:
+            per_round = [a / b for a, b in zip(c.call_times, c.norm_times, strict=True)]
+            entry.update(
+                {
+                    "median_call_s": statistics.median(c.call_times),
+                    "median_foreach_norm_s": statistics.median(c.norm_times),
+                    "call_over_foreach_norm": statistics.median(per_round),
+                }
+            )
+            line += (
+                f"  step() {entry['median_call_s'] * 1e3:.2f} ms = "
+                f"{entry['call_over_foreach_norm']:.1f}x _foreach_norm "
+                f"({entry['median_foreach_norm_s'] * 1e3:.2f} ms)"
+            )
+        print(line, flush=True)
+        out["configs"][c.name] = entry
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=15, help="measured steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="mnist,resnet18,bert")
     parser.add_argument("--no-wandb", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up (a smoke run)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "monitor.json"))
+    parser.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up (a smoke run)")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.warmup = 3, 1
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = ResNet18()
-    names = ["plain", "grads", "grads+weights"]
+        args.rounds, args.warmup = 5, 1
+    pin_threads(args.threads)
+    with_wandb = False
     if not args.no_wandb:
         try:
             import wandb  # noqa: F401
 
-            names.append("wandb")
+            with_wandb = True
         except ImportError:
             print("wandb is not installed: not measured")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    with tempfile.TemporaryDirectory() as tmp:
-        configs = [Config(n, base, Path(tmp)) for n in names]
-        for r in range(args.warmup + args.rounds):
-            order = configs[r % len(configs) :] + configs[: r % len(configs)]
-            for c in order:
-                c.step(x, y)
-            if r == args.warmup - 1:
-                for c in configs:
-                    c.times.clear()
-                    c.hook_times.clear()
-        for c in configs:
-            c.close()
-    plain = statistics.median(configs[0].times)
-    result = {
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "batch": args.batch,
-        "rounds": args.rounds,
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "params": sum(p.numel() for p in base.parameters()),
-        "tensors": len(list(base.parameters())),
-        "configs": {},
-    }
-    print(
-        f"\n== monitor: ResNet-18 (32x32), batch {args.batch}, {args.threads} thread(s), "
-        f"median of {args.rounds} interleaved steps, torch {torch.__version__} =="
-    )
-    print(f"{'config':<15} {'median step s':>14} {'ratio':>7} {'analyzer call s':>16} {'call/plain':>11}")
-    for c in configs:
-        med = statistics.median(c.times)
-        hook = statistics.median(c.hook_times) if c.hook_times else None
-        result["configs"][c.name] = {
-            "median_step_s": med,
-            "ratio_to_plain": med / plain,
-            "median_analyzer_call_s": hook,
-            "analyzer_call_over_plain": hook / plain if hook is not None else None,
-            "steps_s": c.times,
-        }
-        hook_txt = f"{hook:16.4f} {hook / plain:11.4f}" if hook is not None else f"{'-':>16} {'-':>11}"
-        print(f"{c.name:<15} {med:14.4f} {med / plain:7.3f} {hook_txt}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    Path(tempfile.gettempdir(), "bbdecoder-monitor-bench.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    result = {"environment": environment(), "rounds": args.rounds, "workloads": {}}
+    for workload in args.models.split(","):
+        result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb)
+    path = save_results(f"monitor_t{args.threads}", result)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

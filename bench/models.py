@@ -89,6 +89,72 @@ class ResNet18Shaped(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 block: 1x1 reduce, 3x3 (stride here), 1x1 expand x4, residual add."""
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = 4 * width
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50Shaped(nn.Module):
+    """ResNet-50 layout (Bottleneck x [3, 4, 6, 3], widths 64-512, 2048 features, 25.6 M parameters)."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_channels = 64
+        stages = []
+        for index, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True)):
+            layers = []
+            for block in range(blocks):
+                stride = 2 if block == 0 and index > 0 else 1
+                layers.append(Bottleneck(in_channels, width, stride))
+                in_channels = 4 * width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet50_shaped(seed: int = 0) -> ResNet50Shaped:
+    """A seeded ResNet-50-layout net in eval mode (default BN statistics: speed studies only)."""
+    torch.manual_seed(seed)
+    return ResNet50Shaped().eval()
+
+
 def smooth_images(n: int, size: int = 224, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(n, 3, size, size) seeded images with image-like spatial structure (smooth blobs plus fine noise),
     roughly zero mean and unit variance like normalised photographs."""
@@ -125,4 +191,12 @@ def calibrated_resnet18(
     return model.eval()
 
 
-__all__ = ["BasicBlock", "ResNet18Shaped", "calibrated_resnet18", "smooth_images"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet18Shaped",
+    "ResNet50Shaped",
+    "calibrated_resnet18",
+    "resnet50_shaped",
+    "smooth_images",
+]

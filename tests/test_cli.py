@@ -194,7 +194,8 @@ def test_unknown_method_and_missing_arguments_are_usage_errors(files, capsys) ->
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "somewhere"])
     assert exit_info.value.code == EXIT_USAGE
-    assert "one of the arguments --tensorboard --csv --parquet is required" in capsys.readouterr().err
+    required = "one of the arguments --tensorboard --csv --parquet --mlflow --wandb is required"
+    assert required in capsys.readouterr().err
 
 
 def test_report_and_export_error_paths(tmp_path: Path, capsys) -> None:

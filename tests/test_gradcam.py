@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bbdecoder.attribution import GradCAM
 from bbdecoder.hooks import count_hooks
@@ -71,8 +72,37 @@ def test_all_zero_map_is_zero_not_nan() -> None:
 
 def test_errors_for_layers_that_do_not_fit() -> None:
     model = _vgg()
-    with pytest.raises(KeyError, match="no leaf layer"):
+    with pytest.raises(KeyError, match="no module is named"):
         GradCAM(model, layer="nope")
     flat = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(ValueError, match="no layer with a spatial output"):
         GradCAM(flat).saliency(torch.randn(2, 3, 2, 2))
+
+
+def test_saliency_is_a_bilinear_resize_min_max_scaled_per_image() -> None:
+    from .cam_nets import split_net
+
+    model = split_net()
+    x = torch.randn(3, 3, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x[1] *= 4.0  # a brighter image: a larger raw map
+    targets = [0, 3, 1]
+    with torch.no_grad():
+        a = model[0](x)
+    weights = model[1].fc.weight[torch.tensor(targets)] / (a.shape[2] * a.shape[3])
+    raw = torch.relu((weights[:, :, None, None] * a).sum(1, keepdim=True))
+    peaks = raw.flatten(1).amax(1)
+    assert (peaks > 0).all() and peaks.max() > 2 * peaks.min()  # not zero, and scaled differently
+    up = F.interpolate(raw, size=(12, 10), mode="bilinear", align_corners=False).flatten(1)
+    low, high = up.amin(1, keepdim=True), up.amax(1, keepdim=True)
+    expected = ((up - low) / (high - low)).view(3, 1, 12, 10)
+    saliency = GradCAM(model, model[0]).saliency(x, targets)
+    torch.testing.assert_close(saliency, expected)
+    # the oracle is sensitive to what it pins: the resize mode, and min-max per image (not per batch)
+    corners = F.interpolate(raw, size=(12, 10), mode="bilinear", align_corners=True)
+    assert not torch.allclose(saliency, corners / corners.flatten(1).amax(1).view(3, 1, 1, 1), atol=1e-3)
+    per_batch = (up - up.min()) / (up.max() - up.min())
+    assert not torch.allclose(saliency.flatten(1), per_batch, atol=1e-3)
+    for image_map in saliency:
+        assert image_map.min() == 0 and image_map.max() == pytest.approx(1.0)
+    # one image alone gives its map of the batch
+    torch.testing.assert_close(GradCAM(model, model[0]).saliency(x[1:2], targets[1]), saliency[1:2])

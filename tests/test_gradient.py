@@ -123,7 +123,7 @@ def test_input_without_batch_dim_on_flat_model(linear: nn.Linear) -> None:
 
 def test_input_without_batch_dim_on_image_model() -> None:
     model = GlobalPoolNet()
-    with pytest.raises(TargetError, match="batch dimension"):
+    with pytest.raises(ValueError, match=r"one sample \(C, H, W\) without its batch dimension.*unsqueeze"):
         Gradient(model).attribute(torch.rand(3, 6, 6), 0)
     assert Gradient(model).attribute(torch.rand(1, 3, 6, 6), 0).shape == (1, 3, 6, 6)
 
@@ -177,8 +177,10 @@ def test_forward_error_leaves_model_clean() -> None:
 
 
 def test_unbatched_image_failing_inside_the_model_gets_a_batch_hint() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 4))
+    # A single-channel model is not judged up front ((1, H, W) may be a batch of one for a model that
+    # adds its own channel axis), so the failure inside the model carries the hint instead.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 4))
     with pytest.raises(RuntimeError) as info:
-        Gradient(model).attribute(torch.randn(3, 8, 8))  # conv2d accepts it, the Linear does not
+        Gradient(model).attribute(torch.randn(1, 8, 8))  # conv2d accepts it, the Linear does not
     notes = getattr(info.value, "__notes__", [])
     assert any("unsqueeze(0)" in note for note in notes)

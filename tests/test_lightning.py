@@ -122,10 +122,39 @@ def test_training_is_bit_identical_with_the_callback(tmp_path: Path) -> None:
 def test_reserved_arguments_and_lazy_import() -> None:
     with pytest.raises(TypeError, match="scaler"):
         BBDecoderCallback("unused", scaler=object())
+    import subprocess
+
+    # in a fresh interpreter: bbdecoder.integrations imports Lightning only when the callback is asked for
+    code = (
+        "import sys, bbdecoder.integrations as i; before = 'lightning' in sys.modules; "
+        "from lightning.pytorch.callbacks import Callback; "
+        "print(before, issubclass(i.BBDecoderCallback, Callback), 'lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]
     import bbdecoder.integrations as integrations
 
     assert integrations.BBDecoderCallback is BBDecoderCallback
-    assert "lightning" in sys.modules  # imported by this test, not by bbdecoder (see test below)
+
+
+class RootParamModule(TinyModule):
+    """A LightningModule that owns a parameter itself (a learned temperature), beside its children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.temperature
+
+
+def test_the_modules_own_parameter_is_tracked(tmp_path: Path) -> None:
+    module = RootParamModule()
+    _fit(module, [BBDecoderCallback(tmp_path)])
+    l2 = open_run(tmp_path).scalars("l2").pivot(index="step", columns="param", values="value")
+    assert set(l2.columns) == {n for n, p in module.named_parameters() if p.requires_grad}
+    for step, before in enumerate(module.before_clip):
+        assert l2.loc[step, "temperature"] == pytest.approx(before["temperature"], rel=1e-6)
 
 
 def test_bbdecoder_import_does_not_import_lightning() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import warnings
@@ -90,6 +91,13 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_report_run(tmp_path_factory.mktemp("report_run"))
 
 
+def chart_specs(text: str) -> list[dict]:
+    """The chart specs of a page's inline JSON payload."""
+    found = re.search(r'<script type="application/json" id="bbd-payload">(.*?)</script>', text, re.S)
+    assert found is not None
+    return json.loads(found.group(1))["charts"]
+
+
 def section_ids(text: str) -> list[str]:
     return re.findall(r'<section id="([^"]+)"', text)
 
@@ -107,16 +115,20 @@ def test_full_report_has_every_section_and_only_embedded_images(report_run: Path
     page = build_report(report_run, tmp_path / "r.html")
     text = page.read_text()
     assert section_ids(text) == [
-        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "nonfinite",
-        "saliency", "metrics", "bias", "graph",
+        "summary", "layers", "gradient-flow", "gradient-norms", "weights", "activations", "alerts",
+        "nonfinite", "saliency", "metrics", "bias", "graph",
     ]  # fmt: skip
     images = decoded_images(text)
     assert len(images) == text.count("<img ")  # every <img> is an embedded, decodable PNG
     assert all(w > 50 and h > 50 for _, (w, h) in images)
     alts = [alt for alt, _ in images]
-    assert {"saliency grid", "group scores", "weight histograms over epochs", "training loss"} <= set(alts)
-    assert sum(a.startswith("gradient flow, epoch") for a in alts) == 2  # first and last epoch
-    assert "<script" not in text and "http://" not in text and "https://" not in text
+    assert {"saliency grid", "group scores", "weight histograms over epochs"} <= set(alts)
+    charts = chart_specs(text)
+    assert sum(c["id"].startswith("gradient-flow-") for c in charts) == 2  # first and last epoch
+    assert {"loss", "grad-l2", "grad-l1", "update-ratio"} <= {c["id"] for c in charts}
+    # everything inline: no script or stylesheet is loaded from anywhere
+    assert re.findall(r"<script[^>]*\ssrc=", text) == [] and re.findall(r"<link[^>]*stylesheet", text) == []
+    assert re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", text) == []
     assert "No non-finite (NaN or Inf) gradient was recorded." in text
     assert "NaN" in text  # the NaN in the metrics table is shown, not dropped
     assert 'class="failed"' not in text
@@ -193,3 +205,36 @@ def test_table_and_image_blobs_round_trip(tmp_path: Path) -> None:
     assert back["name"].tolist() == ["a", "b"] and back["n"].tolist() == [3, 4]
     assert back["x"][0] == 1.5 and np.isnan(back["x"][1])
     reader.close()
+
+
+def test_layer_table_says_why_output_shapes_are_missing_and_ratio_table_has_no_inf(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    nn.init.zeros_(net[0].bias)  # a zero-initialised bias: its first update ratio is ||dW|| / 0
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Analyzer(net, tmp_path) as analyzer:  # no input_size: no output shapes
+        for _ in range(3):
+            loss = F.cross_entropy(analyzer.forward_propagation(torch.randn(5, 4)), torch.randint(0, 2, (5,)))
+            optimizer.zero_grad()
+            analyzer.backward_propagation(loss)
+            optimizer.step()
+    with open_run(tmp_path) as reader:
+        ratios = reader.scalars("update_ratio")
+    assert np.isfinite(ratios["value"]).all()  # the monitor stores ||dW|| where W was zero, never inf
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "run.sqlite")) as conn, conn:  # an older store's inf
+        conn.execute(
+            "UPDATE scalars SET value = 9e999 WHERE step = 0 AND stat_id = (SELECT stat_id FROM "
+            "stat_names WHERE name = 'update_ratio') AND series_id IN (SELECT series_id FROM series "
+            "WHERE param = '0.bias')"
+        )
+    with open_run(tmp_path) as reader:
+        assert np.isinf(
+            reader.scalars("update_ratio")["value"]
+        ).any()  # the store holds an infinite ratio ...
+    text = build_report(tmp_path).read_text()
+    assert "3 layer(s) without an output shape" in text and "input_size=(1, C, H, W)" in text
+    assert ">inf<" not in text.lower()  # ... the page shows no inf cell
+    assert "update ratio(s) were infinite (the weight was exactly zero" in text

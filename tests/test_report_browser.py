@@ -1,5 +1,6 @@
 """The report in headless Chromium: it loads without console errors or network requests, every
-image decodes (naturalWidth > 0 after ``img.decode()``), and a screenshot is taken.
+image decodes (naturalWidth > 0 after ``img.decode()``), every interactive chart draws its canvas,
+and a screenshot is taken.
 
 Chromium is driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: JSON
 messages separated by NUL bytes on file descriptors 3 and 4), so nothing is injected into the
@@ -174,6 +175,15 @@ def inspect_page(binary: str, page: Path, profile: Path, screenshot: Path) -> di
             },
             session=session,
         )["result"]["value"]
+        charts = browser.send(
+            "Runtime.evaluate",
+            {
+                "expression": "Array.from(document.querySelectorAll('.bbd-chart')).map(c => "
+                "({id: c.dataset.chart, canvas: !!c.querySelector('canvas'), width: c.clientWidth}))",
+                "returnByValue": True,
+            },
+            session=session,
+        )["result"]["value"]
         height = browser.send(
             "Runtime.evaluate",
             {"expression": "document.documentElement.scrollHeight", "returnByValue": True},
@@ -209,6 +219,7 @@ def inspect_page(binary: str, page: Path, profile: Path, screenshot: Path) -> di
         "requests": requests,
         "images": images,
         "sections": sections,
+        "charts": charts,
     }
 
 
@@ -223,7 +234,10 @@ def test_report_loads_cleanly_in_headless_chromium(report_run: Path, tmp_path: P
     assert [url for url in result["requests"] if not url.startswith(("file:", "data:"))] == []
     images = result["images"]
     assert len(images) == page.read_text().count("<img ")
-    assert len(images) >= 8
+    assert len(images) >= 3  # weight histograms, saliency grid, bias figure; curves are charts now
+    charts = result["charts"]
+    assert len(charts) == page.read_text().count('class="bbd-chart"') >= 6
+    assert all(c["canvas"] and c["width"] > 300 for c in charts)  # every chart was drawn
     bad = [image for image in images if not (image["decoded"] and image["complete"] and image["width"] > 0)]
     assert bad == []
     assert {"summary", "layers", "gradient-flow", "weights", "saliency", "metrics", "bias"} <= set(

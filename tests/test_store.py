@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -101,72 +99,110 @@ def test_bad_store_paths(tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import sys, torch, torch.nn as nn, torch.nn.functional as F
+    import os, signal, sys, torch, torch.nn as nn, torch.nn.functional as F
     from bbdecoder.monitor import Analyzer
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     an = Analyzer(model, sys.argv[1], flush_every=1)
+    kill_in_flush = int(sys.argv[2])  # -1: never; else die inside the flush transaction of that step
+    conn = an.writer._conn
+    calls = []
+
+    def inside_flush():  # called every 20 SQLite instructions of the step's flush, its only statements
+        calls.append(1)
+        if len(calls) == 3:  # some of the step's rows are inserted, the commit is not done
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
     step = 0
     while True:
+        if step == kill_in_flush:
+            conn.set_progress_handler(inside_flush, 20)
         x = torch.randn(16, 8)
         loss = F.cross_entropy(an.forward_propagation(x), torch.randint(0, 4, (16,)))
         opt.zero_grad()
-        an.backward_propagation(loss)
+        an.backward_propagation(loss)  # records the step and commits it (flush_every=1)
         opt.step()
-        print(step, flush=True)
+        print(step, flush=True)  # acknowledges the commit of this step
+        if sys.stdin.readline() != "go\\n":  # wait: the parent reads, then lets us go on or kills us
+            break
         step += 1
     """
 )
 
 
-def _check_complete(run, n_params: int) -> int:
+def _check_complete(run, n_params: int) -> list[int]:
+    """The stored steps (0..n-1, each with all its gradient statistics and nothing of other steps)."""
     sc = run.scalars()
     grads = sc[sc.stat.isin(["mean", "mean_abs", "max_abs", "var", "l1", "l2"])]
     per_step = grads.groupby("step").size()
     assert (per_step == n_params * 6).all(), per_step[per_step != n_params * 6]
     steps = run.steps()["step"].tolist()
     assert steps == list(range(len(steps)))
-    assert sorted(per_step.index) == steps
-    return len(steps)
+    assert sorted(per_step.index) == steps and set(sc["step"]) <= set(steps)
+    return steps
 
 
-@pytest.mark.timeout(120)
-def test_sigkill_loses_at_most_last_step_with_concurrent_reader(tmp_path):
+def _run_child(tmp_path, kill_in_flush: int, kill_after: int):
+    """Drive the child step by step; read the store while it waits; kill it while it waits after
+    acknowledging step ``kill_after`` (or let it die inside a flush). Returns the acknowledged steps
+    and the step counts the concurrent reader saw."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, str(script), str(tmp_path / "run"), str(kill_in_flush)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
-    last_printed = -1
-    seen_counts = []
+    acknowledged: list[int] = []
+    seen: list[int] = []
     try:
-        assert proc.stdout is not None
-        deadline = time.time() + 90
-        while last_printed < 60 and time.time() < deadline:
+        assert proc.stdin is not None and proc.stdout is not None
+        while True:
             line = proc.stdout.readline()
             if not line:
-                break
-            last_printed = int(line)
-            if last_printed % 10 == 5:  # read while the child keeps writing
+                break  # the child died (inside its flush)
+            acknowledged.append(int(line))
+            if acknowledged[-1] % 10 == 5:  # read while the child is alive, between two commits
                 with open_run(tmp_path / "run") as run, run.snapshot():
-                    seen_counts.append(_check_complete(run, 4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+                    seen.append(len(_check_complete(run, 4)))
+                assert seen[-1] == len(acknowledged)
+            if acknowledged[-1] == kill_after or acknowledged[-1] == kill_in_flush:
+                proc.send_signal(signal.SIGKILL)  # it is blocked waiting: it committed exactly this
+                break
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert last_printed >= 60, "the child did not get far enough"
-    assert seen_counts == sorted(seen_counts) and seen_counts[0] >= 6
+    return acknowledged, seen
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_keeps_exactly_the_acknowledged_steps_with_concurrent_reader(tmp_path):
+    acknowledged, seen = _run_child(tmp_path, kill_in_flush=-1, kill_after=40)
+    assert acknowledged == list(range(41))
+    assert seen == [6, 16, 26, 36]
     with open_run(tmp_path / "run") as run:
         assert run.integrity_check() == "ok"
-        stored = _check_complete(run, 4)
-    # every step reported done is stored; at most the step in progress at the kill is missing
-    assert stored >= last_printed + 1
-    assert not math.isnan(float(stored))
+        assert _check_complete(run, 4) == acknowledged  # exactly what was acknowledged, no more, no less
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_inside_a_flush_leaves_no_partial_step(tmp_path):
+    acknowledged, _ = _run_child(tmp_path, kill_in_flush=12, kill_after=-1)
+    assert acknowledged == list(range(12))  # died inside the flush of step 12
+    with open_run(tmp_path / "run") as run:
+        assert run.integrity_check() == "ok"
+        assert _check_complete(run, 4) == acknowledged
+        assert 12 not in set(run.scalars()["step"]) | set(run.steps()["step"])  # nothing of step 12
 
 
 def test_blobs_and_arrays_round_trip(tmp_path) -> None:
@@ -185,4 +221,17 @@ def test_blobs_and_arrays_round_trip(tmp_path) -> None:
     with pytest.raises(KeyError, match="no blob"):
         reader.blob(999)
     reader.close()
+    writer.close()
+
+
+def test_has_histograms_next_step_and_last_epoch_see_stored_and_buffered_rows(tmp_path) -> None:
+    writer = RunWriter(tmp_path)
+    assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (False, 0, None)
+    sid = writer.series_id(0, "w")
+    writer.add_step(0, 2, None)
+    writer.add_histogram(0, 2, sid, "weight", 0.0, 1.0, np.array([1, 2]))
+    assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (True, 1, 2)  # buffered
+    writer.close()
+    writer = RunWriter(tmp_path)
+    assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (True, 1, 2)  # stored
     writer.close()

@@ -713,6 +713,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from bbdecoder.sinks.cli import export_to_sink, wants_sink
     from bbdecoder.store import StoreError
     from bbdecoder.store.export import export_csv, export_parquet, export_tensorboard
     from bbdecoder.store.writer import db_path
@@ -722,10 +723,11 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.run_dir} holds no run store ({db_path(run).name}); pass a run folder", EXIT_MISSING
         )
-    output_folder(
-        args.tensorboard or args.csv or args.parquet,
-        next(f"--{name}" for name in ("tensorboard", "csv", "parquet") if getattr(args, name)),
-    )
+    if not wants_sink(args):  # --mlflow / --wandb write to their own stores
+        output_folder(
+            args.tensorboard or args.csv or args.parquet,
+            next(f"--{name}" for name in ("tensorboard", "csv", "parquet") if getattr(args, name)),
+        )
     try:
         if args.tensorboard:
             export_tensorboard(run, args.tensorboard)
@@ -736,6 +738,8 @@ def _export(args: argparse.Namespace) -> int:
         elif args.csv:
             paths = export_csv(run, args.csv)
             print(f"wrote {len(paths)} CSV files to {args.csv}")
+        elif wants_sink(args):
+            print(export_to_sink(run, args))
         else:
             paths = export_parquet(run, args.parquet)
             print(f"wrote {len(paths)} Parquet files to {args.parquet}")
@@ -837,13 +841,22 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--input-size", help="e.g. 1,3,224,224: run a forward pass to show output shapes")
     layers.set_defaults(handler=_layers, subparser=layers)
 
-    export = commands.add_parser("export", help="export a run store to TensorBoard, CSV or Parquet")
+    export = commands.add_parser(
+        "export", help="export a run store to TensorBoard, CSV, Parquet, MLflow or W&B"
+    )
     export.add_argument("run_dir", metavar="RUN_DIR", help="folder holding run.sqlite")
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files here")
     target.add_argument("--csv", metavar="DIR", help="write CSV files here")
     target.add_argument("--parquet", metavar="DIR", help="write Parquet files here (needs pyarrow)")
+    from bbdecoder.sinks.cli import add_export_arguments
+
+    add_export_arguments(target)
     export.set_defaults(handler=_export, subparser=export)
+
+    from bbdecoder.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 

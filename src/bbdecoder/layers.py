@@ -143,3 +143,63 @@ class LayerIndex:
             {"id": layer.id, "name": layer.display_name, "type": layer.type_name, "params": layer.num_params}
             for layer in self._layers
         ]
+
+
+def find_modules(model: nn.Module, selection: LayerSelection) -> list[tuple[str, nn.Module]]:
+    """Resolve a selection to ``(qualified name, module)`` pairs over *every* module, not only leaves.
+
+    Unlike :meth:`LayerIndex.select`, a name may be any module's (a block, a stage, the root ``""``), a
+    glob pattern (``*?[``) is matched against every module's qualified name, and a module may be any
+    submodule. An ``int`` is a leaf ID (as ``bbdecoder layers`` shows them) and a type selects every
+    module of that type. The result keeps the selection's order, without duplicates; raises
+    ``KeyError``/``IndexError``/``TypeError`` naming what was not found.
+    """
+    if selection is None:
+        raise TypeError("a layer selection is required here (None selects nothing)")
+    items: Sequence[LayerSelector]
+    if isinstance(selection, (int, str, type, nn.Module)):
+        items = [selection]
+    elif isinstance(selection, Sequence):
+        items = selection
+    else:
+        raise TypeError(
+            f"cannot select layers with {selection!r} ({type(selection).__name__}); use a module, a "
+            "qualified name or glob pattern, an int leaf ID, a module type, or a list of these"
+        )
+    named = list(model.named_modules(remove_duplicate=True))
+    by_name = dict(named)
+    names_of = {id(module): name for name, module in named}
+    chosen: dict[int, tuple[str, nn.Module]] = {}
+    for selector in items:
+        if isinstance(selector, bool):
+            raise TypeError(f"a layer selector cannot be a bool ({selector!r})")
+        if isinstance(selector, int):
+            info = LayerIndex(model)[selector]
+            found = [(info.name, info.module)]
+        elif isinstance(selector, str):
+            if _GLOB_CHARS & set(selector):
+                found = [(name, module) for name, module in named if fnmatch.fnmatchcase(name, selector)]
+                if not found:
+                    raise KeyError(f"the pattern {selector!r} matches no module name of this model")
+            elif selector in by_name:
+                found = [(selector, by_name[selector])]
+            else:
+                close = difflib.get_close_matches(selector, [n for n in by_name if n], n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise KeyError(f"no module is named {selector!r}{hint}")
+        elif isinstance(selector, type) and issubclass(selector, nn.Module):
+            found = [(name, module) for name, module in named if isinstance(module, selector)]
+            if not found:
+                raise KeyError(f"this model has no module of type {selector.__name__}")
+        elif isinstance(selector, nn.Module):
+            if id(selector) not in names_of:
+                raise KeyError(f"the module {type(selector).__name__} is not part of this model")
+            found = [(names_of[id(selector)], selector)]
+        else:
+            raise TypeError(
+                f"cannot select layers with {selector!r} ({type(selector).__name__}); use a module, a "
+                "qualified name or glob pattern, an int leaf ID, or a module type"
+            )
+        for name, module in found:
+            chosen.setdefault(id(module), (name, module))
+    return list(chosen.values())

@@ -6,13 +6,15 @@
 * a callable ``f(output) -> Tensor (N,)``: any scalar per sample (segmentation, regression,
   multi-label, models returning tuples or dicts).
 
-Models that return a tuple, list or dict need a callable target that picks the score; the error says
-so. Scores are the raw outputs (logits), never a softmax: the decompositions are linear in them.
+Models that return a Hugging Face ``ModelOutput``, a dict or a named tuple with a ``logits`` entry are
+understood: class targets index ``output.logits``, and a callable target receives the whole output.
+Other tuples, lists and dicts need a callable target that picks the score; the error says so. Scores
+are the raw outputs (logits), never a softmax: the decompositions are linear in them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,13 +26,29 @@ class TargetError(ValueError):
     """A target that does not fit the model's output."""
 
 
-def _as_logits(output: Any, batch_size: int) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
+def logits_entry(output: Any) -> torch.Tensor | None:
+    """The class-score tensor of a model output: the output itself, or its ``logits`` entry.
+
+    A tensor is returned as it is; a ``ModelOutput`` (an ``OrderedDict`` with attributes), a dict or a
+    named tuple gives its ``logits``; anything else gives ``None``.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def as_logits(output: Any, batch_size: int) -> torch.Tensor:
+    """The checked (N, classes) score tensor of ``output`` (itself or its ``logits``); else TargetError."""
+    logits = logits_entry(output)
+    if logits is None:
         kind = type(output).__name__
+        keys = f" (keys: {', '.join(map(str, output.keys()))})" if isinstance(output, Mapping) else ""
         raise TargetError(
-            f"the model returned a {kind}, not a tensor; pass `target` as a callable that picks one "
-            "score per sample, e.g. target=lambda out: out[0][:, 3]"
+            f"the model returned a {kind}{keys} with no `logits` entry, not a tensor; pass `target` as a "
+            "callable that picks one score per sample, e.g. target=lambda out: out[0][:, 3]"
         )
+    output = logits
     if output.dim() == 0 or output.shape[0] != batch_size:
         raise TargetError(
             f"the model's output has shape {tuple(output.shape)} but the input batch has {batch_size} "
@@ -46,7 +64,7 @@ def _as_logits(output: Any, batch_size: int) -> torch.Tensor:
 
 def resolve_classes(output: Any, target: TargetLike, batch_size: int) -> torch.Tensor:
     """The class index per sample, shape (N,), long, on the output's device (not for callables)."""
-    logits = _as_logits(output, batch_size)
+    logits = as_logits(output, batch_size)
     num_classes = logits.shape[1]
     if target is None:
         return logits.detach().argmax(dim=1)
@@ -84,7 +102,13 @@ def select_scores(output: Any, target: TargetLike, batch_size: int) -> torch.Ten
             raise TargetError(f"a callable target must return a tensor of shape ({batch_size},), got {shape}")
         return scores
     classes = resolve_classes(output, target, batch_size)
-    return output.gather(1, classes[:, None]).squeeze(1)
+    return class_scores(output, classes)
+
+
+def class_scores(output: Any, classes: torch.Tensor) -> torch.Tensor:
+    """``logits[i, classes[i]]`` per sample (N,), from a tensor or an output with a ``logits`` entry."""
+    logits = as_logits(output, classes.shape[0])
+    return logits.gather(1, classes[:, None]).squeeze(1)
 
 
 def fixed_target(output: Any, target: TargetLike, batch_size: int) -> TargetLike:

@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
+from bbdecoder.attribution.outputs import check_scores_from, model_output
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.targets import TargetLike, fixed_target, select_scores
+from bbdecoder.validation import check_batch
 
 InputTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,32 +32,55 @@ class Explainer:
             a "black" baseline really is black. ``None``: inputs go to the model as they are.
         eval_mode: run the model in eval mode (BatchNorm running statistics, no dropout) and restore
             every module's mode afterwards. ``False`` keeps the model's current modes.
+        scores_from: ``"logits"`` (default): a final ``nn.Softmax``/``nn.LogSoftmax``/``nn.Sigmoid``
+            module is looked through and its input, the logits, explained; an output that is
+            probabilities without such a module raises
+            :class:`~bbdecoder.attribution.outputs.ProbabilityOutputError`. ``"output"``: explain what
+            the model returns, as it is. See :mod:`bbdecoder.attribution.outputs`.
     """
 
     def __init__(
-        self, model: nn.Module, *, input_transform: InputTransform | None = None, eval_mode: bool = True
+        self,
+        model: nn.Module,
+        *,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+        scores_from: str = "logits",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.input_transform = input_transform
         self.eval_mode = eval_mode
+        self.scores_from = check_scores_from(scores_from)
 
     # -- pieces subclasses use -------------------------------------------------------------------
+    def validate_inputs(self, inputs: Any, min_dim: int = 2) -> torch.Tensor:
+        """:func:`check_inputs` with this explainer's model: call first, before any probe pass."""
+        return check_inputs(inputs, min_dim, model=self.model)
+
     @contextlib.contextmanager
     def session(self) -> Iterator[HookManager]:
         """Model in the requested mode, grad enabled, hooks registered through the yielded manager.
 
-        Modes, ``requires_grad`` flags and hooks are restored/removed on exit, also on errors.
+        Modes, ``requires_grad`` flags and hooks are restored/removed on exit, also on errors. With
+        ``eval_mode=False`` the forward passes run in the model's own modes, and a BatchNorm in train
+        mode updates its running statistics: those buffers are restored exactly on exit, so explaining
+        never changes the model.
         """
         eval_mode = True if self.eval_mode else None
-        with preserved_state(self.model, eval_mode=eval_mode), HookManager() as hooks, torch.enable_grad():
+        with (
+            preserved_state(self.model, eval_mode=eval_mode),
+            preserved_running_stats(self.model, active=not self.eval_mode),
+            HookManager() as hooks,
+            torch.enable_grad(),
+        ):
             yield hooks
 
     def forward(self, inputs: torch.Tensor) -> Any:
-        """The model's raw output for ``inputs`` (the input transform applied)."""
+        """The model's output for ``inputs`` (the input transform applied; see ``scores_from``)."""
         x = self.input_transform(inputs) if self.input_transform is not None else inputs
-        return self.model(x)
+        return model_output(self.model, x, self.scores_from)
 
     def scores(self, inputs: torch.Tensor, target: TargetLike) -> tuple[torch.Tensor, Any]:
         """One differentiable score per sample (N,), and the raw output."""
@@ -103,22 +129,37 @@ class Explainer:
         return self.attribute(inputs, target, **kwargs)
 
 
-def check_inputs(inputs: Any, min_dim: int = 2) -> torch.Tensor:
-    """Validate a batch of inputs: a floating tensor with a batch dimension."""
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if not inputs.dtype.is_floating_point:
-        raise TypeError(
-            f"inputs must be floating point (gradients need it), got {inputs.dtype}; use .float()"
-        )
-    if inputs.dim() < min_dim:
-        raise ValueError(
-            f"inputs must be a batch (N, ...) with at least {min_dim} dims, got shape {tuple(inputs.shape)}; "
-            "add the batch dimension with x.unsqueeze(0)"
-        )
-    if inputs.shape[0] == 0:
-        raise ValueError("inputs is an empty batch (N = 0)")
-    return inputs
+def check_inputs(inputs: Any, min_dim: int = 2, *, model: nn.Module | None = None) -> torch.Tensor:
+    """Validate a batch once, before any probe: a finite floating tensor (N, ...) with its batch dim.
+
+    With ``model``, one sample without its batch dimension (``(C, H, W)`` for a Conv2d model) is
+    refused with the fix; see :func:`bbdecoder.validation.check_batch`.
+    """
+    result: torch.Tensor = check_batch(inputs, min_dim=min_dim, model=model)
+    return result
+
+
+@contextlib.contextmanager
+def preserved_running_stats(model: nn.Module, *, active: bool = True) -> Iterator[None]:
+    """Restore the running statistics of every normalisation layer on exit, bit for bit.
+
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` of each ``BatchNorm``/``InstanceNorm``
+    that tracks them are copied before and written back after (in place, so tensors the user holds stay
+    valid), also when the body raises. ``active=False`` does nothing (eval mode never updates them).
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if active:
+        for module in model.modules():
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+                    if isinstance(buffer, torch.Tensor):
+                        saved.append((buffer, buffer.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def leaf_input(inputs: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ twice are all handled, and in-place activations after a layer do not corrupt its
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs, leaf_input
-from bbdecoder.attribution.bias_layers import broadcast_bias, effective_bias, is_bias_layer
+from bbdecoder.attribution.base import Explainer, InputTransform, leaf_input
+from bbdecoder.attribution.bias_layers import (
+    PrimitiveCapture,
+    UnreachableBiasError,
+    broadcast_bias,
+    effective_bias,
+    is_bias_layer,
+    is_stock_layer,
+)
+from bbdecoder.attribution.outputs import model_output
 from bbdecoder.attribution.postprocess import channel_sum_minmax, resize_to
 from bbdecoder.hooks import HookManager
-from bbdecoder.targets import TargetLike, select_scores
+from bbdecoder.targets import TargetError, TargetLike, select_scores
 
 LayerGradHandler = Callable[[str, torch.Tensor, torch.Tensor], None]
 """Called during backward with (layer name, broadcast bias, dF/d output) for each bias-layer call."""
@@ -96,9 +105,14 @@ class _FullGradFamily(Explainer):
     """Hooks bias layers, runs one forward+backward, hands each layer's output gradient to a handler."""
 
     def __init__(
-        self, model: nn.Module, *, input_transform: InputTransform | None = None, eval_mode: bool = True
+        self,
+        model: nn.Module,
+        *,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+        scores_from: str = "logits",
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
         self.bias_layers = [(name, module) for name, module in model.named_modules() if is_bias_layer(module)]
 
     def _model_input(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -109,38 +123,86 @@ class _FullGradFamily(Explainer):
         with torch.no_grad():
             return self.input_transform(inputs)
 
+    # SimpleFullGrad needs no exact bias: where a fused layer's biased tensor cannot be found it falls
+    # back to the layer's output. FullGrad refuses such a layer by name.
+    _strict_bias_location = True
+
     def _backward_through_layers(
         self, inputs: torch.Tensor, target: TargetLike, handler: LayerGradHandler
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(model input, dF/d input, scores), calling ``handler`` for every bias-layer call."""
-        check_inputs(inputs, min_dim=3)
+        self.validate_inputs(inputs, min_dim=3)
         x = leaf_input(self._model_input(inputs))
-        with self.session() as hooks:
-            for name, module in self.bias_layers:
-                hooks.forward_hook(module, self._make_forward_hook(name, hooks, handler))
-            scores = self._scores_of_model_input(x, target)
-            (input_gradient,) = torch.autograd.grad(scores.sum(), x)
+        captures: list[PrimitiveCapture] = []
+        try:
+            with self.session() as hooks:
+                for name, module in self.bias_layers:
+                    if is_stock_layer(module):
+                        hooks.forward_hook(module, self._make_forward_hook(name, hooks, handler))
+                    else:
+                        pre_hook, hook = self._make_capture_hooks(name, hooks, handler, captures)
+                        hooks.forward_pre_hook(module, pre_hook)
+                        hooks.forward_hook(module, hook)
+                scores = self._scores_of_model_input(x, target)
+                (input_gradient,) = torch.autograd.grad(scores.sum(), x)
+        finally:
+            # A forward that raised inside a fused layer leaves its capture mode on the stack.
+            while captures:
+                captures.pop().__exit__(None, None, None)
         return x.detach(), input_gradient, scores.detach()
 
     def _scores_of_model_input(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-        return select_scores(self.model(x), target, x.shape[0])
+        return select_scores(model_output(self.model, x, self.scores_from), target, x.shape[0])
 
     @staticmethod
-    def _make_forward_hook(name: str, hooks: HookManager, handler: LayerGradHandler) -> Callable[..., None]:
+    def _hook_biased_tensor(
+        name: str, module: nn.Module, output: torch.Tensor, hooks: HookManager, handler: LayerGradHandler
+    ) -> None:
+        bias = effective_bias(module)
+        if bias is None or not output.requires_grad:
+            return
+        bias = broadcast_bias(module, bias.to(output.dtype), output)
+
+        def on_gradient(grad: torch.Tensor) -> None:
+            handler(name, bias, grad)
+
+        hooks.tensor_hook(output, on_gradient)
+
+    @classmethod
+    def _make_forward_hook(
+        cls, name: str, hooks: HookManager, handler: LayerGradHandler
+    ) -> Callable[..., None]:
         def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            bias = effective_bias(module)
-            if bias is None:
-                return
-            bias = broadcast_bias(module, bias.to(output.dtype), output)
-
-            def on_gradient(grad: torch.Tensor) -> None:
-                handler(name, bias, grad)
-
-            hooks.tensor_hook(output, on_gradient)
+            if isinstance(output, torch.Tensor):
+                cls._hook_biased_tensor(name, module, output, hooks, handler)
 
         return forward_hook
+
+    def _make_capture_hooks(
+        self, name: str, hooks: HookManager, handler: LayerGradHandler, captures: list[PrimitiveCapture]
+    ) -> tuple[Callable[..., None], Callable[..., None]]:
+        """Hooks for a bias layer with its own forward: the bias is read where the primitive added it."""
+        strict = self._strict_bias_location
+
+        def pre_hook(module: nn.Module, _inputs: Any) -> None:
+            def on_output(biased: torch.Tensor) -> None:
+                self._hook_biased_tensor(name, module, biased, hooks, handler)
+
+            capture = PrimitiveCapture(module, on_output)
+            capture.__enter__()
+            captures.append(capture)
+
+        def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            capture = captures.pop()
+            capture.__exit__(None, None, None)
+            if capture.count or effective_bias(module) is None:
+                return
+            if strict:
+                raise UnreachableBiasError(name, module)
+            if isinstance(output, torch.Tensor):
+                self._hook_biased_tensor(name, module, output, hooks, handler)
+
+        return pre_hook, forward_hook
 
     def _aggregate(
         self, inputs: torch.Tensor, target: TargetLike, *, use_bias: bool
@@ -192,7 +254,18 @@ class FullGrad(_FullGradFamily):
         input_transform: applied before the model (e.g. ``Normalize``); the decomposition and the map
             are then of the *transformed* input, as in the reference (it works on normalised images).
         eval_mode: evaluate in eval mode (BatchNorm's running statistics) and restore modes after.
-        check: run the completeness check (raises :class:`CompletenessError`).
+        scores_from: ``"logits"`` (default) explains the logits beneath a final softmax/sigmoid
+            module (the decomposition is exact for them); see :class:`~bbdecoder.attribution.Explainer`.
+        check: run the completeness check (raises :class:`CompletenessError`). ``check=False`` means
+            *you accept an inexact decomposition*: maps are computed whatever the error, and the
+            per-sample relative completeness error of every ``saliency`` call is still left in
+            ``last_relative_error`` (N,) for you to look at.
+
+    Bias layers with their own ``forward`` (timm's ``BatchNormAct2d``, a ``BatchNorm2d`` subclass that
+    also applies drop and activation children) are read where the bias is added: the tensor that
+    ``F.batch_norm`` (or ``F.conv*d`` / ``F.linear``) returned inside the forward, before the
+    activation. A layer whose forward never makes such a call is refused by name with
+    :class:`~bbdecoder.attribution.bias_layers.UnreachableBiasError`, with or without ``check``.
 
     >>> fullgrad = FullGrad(model, im_size=(3, 224, 224))
     >>> saliency = fullgrad.saliency(x, target)            # (N, 1, 224, 224)
@@ -207,14 +280,18 @@ class FullGrad(_FullGradFamily):
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
         check: bool = True,
+        scores_from: str = "logits",
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
         self.im_size = tuple(int(s) for s in im_size) if im_size is not None else None
         self.check = check
         self._checked_shapes: set[tuple[int, ...]] = set()
         self.last_relative_error: torch.Tensor | None = None
         if check and self.im_size is not None:
-            self.checkCompleteness()
+            # An output that needs a target (a callable, a tuple without logits) is checked at the
+            # first call instead, with that call's target.
+            with contextlib.suppress(TargetError):
+                self.checkCompleteness()
 
     # -- decomposition ---------------------------------------------------------------------------
     def decompose(self, inputs: torch.Tensor, target: TargetLike = None) -> FullGradDecomposition:
@@ -241,16 +318,24 @@ class FullGrad(_FullGradFamily):
 
     # -- completeness ----------------------------------------------------------------------------
     def checkCompleteness(
-        self, inputs: torch.Tensor | None = None, *, tolerance: float | None = None, seed: int = 0
+        self,
+        inputs: torch.Tensor | None = None,
+        *,
+        target: TargetLike = None,
+        tolerance: float | None = None,
+        seed: int = 0,
     ) -> float:
         """Check sum(decomposition) == F(x); returns the worst relative error.
 
-        On ``inputs``, or on a seeded standard-normal input of shape ``(1, *im_size)``. Raises
-        :class:`CompletenessError` above ``tolerance`` (default 1e-4 in float32, 1e-8 in float64).
+        On ``inputs``, or on a seeded standard-normal input of shape ``(1, *im_size)`` (``(N, *im_size)``
+        when ``target`` is a per-sample sequence of length N). ``target`` is as everywhere: give the
+        callable you explain with when the output needs one (a segmentation map, a ``ModelOutput``
+        without ``logits``). Raises :class:`CompletenessError` above ``tolerance`` (default 1e-4 in
+        float32, 1e-8 in float64).
         """
         if inputs is None:
-            inputs = self._random_input(self._require_im_size(), seed)
-        rel = self.decompose(inputs, None).relative_error()
+            inputs = self._random_input(self._require_im_size(), seed, batch=_target_batch(target))
+        rel = self.decompose(inputs, target).relative_error()
         worst = float(rel.max())
         bound = default_tolerance(inputs.dtype) if tolerance is None else tolerance
         if not worst <= bound:  # also catches NaN
@@ -277,7 +362,10 @@ class FullGrad(_FullGradFamily):
         target = target_class if target is None else target
         self._check_batch(inputs)
         if self.check and tuple(inputs.shape[1:]) not in self._checked_shapes:
-            self.checkCompleteness(self._random_input(tuple(inputs.shape[1:]), 0, like=inputs))
+            # A callable or per-sample target may assume this call's batch size: the probe has it too.
+            batch = 1 if target is None or isinstance(target, int) else inputs.shape[0]
+            probe = self._random_input(tuple(inputs.shape[1:]), 0, like=inputs, batch=batch)
+            self.checkCompleteness(probe, target=target)
         result, totals, scores = self._aggregate(inputs, target, use_bias=True)
         self.last_relative_error = relative_error(totals, scores)
         return result
@@ -294,7 +382,7 @@ class FullGrad(_FullGradFamily):
         return self.im_size
 
     def _check_batch(self, inputs: torch.Tensor) -> None:
-        check_inputs(inputs, min_dim=3)
+        self.validate_inputs(inputs, min_dim=3)
         if self.im_size is not None and tuple(inputs.shape) == self.im_size:
             raise ValueError(
                 f"inputs of shape {tuple(inputs.shape)} look like one sample without its batch dimension "
@@ -302,19 +390,32 @@ class FullGrad(_FullGradFamily):
             )
 
     def _random_input(
-        self, sample_shape: tuple[int, ...], seed: int, like: torch.Tensor | None = None
+        self, sample_shape: tuple[int, ...], seed: int, like: torch.Tensor | None = None, batch: int = 1
     ) -> torch.Tensor:
         reference = like if like is not None else next(self.model.parameters(), torch.empty(0))
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        sample = torch.randn((1, *sample_shape), generator=generator, dtype=torch.float64)
+        sample = torch.randn((batch, *sample_shape), generator=generator, dtype=torch.float64)
         return sample.to(device=reference.device, dtype=reference.dtype)
+
+
+def _target_batch(target: TargetLike) -> int:
+    """Samples a random check input needs for ``target``: N for a per-sample sequence, else 1."""
+    if target is None or isinstance(target, int):
+        return 1
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return 1
+    classes = torch.as_tensor(target)
+    return int(classes.shape[0]) if classes.dim() == 1 else 1
 
 
 class SimpleFullGrad(_FullGradFamily):
     """Simple FullGrad: FullGrad's aggregation with ``|dF/d output_l|`` in place of the bias-gradient.
 
-    Needs no completeness, so it works on any network (LayerNorm, GELU, attention, ReLU6).
+    Needs no completeness, so it works on any network (LayerNorm, GELU, attention, ReLU6). A fused
+    layer whose pre-activation tensor cannot be found contributes the gradient at its output.
     """
+
+    _strict_bias_location = False
 
     def saliency(
         self,
@@ -340,5 +441,6 @@ __all__ = [
     "FullGrad",
     "FullGradDecomposition",
     "SimpleFullGrad",
+    "UnreachableBiasError",
     "default_tolerance",
 ]

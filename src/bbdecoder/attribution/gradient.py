@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bbdecoder.attribution.base import Explainer, check_inputs
+from bbdecoder.attribution.base import Explainer
 from bbdecoder.targets import TargetLike
 
 
@@ -15,7 +15,7 @@ class Gradient(Explainer):
 
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """dScore/dInput, shaped like ``inputs`` (N, C, *spatial)."""
-        check_inputs(inputs)
+        self.validate_inputs(inputs)
         with self.session():
             grad, _ = self.input_gradient(inputs, target)
         return grad
@@ -26,7 +26,7 @@ class InputXGradient(Explainer):
 
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """``inputs * gradient``, shaped like ``inputs`` (N, C, *spatial)."""
-        check_inputs(inputs)
+        self.validate_inputs(inputs)
         with self.session():
             grad, _ = self.input_gradient(inputs, target)
         return inputs.detach() * grad

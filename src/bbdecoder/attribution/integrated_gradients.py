@@ -13,11 +13,11 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs
+from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
-from bbdecoder.attribution.quadrature import quadrature
-from bbdecoder.targets import TargetError, TargetLike, resolve_classes, select_scores
+from bbdecoder.attribution.quadrature import check_quadrature, quadrature_slice
+from bbdecoder.targets import TargetError, TargetLike, class_scores, resolve_classes, select_scores
 from bbdecoder.validation import check_positive_int
 
 
@@ -31,8 +31,11 @@ class IntegratedGradients(Explainer):
             images pass the raw images plus ``input_transform=Normalize(mean, std)``: ``"black"`` is
             then black, whereas a zero after normalisation would be the dataset mean.
         eval_mode: run the model in eval mode and restore every module's mode afterwards.
+        scores_from: ``"logits"`` (default: the logits beneath a final softmax/sigmoid module) or
+            ``"output"``; see :class:`~bbdecoder.attribution.Explainer`.
         memory_budget_bytes: bytes the step batches may use when ``internal_batch_size`` is not given;
-            default 512 MiB on CPU and half the free memory on CUDA.
+            default 1 GiB on CPU and half the free memory on CUDA. On CPU a pass is also kept near
+            512 MiB of activations, where passes are fastest per row (see ``memory.rows_for_budget``).
     """
 
     def __init__(
@@ -42,8 +45,9 @@ class IntegratedGradients(Explainer):
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
         memory_budget_bytes: int | None = None,
+        scores_from: str = "logits",
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
         check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.memory_budget_bytes = memory_budget_bytes
         self._rows_cache: dict[tuple[Any, ...], int] = {}
@@ -92,7 +96,8 @@ class IntegratedGradients(Explainer):
                 step-major) and must score each row on its own, e.g. ``lambda out: out[:, 3]``.
             baseline: see :func:`~bbdecoder.attribution.baselines.make_baseline` (``"black"``, ``"white"``,
                 ``"uniform"``, ``"blur"``, a number, a tensor or a callable).
-            n_steps: quadrature nodes along the path.
+            n_steps: quadrature nodes along the path (at most 1,000,000; 1024 for ``gausslegendre``).
+                Nodes are made per pass, so memory does not grow with ``n_steps``.
             method: ``riemann_left|right|middle|trapezoid`` or ``gausslegendre``.
             internal_batch_size: most rows (sample x step) per forward pass; default from the memory
                 budget, estimated with one no-grad probe forward of a single sample.
@@ -108,8 +113,8 @@ class IntegratedGradients(Explainer):
         products (``nn.Linear``) may not: their blocking depends on the batch size, which moves a
         row's gradient by an ulp or so (about 1e-16 relative in float64).
         """
-        check_inputs(inputs)
-        alphas, weights = quadrature(method, n_steps)
+        self.validate_inputs(inputs)
+        n_steps = check_quadrature(method, n_steps)
         x = inputs.detach()
         if x.is_inference():
             x = x.clone()
@@ -123,7 +128,7 @@ class IntegratedGradients(Explainer):
                 scores_x, frozen = self._clean_scores(x, None, rows)
             else:
                 frozen = _per_sample_target(target, n)
-            grads = self._integrated_gradient(x, base, frozen, alphas, weights, rows)
+            grads = self._integrated_gradient(x, base, frozen, method, n_steps, rows)
             attribution = (x - base) * grads
             if not return_convergence_delta:
                 return attribution
@@ -139,32 +144,39 @@ class IntegratedGradients(Explainer):
         x: torch.Tensor,
         base: torch.Tensor,
         target: TargetLike,
-        alphas: torch.Tensor,
-        weights: torch.Tensor,
+        method: str,
+        n_steps: int,
         rows_per_pass: int,
     ) -> torch.Tensor:
-        """``sum_s w_s dF/dx(x' + a_s (x - x'))`` shaped like ``x``; rows are step-major."""
+        """``sum_s w_s dF/dx(x' + a_s (x - x'))`` shaped like ``x``; rows are step-major.
+
+        The nodes and weights of each pass are computed for that pass only, so memory is bounded by
+        ``rows_per_pass`` whatever ``n_steps`` is.
+        """
         n = x.shape[0]
-        total_rows = n * alphas.numel()
+        total_rows = n * n_steps
         diff = x - base
-        alphas_x = alphas.to(dtype=x.dtype, device=x.device)
-        step_weights = weights.tolist()
         accumulated = torch.zeros_like(x)
         broadcast = (-1,) + (1,) * (x.dim() - 1)
         for start in range(0, total_rows, rows_per_pass):
             stop = min(start + rows_per_pass, total_rows)
+            first_step, last_step = start // n, (stop - 1) // n
+            alphas, weights = quadrature_slice(method, n_steps, first_step, last_step + 1)
+            alphas_x = alphas.to(dtype=x.dtype, device=x.device)
             row = torch.arange(start, stop, device=x.device)
-            sample, step = row % n, torch.div(row, n, rounding_mode="floor")
+            sample, step = row % n, torch.div(row, n, rounding_mode="floor") - first_step
             with torch.no_grad():
                 path = base[sample] + alphas_x[step].view(broadcast) * diff[sample]
             path.requires_grad_(True)
             row_target = _rows_of(target, sample)
             scores = select_scores(self.forward(path), row_target, stop - start)
             (grad,) = torch.autograd.grad(scores.sum(), path)
-            for s in range(start // n, (stop - 1) // n + 1):
+            step_weights = weights.tolist()
+            for s in range(first_step, last_step + 1):
                 lo, hi = max(start, s * n), min(stop, (s + 1) * n)
                 sample_rows = slice(lo - s * n, hi - s * n)
-                accumulated[sample_rows].add_(grad[lo - start : hi - start], alpha=step_weights[s])
+                weight = step_weights[s - first_step]
+                accumulated[sample_rows].add_(grad[lo - start : hi - start], alpha=weight)
         return accumulated
 
     def _clean_scores(
@@ -184,7 +196,7 @@ class IntegratedGradients(Explainer):
                     continue
                 chunk_classes = resolve_classes(output, _rows_of(target, slice(start, stop)), stop - start)
                 classes.append(chunk_classes)
-                scores.append(output.gather(1, chunk_classes[:, None]).squeeze(1))
+                scores.append(class_scores(output, chunk_classes))
         frozen: TargetLike = target if is_callable else torch.cat(classes)
         return torch.cat(scores), frozen
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, check_inputs
+from bbdecoder.attribution.base import Explainer
 from bbdecoder.attribution.gradient import Gradient
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.targets import TargetLike
@@ -61,7 +61,12 @@ class SmoothGrad(Explainer):
             raise TypeError(
                 f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
             )
-        super().__init__(inner.model, input_transform=inner.input_transform, eval_mode=inner.eval_mode)
+        super().__init__(
+            inner.model,
+            input_transform=inner.input_transform,
+            eval_mode=inner.eval_mode,
+            scores_from=inner.scores_from,
+        )
         check_smoothgrad_settings(n_samples, noise_level, kind, internal_batch_size)
         self.explainer = inner
         self.n_samples = n_samples
@@ -104,7 +109,7 @@ class SmoothGrad(Explainer):
     def _smooth(
         self, explain: ExplainFn, inputs: torch.Tensor, target: TargetLike, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        check_inputs(inputs)
+        self.validate_inputs(inputs)
         x = inputs.detach()
         n = x.shape[0]
         frozen = self.explainer.freeze_target(x, target)

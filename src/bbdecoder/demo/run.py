@@ -303,13 +303,22 @@ def _evaluate(
     )
     full = completeness(FullGrad(model, im_size=im_size), x, y)
     ig = completeness(IntegratedGradients(model), x, y, n_steps=64, method="gausslegendre")
+    with torch.no_grad():
+        score = model(x).gather(1, y.view(-1, 1)).squeeze(1).double().abs()  # |F(x)|, the explained logit
     checks = pd.DataFrame(
         [
-            {"method": "FullGrad", **_summary(full)},
-            {"method": "Integrated Gradients (64 Gauss-Legendre steps)", **_summary(ig)},
+            {"method": "FullGrad", **_summary(full, score)},
+            {"method": "Integrated Gradients (64 Gauss-Legendre steps)", **_summary(ig, score)},
         ]
     )
-    store_table(writer, "completeness", checks, section="metrics", caption="relative completeness error")
+    store_table(
+        writer,
+        "completeness",
+        checks,
+        section="metrics",
+        caption="completeness error |sum of attributions - expected| / |F(x)|, F(x) the explained logit "
+        "(IG's expected side is F(x) - F(baseline)); median and worst test sample",
+    )
     folder = out / "metrics"
     for mode, results in (("deletion", deletions), ("insertion", insertions)):
         png = figure_png(plot_perturbation_curves(results), dpi=110)
@@ -323,14 +332,24 @@ def _evaluate(
     assert ig.convergence_delta is not None
     return table, {
         "fullgrad_completeness_max_rel_error": float(full.relative_error.max()),
-        "ig_completeness_max_rel_error": float(ig.relative_error.max()),
+        "fullgrad_completeness_error_vs_score_median": float(checks["median error / |F(x)|"][0]),
+        "ig_completeness_error_vs_score_median": float(checks["median error / |F(x)|"][1]),
+        "ig_completeness_error_vs_score_worst": float(checks["worst error / |F(x)|"][1]),
         "ig_convergence_delta_max_abs": float(ig.convergence_delta.abs().max()),
     }
 
 
-def _summary(result: CompletenessResult) -> dict[str, float]:
-    errors = result.relative_error.double()
-    return {"max": float(errors.max()), "median": float(errors.median()), "n": int(errors.numel())}
+def _summary(result: CompletenessResult, score: torch.Tensor) -> dict[str, float | int]:
+    """Completeness error relative to |F(x)| (not to the expected side, which for IG is
+    F(x) - F(baseline) and can be near zero for one sample): median, worst and which sample."""
+    errors = result.absolute_error.double().cpu() / score.cpu().clamp_min(1e-12)
+    worst = int(errors.argmax())
+    return {
+        "median error / |F(x)|": float(errors.median()),
+        "worst error / |F(x)|": float(errors[worst]),
+        "worst sample (test index)": worst,
+        "n": int(errors.numel()),
+    }
 
 
 def _bias(

@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +29,7 @@ from torch import nn
 from bbdecoder.layers import LayerSelection
 from bbdecoder.monitor.activations import ActivationProbe
 from bbdecoder.monitor.analyzer import Analyzer
+from bbdecoder.monitor.coverage import unwrap_model
 from bbdecoder.store.writer import RunWriter
 
 
@@ -75,6 +75,9 @@ class NullWriter:
     @property
     def pending(self) -> int:
         return 0
+
+    def checkpoint(self) -> bool:
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -127,55 +130,39 @@ class RankSync:
         return reduced / self.world_size
 
     def reduce_activations(self, probes: dict[int, ActivationProbe]) -> None:
-        """Merge every probe's epoch state across ranks, in place: per-channel maxima (MAX) and the
-        saturation counts, element totals, channel-variance sums and forward counts (SUM)."""
+        """Merge every probe's epoch state across ranks, in place: per-channel maxima (MAX: a unit
+        is dead only when it is dead on every rank) and the saturation counts, element totals,
+        channel-variance sums and forward counts (SUM)."""
         if self.world_size == 1:
             return
-        live = [probe for _, probe in sorted(probes.items()) if probe.max is not None]
+        live = [probe for _, probe in sorted(probes.items()) if probe.seen]
         if not live:
             return
         maxima = torch.cat([p.max.reshape(-1).double() for p in live if p.max is not None])
-        sums = torch.tensor(
+        sums = torch.stack(
             [
-                value
+                t.double().to(maxima.device)
                 for p in live
-                for value in (
-                    float(p.saturated) if p.saturated is not None else 0.0,
-                    float(p.total),
-                    float(p.channel_var) if p.channel_var is not None else 0.0,
-                    float(p.forwards),
-                )
-            ],
-            dtype=torch.float64,
+                for t in (p.saturated, p.total, p.channel_var, p.forwards)
+                if t is not None
+            ]
         )
         maxima = self._on_backend(maxima).clone()
-        sums = self._on_backend(sums.to(maxima.device))
+        sums = self._on_backend(sums).clone()
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        host = sums.cpu().numpy().reshape(len(live), 4)
+        merged = sums.reshape(len(live), 4)
         pos = 0
-        for probe, (saturated, total, cvar, forwards) in zip(live, host, strict=True):
+        for probe, row in zip(live, merged, strict=True):
             assert probe.max is not None
             n = probe.max.numel()
-            probe.max = maxima[pos : pos + n].to(probe.max.device, probe.max.dtype).reshape(probe.max.shape)
+            probe.max.copy_(maxima[pos : pos + n].reshape(probe.max.shape))
             pos += n
-            device = probe.max.device
-            if probe.saturated is not None:
-                probe.saturated = torch.tensor(saturated, device=device)
-            if probe.channel_var is not None:
-                probe.channel_var = torch.tensor(cvar, dtype=probe.channel_var.dtype, device=device)
-            probe.total = int(np.rint(total))
-            probe.forwards = int(np.rint(forwards))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` (``model.module``), so
-    layer and parameter names match the unwrapped model's ``state_dict`` (no ``module.`` prefix)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+            for target, value in zip(
+                (probe.saturated, probe.total, probe.channel_var, probe.forwards), row, strict=True
+            ):
+                assert target is not None
+                target.copy_(value)
 
 
 class DistributedAnalyzer(Analyzer):
@@ -185,7 +172,10 @@ class DistributedAnalyzer(Analyzer):
     parameters are named as in the unwrapped model, and :meth:`forward_propagation` runs the
     wrapper (DDP needs its own forward to synchronise gradients). Only ``writer_rank`` writes the
     store in ``save_path`` (give every rank the same path). Recording calls are collective: every
-    rank must make them. Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
+    rank must make them. A model sharded with FSDP2's ``fully_shard`` gets a
+    :class:`~bbdecoder.integrations.sharded.ShardSync`: the statistics of the unsharded tensors.
+    ``noise_scale=True`` (DDP wrapper only) stores the two-batch gradient noise scale across ranks
+    (:mod:`bbdecoder.integrations.ddp_noise`). Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
     """
 
     def __init__(
@@ -197,21 +187,22 @@ class DistributedAnalyzer(Analyzer):
         layers: LayerSelection = None,
         process_group: Any = None,
         writer_rank: int = 0,
+        noise_scale: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.wrapped = model
-        sync = RankSync(process_group, writer_rank)
-        super().__init__(unwrap_model(model), save_path, input_size, layers=layers, sync=sync, **kwargs)
+        from bbdecoder.integrations.sharded import rank_sync_for
+
+        sync = rank_sync_for(model, process_group, writer_rank)  # ShardSync for FSDP2 (DTensor) models
+        super().__init__(model, save_path, input_size, layers=layers, sync=sync, **kwargs)
+        if noise_scale:  # the two-batch gradient noise scale across ranks (see ddp_noise)
+            from bbdecoder.integrations.ddp_noise import RankNoiseScale
+
+            self._row_sources.append(RankNoiseScale(model, self.writer, self._hooks, process_group))
 
     @property
     def is_writer(self) -> bool:
         """True on the rank that writes the run store."""
         return bool(self.sync.is_writer)
-
-    def forward_propagation(self, *inputs: Any, **kwargs: Any) -> Any:
-        """``wrapped_model(*inputs, **kwargs)`` through the DDP wrapper."""
-        self._check_open()
-        return self.wrapped(*inputs, **kwargs)
 
 
 __all__ = ["DistributedAnalyzer", "NullWriter", "RankSync", "unwrap_model"]

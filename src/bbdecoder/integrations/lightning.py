@@ -110,7 +110,7 @@ class BBDecoderCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         analyzer = self.analyzer
-        if analyzer is None or analyzer.closed or analyzer._accumulated == 0:
+        if analyzer is None or analyzer.closed or not analyzer.has_new_gradients:
             return  # no backward since the last step (e.g. training_step returned None)
         analyzer.step(loss=self._loss)
         self._loss = None

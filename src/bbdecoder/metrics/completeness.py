@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from bbdecoder.attribution.base import check_inputs
+from bbdecoder.attribution.outputs import model_output
 from bbdecoder.metrics.summary import summarise
 from bbdecoder.targets import TargetLike, select_scores
 
@@ -62,7 +63,8 @@ def _fullgrad_completeness(explainer: Any, inputs: torch.Tensor, target: TargetL
     frozen = explainer.freeze_target(inputs, target)
     with explainer.session(), torch.no_grad():
         # The decomposition lives in the model's input space, so F is evaluated on that input directly.
-        expected = select_scores(explainer.model(x), frozen, x.shape[0])
+        output = model_output(explainer.model, x, getattr(explainer, "scores_from", "logits"))
+        expected = select_scores(output, frozen, x.shape[0])
     return CompletenessResult(
         _relative(total, expected), (total - expected).abs(), total, expected, "fullgrad"
     )

@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from bbdecoder.attribution.base import check_inputs
+from bbdecoder.attribution.outputs import check_scores_from, model_output
 from bbdecoder.hooks import preserved_state
 from bbdecoder.metrics.substrates import SubstrateSpec, fixed_substrate, is_imputing, noisy_linear_impute
 from bbdecoder.metrics.summary import summarise
-from bbdecoder.targets import TargetLike, fixed_target
+from bbdecoder.targets import TargetLike, as_logits, fixed_target
 
 MODES = ("deletion", "insertion")
 ORDERS = ("morf", "lerf", "random")
@@ -132,6 +133,7 @@ def perturbation_curve(
     batch_size: int = 256,
     road_noise: float = 0.01,
     seed: int = 0,
+    scores_from: str = "logits",
 ) -> PerturbationResult:
     """Deletion or insertion curve and AUC for every sample.
 
@@ -151,6 +153,10 @@ def perturbation_curve(
         batch_size: perturbed images per forward pass.
         road_noise: noise standard deviation of the ``"road"`` imputation.
         seed: seeds ``order="random"`` and the ROAD noise.
+        scores_from: ``"logits"`` (default): a final softmax/sigmoid module is looked through and a
+            probability output without one is refused (see :mod:`bbdecoder.attribution.outputs`);
+            ``"output"``: the model's output as it is (for a model that returns probabilities, pair it
+            with ``score="logit"`` to read them unchanged).
 
     Returns:
         :class:`PerturbationResult` with ``auc`` (N,), ``curves`` (N, S + 1) and ``fractions`` (S + 1,).
@@ -170,7 +176,11 @@ def perturbation_curve(
     with preserved_state(model, eval_mode=True), torch.no_grad():
 
         def logits_of(batch: torch.Tensor) -> torch.Tensor:
-            return model(input_transform(batch) if input_transform is not None else batch)
+            # The logits (also beneath a final softmax module, or a ModelOutput's ``logits``): the
+            # probability score is their softmax, never a softmax of probabilities.
+            model_input = input_transform(batch) if input_transform is not None else batch
+            output = model_output(model, model_input, check_scores_from(scores_from))
+            return as_logits(output, batch.shape[0])
 
         classes = fixed_target(logits_of(x), target, n)
         if not isinstance(classes, torch.Tensor):

@@ -3,6 +3,7 @@ per-epoch rows they produce in the run store."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,10 +13,43 @@ from torch import nn
 
 from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo
-from bbdecoder.monitor.activations import ActivationProbe
+from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, CHANNELS_FIRST, RECTIFIERS, ActivationProbe
 from bbdecoder.store.writer import RunWriter
 
+PASS_THROUGH = (*ACTIVATION_FUNCTIONS, nn.Dropout, nn.Identity, nn.AlphaDropout)
+"""Parameter-free leaves that keep the unit count of their input."""
+
 ACTIVATION_STATS = ("dead_fraction", "dead_count", "saturated_fraction", "channel_var")
+
+
+def default_channel_dim(layer: LayerInfo, index: LayerIndex) -> int:
+    """The unit dimension for ``layer``'s output: 1 for conv/norm/pool kinds ``(N, C, ...)``, the last
+    dim otherwise (``(N, D)``, transformer ``(N, L, D)``). A parameter-free layer (an activation,
+    Dropout) takes the kind of the nearest preceding leaf that has parameters."""
+    for candidate in reversed(list(index)[: layer.id + 1]):
+        if candidate is layer or candidate.num_params > 0:
+            if isinstance(candidate.module, CHANNELS_FIRST):
+                return 1
+            if candidate.num_params > 0:
+                return -1
+    return -1
+
+
+def expected_channels(layer: LayerInfo, index: LayerIndex) -> tuple[int, torch.device] | None:
+    """``(units, device)`` of ``layer``'s output along its default dim, read from the weights of the
+    layer or of the nearest preceding leaf with parameters (``None`` when it cannot be known before a
+    forward). Allocating probe state up front keeps a compiled forward from recompiling when the
+    state appears after the first call."""
+    for candidate in reversed(list(index)[: layer.id + 1]):
+        weight = getattr(candidate.module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+            size = weight.shape[-1] if isinstance(candidate.module, nn.Embedding) else weight.shape[0]
+            return int(size), weight.device
+        if candidate is not layer and candidate.num_params > 0:
+            return None
+        if candidate is not layer and not isinstance(candidate.module, PASS_THROUGH):
+            return None
+    return None
 
 
 class ActivationWatcher:
@@ -28,90 +62,148 @@ class ActivationWatcher:
         self.probes: dict[int, ActivationProbe] = {}
         self.last_max: dict[int, torch.Tensor] = {}
         self.paused = False
+        self.checked = False
 
-    def watch(self, layers: list[LayerInfo], threshold: float, eps: float, dim: int) -> None:
+    def watch(
+        self, layers: list[LayerInfo], threshold: float, eps: float, dim: int | None, *, named: bool
+    ) -> None:
+        """Hook ``layers``; dead units are counted on rectifiers, and on every layer when ``named``."""
         for layer in layers:
             if layer.id in self.probes:
                 continue
-            probe = ActivationProbe(layer.module, threshold, eps, dim)
+            layer_dim = default_channel_dim(layer, self.index) if dim is None else dim
+            dead = named or isinstance(layer.module, RECTIFIERS)
+            probe = ActivationProbe(layer.module, threshold, eps, layer_dim, dead=dead)
+            expected = expected_channels(layer, self.index) if dim is None else None
+            if expected is not None:
+                probe.allocate(*expected)
             self.probes[layer.id] = probe
             self.writer.series_id(layer.id, "")
-            self.hooks.forward_hook(layer.module, self._hook(probe))
+            self.hooks.forward_hook(layer.module, self._hook(probe, layer))
 
-    def _hook(self, probe: ActivationProbe) -> Callable[..., None]:
+    def _hook(self, probe: ActivationProbe, layer: LayerInfo) -> Callable[..., None]:
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
             if self.paused or not module.training:
                 return
             if isinstance(output, torch.Tensor):
                 out: torch.Tensor | None = output
-            else:
+            elif isinstance(output, (tuple, list)):
                 out = next((o for o in output if isinstance(o, torch.Tensor)), None)
-            if out is not None and out.dim() >= 1:
-                with torch.no_grad():
-                    probe.update(out)
+            else:
+                out = None
+            if out is None or out.dim() < 1:
+                return
+            if not -out.dim() <= probe.dim < out.dim():
+                return  # checked on the host once (see check_dims); never raise inside a forward
+            with torch.no_grad():
+                probe.update(out)
 
         return hook
 
+    def forwards_seen(self) -> float:
+        """Forwards recorded by all probes this epoch (one host read)."""
+        counts = [p.forwards for p in self.probes.values() if p.forwards is not None]
+        return float(torch.stack(counts).sum().cpu()) if counts else 0.0
+
     def record(self, step: int, epoch: int) -> None:
         """Buffer this epoch's activation statistics (one host copy for all layers) and reset."""
-        live = {lid: pr for lid, pr in self.probes.items() if pr.max is not None}
+        live = {lid: pr for lid, pr in self.probes.items() if pr.seen}
         if not live:
             return
         parts = []
         for probe in live.values():
-            dead = probe.dead_mask()
-            assert dead is not None and probe.channel_var is not None
-            sat = probe.saturated.double() if probe.saturated is not None else torch.tensor(float("nan"))
-            parts.append(dead.double())
-            parts.append(torch.stack([sat.to(dead.device), probe.channel_var.double()]))
-        host = torch.cat(parts).cpu().numpy()
+            assert probe.max is not None and probe.saturated is not None and probe.total is not None
+            assert probe.channel_var is not None and probe.forwards is not None
+            parts.append(probe.max.double())
+            parts.append(torch.stack([probe.saturated, probe.total, probe.channel_var, probe.forwards]))
+        host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy()
         ids = {name: self.writer.stat_id(name) for name in ACTIVATION_STATS}
         rows = []
         pos = 0
         for lid, probe in live.items():
             assert probe.max is not None
             c = probe.max.numel()
-            dead_host = host[pos : pos + c] > 0.5
-            sat, cvar = host[pos + c], host[pos + c + 1]
-            pos += c + 2
+            cmax = host[pos : pos + c]
+            sat, total, cvar, forwards = host[pos + c : pos + c + 4]
+            pos += c + 4
+            if forwards == 0:
+                continue
             sid = self.writer.series_id(lid, "")
-            sat_frac = sat / probe.total if probe.total else float("nan")
-            for name, value in (
-                ("dead_fraction", dead_host.mean()),
-                ("dead_count", dead_host.sum()),
-                ("saturated_fraction", sat_frac),
-                ("channel_var", cvar / probe.forwards),
-            ):
-                rows.append((step, epoch, sid, ids[name], float(value)))
-            if dead_host.any():
-                where = f"[{lid}] {self.index[lid].display_name}"
-                self.writer.add_event(
-                    "dead_units",
-                    f"{int(dead_host.sum())} of {c} units dead in {where}",
-                    step=step,
-                    epoch=epoch,
-                    layer_id=lid,
-                    data={"channels": np.flatnonzero(dead_host).tolist()},
-                )
+            stats: list[tuple[str, float]] = [
+                (
+                    "saturated_fraction",
+                    sat / total if probe.saturation is not None and total else float("nan"),
+                ),
+                ("channel_var", cvar / forwards),
+            ]
+            if probe.dead:
+                dead = cmax <= probe.threshold
+                stats += [("dead_fraction", float(dead.mean())), ("dead_count", float(dead.sum()))]
+                if dead.any():
+                    where = f"[{lid}] {self.index[lid].display_name}"
+                    self.writer.add_event(
+                        "dead_units",
+                        f"{int(dead.sum())} of {c} units dead in {where}",
+                        step=step,
+                        epoch=epoch,
+                        layer_id=lid,
+                        data={"channels": np.flatnonzero(dead).tolist()},
+                    )
+            rows += [(step, epoch, sid, ids[name], float(value)) for name, value in stats]
             self.last_max[lid] = probe.max.detach().clone()
             probe.reset()
         self.writer.add_scalars(rows)
 
+    def check_dims(self, shapes: dict[int, list[int]]) -> None:
+        """Refuse a channel dim outside a watched layer's output (shapes from ``input_size``)."""
+        for lid, probe in self.probes.items():
+            shape = shapes.get(lid)
+            if shape is not None and not -len(shape) <= probe.dim < len(shape):
+                raise ValueError(
+                    f"channel_dim={probe.dim} is out of range for layer [{lid}] "
+                    f"{self.index[lid].display_name}, "
+                    f"whose output has shape {shape}; pass channel_dim in {-len(shape)}..{len(shape) - 1} "
+                    "or None (chosen per layer)"
+                )
+
+    def warn_unseen(self) -> None:
+        """Once: warn when no watched layer recorded anything although the model trained."""
+        if self.checked or not self.probes:
+            return
+        self.checked = True
+        if self.forwards_seen() == 0:
+            warnings.warn(
+                "the activation hooks recorded nothing during this step: the forward ran without them. "
+                "A torch.compile'd model of the same class compiled before the hooks were registered "
+                "reuses its old graph; create the Analyzer before the first call of the compiled model "
+                "(or call torch._dynamo.reset()). Also check channel_dim and that forwards run in "
+                "train mode.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def channel_max(self, layer_id: int) -> torch.Tensor | None:
         """Per-channel maximum of the current epoch, else of the last finished one, else ``None``."""
         probe = self.probes[layer_id]
-        return probe.max if probe.max is not None else self.last_max.get(layer_id)
+        if probe.max is not None and probe.forwards is not None and float(probe.forwards) > 0:
+            return probe.max
+        return self.last_max.get(layer_id)
 
     def dead_by_id(self, threshold: float | None) -> dict[int, list[int]]:
-        """``{layer_id: dead channel indices}``; raises when no activation was seen yet."""
+        """``{layer_id: dead channel indices}`` of the probes that count dead units; raises when no
+        activation was seen yet."""
         out = {}
+        seen = False
         for lid, probe in self.probes.items():
             cmax = self.channel_max(lid)
             if cmax is None:
                 continue
+            seen = True
+            if not probe.dead:
+                continue
             thr = probe.threshold if threshold is None else threshold
             out[lid] = torch.nonzero(cmax <= thr).flatten().tolist()
-        if not out:
+        if not seen:
             raise RuntimeError(
                 "no activation data: call watch_activations(...) (or Analyzer(..., activations=True)) and "
                 "run forward passes in training mode first"

@@ -10,9 +10,11 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bbdecoder.report import html
-from bbdecoder.report.sections import SECTIONS, BlobSection, ReportContext, SectionBuilder
+from bbdecoder.report.charts import MAX_POINTS
+from bbdecoder.report.sections import SECTIONS, BlobSection, ReportContext, SectionBuilder, alert_rows
 from bbdecoder.store.reader import RunReader, open_run
 from bbdecoder.store.writer import db_path
 
@@ -29,8 +31,10 @@ def build_report(
     *,
     sections: Sequence[SectionBuilder] | None = None,
     title: str | None = None,
+    max_points: int = MAX_POINTS,
 ) -> Path:
-    """Write one self-contained HTML file (images embedded, no scripts, no network) for ``run``.
+    """Write one self-contained HTML file for ``run``: interactive charts (uPlot and the data inlined),
+    images embedded as data URIs, nothing fetched from the network when it is viewed.
 
     Args:
         run: the run folder (holding ``run.sqlite``), the ``.sqlite`` file, or an open reader.
@@ -39,6 +43,8 @@ def build_report(
             sections without data are left out. A section that raises is shown as an error box
             (and warned about with :class:`ReportSectionWarning`); the others still render.
         title: page title (default: "bbdecoder run: <folder name>").
+        max_points: largest number of x positions per chart; longer series are downsampled keeping
+            each bucket's minimum and maximum.
 
     Returns:
         The path of the written file. It is written to a temporary file in the same folder and moved
@@ -46,33 +52,69 @@ def build_report(
         followed, so a received run folder cannot make the report overwrite a file elsewhere.
     """
     reader = run if isinstance(run, RunReader) else open_run(run)
-    store = reader.path
-    target = Path(out) if out is not None else store.parent / REPORT_FILENAME
-    builders = list(SECTIONS if sections is None else sections)
-    claimed = {"summary"} | {b.key for b in builders if isinstance(b, BlobSection)}
-    rendered: list[html.Section] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bbdecoder-report-") as scratch, reader.snapshot():
-            context = ReportContext(reader, Path(scratch), claimed)
-            for builder in builders:
-                name = getattr(builder, "__name__", type(builder).__name__)
-                try:
-                    section = builder(context)
-                except Exception as err:
-                    warnings.warn(f"report section {name} failed: {err}", ReportSectionWarning, stacklevel=2)
-                    detail = "".join(traceback.format_exception_only(type(err), err))
-                    section = html.Section(
-                        f"failed-{name}", f"{name} (failed)", f"<pre>{html.esc(detail)}</pre>", failed=True
-                    )
-                if section is not None:
-                    rendered.append(section)
+        target = Path(out) if out is not None else reader.path.parent / REPORT_FILENAME
+        text = render_report(reader, sections=sections, title=title, max_points=max_points)
     finally:
         if not isinstance(run, RunReader):
             reader.close()
-    heading = title or f"bbdecoder run: {store.parent.name or store.name}"
-    subtitle = f"store {db_path(store).name} · report built {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    write_atomically(target, html.page(heading, subtitle, rendered).encode("utf-8"))
+    write_atomically(target, text.encode("utf-8"))
     return target
+
+
+def collect(
+    reader: RunReader,
+    *,
+    sections: Sequence[SectionBuilder] | None = None,
+    max_points: int = MAX_POINTS,
+) -> tuple[list[html.Section], dict[str, Any]]:
+    """Render every section of ``reader``'s run in one consistent snapshot; returns the sections and
+    the page payload (``charts``, ``latest_step``, ``alerts``, ``live``: None)."""
+    builders = list(SECTIONS if sections is None else sections)
+    claimed = {"summary"} | {b.key for b in builders if isinstance(b, BlobSection)}
+    rendered: list[html.Section] = []
+    with tempfile.TemporaryDirectory(prefix="bbdecoder-report-") as scratch, reader.snapshot():
+        context = ReportContext(reader, Path(scratch), claimed, max_points=max_points)
+        for builder in builders:
+            name = getattr(builder, "__name__", type(builder).__name__)
+            try:
+                section = builder(context)
+            except Exception as err:
+                warnings.warn(f"report section {name} failed: {err}", ReportSectionWarning, stacklevel=3)
+                detail = "".join(traceback.format_exception_only(type(err), err))
+                section = html.Section(
+                    f"failed-{name}", f"{name} (failed)", f"<pre>{html.esc(detail)}</pre>", failed=True
+                )
+            if section is not None:
+                rendered.append(section)
+        steps = context.steps
+        payload: dict[str, Any] = {
+            "charts": context.charts,
+            "latest_step": None if steps.empty else int(steps["step"].max()),
+            "alerts": alert_rows(context.events),
+            "live": None,
+        }
+    return rendered, payload
+
+
+def render_report(
+    reader: RunReader,
+    *,
+    sections: Sequence[SectionBuilder] | None = None,
+    title: str | None = None,
+    max_points: int = MAX_POINTS,
+    live: dict[str, Any] | None = None,
+    header_extra: str = "",
+) -> str:
+    """The report page as a string (what :func:`build_report` writes). ``live`` (``{"url": ...,
+    "interval_ms": ...}``) makes the page poll that URL for new payloads (the dashboard)."""
+    rendered, payload = collect(reader, sections=sections, max_points=max_points)
+    payload["live"] = live
+    store = reader.path
+    heading = title or f"bbdecoder run: {store.parent.name or store.name}"
+    built = "served live" if live else f"report built {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    subtitle = f"store {db_path(store).name} · {built}"
+    return html.page(heading, subtitle, rendered, payload, header_extra=header_extra)
 
 
 def write_atomically(target: Path, data: bytes) -> None:

@@ -10,6 +10,7 @@ matplotlib.use("Agg", force=False)
 import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from bbdecoder.report.blobs import figure_png
 
@@ -28,6 +29,9 @@ def weight_histogram_grid(hist: pd.DataFrame, params: list[str], columns: int = 
         axis.pcolormesh(edges, rows_edges, np.log1p(counts.to_numpy(dtype=float)), cmap="viridis")
         axis.set_title(param, fontsize=8)
         axis.tick_params(labelsize=6)
+        # a few ticks only: whole epochs on y, at most 4 weight values on x (no overlapping labels)
+        axis.yaxis.set_major_locator(MaxNLocator(nbins=min(len(epochs), 5), integer=True))
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=4))
         axis.set_ylabel("epoch", fontsize=6)
     for axis in list(axes.flat)[len(params) :]:
         axis.set_visible(False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bbdecoder.report import html
+from bbdecoder.report import charts, html
 from bbdecoder.report.blobs import IMAGE_KIND, TABLE_KIND, latest_records, read_table
 from bbdecoder.report.html import Section
 from bbdecoder.store.reader import RunReader
@@ -23,13 +23,29 @@ MAX_WEIGHT_HISTOGRAMS = 24
 
 
 class ReportContext:
-    """What sections share: the open ``reader``, a scratch folder for figures, cached tables."""
+    """What sections share: the open ``reader``, a scratch folder for figures, cached tables, and
+    the interactive chart specs collected for the page (:meth:`chart`)."""
 
-    def __init__(self, reader: RunReader, scratch: Path, claimed: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        reader: RunReader,
+        scratch: Path,
+        claimed: set[str] | None = None,
+        max_points: int = charts.MAX_POINTS,
+    ) -> None:
         self.reader = reader
         self.scratch = scratch
         self.claimed: set[str] = claimed if claimed is not None else {"summary"}
         """Blob sections that some section shows (the rest go to "Other results")."""
+        self.max_points = max_points
+        """Largest number of x positions per chart (longer series are downsampled, extremes kept)."""
+        self.charts: list[dict[str, object]] = []
+
+    def chart(self, spec: dict[str, object]) -> str:
+        """Add an interactive chart spec (see :mod:`bbdecoder.report.charts`) to the page; returns
+        the HTML placeholder it is drawn into."""
+        self.charts.append(spec)
+        return html.chart(str(spec["id"]))
 
     @functools.cached_property
     def scalars(self) -> pd.DataFrame:
@@ -49,8 +65,12 @@ class ReportContext:
 
     def grad_epochs(self) -> list[int]:
         """Epochs that hold per-step gradient statistics, ascending."""
-        grads = self.scalars[self.scalars["stat"] == "mean_abs"]
-        return sorted(int(e) for e in grads["epoch"].unique())
+        rows = charts._rows(
+            self.reader,
+            "SELECT DISTINCT s.epoch FROM scalars s JOIN stat_names n USING (stat_id) "
+            "WHERE n.name = 'mean_abs' ORDER BY s.epoch",
+        )
+        return [int(r[0]) for r in rows]
 
     def png(self, path: Path) -> bytes:
         return Path(path).read_bytes()
@@ -61,6 +81,7 @@ SectionBuilder = Callable[[ReportContext], "Section | None"]
 
 def run_summary(ctx: ReportContext) -> Section | None:
     meta = ctx.reader.meta()
+    coverage = meta.pop("coverage", None)
     rows: list[tuple[str, object]] = [(key, value) for key, value in sorted(meta.items())]
     layers = ctx.layers
     if not layers.empty:
@@ -75,74 +96,174 @@ def run_summary(ctx: ReportContext) -> Section | None:
         losses = steps["loss"].dropna()
         if not losses.empty:
             rows += [("first loss", float(losses.iloc[0])), ("last loss", float(losses.iloc[-1]))]
-    tracked = ctx.scalars["param"].replace("", np.nan).dropna().nunique() if not ctx.scalars.empty else 0
-    rows.append(("parameter tensors tracked", int(tracked)))
+    tracked = charts._rows(
+        ctx.reader,
+        "SELECT COUNT(DISTINCT r.param) FROM series r WHERE r.param != '' AND "
+        "EXISTS (SELECT 1 FROM scalars s WHERE s.series_id = r.series_id LIMIT 1)",
+    )[0][0]
+    rows.append(("parameter tensors tracked", _coverage_text(coverage, int(tracked))))
     body = html.table(pd.DataFrame(rows, columns=["item", "value"]).astype({"value": object}))
     for record in latest_records(ctx.reader, TABLE_KIND, "summary").itertuples():
         body += html.table(read_table(ctx.reader, record.blob_id), caption=record.caption)
     if not steps.empty and steps["loss"].notna().any():
-        body += html.image(_loss_figure(steps, ctx.scratch), "training loss", "training loss per step")
+        body += ctx.chart(_loss_chart(steps, ctx.max_points))
     return Section("summary", "Run summary", body)
 
 
-def _loss_figure(steps: pd.DataFrame, scratch: Path) -> bytes:
-    from matplotlib import pyplot as plt
+def _coverage_text(coverage: str | None, tracked: int) -> str:
+    """"12 of 12 trainable tensors (3,412 of 3,412 elements)" from the store's coverage record."""
+    import json
 
-    from bbdecoder.report.blobs import figure_png
+    try:
+        c = json.loads(coverage or "")
+        return (
+            f"{c['tracked_tensors']} of {c['trainable_tensors']} trainable tensors "
+            f"({c['tracked_elements']:,} of {c['trainable_elements']:,} elements; "
+            f"{c['total_tensors']} tensors in the model)"
+        )
+    except (ValueError, KeyError, TypeError):
+        return str(tracked)  # a store written before coverage was recorded
 
-    figure, axis = plt.subplots(figsize=(6.5, 3))
-    valid = steps.dropna(subset=["loss"])
-    axis.plot(valid["step"], valid["loss"], lw=1)
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title("training loss")
-    return figure_png(figure)
+
+def _loss_chart(steps: pd.DataFrame, max_points: int) -> dict[str, object]:
+    matrix = charts.StatMatrix(
+        steps["step"].to_numpy(dtype=np.int64),
+        steps["loss"].to_numpy(dtype=float).reshape(-1, 1),
+        [{"layer_id": -1, "layer": "", "param": ""}],
+        int((~np.isfinite(steps["loss"].to_numpy(dtype=float))).sum() - steps["loss"].isna().sum()),
+    )
+    return charts.line_chart(
+        "loss", "training loss per step", matrix, "loss", labels=["loss"], max_points=max_points
+    )
 
 
 def layer_table(ctx: ReportContext) -> Section | None:
     layers = ctx.layers
     if layers.empty:
         return None
+    layers = layers.copy()
+    missing = layers["output_shape"].isna() | (layers["output_shape"] == "")
+    if missing.any():  # a layer's recorded features (get_inter_features) know its output shape
+        features = ctx.reader.blobs(kind="features")
+        for record in features.itertuples():
+            shape = record.meta.get("shape")
+            hit = missing & (layers["layer_id"] == record.layer_id)
+            if shape and hit.any():
+                layers.loc[hit, "output_shape"] = str(list(shape))
+                missing &= ~hit
     frame = layers.rename(columns={"layer_id": "ID", "output_shape": "output shape"}).fillna("")
-    return Section("layers", "Layers", html.table(frame, max_rows=1000))
+    body = html.table(frame, max_rows=1000)
+    if missing.any():
+        body += html.paragraph(
+            f"{int(missing.sum())} layer(s) without an output shape: the run recorded none for them. Pass "
+            "input_size=(1, C, H, W) to Analyzer to record them."
+        )
+    return Section("layers", "Layers", body)
+
+
+def _flow(ctx: ReportContext, epoch: int) -> tuple[list[dict[str, object]], dict[str, np.ndarray]]:
+    """Per parameter tensor, the epoch's mean over steps of mean |g| and of max |g| (NaN skipped)."""
+    rows = charts._rows(
+        ctx.reader,
+        "SELECT r.layer_id, l.name, r.param, n.name, AVG(s.value) FROM scalars s "
+        "JOIN series r USING (series_id) JOIN stat_names n USING (stat_id) "
+        "LEFT JOIN layers l ON l.layer_id = r.layer_id "
+        "WHERE s.epoch = ? AND r.param != '' AND n.name IN ('mean_abs', 'max_abs') "
+        "GROUP BY r.series_id, n.name ORDER BY r.layer_id, r.series_id",
+        (epoch,),
+    )
+    keys: dict[tuple[int, str], dict[str, object]] = {}
+    values: dict[str, dict[tuple[int, str], float]] = {"max |g|": {}, "mean |g|": {}}
+    for layer_id, layer, param, stat, value in rows:
+        key = (int(layer_id), str(param))
+        keys.setdefault(key, {"layer_id": int(layer_id), "layer": str(layer or ""), "param": str(param)})
+        label = "mean |g|" if stat == "mean_abs" else "max |g|"
+        values[label][key] = float("nan") if value is None else float(value)
+    bars = {label: np.array([v.get(k, np.nan) for k in keys]) for label, v in values.items()}
+    return list(keys.values()), bars
 
 
 def gradient_flow(ctx: ReportContext) -> Section | None:
-    from bbdecoder.viz.monitor_plots import plot_gradient_flow
-
     epochs = ctx.grad_epochs()
     if not epochs:
         return None
     shown = sorted({epochs[0], epochs[-1]})
     body = html.paragraph(
         "Mean and max |gradient| of every tracked parameter tensor, averaged over the epoch's steps "
-        "(log axis). Vanishing gradients show as bars orders of magnitude below the others."
+        "(log axis by default). Vanishing gradients show as bars orders of magnitude below the others. "
+        "Hover a bar for its layer and parameter; drag to zoom, double-click to reset."
     )
     for epoch in shown:
-        path = plot_gradient_flow(ctx.reader, ctx.scratch, epoch)
-        body += html.image(ctx.png(path), f"gradient flow, epoch {epoch}", f"epoch {epoch}")
+        categories, bars = _flow(ctx, epoch)
+        body += ctx.chart(
+            charts.bar_chart(
+                f"gradient-flow-{epoch}",
+                f"gradient flow, epoch {epoch}",
+                categories,
+                bars,
+                ylabel="gradient magnitude (epoch mean)",
+            )
+        )
     return Section("gradient-flow", "Gradient flow", body)
 
 
 def gradient_norms(ctx: ReportContext) -> Section | None:
-    from bbdecoder.viz.monitor_plots import plot_grad_norms
-
     epochs = ctx.grad_epochs()
     if not epochs:
         return None
-    path = plot_grad_norms(ctx.reader, ctx.scratch, epochs[-1])
-    body = html.paragraph("L1 and L2 norms of each parameter's gradient at every recorded step.")
-    body += html.image(ctx.png(path), "gradient norms over iterations", f"steps up to epoch {epochs[-1]}")
-    ratios = ctx.scalars[ctx.scalars["stat"] == "update_ratio"].dropna(subset=["value"])
-    if not ratios.empty:
-        summary = (
-            ratios.groupby("param", sort=False)["value"]
-            .agg(["median", "min", "max"])
-            .reset_index()
-            .rename(columns={"median": "median update ratio", "min": "min", "max": "max"})
+    body = html.paragraph(
+        "L2 and L1 norms of each parameter's gradient at every recorded step. Hover a line for its layer, "
+        "parameter, step and value; click a legend entry to hide or show it; type in the filter to keep "
+        "the layers whose name matches."
+    )
+    for stat, title in (("l2", "L2 gradient norm"), ("l1", "L1 gradient norm")):
+        matrix = charts.stat_matrix(ctx.reader, stat, params_only=True)
+        if matrix is not None:
+            body += ctx.chart(
+                charts.line_chart(
+                    f"grad-{stat}", f"{title} per step", matrix, stat, log=True, max_points=ctx.max_points
+                )
+            )
+    ratios = charts.stat_matrix(ctx.reader, "update_ratio", params_only=True)
+    if ratios is not None:
+        infinite = charts._rows(
+            ctx.reader,
+            "SELECT COUNT(*) FROM scalars s JOIN stat_names n USING (stat_id) "
+            "WHERE n.name = 'update_ratio' AND s.value > 1e308",
+        )[0][0]
+        note = (
+            f"{infinite} update ratio(s) were infinite (the weight was exactly zero, e.g. a zero-initialised "
+            "bias, so ||dW|| / ||W|| is undefined); they are left out here and in the table."
+            if infinite
+            else ""
         )
-        body += html.table(summary, caption="update ratio ||dW|| / ||W|| per step")
+        body += ctx.chart(
+            charts.line_chart(
+                "update-ratio",
+                "update ratio ||dW|| / ||W|| per step",
+                ratios,
+                "update_ratio",
+                log=True,
+                note=note,
+                max_points=ctx.max_points,
+            )
+        )
+        body += html.table(_ratio_summary(ctx), caption="update ratio ||dW|| / ||W|| per step")
     return Section("gradient-norms", "Gradient norms over iterations", body)
+
+
+def _ratio_summary(ctx: ReportContext) -> pd.DataFrame:
+    """Median, min and max of the finite update ratios per parameter; NaN where none was finite."""
+    rows = charts._rows(
+        ctx.reader,
+        "SELECT r.param, s.value FROM scalars s JOIN series r USING (series_id) "
+        "JOIN stat_names n USING (stat_id) WHERE n.name = 'update_ratio' AND r.param != '' "
+        "ORDER BY r.series_id",
+    )
+    frame = pd.DataFrame(rows, columns=["param", "value"]).astype({"value": float})
+    frame.loc[~np.isfinite(frame["value"]), "value"] = np.nan
+    summary = frame.groupby("param", sort=False)["value"].agg(["median", "min", "max"]).reset_index()
+    return summary.rename(columns={"median": "median update ratio"})
 
 
 def weight_histograms(ctx: ReportContext) -> Section | None:
@@ -165,21 +286,79 @@ def weight_histograms(ctx: ReportContext) -> Section | None:
 
 
 def activations(ctx: ReportContext) -> Section | None:
-    from bbdecoder.viz.monitor_plots import plot_activation_fractions
-
-    stats = ctx.scalars[ctx.scalars["stat"].isin(["dead_fraction", "dead_count", "saturated_fraction"])]
-    if stats.empty:
+    names = "('dead_fraction', 'dead_count', 'saturated_fraction')"
+    rows = charts._rows(
+        ctx.reader,
+        "SELECT s.epoch, r.layer_id, COALESCE(l.name, ''), n.name, s.value FROM scalars s "
+        "JOIN series r USING (series_id) JOIN stat_names n USING (stat_id) "
+        f"LEFT JOIN layers l ON l.layer_id = r.layer_id WHERE n.name IN {names} AND s.epoch = "
+        f"(SELECT MAX(s2.epoch) FROM scalars s2 JOIN stat_names n2 USING (stat_id) WHERE n2.name IN {names})",
+    )
+    if not rows:
         return None
-    path = plot_activation_fractions(ctx.reader, ctx.scratch)
-    last = stats[stats["epoch"] == stats["epoch"].max()]
+    last = pd.DataFrame(rows, columns=["epoch", "layer_id", "layer", "stat", "value"]).astype(
+        {"value": float}
+    )
     table = last.pivot_table(index=["layer_id", "layer"], columns="stat", values="value").reset_index()
     body = html.paragraph(
         "A unit (channel) is dead when its output was at or below the threshold for every sample and "
         "position of the epoch; saturated means stuck at an activation's bound."
     )
-    body += html.image(ctx.png(path), "dead and saturated fractions", "per watched layer, over epochs")
+    for stat in ("dead_fraction", "saturated_fraction"):
+        matrix = charts.stat_matrix(ctx.reader, stat, params_only=False, by="epoch")
+        if matrix is not None:
+            title = stat.replace("_", " ") + " per watched layer, over epochs"
+            body += ctx.chart(
+                charts.line_chart(
+                    f"act-{stat}",
+                    title,
+                    matrix,
+                    stat,
+                    xlabel="epoch",
+                    max_points=ctx.max_points,
+                    yrange=(0, 1),
+                )
+            )
     body += html.table(table, caption=f"epoch {int(last['epoch'].max())}")
     return Section("activations", "Dead and saturated units", body)
+
+
+def alert_rows(events: pd.DataFrame) -> list[dict[str, object]]:
+    """The stored alerts (events of the kinds in :data:`bbdecoder.alerts.ALERT_KINDS`) as JSON rows."""
+    from bbdecoder.alerts.rules import ALERT_KINDS
+
+    if events.empty:
+        return []
+    chosen = events[events["kind"].isin(ALERT_KINDS)]
+    return [
+        {
+            "step": None if pd.isna(r.step) else int(r.step),
+            "epoch": None if pd.isna(r.epoch) else int(r.epoch),
+            "kind": str(r.kind),
+            "layer": "" if r.layer is None or pd.isna(r.layer) else str(r.layer),
+            "param": "" if r.param is None or pd.isna(r.param) else str(r.param),
+            "message": str(r.message),
+        }
+        for r in chosen.itertuples()
+    ]
+
+
+def alerts(ctx: ReportContext) -> Section | None:
+    """The alerts stored in the run (see :mod:`bbdecoder.alerts`); the dashboard updates the table."""
+    if ctx.steps.empty and ctx.events.empty:
+        return None
+    rows = alert_rows(ctx.events)
+    if rows:
+        frame = pd.DataFrame(rows)[["step", "kind", "layer", "param", "message"]]
+        inner = html.table(frame.rename(columns={"kind": "alert", "param": "parameter"}), max_rows=500)
+    else:
+        inner = html.paragraph("No alert was raised.")
+    intro = html.paragraph(
+        "Training anomalies detected as steps were recorded: non-finite or exploding gradients, vanishing "
+        "gradients, rising dead-unit fractions, update ratios outside a healthy band, loss spikes "
+        "(rules and thresholds: bbdecoder.alerts)."
+    )
+    return Section("alerts", "Alerts", f'{intro}<div id="bbd-alerts">{inner}</div>')
 
 
 def nonfinite_events(ctx: ReportContext) -> Section | None:
@@ -194,7 +373,9 @@ def nonfinite_events(ctx: ReportContext) -> Section | None:
             f"{len(bad)} step(s) had a non-finite gradient; the layer named is the first in backward order."
         )
         body += html.table(bad[["step", "epoch", "layer", "param", "message"]])
-    others = events[events["kind"] != "nonfinite_grad"]
+    from bbdecoder.alerts.rules import ALERT_KINDS
+
+    others = events[~events["kind"].isin(ALERT_KINDS)]
     if not others.empty:
         body += html.table(others[["step", "epoch", "kind", "layer", "message"]], caption="other events")
     return Section("nonfinite", "Non-finite gradients and events", body)
@@ -256,6 +437,7 @@ SECTIONS: list[SectionBuilder] = [
     gradient_norms,
     weight_histograms,
     activations,
+    alerts,
     nonfinite_events,
     blob_section(
         "saliency",

@@ -5,14 +5,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bbdecoder.store.connection import (
+    connect_readonly,
+    db_path,
+    store_kind,
+    table_list,
+    tidy_after_read,
+    wal_path,
+)
 from bbdecoder.store.schema import SCHEMA_VERSION, StoreError
-from bbdecoder.store.writer import connect, db_path
 
 SCALAR_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "stat", "value"]
 EPOCH_COLUMNS = ["epoch", "layer_id", "layer", "param", "stat", "agg", "value"]
@@ -28,16 +36,26 @@ class RunReader:
 
     def __init__(self, save_path: str | Path) -> None:
         self.path = db_path(save_path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a run store file: pass its parent folder")
         if not self.path.exists():
             raise StoreError(f"no run store at {self.path}: pass the save_path given to Analyzer")
-        self._conn = connect(self.path, readonly=True)
+        self._tidy = not wal_path(self.path).exists()  # a finished store: leave no -wal/-shm behind
+        self._conn = connect_readonly(self.path)
         try:
+            kind = store_kind(self._conn)
+            if kind != "store":
+                detail = "an empty database" if kind == "empty" else f"tables: {table_list(self._conn)}"
+                raise StoreError(f"{self.path} is not a bbdecoder run store ({detail})")
             versions = [row[0] for row in self._conn.execute("SELECT version FROM schema_version")]
-        except Exception as err:
-            self._conn.close()
-            raise StoreError(f"{self.path} is not a bbdecoder run store ({err})") from err
+        except StoreError:
+            self.close()
+            raise
+        except sqlite3.Error as err:
+            self.close()
+            raise StoreError(f"cannot read the run store {self.path}: {err}") from err
         if versions != [SCHEMA_VERSION]:
-            self._conn.close()
+            self.close()
             raise StoreError(f"{self.path} has schema version {versions}; this reader reads {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -222,8 +240,17 @@ class RunReader:
             paths.append(path)
         return paths
 
+    def backup(self, dest: str | Path) -> Path:
+        """A consistent single-file copy of this store at ``dest`` (see :func:`bbdecoder.store.backup`)."""
+        from bbdecoder.store.backup import backup_connection
+
+        return backup_connection(self._conn, self.path, dest)
+
     def close(self) -> None:
         self._conn.close()
+        if self._tidy:
+            self._tidy = False
+            tidy_after_read(self.path)
 
     def __enter__(self) -> RunReader:
         return self

@@ -82,5 +82,27 @@ CREATE INDEX IF NOT EXISTS blobs_kind_name ON blobs (kind, name);
 """
 
 
+APPLICATION_ID = 0x62624452
+"""``PRAGMA application_id`` of a bbdecoder run store (``"bbDR"``), set when a store is created."""
+
+STORE_TABLES = frozenset(
+    {
+        "schema_version", "meta", "layers", "series", "stat_names", "steps", "scalars",
+        "epoch_scalars", "histograms", "events", "artifacts", "blobs",
+    }
+)  # fmt: skip
+"""The tables every bbdecoder run store has (``sqlite_sequence`` comes with AUTOINCREMENT)."""
+
+
 class StoreError(RuntimeError):
-    """The run store is missing, of an unknown schema version, or otherwise unusable."""
+    """The run store is missing, of an unknown schema version, or otherwise unusable; the message
+    names the path and the fix."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the run store (the message names its pid, host and start time)."""
+
+
+class StoreWriteWarning(RuntimeWarning):
+    """Writing the run store failed (full disk, read-only folder, ...): training goes on, the rows
+    are kept in memory (bounded) and written when the store is writable again."""

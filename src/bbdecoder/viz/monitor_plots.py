@@ -55,39 +55,61 @@ def value_limits(values: np.ndarray, log: bool) -> tuple[float, float] | None:
 
 
 def _epoch_grad_means(reader: RunReader, epoch: int) -> pd.DataFrame:
-    """Per-parameter epoch means of the gradient statistics (stored aggregates, else from scalars)."""
+    """Per-parameter epoch means of the gradient statistics (stored aggregates, else from scalars).
+
+    Every parameter with a step in the epoch gets a row and every statistic a column; an epoch in
+    which a parameter's gradient was never finite gives NaN there (drawn as a marker)."""
+    sc = reader.scalars()
+    sc = sc[(sc.epoch == epoch) & sc.stat.isin(_GRAD_STATS) & (sc.param != "")]
     agg = reader.epoch_scalars()
-    agg = agg[(agg.epoch == epoch) & (agg.agg == "mean")]
-    if agg.empty:
-        sc = reader.scalars()
-        sc = sc[sc.epoch == epoch]
-        if sc.empty:
-            raise ValueError(
-                f"the run has no gradient statistics for epoch {epoch}; epochs: {reader.epochs()}"
-            )
-        agg = sc.groupby(["layer_id", "param", "stat"], sort=False, as_index=False)["value"].mean()
-    agg = agg[agg.param != ""]  # layer-output (activation) series are not gradients
-    wide = agg.pivot_table(index=["layer_id", "param"], columns="stat", values="value", sort=True)
+    agg = agg[(agg.epoch == epoch) & (agg.agg == "mean") & (agg.param != "")]
+    if sc.empty and agg.empty:
+        raise ValueError(f"the run has no gradient statistics for epoch {epoch}; epochs: {reader.epochs()}")
+    from_steps = sc.groupby(["layer_id", "param", "stat"], sort=False, as_index=False)["value"].mean()
+    both = pd.concat([agg[["layer_id", "param", "stat", "value"]], from_steps], ignore_index=True)
+    # stored aggregates first; the step means only fill what the aggregates lack (all-NaN epochs)
+    both = both.drop_duplicates(subset=["layer_id", "param", "stat"], keep="first")
+    wide = both.set_index(["layer_id", "param", "stat"])["value"].unstack("stat").sort_index()
+    wide = wide.reindex(columns=list(_GRAD_STATS))
     return wide.reset_index()
+
+
+_GRAD_STATS = ("mean", "mean_abs", "max_abs", "var", "l1", "l2")
 
 
 def plot_gradient_flow(run: RunLike, folder: str | Path, epoch: int, scale: str = "log") -> Path:
     """Bar chart of each parameter's mean |g| and max |g| (epoch means), ``grad_flow_ep{epoch}.png``.
 
-    ``scale="log"``: log y axis spanning every positive value; ``"auto"``: linear from 0."""
+    ``scale="log"``: log y axis spanning every positive value; ``"auto"``: linear from 0.
+    A parameter whose gradient was never finite in the epoch (NaN/Inf) is drawn as a red ``x`` at
+    the top of the axis instead of a bar."""
     if scale not in {"log", "auto"}:
         raise ValueError(f"scale must be 'log' or 'auto', got {scale!r}")
     table = _epoch_grad_means(_reader(run), epoch)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(table)), 4))
     x = np.arange(len(table))
-    ax.bar(x, table["max_abs"], color="c", alpha=0.5, label="max |g|")
-    ax.bar(x, table["mean_abs"], color="b", alpha=0.7, label="mean |g|")
+    max_abs = table["max_abs"].to_numpy(dtype=float)
+    mean_abs = table["mean_abs"].to_numpy(dtype=float)
+    finite = np.isfinite(max_abs) & np.isfinite(mean_abs)
+    ax.bar(x[finite], max_abs[finite], color="c", alpha=0.5, label="max |g|")
+    ax.bar(x[finite], mean_abs[finite], color="b", alpha=0.7, label="mean |g|")
     log = scale == "log"
     if log:
         ax.set_yscale("log")
-    limits = value_limits(np.concatenate([table["max_abs"].to_numpy(), table["mean_abs"].to_numpy()]), log)
-    if limits is not None:
-        ax.set_ylim(*limits)
+    limits = value_limits(np.concatenate([max_abs, mean_abs]), log)
+    if limits is None:
+        limits = (1e-3, 1.0) if log else (0.0, 1.0)
+    ax.set_ylim(*limits)
+    if (~finite).any():
+        ax.plot(
+            x[~finite],
+            np.full(int((~finite).sum()), limits[1]),
+            "rx",
+            ms=8,
+            mew=2,
+            clip_on=False,
+            label="non-finite (NaN/Inf)",
+        )
     ax.set_xticks(x, table["param"], rotation=90, fontsize=6)
     ax.set_ylabel("gradient magnitude (epoch mean)")
     ax.set_title(f"gradient flow, epoch {epoch}")
@@ -109,9 +131,13 @@ def plot_grad_norms(run: RunLike, folder: str | Path, epoch: int) -> Path:
         for param, g in part.groupby("param", sort=False):
             ax.plot(g["step"], g["value"], lw=0.8, label=param)
         ax.set_yscale("log")
-        limits = value_limits(part["value"].to_numpy(), log=True)
-        if limits is not None:
-            ax.set_ylim(*limits)
+        values = part["value"].to_numpy(dtype=float)
+        limits = value_limits(values, log=True) or (1e-3, 1.0)
+        ax.set_ylim(*limits)
+        bad = ~np.isfinite(values)
+        if bad.any():  # NaN/Inf steps: a marker at the top instead of a gap in the line
+            steps = np.unique(part["step"].to_numpy()[bad])
+            ax.plot(steps, np.full(len(steps), limits[1]), "rx", ms=6, clip_on=False, label="non-finite")
         ax.set_xlabel("step")
         ax.set_title(f"{stat.upper()} gradient norm")
         if part["param"].nunique() <= 12:

@@ -1,0 +1,100 @@
+"""Alert rules: what counts as a training anomaly, with thresholds and the reason for each.
+
+Every rule looks at one series' recent history (a parameter's gradient norm, a layer's dead-unit
+fraction, the loss) and fires at the *onset* of an anomaly: it fires again for the same series
+only after the series was healthy once more. Events are stored with these kinds:
+
+``nonfinite_grad``
+    a gradient statistic is NaN or Inf. A single NaN poisons every later update, so it is always an
+    error. (The Analyzer reports it itself, naming the first layer in backward order; the engine
+    reports it only when that is switched on, e.g. when replaying a store.)
+``exploding_grad``
+    a parameter's gradient L2 norm exceeds ``explode_factor`` times the median of its previous
+    ``explode_window`` steps. The median of the layer's own history, not a global threshold: norms
+    differ by orders of magnitude between layers, and a jump of 10x within a few steps is what a
+    learning-rate spike or a bad batch looks like before the loss diverges.
+``vanishing_grad``
+    a parameter's gradient L2 norm stays below ``vanish_relative`` times the largest norm of that
+    step (or below ``vanish_absolute``) for ``vanish_patience`` consecutive steps. Relative, because
+    what matters is that a layer learns far slower than the rest; sustained, because one tiny
+    gradient (a saturated batch) is harmless.
+``dead_units_rising``
+    a layer's dead-unit fraction rose by ``dead_rise`` or more above the lowest value it had. Units
+    that die during training (ReLU units pushed negative for every input) never recover without
+    intervention; a rise, rather than a level, is flagged because some architectures start with a
+    few dead units by design.
+``update_ratio_out_of_band``
+    a parameter's update ratio ``||dW|| / ||W||`` left ``[ratio_low, ratio_high]``: above the band at
+    once (one step that moves weights by a large fraction of their size undoes training), below it
+    for ``ratio_patience`` consecutive steps (the layer has stopped learning). The first
+    ``ratio_warmup`` steps are skipped: zero-initialised biases have ratios near 1 while they grow.
+    Infinite ratios (weight exactly zero) are undefined and skipped.
+``loss_spike``
+    the loss exceeds the median of its previous ``loss_window`` values by more than ``loss_factor``
+    robust standard deviations (1.4826 x the median absolute deviation, floored at
+    ``loss_min_scale`` x |median| so a flat loss does not make every wiggle a spike). Sign-agnostic,
+    so negative log-likelihoods work too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NONFINITE = "nonfinite_grad"
+EXPLODING = "exploding_grad"
+VANISHING = "vanishing_grad"
+DEAD_RISING = "dead_units_rising"
+RATIO_BAND = "update_ratio_out_of_band"
+LOSS_SPIKE = "loss_spike"
+
+ALERT_KINDS = (NONFINITE, EXPLODING, VANISHING, DEAD_RISING, RATIO_BAND, LOSS_SPIKE)
+"""Every event kind an alert is stored under."""
+
+
+@dataclass
+class AlertConfig:
+    """Thresholds of the alert rules (see :mod:`bbdecoder.alerts.rules` for why each exists).
+
+    Set a rule's switch (``exploding``, ``vanishing``, ...) to ``False`` to turn it off.
+    """
+
+    nonfinite: bool = False
+    exploding: bool = True
+    explode_factor: float = 10.0
+    explode_window: int = 20
+    explode_min_history: int = 5
+    vanishing: bool = True
+    vanish_relative: float = 1e-6
+    vanish_absolute: float = 1e-12
+    vanish_patience: int = 3
+    dead_units: bool = True
+    dead_rise: float = 0.3
+    update_ratio: bool = True
+    ratio_low: float = 1e-7
+    ratio_high: float = 0.5
+    ratio_patience: int = 5
+    ratio_warmup: int = 20
+    loss: bool = True
+    loss_factor: float = 8.0
+    loss_window: int = 20
+    loss_min_history: int = 5
+    loss_min_scale: float = 0.05
+
+    def __post_init__(self) -> None:
+        checks = {
+            "explode_factor": self.explode_factor > 1,
+            "explode_window": self.explode_window >= 1,
+            "explode_min_history": 1 <= self.explode_min_history <= self.explode_window,
+            "vanish_relative": 0 <= self.vanish_relative < 1,
+            "vanish_patience": self.vanish_patience >= 1,
+            "dead_rise": 0 < self.dead_rise <= 1,
+            "ratio_low": 0 <= self.ratio_low < self.ratio_high,
+            "ratio_patience": self.ratio_patience >= 1,
+            "loss_factor": self.loss_factor > 0,
+            "loss_min_history": 1 <= self.loss_min_history <= self.loss_window,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"AlertConfig: invalid {', '.join(bad)} (see the docstring of bbdecoder.alerts.rules)"
+            )

@@ -1,0 +1,251 @@
+"""Capture the attention weights of a transformer, whatever attention kernel it runs.
+
+Two kinds of models are understood:
+
+* **Hugging Face transformers** models: the attention modules are those the model lists in
+  ``_can_record_outputs["attentions"]``; they return ``(output, weights)``, but fused kernels
+  (``attn_implementation="sdpa"``, flash, flex) return no weights. For the duration of the capture
+  every ``config._attn_implementation`` of the model is set to ``"eager"`` and then restored.
+* **timm-style / plain-torch** attention blocks: a module with a ``qkv`` ``nn.Linear`` and an int
+  ``num_heads`` (timm's ``Attention``). The weights are recomputed from the ``qkv`` output as
+  ``softmax(q k^T * scale)`` (``q_norm``/``k_norm`` applied when the block has them), whatever kernel
+  the block runs; their gradient comes from the gradient of the output projection's input
+  ``O = A V``: ``dS/dA_h = dS/dO_h V_h^T``.
+
+Nothing of the model is replaced; every hook goes through the caller's :class:`HookManager` and the
+attention implementation is restored on exit, also when the forward pass fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.hooks import HookManager
+
+
+class AttentionCaptureError(RuntimeError):
+    """The model's attention weights cannot be captured (the message says why and what to do)."""
+
+
+@dataclass
+class _QKVRecord:
+    module: nn.Module
+    weights: torch.Tensor  # (N, H, T, T), recomputed, detached
+    values: torch.Tensor  # (N, H, T, d), detached
+    proj_input: torch.Tensor | None = None  # (N, T, H*d), in the graph
+
+
+@dataclass
+class CapturedAttention:
+    """What one forward pass left: one entry per attention call, in execution order."""
+
+    weights: list[torch.Tensor] = field(default_factory=list)  # (N, H, T, T) each
+    _graph: list[torch.Tensor] = field(default_factory=list)  # HF path: weights in the graph
+    _qkv: list[_QKVRecord] = field(default_factory=list)
+
+    def gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
+        """``d score / d A`` for every captured attention map (N, H, T, T), in execution order."""
+        if self._graph:
+            grads = torch.autograd.grad(score, self._graph, allow_unused=True)
+            return [
+                torch.zeros_like(w) if g is None else g.detach()
+                for w, g in zip(self._graph, grads, strict=True)
+            ]
+        inputs = [r.proj_input for r in self._qkv]
+        if any(t is None for t in inputs):
+            raise AttentionCaptureError(
+                "the gradient of the attention weights needs the input of each attention block's `proj` "
+                "Linear (O = A V); this block has no `proj` or a norm between A V and `proj`"
+            )
+        grads = torch.autograd.grad(score, inputs, allow_unused=True)  # type: ignore[arg-type]
+        out = []
+        for record, grad in zip(self._qkv, grads, strict=True):
+            n, h, t, d = record.values.shape
+            if grad is None:
+                out.append(torch.zeros_like(record.weights))
+                continue
+            d_o = grad.detach().reshape(n, t, h, d).transpose(1, 2)  # (N, H, T, d)
+            out.append(d_o @ record.values.transpose(-1, -2))
+        return out
+
+
+def _hf_attention_classes(model: nn.Module) -> list[tuple[type[nn.Module], int, str | None]]:
+    found: list[tuple[type[nn.Module], int, str | None]] = []
+    for module in model.modules():
+        spec = getattr(type(module), "_can_record_outputs", None)
+        if not isinstance(spec, dict) or "attentions" not in spec:
+            continue
+        entries = spec["attentions"]
+        for entry in entries if isinstance(entries, (list, tuple)) else [entries]:
+            if isinstance(entry, type):
+                item = (entry, 1, None)
+            elif isinstance(getattr(entry, "target_class", None), type):
+                item = (
+                    entry.target_class,
+                    int(getattr(entry, "index", 1)),
+                    getattr(entry, "layer_name", None),
+                )
+            else:
+                continue
+            if item not in found:
+                found.append(item)
+    return found
+
+
+def hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name, module, index of the weights in its output)`` of every Hugging Face attention module."""
+    found = []
+    for cls, index, layer_name in _hf_attention_classes(model):
+        for name, module in model.named_modules():
+            if isinstance(module, cls) and (layer_name is None or name.endswith(layer_name)):
+                found.append((name, module, index))
+    return found
+
+
+def attention_implementations(model: nn.Module) -> set[str | None]:
+    """The ``config._attn_implementation`` values of the Hugging Face configs in ``model``."""
+    return {c._attn_implementation_internal for c in _configs(model)}
+
+
+def recompute_attention(block: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T * scale)`` (N, H, T, T) and ``v`` (N, H, T, d) from a timm-style ``qkv`` output."""
+    return _recompute(block, qkv)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config (and sub-config) with an attention implementation in ``model``."""
+    seen: dict[int, Any] = {}
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            stack.append(getattr(config, key, None))
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Set every Hugging Face config of ``model`` to eager attention; restore them on exit."""
+    configs = _configs(model)
+    saved = [(c, c._attn_implementation_internal) for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation_internal = "eager"
+        yield
+    finally:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+
+def qkv_blocks(model: nn.Module) -> list[nn.Module]:
+    """The timm-style attention blocks of ``model``: a ``qkv`` Linear and an int ``num_heads``."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+    ]
+
+
+def _recompute(module: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = int(module.num_heads)  # type: ignore[arg-type]
+    n, t, three_c = qkv.shape
+    d = three_c // (3 * heads)
+    parts = qkv.detach().reshape(n, t, 3, heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = parts.unbind(0)
+    for name, tensor in (("q_norm", q), ("k_norm", k)):
+        norm = getattr(module, name, None)
+        if isinstance(norm, nn.Module):
+            if name == "q_norm":
+                q = norm(tensor)
+            else:
+                k = norm(tensor)
+    scale = getattr(module, "scale", None)
+    scale = float(scale) if isinstance(scale, (int, float)) else d**-0.5
+    weights = torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1)
+    return weights, v.float()
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module, hooks: HookManager) -> Iterator[CapturedAttention]:
+    """Within this block, every forward pass of ``model`` appends its attention maps to the yielded
+    :class:`CapturedAttention` (hooks registered on ``hooks``; the caller removes them)."""
+    captured = CapturedAttention()
+    hf = _hf_attention_classes(model)
+    if hf:
+        names = {m: n for n, m in model.named_modules()}
+
+        def make(index: int) -> Any:
+            def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+                weights = output[index] if isinstance(output, (tuple, list)) and len(output) > index else None
+                if not isinstance(weights, torch.Tensor) or weights.dim() != 4:
+                    raise AttentionCaptureError(
+                        f"the attention module {names.get(module, type(module).__name__)!r} returned no "
+                        "attention weights even with config._attn_implementation='eager'; this model's "
+                        "attention cannot be captured"
+                    )
+                captured._graph.append(weights)
+                captured.weights.append(weights.detach().float())
+
+            return hook
+
+        registered = 0
+        for _name, module, index in hf_attention_modules(model):
+            hooks.forward_hook(module, make(index))
+            registered += 1
+        if registered:
+            with eager_attention(model):
+                yield captured
+            return
+    blocks = qkv_blocks(model)
+    if not blocks:
+        raise AttentionCaptureError(
+            f"found no attention weights to capture in {type(model).__name__}: it is neither a Hugging Face "
+            "transformers model (attention modules listed in `_can_record_outputs['attentions']`) nor has "
+            "timm-style attention blocks (a `qkv` nn.Linear and an int `num_heads`); for "
+            "nn.MultiheadAttention or other layouts compute the maps yourself"
+        )
+    for block in blocks:
+        pending: list[_QKVRecord] = []
+
+        def on_qkv(
+            _m: nn.Module, _i: Any, out: torch.Tensor, block: nn.Module = block, pending: list = pending
+        ) -> None:
+            weights, values = _recompute(block, out)
+            record = _QKVRecord(block, weights, values)
+            pending.append(record)
+            captured._qkv.append(record)
+            captured.weights.append(weights)
+
+        def on_proj(_m: nn.Module, args: tuple[Any, ...], pending: list = pending) -> None:
+            if pending and isinstance(args[0], torch.Tensor):
+                pending.pop(0).proj_input = args[0]
+
+        qkv = block.qkv
+        assert isinstance(qkv, nn.Module)
+        hooks.forward_hook(qkv, on_qkv)
+        proj = getattr(block, "proj", None)
+        norm = getattr(block, "norm", None)
+        if isinstance(proj, nn.Module) and (norm is None or isinstance(norm, nn.Identity)):
+            hooks.forward_pre_hook(proj, on_proj)
+    yield captured
+
+
+__all__ = [
+    "AttentionCaptureError",
+    "CapturedAttention",
+    "attention_implementations",
+    "capture_attention",
+    "eager_attention",
+    "hf_attention_modules",
+    "qkv_blocks",
+    "recompute_attention",
+]

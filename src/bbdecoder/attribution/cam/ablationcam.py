@@ -1,0 +1,110 @@
+"""Ablation-CAM (Desai & Ramaswamy 2020): channel weights from the score drop when a channel is zeroed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.attribution.base import InputTransform
+from bbdecoder.attribution.cam.base import BaseCAM, CAMContext, check_batch_size
+from bbdecoder.attribution.cam.reshape import ReshapeLike
+from bbdecoder.layers import LayerSelection
+
+
+class AblationCAM(BaseCAM):
+    """Ablation-CAM: ``w_c = (y - y_c) / y`` with ``y`` the target score and ``y_c`` the score when
+    channel c of the layer's output is set to ``ablation_value`` (0, as in the paper); map
+    ``ReLU(sum_c w_c A_c)``.
+
+    The channel is replaced through a forward hook that returns the ablated output (the model is
+    never modified); costs one forward pass per sample and channel, ``batch_size`` at a time.
+    pytorch-grad-cam 1.5.7 ablates with 0 when the layer's minimum is 0 and with ``min - 1e7``
+    otherwise; both agree on ReLU outputs. With a custom ``reshape`` callable, it must only move
+    elements (permute, reshape, slice) so that each channel's positions in the raw output are known.
+    ``progress``: a progress bar (``None``: when stderr is a TTY). Otherwise as :class:`~bbdecoder.GradCAM`.
+    """
+
+    method_name = "Ablation-CAM"
+    uses_gradients = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSelection = None,
+        reshape: ReshapeLike = None,
+        *,
+        batch_size: int = 32,
+        ablation_value: float = 0.0,
+        progress: bool | None = None,
+        target_layers: LayerSelection = None,
+        reshape_transform: ReshapeLike = None,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            layer,
+            reshape,
+            target_layers=target_layers,
+            reshape_transform=reshape_transform,
+            input_transform=input_transform,
+            eval_mode=eval_mode,
+        )
+        self.batch_size = check_batch_size(batch_size)
+        self.ablation_value = float(ablation_value)
+        self.progress = progress
+
+    def _channel_positions(self, ctx: CAMContext) -> torch.Tensor:
+        """``(C, positions)``: each channel's flat indices in one sample's raw layer output."""
+        raw = ctx.record.raw
+        per_sample = raw[0].numel()
+        index = torch.arange(per_sample, dtype=torch.float64, device=raw.device).view(1, *raw.shape[1:])
+        moved = self.to_channel_first(ctx.record.name, index, ctx.inputs[:1])
+        if not torch.equal(moved, moved.round()):
+            raise ValueError(
+                "AblationCAM needs a reshape that only moves elements (permute, reshape, slice); this one "
+                "computes new values, so a channel cannot be ablated in the layer's output"
+            )
+        return moved[0].flatten(1).long()
+
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
+        inputs = ctx.inputs.detach()
+        record = ctx.record
+        n, c = activations.shape[:2]
+        positions = self._channel_positions(ctx)
+        target = ctx.target
+        with self._session(), torch.no_grad():
+            output = self.forward(inputs)
+        from bbdecoder.targets import select_scores
+
+        original = select_scores(output, target, n).detach()
+        current: dict[str, torch.Tensor] = {}
+
+        def make_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = torch.arange(start, stop, device=inputs.device)
+            samples = rows // c
+            ablated = record.raw[samples.to(record.raw.device)].clone(memory_format=torch.contiguous_format)
+            flat = ablated.view(stop - start, -1)
+            cols = positions[(rows % c).to(positions.device)]
+            flat.scatter_(1, cols, self.ablation_value)
+            current["output"] = ablated
+            return inputs[samples], samples
+
+        def replace(_start: int, _stop: int) -> Any:
+            seen = [0]
+
+            def hook(_module: nn.Module, _args: Any, _output: Any) -> torch.Tensor | None:
+                seen[0] += 1
+                return current["output"] if seen[0] == record.calls else None
+
+            return hook
+
+        scores = self.row_scores(
+            n * c, make_batch, target, self.batch_size, self.progress, replace=replace, module=record.module
+        ).view(n, c)
+        denominator = torch.where(original == 0, torch.ones_like(original), original).unsqueeze(1)
+        return ((original.unsqueeze(1) - scores) / denominator).to(activations.dtype)

@@ -1,0 +1,377 @@
+"""The template of every CAM: hooks, targets, reshape, resizing, per-image min-max.
+
+A method is a small subclass that overrides one step (pytorch-grad-cam's template method):
+
+* :meth:`BaseCAM.cam_weights` -- one weight per channel from the activations and gradients
+  (Grad-CAM, Grad-CAM++, XGradCAM, ScoreCAM, AblationCAM); the map is then ``sum_c w_c A_c``;
+* or :meth:`BaseCAM.cam_image` -- the whole map (HiResCAM, LayerCAM, EigenCAM).
+
+The base then applies ReLU; :meth:`BaseCAM.saliency` resizes to the input and min-max scales per image.
+Activations are read with a forward hook; gradients with ``output.register_hook`` tensor hooks
+attached in that forward hook (never module backward hooks, which break in-place ReLU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs, leaf_input
+from bbdecoder.attribution.cam.reshape import ReshapeLike, resolve_reshape
+from bbdecoder.attribution.postprocess import minmax_per_sample, resize_to
+from bbdecoder.hooks import HookManager
+from bbdecoder.layers import LayerSelection, find_modules
+from bbdecoder.targets import TargetLike, fixed_target, select_scores
+
+
+@dataclass
+class LayerRecord:
+    """What one forward(+backward) saw at one layer (its last call), in channel-first layout.
+
+    ``activation`` and ``gradient`` are ``(N, C, *spatial)`` after ``reshape``; ``raw`` is the layer's
+    output as the model produced it (kept for methods that replace it, such as AblationCAM).
+    """
+
+    name: str
+    module: nn.Module
+    activation: torch.Tensor
+    gradient: torch.Tensor | None
+    raw: torch.Tensor
+    calls: int
+
+
+@dataclass
+class CAMContext:
+    """Everything a step may need besides the activations: the batch, its frozen target, the layer."""
+
+    inputs: torch.Tensor
+    target: TargetLike
+    record: LayerRecord
+    explainer: BaseCAM
+
+
+class BaseCAM(Explainer):
+    """Class activation maps on one or several layers.
+
+    Args:
+        model: the classifier (never modified: hooks removed, modes and ``requires_grad`` restored).
+        layer: where the map is taken: a module (leaf or not: a block, a stage), any module's
+            qualified name (``"layer4"``, ``"stages.3.blocks.2"``), a glob over module names, a leaf
+            ID (``int``, as ``bbdecoder layers`` numbers them), a module type, or a list of these. With
+            several layers, each layer's map is min-max scaled, resized to the input and the maps are
+            averaged (as pytorch-grad-cam does). ``None``: the last module, in execution order, whose
+            output is a feature map of the trunk (see :meth:`default_layers`).
+        reshape: turns the layer's output into ``(N, C, *spatial)``: ``None`` (already channel-first),
+            ``"channels_last"``, ``"tokens"`` / ``tokens(prefix=1)`` (a ViT with a class token), or a
+            callable (pytorch-grad-cam's ``reshape_transform``).
+        target_layers: pytorch-grad-cam's name for ``layer`` (a list of modules); give one of the two.
+        reshape_transform: pytorch-grad-cam's name for ``reshape``.
+        input_transform, eval_mode: as for every explainer.
+
+    A module that runs several times in one forward pass (a shared ReLU) contributes its last call.
+    """
+
+    uses_gradients: ClassVar[bool] = True
+    method_name: ClassVar[str] = "CAM"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSelection = None,
+        reshape: ReshapeLike = None,
+        *,
+        target_layers: LayerSelection = None,
+        reshape_transform: ReshapeLike = None,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            # torch.compile: hooks added after compilation are not seen by the compiled graph, so the
+            # maps are taken on the eager modules (same weights, same outputs).
+            self.model = model = inner
+        if layer is not None and target_layers is not None:
+            raise TypeError("give `layer=` or `target_layers=` (its pytorch-grad-cam name), not both")
+        if reshape is not None and reshape_transform is not None:
+            raise TypeError("give `reshape=` or `reshape_transform=` (its pytorch-grad-cam name), not both")
+        layer = layer if layer is not None else target_layers
+        self.reshape = reshape if reshape is not None else reshape_transform
+        self._reshape = resolve_reshape(self.reshape)
+        self._layers: list[tuple[str, nn.Module]] | None = None
+        if layer is not None:
+            if isinstance(layer, Sequence) and not isinstance(layer, str) and len(layer) == 0:
+                raise ValueError("`layer` is an empty list; give at least one layer, or None for the default")
+            self._layers = find_modules(model, layer)
+
+    # -- layers ----------------------------------------------------------------------------------
+    @property
+    def layer(self) -> nn.Module | None:
+        """The (first) layer, or ``None`` while the default has not been chosen by a first call."""
+        return self._layers[0][1] if self._layers else None
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """Every layer whose map is used (empty while the default has not been chosen)."""
+        return [module for _, module in self._layers or []]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The qualified names of :attr:`layers` (``""`` is the model itself)."""
+        return [name for name, _ in self._layers or []]
+
+    def default_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
+        """The default layer for ``inputs``: the trunk's last feature map, as ``[(name, module)]``.
+
+        One probe forward (no gradients) on the first sample records every module's output. The
+        chosen tensor is the last one, in execution order, that is a spatial map (after ``reshape``:
+        the input's number of dims, more than one position), from any module but the model itself;
+        a block's output comes after its residual branch, so branches are never chosen. Of the
+        modules that output that same tensor (a stage, its last block, the block's last activation)
+        the innermost is named, skipping pass-through modules such as ``nn.Identity``.
+        """
+        from bbdecoder.attribution.cam.default_layer import find_default_layer
+
+        with self._session() as hooks, torch.no_grad():
+            return find_default_layer(self, hooks, inputs)
+
+    def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
+        if self._layers is None:
+            self._layers = self.default_layers(inputs)
+        return self._layers
+
+    # -- the steps a method overrides ------------------------------------------------------------
+    def cam_weights(
+        self, ctx: CAMContext, activations: torch.Tensor, gradients: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One weight per sample and channel, ``(N, C)``."""
+        raise NotImplementedError(f"{type(self).__name__} must override cam_weights or cam_image")
+
+    def cam_image(self, ctx: CAMContext) -> torch.Tensor:
+        """The map before ReLU, ``(N, *spatial)``: ``sum_c w_c A_c`` with ``w = cam_weights(...)``."""
+        activation = ctx.record.activation
+        weights = self.cam_weights(ctx, activation, ctx.record.gradient)
+        shape = weights.shape + (1,) * (activation.dim() - 2)
+        return (weights.view(shape) * activation).sum(dim=1)
+
+    # -- the public interface --------------------------------------------------------------------
+    def layer_maps(self, inputs: torch.Tensor, target: TargetLike = None) -> list[torch.Tensor]:
+        """One raw map per layer, each ``(N, 1, *layer_spatial)``, non-negative (ReLU applied)."""
+        check_inputs(inputs, min_dim=3, model=self.model)
+        records, frozen = self.record(inputs, target)
+        maps = []
+        for record in records:
+            cam = self.cam_image(CAMContext(inputs, frozen, record, self))
+            maps.append(torch.relu(cam).unsqueeze(1))
+        return maps
+
+    def layer_map(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+        """The raw map ``(N, 1, *layer_spatial)`` at the layer's resolution, non-negative.
+
+        With several layers use :meth:`layer_maps` (their resolutions may differ) or :meth:`saliency`.
+        """
+        maps = self.layer_maps(inputs, target)
+        if len(maps) != 1:
+            raise ValueError(
+                f"layer_map needs one layer, this {type(self).__name__} has {len(maps)} "
+                f"({', '.join(map(repr, self.layer_names))}); use layer_maps() or saliency()"
+            )
+        return maps[0]
+
+    def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """The map ``(N, 1, *spatial)`` at input resolution, min-max scaled to [0, 1] per image.
+
+        Each layer's map is resized bilinearly (``align_corners=False``, like an image resize); with
+        several layers each is min-max scaled per image first and the maps are averaged.
+        """
+        if kwargs:
+            raise TypeError(
+                f"{type(self).__name__}.saliency() got unexpected keyword arguments {sorted(kwargs)}; "
+                "it takes (inputs, target)"
+            )
+        size = tuple(inputs.shape[2:])
+        maps = self.layer_maps(inputs, target)
+        if len(maps) == 1:
+            return minmax_per_sample(resize_to(maps[0], size, align_corners=False))
+        resized = [resize_to(minmax_per_sample(m), size, align_corners=False) for m in maps]
+        return minmax_per_sample(torch.stack(resized).mean(dim=0))
+
+    # -- machinery -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[HookManager]:
+        """:meth:`session`, and with ``eval_mode=False`` the BatchNorm running statistics restored."""
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not self.eval_mode:
+            for module in self.model.modules():
+                if module.training:
+                    saved.extend((b, b.detach().clone()) for b in module.buffers(recurse=False))
+        try:
+            with self.session() as hooks:
+                yield hooks
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
+
+    def to_channel_first(self, name: str, tensor: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """A layer's output (or its gradient) in ``(N, C, *spatial)`` layout, or a clear error."""
+        shape = tuple(tensor.shape)
+        spatial = tuple(inputs.shape[2:])
+        if self._reshape is not None:
+            try:
+                tensor = self._reshape(tensor, spatial)
+            except Exception as err:
+                raise ValueError(
+                    f"reshape= failed on the output of layer {name or '(root)'!r}, shape {shape}: {err}"
+                ) from err
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"reshape= must return a tensor, got {type(tensor).__name__}")
+        if tensor.dim() != inputs.dim() or tensor.shape[0] != inputs.shape[0]:
+            hint = (
+                "pass reshape='channels_last' for (N, H, W, C) outputs, reshape=tokens(prefix=...) for "
+                "token sequences (N, L, C), or a callable returning (N, C, H, W)"
+            )
+            got = f"after reshape= has shape {tuple(tensor.shape)}" if self._reshape is not None else ""
+            raise ValueError(
+                f"{self.method_name} needs a channel-first feature map (N, C, *spatial) with the input's "
+                f"{inputs.dim()} dims, but layer {name or '(root)'!r} outputs shape {shape} {got}"
+                f" for inputs of shape {tuple(inputs.shape)}; {hint}, or choose another `layer=`"
+            )
+        return tensor
+
+    def record(self, inputs: torch.Tensor, target: TargetLike) -> tuple[list[LayerRecord], TargetLike]:
+        """One forward (and, for gradient methods, one backward) with every layer hooked.
+
+        Returns the layers' records and the target frozen on this batch (classes ``(N,)`` or the callable).
+        """
+        layers = self._resolved_layers(inputs)
+        n = len(layers)
+        raw: list[torch.Tensor | None] = [None] * n
+        live: list[torch.Tensor | None] = [None] * n
+        versions = [0] * n
+        calls = [0] * n
+        grads: list[torch.Tensor | None] = [None] * n
+        x = leaf_input(inputs) if self.uses_gradients else inputs.detach()
+        with self._session() as hooks:
+
+            def make_hook(i: int, name: str) -> Callable[..., None]:
+                def forward_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                    if not isinstance(output, torch.Tensor):
+                        raise TypeError(
+                            f"{self.method_name} needs a layer with a tensor output; layer "
+                            f"{name or '(root)'!r} returned a {type(output).__name__}"
+                        )
+                    calls[i] += 1
+                    call = calls[i]
+                    # A copy: an in-place op after this layer (ReLU(inplace=True)) would change A.
+                    raw[i] = output.detach().clone()
+                    live[i], versions[i] = output, output._version
+                    if self.uses_gradients and output.requires_grad:
+
+                        def grad_hook(grad: torch.Tensor) -> None:
+                            if call == calls[i]:  # only the last call's gradient is kept
+                                grads[i] = grad.detach()
+
+                        hooks.tensor_hook(output, grad_hook)
+
+                return forward_hook
+
+            for i, (name, module) in enumerate(layers):
+                hooks.forward_hook(module, make_hook(i, name))
+            if self.uses_gradients:
+                scores, output = self.scores(x, target)
+            else:
+                with torch.no_grad():
+                    output = self.forward(x)
+                scores = None
+            for i, (name, _module) in enumerate(layers):
+                if calls[i] == 0:
+                    raise RuntimeError(
+                        f"the {self.method_name} layer {name or '(root)'!r} did not run in the forward pass; "
+                        "choose a layer that the model calls"
+                    )
+            frozen = fixed_target(output, target, inputs.shape[0])
+            if scores is not None:
+                self._backward(scores, x, live, versions)
+        records = []
+        for i, (name, module) in enumerate(layers):
+            raw_i = raw[i]
+            assert raw_i is not None
+            activation = self.to_channel_first(name, raw_i, inputs)
+            grad = grads[i]
+            if self.uses_gradients and grad is None:
+                grad = torch.zeros_like(raw_i)  # the score does not depend on this layer's output
+            gradient = self.to_channel_first(name, grad, inputs) if grad is not None else None
+            if gradient is not None and bool((gradient == 0).flatten(1).all(dim=1).any()):
+                warnings.warn(
+                    f"the score's gradient at layer {name or '(root)'!r} is zero at every position for some "
+                    f"images: the score does not depend on this map, so {self.method_name} is empty there. "
+                    "(In a ViT's last block only the class token reaches the head; take a layer before the "
+                    "last attention, e.g. blocks[-1].norm1.)",
+                    stacklevel=3,
+                )
+            records.append(LayerRecord(name, module, activation, gradient, raw_i, calls[i]))
+        return records, frozen
+
+    @staticmethod
+    def _backward(
+        scores: torch.Tensor, x: torch.Tensor, live: list[torch.Tensor | None], versions: list[int]
+    ) -> None:
+        outputs = [t for t in live if t is not None and t.requires_grad]
+        if outputs and all(t is not None and t._version == v for t, v in zip(live, versions, strict=True)):
+            # The backward stops at the layers: nothing below them is differentiated.
+            torch.autograd.grad(scores.sum(), outputs, allow_unused=True)
+        else:
+            # A layer output was changed in place after the hook; its tensor hook holds the gradient
+            # of the value the hook saw, which only a backward through the in-place op reaches.
+            torch.autograd.grad(scores.sum(), x, allow_unused=True)
+
+    # -- helpers for the perturbation CAMs ----------------------------------------------------------
+    def row_scores(
+        self,
+        rows: int,
+        make_batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+        target: TargetLike,
+        batch_size: int,
+        progress: bool | None,
+        replace: Callable[[int, int], Callable[..., Any]] | None = None,
+        module: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Scores of ``rows`` perturbed inputs, forwarded ``batch_size`` at a time, ``(rows,)``.
+
+        ``make_batch(start, stop)`` gives the inputs and the sample index of each row; ``replace``, when
+        given, builds a forward hook for ``module`` that replaces its output for those rows.
+        """
+        from tqdm.auto import tqdm
+
+        show = progress if progress is not None else sys.stderr.isatty()
+        out: list[torch.Tensor] = []
+        starts = range(0, rows, batch_size)
+        with self._session(), torch.no_grad():
+            for start in tqdm(starts, desc=type(self).__name__, disable=not show, leave=False):
+                stop = min(start + batch_size, rows)
+                batch, samples = make_batch(start, stop)
+                if replace is not None and module is not None:
+                    with HookManager() as row_hooks:
+                        row_hooks.forward_hook(module, replace(start, stop))
+                        output = self.forward(batch)
+                else:
+                    output = self.forward(batch)
+                row_target: TargetLike = target
+                if isinstance(target, torch.Tensor):  # frozen classes, one per sample
+                    row_target = target[samples.to(target.device)]
+                out.append(select_scores(output, row_target, stop - start).detach())
+        return torch.cat(out)
+
+
+def check_batch_size(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"batch_size must be a positive int (rows per forward pass), got {value!r}")
+    return value

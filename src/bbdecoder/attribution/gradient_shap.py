@@ -1,0 +1,118 @@
+"""GradientSHAP (Lundberg & Lee 2017; Captum's ``GradientShap``): expected gradients over baselines.
+
+For each sample, ``n_samples`` draws of a baseline ``b`` (uniformly from the given set), a point
+``alpha ~ U(0, 1)`` and Gaussian input noise ``eps ~ N(0, stdevs^2)``; the attribution is the mean of
+``(x + eps - b) * dF/dx (b + alpha (x + eps - b))``. With ``stdevs=0`` its expectation is the mean over
+baselines of Integrated Gradients with that baseline. Draws come from a seeded ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.attribution.base import Explainer, InputTransform
+from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
+from bbdecoder.attribution.integrated_gradients import _per_sample_target, _rows_of
+from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
+from bbdecoder.targets import TargetLike, select_scores
+from bbdecoder.validation import check_positive_int
+
+
+class GradientSHAP(Explainer):
+    """Expected gradients with noise (GradientSHAP).
+
+    Args:
+        model: the classifier; ``input_transform``, ``eval_mode``, ``scores_from`` as everywhere.
+        seed: seeds the baseline choice, the path points and the noise.
+        memory_budget_bytes: bytes per forward+backward pass when ``internal_batch_size`` is not given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        seed: int = 0,
+        input_transform: InputTransform | None = None,
+        eval_mode: bool = True,
+        scores_from: str = "logits",
+        memory_budget_bytes: int | None = None,
+    ) -> None:
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
+        check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
+        self.seed = seed
+        self.memory_budget_bytes = memory_budget_bytes
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: TargetLike = None,
+        baselines: BaselineSpec = "black",
+        n_samples: int = 5,
+        stdevs: float = 0.0,
+        internal_batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """GradientSHAP attribution shaped like ``inputs``.
+
+        Args:
+            baselines: a set of reference inputs ``(B, *sample_shape)`` drawn from uniformly (e.g. a
+                few training images), or one baseline as for IG (``"black"``, a number, ...).
+            n_samples: draws per sample.
+            stdevs: standard deviation of the Gaussian noise added to the inputs.
+            internal_batch_size: most rows (sample x draw) per pass; default from the memory budget.
+        """
+        self.validate_inputs(inputs)
+        check_positive_int(n_samples, "n_samples")
+        if not stdevs >= 0:
+            raise ValueError(f"stdevs must be >= 0, got {stdevs}")
+        x = inputs.detach()
+        n = x.shape[0]
+        references = self._references(baselines, x)
+        generator = torch.Generator().manual_seed(self.seed)
+        total_rows = n * n_samples
+        # All draws up front (small: indices, alphas; the noise per pass from the same generator order).
+        choice = torch.randint(references.shape[0], (total_rows,), generator=generator)
+        alphas = torch.rand(total_rows, generator=generator, dtype=torch.float64)
+        frozen = _per_sample_target(target, n) if target is not None else self.freeze_target(x, None)
+        accumulated = torch.zeros_like(x, dtype=torch.float64)
+        broadcast = (-1,) + (1,) * (x.dim() - 1)
+        with self.session():
+            if internal_batch_size is not None:
+                check_positive_int(internal_batch_size, "internal_batch_size")
+                rows_per_pass = internal_batch_size
+            else:
+                rows_per_pass = rows_for_budget(
+                    self, x, self.memory_budget_bytes or default_memory_budget(x.device)
+                )
+            for start in range(0, total_rows, rows_per_pass):
+                stop = min(start + rows_per_pass, total_rows)
+                samples = torch.arange(start, stop) % n
+                noisy = x[samples.to(x.device)]
+                if stdevs > 0:
+                    shape = (stop - start, *x.shape[1:])
+                    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+                    noisy = noisy + (stdevs * noise).to(device=x.device, dtype=x.dtype)
+                base = references[choice[start:stop].to(x.device)]
+                alpha = alphas[start:stop].to(device=x.device, dtype=x.dtype).view(broadcast)
+                with torch.no_grad():
+                    point = base + alpha * (noisy - base)
+                point.requires_grad_(True)
+                scores = select_scores(
+                    self.forward(point), _rows_of(frozen, samples.to(x.device)), stop - start
+                )
+                (grad,) = torch.autograd.grad(scores.sum(), point)
+                accumulated.index_add_(0, samples.to(x.device), ((noisy - base) * grad).to(torch.float64))
+        return (accumulated / n_samples).to(x.dtype)
+
+    @staticmethod
+    def _references(baselines: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
+        if (
+            isinstance(baselines, torch.Tensor)
+            and baselines.dim() == x.dim()
+            and baselines.shape[1:] == x.shape[1:]
+        ):
+            return baselines.detach().to(device=x.device, dtype=x.dtype)
+        return make_baseline(baselines, x[:1])

@@ -1,0 +1,272 @@
+"""Opt-in probes of transformer training, written to an :class:`~bbdecoder.monitor.Analyzer`'s run store.
+
+What people watch when a transformer trains, beside the gradients:
+
+- per block output ``a`` (the hidden states a block returns): ``act_rms = sqrt(mean(a^2))``,
+  ``act_max_abs = max |a|`` and ``act_kurtosis``, the Pearson kurtosis ``E[(a-mu)^4] / E[(a-mu)^2]^2``
+  over the hidden dimension of each token, averaged over tokens (3 for Gaussian features; large
+  values mean outlier features, Bondarenko et al. 2023);
+- per attention head: ``attn_entropy``, the entropy ``-sum_j p_ij log p_ij`` (nats) of each query's
+  attention row, averaged over queries and samples (from eager attention weights);
+- the model's output logits: ``logit_mean`` and ``logit_max``.
+
+Rows are scalar rows of the run store, on the series ``(layer_id=-1, param=<module name>)``
+(``<attention module>.head<h>`` per head, ``logits`` for the output), at the step number the
+analyzer gives the iteration. Only forward passes in training mode with grad enabled are recorded;
+several forwards in one step (gradient accumulation) are averaged (maxima: the maximum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdecoder.attribution.attention_capture import (
+    AttentionCaptureError,
+    attention_implementations,
+    hf_attention_modules,
+    qkv_blocks,
+    recompute_attention,
+)
+from bbdecoder.hooks import HookManager
+
+PROBE_STATS: tuple[str, ...] = (
+    "act_rms",
+    "act_max_abs",
+    "act_kurtosis",
+    "attn_entropy",
+    "logit_mean",
+    "logit_max",
+)
+_MAX_STATS = {"act_max_abs", "logit_max"}
+
+
+def activation_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rms, max |a|, kurtosis over the last dim averaged over the other dims)`` of ``a``, 0-d each."""
+    a = a.detach().float()
+    rms = a.pow(2).mean().sqrt()
+    max_abs = a.abs().amax()
+    centered = a - a.mean(dim=-1, keepdim=True)
+    m2 = centered.pow(2).mean(dim=-1)
+    m4 = centered.pow(4).mean(dim=-1)
+    kurtosis = (m4 / m2.clamp_min(torch.finfo(torch.float32).tiny).pow(2)).mean()
+    return rms, max_abs, kurtosis
+
+
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy per head (H,) of attention ``(N, H, Lq, Lk)``, averaged over samples and queries."""
+    p = weights.detach().float()
+    return -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=(0, 2))
+
+
+def _hidden(output: Any) -> torch.Tensor | None:
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) and output.dim() >= 2 else None
+
+
+def _logits(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of ``model``: Hugging Face's ``_can_record_outputs["hidden_states"]`` classes, else
+    timm-style modules with ``attn`` and ``mlp`` children."""
+    classes: list[type[nn.Module]] = []
+    for module in model.modules():
+        spec = getattr(type(module), "_can_record_outputs", None)
+        entry = spec.get("hidden_states") if isinstance(spec, dict) else None
+        for item in entry if isinstance(entry, (list, tuple)) else [entry]:
+            cls = item if isinstance(item, type) else getattr(item, "target_class", None)
+            if isinstance(cls, type) and cls not in classes:
+                classes.append(cls)
+    named: list[tuple[str, nn.Module]] = list(model.named_modules())
+    if classes:
+        return [(n, m) for n, m in named if isinstance(m, tuple(classes))]
+    return [(n, m) for n, m in named if isinstance(getattr(m, "attn", None), nn.Module) and hasattr(m, "mlp")]
+
+
+class TransformerProbes:
+    """Record activation, attention-entropy and logit statistics of ``analyzer.model`` into its store.
+
+    Args:
+        analyzer: the :class:`~bbdecoder.monitor.Analyzer` watching the model (its store, step and
+            epoch numbers are used; close the probes before the analyzer).
+        activations: record ``act_rms``, ``act_max_abs``, ``act_kurtosis`` per block.
+        attention: record ``attn_entropy`` per head. Hugging Face models must run eager attention
+            (built with ``attn_implementation="eager"``; fused kernels return no weights and the probes
+            never switch a training model's kernel); timm-style blocks have the weights recomputed from
+            ``qkv``. Raises :class:`~bbdecoder.attribution.attention_capture.AttentionCaptureError`
+            when neither applies.
+        logits: record ``logit_mean`` and ``logit_max`` of the model's output (a tensor or ``.logits``).
+        blocks: the block modules to probe (``None``: found as in :func:`transformer_blocks`).
+
+    Hooks are removed by :meth:`close` (also as a context manager).
+    """
+
+    def __init__(
+        self,
+        analyzer: Any,
+        *,
+        activations: bool = True,
+        attention: bool = True,
+        logits: bool = True,
+        blocks: list[nn.Module] | None = None,
+    ) -> None:
+        writer = getattr(analyzer, "writer", None)
+        if (
+            writer is None
+            or not hasattr(analyzer, "current_step")
+            or not isinstance(analyzer.model, nn.Module)
+        ):
+            raise TypeError(
+                "TransformerProbes needs a bbdecoder Analyzer (its model, writer and current_step)"
+            )
+        self.analyzer = analyzer
+        self.model: nn.Module = analyzer.model
+        self._writer = writer
+        self._hooks = HookManager()
+        self._pending: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self._label: tuple[int, int] | None = None
+        self.closed = False
+        names = {m: n for n, m in self.model.named_modules()}
+        if activations:
+            chosen = (
+                [(names.get(b, type(b).__name__), b) for b in blocks]
+                if blocks is not None
+                else transformer_blocks(self.model)
+            )
+            if not chosen:
+                raise ValueError(
+                    f"found no transformer blocks in {type(self.model).__name__}; pass blocks=[...] "
+                    "or activations=False"
+                )
+            for name, block in chosen:
+                self._hooks.forward_hook(block, self._block_hook(name))
+        if attention:
+            self._hook_attention()
+        if logits:
+            self._hooks.forward_hook(self.model, self._logit_hook)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _recording(self, module: nn.Module) -> bool:
+        return not self.closed and module.training and torch.is_grad_enabled()
+
+    def _add(self, param: str, stat: str, value: torch.Tensor) -> None:
+        label = (int(self.analyzer.current_step), int(self.analyzer.current_epoch))
+        if self._label is not None and label != self._label:
+            self.flush()
+        self._label = label
+        self._pending.setdefault((param, stat), []).append(value.detach().reshape(()))
+
+    def _block_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = _hidden(output)
+            if hidden is None or not self._recording(module):
+                return
+            rms, max_abs, kurtosis = activation_stats(hidden)
+            self._add(name, "act_rms", rms)
+            self._add(name, "act_max_abs", max_abs)
+            self._add(name, "act_kurtosis", kurtosis)
+
+        return hook
+
+    def _heads(self, name: str, weights: torch.Tensor) -> None:
+        for h, value in enumerate(attention_entropy(weights)):
+            self._add(f"{name}.head{h}", "attn_entropy", value)
+
+    def _hook_attention(self) -> None:
+        hf = hf_attention_modules(self.model)
+        if hf:
+            kinds = attention_implementations(self.model)
+            if kinds - {"eager"}:
+                raise AttentionCaptureError(
+                    "attention entropy needs eager attention weights, but the model runs "
+                    f"{sorted(map(str, kinds))}; "
+                    "build it with attn_implementation='eager' (or model.set_attn_implementation('eager')), "
+                    "or pass attention=False"
+                )
+            for name, module, index in hf:
+
+                def hook(m: nn.Module, _i: Any, out: Any, name: str = name, index: int = index) -> None:
+                    weights = out[index] if isinstance(out, (tuple, list)) and len(out) > index else None
+                    if isinstance(weights, torch.Tensor) and weights.dim() == 4 and self._recording(m):
+                        self._heads(name, weights)
+
+                self._hooks.forward_hook(module, hook)
+            return
+        blocks = qkv_blocks(self.model)
+        if not blocks:
+            raise AttentionCaptureError(
+                f"found no attention weights in {type(self.model).__name__} (no Hugging Face attention "
+                "modules, no timm-style qkv blocks); pass attention=False"
+            )
+        names = {m: n for n, m in self.model.named_modules()}
+        for block in blocks:
+
+            def on_qkv(m: nn.Module, _i: Any, out: torch.Tensor, block: nn.Module = block) -> None:
+                if self._recording(block):
+                    with torch.no_grad():
+                        weights, _ = recompute_attention(block, out)
+                    self._heads(names[block], weights)
+
+            qkv = block.qkv
+            assert isinstance(qkv, nn.Module)
+            self._hooks.forward_hook(qkv, on_qkv)
+
+    def _logit_hook(self, module: nn.Module, _inputs: Any, output: Any) -> None:
+        logits = _logits(output)
+        if logits is None or not self._recording(module):
+            return
+        detached = logits.detach().float()
+        self._add("logits", "logit_mean", detached.mean())
+        self._add("logits", "logit_max", detached.amax())
+
+    # -- writing ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the statistics gathered for the current step (done by itself when the step changes)."""
+        if not self._pending or self._label is None:
+            return
+        keys = list(self._pending)
+        values = torch.stack(
+            [
+                torch.stack(self._pending[k]).amax()
+                if k[1] in _MAX_STATS
+                else torch.stack(self._pending[k]).mean()
+                for k in keys
+            ]
+        ).cpu()  # one device -> host copy per step
+        step, epoch = self._label
+        rows = [
+            (step, epoch, self._writer.series_id(-1, param), self._writer.stat_id(stat), float(v))
+            for (param, stat), v in zip(keys, values.tolist(), strict=True)
+        ]
+        self._writer.add_scalars(rows)
+        self._pending = {}
+
+    def close(self) -> None:
+        """Write what is pending and remove every hook (idempotent)."""
+        if self.closed:
+            return
+        try:
+            if not getattr(self.analyzer, "closed", False):
+                self.flush()
+        finally:
+            self._hooks.remove_all()
+            self._pending = {}
+            self.closed = True
+
+    def __enter__(self) -> TransformerProbes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["PROBE_STATS", "TransformerProbes", "activation_stats", "attention_entropy", "transformer_blocks"]

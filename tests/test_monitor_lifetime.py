@@ -1,0 +1,249 @@
+"""The monitor never leaks and never kills a run: arguments checked where given, a failed or dropped
+Analyzer leaves no hook and no open file, huge finite gradients stay finite, an all-NaN epoch still
+draws its figures."""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bbdecoder.hooks import count_hooks
+from bbdecoder.monitor import Analyzer, NonFiniteGradientWarning
+from bbdecoder.monitor.grad_stats import GradStatistics
+from bbdecoder.store import open_run
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _param_hooks(model: nn.Module) -> int:
+    return sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+
+
+def _train_step(an: Analyzer, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    loss = F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,)))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_dropped_analyzers_detach_and_close_their_store(tmp_path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gc.collect()
+    fds = _fds()
+    for i in range(20):
+        an = Analyzer(model, tmp_path / f"run{i}", activations=True).attach(opt)
+        _train_step(an, model, opt)
+        del an  # dropped without close(), as a re-run notebook cell does
+    gc.collect()
+    assert count_hooks(model) == 0 and _param_hooks(model) == 0
+    assert len(opt._optimizer_step_pre_hooks) == 0
+    assert _fds() == fds
+    _train_step(None, model, opt)  # type: ignore[arg-type]  # training goes on, nothing fires
+    assert open_run(tmp_path / "run3").steps()["step"].tolist() == [0]  # its rows were flushed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"activations": [99]}, IndexError, "layer ID 99"),
+        ({"activations": []}, ValueError, "watches nothing"),
+        ({"layers": []}, ValueError, "selection is empty"),
+        ({"layers": ["nope"]}, KeyError, "nope"),
+        ({"tensorboard": 3}, TypeError, "tensorboard"),
+        ({"histogram_bins": 0}, ValueError, "histogram_bins"),
+        ({"histogram_bins": -4}, ValueError, "histogram_bins"),
+        ({"quantiles": (0.5, 1.5)}, ValueError, "quantiles"),
+        ({"quantiles": (-0.1,)}, ValueError, "quantiles"),
+        ({"channel_dim": "1"}, TypeError, "channel_dim"),
+        ({"channel_dim": 3, "input_size": (2, 4), "activations": [1]}, ValueError, "channel_dim=3"),
+        ({"flush_every": 0}, ValueError, "flush_every"),
+        ({"every": 0}, ValueError, "every"),
+        ({"saturation_eps": 0.7}, ValueError, "saturation_eps"),
+    ],
+)
+def test_bad_arguments_refused_at_construction_leaving_nothing(tmp_path, kwargs, error, match) -> None:
+    model = _model()
+    gc.collect()
+    fds = _fds()
+    with pytest.raises(error, match=match):
+        Analyzer(model, tmp_path / "run", **kwargs)
+    gc.collect()
+    assert count_hooks(model) == 0 and _param_hooks(model) == 0 and _fds() == fds
+
+
+def test_failure_after_the_store_opened_undoes_everything(tmp_path, monkeypatch) -> None:
+    from bbdecoder.monitor import activation_watch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure while hooking")
+
+    model = _model()
+    gc.collect()
+    fds = _fds()
+    monkeypatch.setattr(activation_watch.ActivationWatcher, "check_dims", broken)
+    with pytest.raises(RuntimeError, match="planted"):
+        Analyzer(model, tmp_path / "run", activations=True)
+    gc.collect()
+    assert count_hooks(model) == 0 and _param_hooks(model) == 0 and _fds() == fds
+    assert (tmp_path / "run" / "run.sqlite").exists()  # the store was opened before any hook
+
+
+def test_arguments_of_calls_checked_where_given(tmp_path) -> None:
+    model = _model()
+    with Analyzer(model, tmp_path) as an:
+        F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+        with pytest.raises(TypeError, match="loss must be a scalar tensor or a number"):
+            an.step(loss="0.3")  # type: ignore[arg-type]
+        an.step(loss=0.25)  # a plain number is a loss too
+        with pytest.raises(TypeError, match="epoch number must be an int"):
+            an.end_epoch("one")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="selection is empty"):
+            an.step(layers=[])
+        assert an.end_epoch(4) == 4
+    run = open_run(tmp_path)
+    assert run.steps()["loss"].tolist() == [0.25] and run.epochs() == [4]
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(256, 200)  # 51,200 weights: the scratch-buffer path
+        self.small = nn.Linear(200, 3)  # the float64 segment path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(torch.tanh(self.big(x)))
+
+
+def test_huge_finite_gradients_stay_finite_and_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Scaled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteGradientWarning)
+        with Analyzer(model, tmp_path) as an:
+            loss = F.cross_entropy(model(torch.randn(16, 256)), torch.randint(0, 3, (16,))) * 1e20
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            assert all(torch.isfinite(g).all() for g in grads.values())  # finite on the gradients
+            assert max(g.abs().max().item() for g in grads.values()) > 1e18  # squares overflow float32
+            an.step()
+    sc = open_run(tmp_path).scalars()
+    assert open_run(tmp_path).events("nonfinite_grad").empty
+    for row in sc[sc.stat.isin(["var", "l2", "l1", "max_abs"])].itertuples():
+        g = grads[row.param].double()
+        want = {"var": g.var(correction=0), "l2": g.norm(), "l1": g.abs().sum(), "max_abs": g.abs().max()}
+        assert np.isfinite(row.value)
+        assert row.value == pytest.approx(want[row.stat].item(), rel=1e-6), (row.param, row.stat)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("numel", [1_000, 200_000])
+def test_variance_exact_when_the_mean_dwarfs_the_spread(numel, scaled, monkeypatch) -> None:
+    from bbdecoder.monitor import grad_stats
+
+    if scaled:  # the path CUDA always takes
+        monkeypatch.setattr(grad_stats, "_squares_fit", lambda *a: False)
+    # gradients like 1000 + N(0, 1): a one-pass float32 E[g^2] - E[g]^2 is off by ~10% here
+    g = 1000.0 + torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    var = GradStatistics()([g])[0, 3].item()
+    d = g.double()
+    assert var == pytest.approx(d.var(correction=0).item(), rel=1e-5)
+    one_pass = (g * g).mean() - g.mean() ** 2
+    assert abs(one_pass.item() - var) > 1e-3  # the oracle would catch that formula
+
+
+def test_variance_through_the_analyzer_against_float64(tmp_path) -> None:
+    model = nn.Linear(300, 200)  # weight 60,000 elements, bias 200
+    coefficients = {n: 1000.0 + torch.randn_like(p) for n, p in model.named_parameters()}
+    with Analyzer(model, tmp_path) as an:
+        sum((p * coefficients[n]).sum() for n, p in model.named_parameters()).backward()  # grad = coefficient
+        an.step()
+    sc = open_run(tmp_path).scalars("var").set_index("param")["value"]
+    for name, c in coefficients.items():
+        assert sc[name] == pytest.approx(c.double().var(correction=0).item(), rel=1e-5), name
+
+
+def test_all_nan_epoch_still_draws_the_gradient_figures(tmp_path) -> None:
+    model = _model()
+    an = Analyzer(model, tmp_path / "run")
+    for _ in range(2):
+        loss = F.cross_entropy(an.forward_propagation(torch.randn(5, 4)), torch.randint(0, 3, (5,)))
+        with pytest.warns(NonFiniteGradientWarning):
+            an.backward_propagation(loss * float("nan"))
+    paths = an.save_collected_grads(tmp_path / "figs", ep=0)  # no KeyError('max_abs')
+    an.close()
+    assert [p.name for p in paths] == ["grad_flow_ep000.png", "grad_norms_ep000.png"]
+    from bbdecoder.viz.monitor_plots import _epoch_grad_means
+
+    table = _epoch_grad_means(open_run(tmp_path / "run"), 0)
+    assert len(table) == 4 and table["max_abs"].isna().all()  # every parameter there, as a marker
+
+
+def _train_recorded(path, *, every: int = 1, deferred: bool = False, steps: int = 6):
+    from bbdecoder.monitor.host_copy import HostCopy
+
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    an = Analyzer(model, path, every=every)
+    if deferred:  # the CUDA path: each step's vector is read one step later
+        an._host = HostCopy(deferred=True)
+    before, after = [], []
+    for i in range(steps):
+        x = torch.randn(5, 4)
+        loss = F.cross_entropy(model(x), torch.randint(0, 3, (5,)))
+        if i == 3:
+            loss = loss * float("inf")
+        opt.zero_grad()
+        loss.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonFiniteGradientWarning)
+            an.step(loss=loss)
+        before.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+        if i != 3:
+            opt.step()
+        after.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    an.close()
+    return open_run(path), before, after
+
+
+def test_deferred_host_copy_stores_exactly_what_the_immediate_one_does(tmp_path) -> None:
+    now, _, _ = _train_recorded(tmp_path / "now")
+    later, _, _ = _train_recorded(tmp_path / "later", deferred=True)
+    a, b = now.scalars(), later.scalars()
+    assert len(a) == len(b) and len(a) > 0
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(a, b)
+    assert now.steps()["loss"].tolist()[:3] == later.steps()["loss"].tolist()[:3]
+    assert (
+        later.events("nonfinite_grad")["step"].tolist()
+        == [3]
+        == now.events("nonfinite_grad")["step"].tolist()
+    )
+
+
+def test_every_records_every_kth_step_and_the_update_after_it(tmp_path) -> None:
+    run, before, after = _train_recorded(tmp_path, every=2)
+    assert run.steps()["step"].tolist() == [0, 2, 4]
+    sc = run.scalars()
+    assert set(sc[sc.stat == "l2"].step) == {0, 2, 4}
+    ratios = sc[sc.stat == "update_ratio"]
+    assert set(ratios.step) == {0, 2, 4}
+    for row in ratios.itertuples():
+        w0, w1 = before[row.step][row.param], after[row.step][row.param]
+        want = (w1 - w0).norm() / w0.norm() if w0.norm() > 0 else (w1 - w0).norm()
+        assert row.value == pytest.approx(want.item(), rel=1e-5)
