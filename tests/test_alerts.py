@@ -50,7 +50,7 @@ def train(root: Path, plant: str | None) -> tuple[list[tuple[str, int | None, st
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Analyzer(net, root, input_size=(1, 1, 6, 6), activations=nn.ReLU) as analyzer:
-            engine = AlertEngine().attach(analyzer.writer)
+            engine = analyzer.alerts  # on by default
             for step in range(STEPS):
                 index = torch.randint(0, 256, (16,), generator=g)
                 x, y = x_all[index], y_all[index]

@@ -109,6 +109,9 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
         per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
             or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
+        alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
+            events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
+            :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.
 
     Every argument is checked before anything is registered; a constructor that fails leaves no
     hook and no open store behind, and an Analyzer that is dropped without :meth:`close` detaches
@@ -135,6 +138,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         sync: Any = None,
         tensorboard: Any = None,
         per_sample: bool | int = False,
+        alerts: Any = True,
     ) -> None:
         self.closed = True  # until construction succeeds
         if not isinstance(model, nn.Module):
@@ -150,6 +154,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
                     "tensorboard= takes True, a log folder or a TensorBoardLogger, got "
                     f"{type(tensorboard).__name__}"
                 )
+        _check_alerts(alerts)
         self.wrapped = model
         self.model = unwrap_model(model)
         self.save_path = Path(save_path)
@@ -169,6 +174,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         self.tensorboard: Any = None
         # the store is opened before any hook is registered, and closed again if anything fails
         self.writer = RunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
+        self.alerts = _alert_engine(alerts, self.writer)
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
         except BaseException:
@@ -708,3 +714,19 @@ def _checkpoint(writer: Any) -> None:
 
 Master_analyzer = Analyzer
 """The seed's name for :class:`Analyzer`."""
+
+
+def _check_alerts(alerts: Any) -> None:
+    from bbdecoder.alerts import AlertConfig
+
+    if not isinstance(alerts, (bool, AlertConfig)):
+        raise TypeError(f"alerts= takes True, False or an AlertConfig, got {type(alerts).__name__}")
+
+
+def _alert_engine(alerts: Any, writer: Any) -> Any:
+    """The alert rules watching ``writer``; None when turned off and on ranks that do not write."""
+    from bbdecoder.alerts import AlertEngine
+
+    if alerts is False or not isinstance(writer, RunWriter):
+        return None
+    return AlertEngine(None if alerts is True else alerts).attach(writer)
