@@ -21,7 +21,22 @@ $(BENCH_STAMP): pyproject.toml
 
 bench-venv: $(BENCH_STAMP)
 
-.PHONY: venv test test-slow test-all demo lint bench bench-venv clean
+.PHONY: venv test test-slow test-all demo lint bench bench-venv clean docs system-tools
+
+# Debian's graphviz (architecture pictures) and ffmpeg (feature-evolution MP4s), so that `make test`
+# runs those paths too: installed only when missing, and only as root with apt-get (CI); quiet, and
+# idempotent. Without them the tests of the fallbacks still run and the tools' tests skip.
+system-tools:
+	@if ! command -v dot >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing graphviz and ffmpeg with apt-get"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends graphviz ffmpeg) >/dev/null 2>&1 \
+	      || echo "apt-get could not install graphviz/ffmpeg: their tests will skip"; \
+	  else \
+	    echo "graphviz/ffmpeg missing (not root): their tests will skip; apt-get install graphviz ffmpeg"; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,25 +49,29 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) system-tools
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/bbdecoder demo --out runs/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples tools
 	$(VENV)/bin/mypy
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/run_all.py
 
+# The documentation site, from docs/ and the docstrings, into site/ (offline; warnings are errors).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache
 

@@ -3,7 +3,8 @@ store the same statistics as one process on the combined batch, and only rank 0 
 
 from __future__ import annotations
 
-import os
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from bbdecoder.store import open_run
 
 STEPS = 3
 BATCH = 8
+STORE_HOST = "127.0.0.1"
+DEADLINE = timedelta(minutes=8)  # generous: a loaded 2-core machine is slow, never a hang
 
 
 def _model() -> nn.Module:
@@ -51,9 +54,12 @@ def _train(analyzer: Analyzer, optimizer: torch.optim.Optimizer, batches: list) 
     analyzer.end_epoch()
 
 
-def _worker(rank: int, world: int, init_file: str, save_path: str) -> None:
+def _worker(rank: int, world: int, store_port: int, save_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # The parent holds the store (listening on a port the OS gave it), so there is no port to race
+    # for and no shared init file whose last user deletes it.
+    store = dist.TCPStore(STORE_HOST, store_port, is_master=False, timeout=DEADLINE)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=DEADLINE)
     try:
         ddp = nn.parallel.DistributedDataParallel(_model())
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
@@ -65,8 +71,37 @@ def _worker(rank: int, world: int, init_file: str, save_path: str) -> None:
         _train(analyzer, optimizer, shard)
         analyzer.close()
         assert analyzer.index.names == ["0", "1", "2", "3"]  # no "module." prefix
+        # Leave together: a rank that closes its gloo connections while the other still has a
+        # message in flight makes gloo throw on its I/O thread, i.e. abort (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(world: int, save_path: Path) -> None:
+    """Spawn ``world`` ranks of :func:`_worker` with one thread each and wait for them, at most
+    :data:`DEADLINE`; a rank that fails fails the caller with its traceback (or signal)."""
+    store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=DEADLINE)
+    # Fresh interpreters (spawn) with single-threaded pools: nothing inherited from threads that
+    # earlier tests started (TensorFlow, TensorBoard), no OpenMP pools oversubscribing 2 cores.
+    single_threaded = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in single_threaded.items():
+            patch.setenv(name, value)
+        context = mp.start_processes(
+            _worker, args=(world, store.port, str(save_path)), nprocs=world, join=False, start_method="spawn"
+        )
+    deadline = time.monotonic() + DEADLINE.total_seconds()
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the {world} DDP ranks did not finish within {DEADLINE}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    del store
 
 
 def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -77,12 +112,7 @@ def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("ddp")
     ddp_path, single_path = base / "ddp_run", base / "single_run"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # spawn, not fork: earlier tests in the same session may have started threads (TensorFlow,
-    # TensorBoard, OpenMP pools), and a forked child can deadlock on a lock one of them held.
-    mp.start_processes(
-        _worker, args=(2, str(base / "init"), str(ddp_path)), nprocs=2, join=True, start_method="spawn"
-    )
+    run_ranks(2, ddp_path)
     model = _model()
     with Analyzer(model, single_path, activations=[1, 3]) as analyzer:
         _train(analyzer, torch.optim.SGD(model.parameters(), lr=0.5), _data())

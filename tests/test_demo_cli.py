@@ -3,6 +3,8 @@ rebuilt from run.sqlite alone."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -22,10 +24,18 @@ IMAGES = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The quick demo with progress on, its stderr captured as a log would be (not a terminal)."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
-    return out
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_run: tuple[Path, str]) -> Path:
+    return demo_run[0]
 
 
 def test_digits_cnn_trains_in_seconds_and_explains() -> None:
@@ -70,6 +80,13 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
         "figures/activation_curves.png",
         "figures/weight_hist_conv1.weight_ep001.png",
         "figures/weight_hist_fc.bias_ep001.png",
+        "digits_cnn.pt",
+        "digits_cnn_state_dict.pt",
+        "shapes_cnn.pt",
+        "shapes_cnn_state_dict.pt",
+        "shapes/localization.csv",
+        "shapes/check.csv",
+        "shapes/saliency_grid.png",
     }
     assert expected <= files
     assert len([f for f in files if f.startswith("overlays/")]) == 2 * 5  # 2 images x 5 methods
@@ -92,6 +109,24 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
     assert 0 <= summary["test_accuracy"] <= 1
     assert 0 <= summary["fullgrad_deletion_auc"] <= 1 and 0 <= summary["gradcam_insertion_auc"] <= 1
     assert {"bias_spurious_iou_biased", "bias_spurious_iou_control"} <= set(summary)
+    assert 0 <= summary["shapes_test_accuracy"] <= 1
+    for method in (
+        "fullgrad",
+        "simplefullgrad",
+        "integrated_gradients",
+        "gradcam",
+        "random_map",
+        "sobel_edges",
+    ):
+        for score in ("pointing", "energy", "attention_iou"):
+            assert 0 <= summary[f"shapes_{method}_{score}"] <= 1
+    assert summary["shapes_explanations_beat_baselines"] in (0.0, 1.0)
+    samples = sorted(f for f in files if f.startswith("samples/"))
+    assert [f for f in samples if f.startswith("samples/shape_")] == [
+        f"samples/shape_{i}.png" for i in range(4)
+    ]
+    assert len([f for f in samples if f.startswith("samples/digit_")]) == 3
+    assert {"samples/shapes.csv", "samples/digits.csv"} <= files
 
     run = open_run(demo_dir)
     steps = run.steps()
@@ -105,6 +140,9 @@ def test_demo_writes_every_artefact(demo_dir: Path, capsys: pytest.CaptureFixtur
         ("bias", "attention-iou"),
         ("bias", "attention-iou by group"),
         ("summary", "demo summary"),
+        ("saliency", "shapes saliency grid"),
+        ("metrics", "shapes localization"),
+        ("metrics", "shapes check"),
     } <= {s for s in sections if s[0] != ""}
     maps = run.blobs(kind="saliency")
     assert len(maps) == 5 and all(m["shape"] == [2, 1, 8, 8] for m in maps["meta"])
@@ -153,3 +191,44 @@ def test_export_parquet_of_the_demo_run(demo_dir: Path, tmp_path: Path) -> None:
         exported = pd.read_parquet(tmp_path / "pq" / f"{name}.parquet")
         pd.testing.assert_frame_equal(exported, stored, check_dtype=False)
     run.close()
+
+
+def test_progress_in_a_log_is_a_few_plain_lines(demo_run: tuple[Path, str]) -> None:
+    _, log = demo_run
+    assert "\r" not in log  # no tqdm refreshes in a file
+    lines = log.splitlines()
+    assert len([line for line in lines if line.startswith("digits: epoch")]) == 2
+    assert any(
+        re.match(r"digits: epoch 2/2: (\d+)/\1 batches, loss=[\d.]+, test_acc=[\d.]+ \(", line)
+        for line in lines
+    )
+    assert any(
+        line.startswith("shapes: training ShapesCNN: 3/3 epochs") and "test_acc=" in line for line in lines
+    )
+    assert len(lines) < 12
+
+
+def test_the_saved_models_explain_the_saved_samples_by_copy_paste(demo_dir: Path, tmp_path: Path) -> None:
+    """The CLI examples of docs/cli_and_report.md, on the demo's own files."""
+    sample = demo_dir / "samples" / "shape_0.png"
+    out = tmp_path / "ig.png"
+    args = ["explain", "--model", str(demo_dir / "shapes_cnn.pt"), "--image", str(sample), "--method", "ig"]
+    assert main([*args, "--steps", "8", "--out", str(out)]) == 0  # TorchScript: no --trust-pickle
+    assert out.stat().st_size > 0
+    cam = tmp_path / "cam.npy"
+    args = ["explain", "--model", str(demo_dir / "shapes_cnn_state_dict.pt")]
+    args += [
+        "--model-class",
+        "bbdecoder.demo.shapes:ShapesCNN",
+        "--image",
+        str(sample),
+        "--method",
+        "fullgrad",
+    ]
+    assert main([*args, "--out", str(tmp_path / "fg.png"), "--save-map", str(cam)]) == 0
+    import numpy as np
+
+    assert np.load(cam).shape == (64, 64)
+    digit = demo_dir / "samples" / "digit_0.png"
+    args = ["explain", "--model", str(demo_dir / "digits_cnn.pt"), "--image", str(digit), "--channels", "1"]
+    assert main([*args, "--method", "gradient", "--out", str(tmp_path / "digit.png")]) == 0

@@ -7,8 +7,9 @@ Pass criteria fixed before the numbers were looked at:
 * after the full cascade, the mean Spearman correlation of FullGrad and of IG maps with the originals
   is below 0.9 (the maps change); Grad-CAM and the gradient are reported, not asserted on;
 
-Observed: IG failed its randomisation criterion (0.912 >= 0.9). That criterion is kept, unchanged, as
-a strict xfail; a separate test (added *after* seeing the result) checks the explanation: IG with a
+Observed: IG failed its randomisation criterion (0.912 >= 0.9). That outcome is asserted with margins
+(IG above 0.8, 0.3 above FullGrad), not as a strict xfail on 0.9, which sat on the noise; a separate
+test (added *after* seeing the result) checks the explanation: IG with a
 black baseline is ``x * (mean gradient)``, zero on the digits' zero background whatever the weights,
 so its ranks stay tied to the input.
 * FullGrad's per-sample completeness error stays below 1e-4 (float32).
@@ -33,6 +34,15 @@ class _IG(IntegratedGradients):
     def attribute(self, inputs, target=None, *args, **kwargs):  # type: ignore[no-untyped-def]
         kwargs.setdefault("n_steps", 32)
         return super().attribute(inputs, target, *args, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Training and the maps on one thread: the numbers do not depend on the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +87,18 @@ def test_fullgrad_maps_change_when_the_weights_are_randomised(randomised) -> Non
     assert finals["FullGrad"][0] < 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="observed 0.912: IG x*grad keeps the input's zero background")
-def test_ig_maps_change_when_the_weights_are_randomised(randomised) -> None:
-    assert randomised["IG"].stage_means()[-1] < 0.9
+def test_ig_fails_its_randomisation_criterion_by_a_margin(randomised) -> None:
+    """The pre-registered criterion (final-stage mean < 0.9) failed for IG: observed 0.912-0.914.
+
+    A strict xfail on ``< 0.9`` sat on the noise (another thread count or torch build can land on
+    either side), so the outcome is asserted with margins instead: IG's fully randomised maps keep a
+    rank correlation far above 0.8 with the originals, while FullGrad's drop to about 0.33. A change
+    that made IG pass the criterion clearly (below 0.8) or FullGrad fail it fails this test.
+    """
+    ig = randomised["IG"].stage_means()[-1]
+    fullgrad = randomised["FullGrad"].stage_means()[-1]
+    assert ig > 0.8, ig
+    assert ig - fullgrad > 0.3, (ig, fullgrad)
 
 
 def test_ig_ranks_stay_tied_to_the_input(digits, randomised) -> None:

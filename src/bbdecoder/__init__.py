@@ -67,7 +67,7 @@ from bbdecoder.sinks import MLflowSink, WandbSink
 from bbdecoder.store import RunReader, StoreError, open_run
 from bbdecoder.store.export import export_tensorboard
 from bbdecoder.targets import PerSampleTargets, TargetError
-from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure
+from bbdecoder.viz import colorize, comparison_grid, overlay, save_figure, token_figure, tokens_html
 
 __version__ = "0.1.0"
 
@@ -151,5 +151,7 @@ __all__ = [
     "save_figure",
     "store_image",
     "store_table",
+    "token_figure",
     "tokens",
+    "tokens_html",
 ]

@@ -436,6 +436,8 @@ def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.no_bias:
         settings.bias = False
+    if args.no_shapes:
+        settings.shapes = False
     try:
         result = run_demo(
             args.out,
@@ -445,7 +447,7 @@ def _demo(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             tensorboard=args.tensorboard,
         )
-    except ImportError as err:  # --tensorboard without the package
+    except ImportError as err:  # the demo extra or --tensorboard's package missing
         raise CLIError(str(err), EXIT_DEPENDENCY) from err
     except (OSError, StoreError) as err:  # the output folder or its store cannot be written
         raise CLIError(f"cannot write the demo into {args.out}: {err}", EXIT_UNWRITABLE) from err
@@ -793,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, help="test images in the saliency grid (default 6)")
     demo.add_argument("--quick", action="store_true", help="the reduced setting of the tests (seconds)")
     demo.add_argument("--no-bias", action="store_true", help="skip the planted-bias study")
+    demo.add_argument("--no-shapes", action="store_true", help="skip the generated 64x64 shapes part")
     demo.add_argument("--tensorboard", action="store_true", help="also log live to OUT/tensorboard")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo, subparser=demo)

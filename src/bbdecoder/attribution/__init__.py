@@ -22,6 +22,7 @@ from bbdecoder.attribution.gradient import Gradient, InputXGradient
 from bbdecoder.attribution.gradient_shap import GradientSHAP
 from bbdecoder.attribution.integrated_gradients import IntegratedGradients
 from bbdecoder.attribution.kernel_shap import KernelSHAP
+from bbdecoder.attribution.layer_attribution import LayerCallError
 from bbdecoder.attribution.occlusion import Occlusion
 from bbdecoder.attribution.outputs import ProbabilityOutputError
 from bbdecoder.attribution.perturbation import PerturbationExplainer
@@ -49,6 +50,7 @@ __all__ = [
     "IntegratedGradients",
     "KernelSHAP",
     "LayerCAM",
+    "LayerCallError",
     "Normalize",
     "Occlusion",
     "PerturbationExplainer",

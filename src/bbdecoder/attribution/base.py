@@ -15,7 +15,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from bbdecoder.attribution.keywords import checked_keywords, expand_forward_args, forwards_keywords
+from bbdecoder.attribution.layer_attribution import LayerSpec, resolve_layer, uses_layer
 from bbdecoder.attribution.outputs import check_scores_from, model_output
+from bbdecoder.attribution.token_inputs import explain_continuation, token_sum
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.targets import TargetLike, fixed_target, select_scores
 from bbdecoder.validation import check_batch
@@ -38,6 +40,10 @@ class Explainer:
             probabilities without such a module raises
             :class:`~bbdecoder.attribution.outputs.ProbabilityOutputError`. ``"output"``: explain what
             the model returns, as it is. See :mod:`bbdecoder.attribution.outputs`.
+        layer: attribute at this module's output instead of at the input (Captum's ``Layer*``
+            methods): a module, a qualified name or a glob matching one module. Integer inputs (token
+            ids) and dict inputs default to the model's ``get_input_embeddings()``. See
+            :mod:`bbdecoder.attribution.layer_attribution`.
 
     Every ``attribute`` / ``saliency`` also takes the peers' spellings (Captum's ``baselines=`` and
     ``additional_forward_args=``, pytorch-grad-cam's ``targets=`` and per-sample target objects) and
@@ -61,6 +67,7 @@ class Explainer:
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
         scores_from: str = "logits",
+        layer: LayerSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -68,6 +75,10 @@ class Explainer:
         self.input_transform = input_transform
         self.eval_mode = eval_mode
         self.scores_from = check_scores_from(scores_from)
+        # Not ``self.layer``: the CAM family has its own ``layer`` property (the map's layer).
+        self.attribution_layer = layer
+        if layer is not None:
+            resolve_layer(model, layer)
 
     # -- pieces subclasses use -------------------------------------------------------------------
     def validate_inputs(self, inputs: Any, min_dim: int = 2) -> torch.Tensor:
@@ -144,8 +155,31 @@ class Explainer:
     @checked_keywords
     @forwards_keywords(lambda self: self.attribute)
     def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
-        """Non-negative map (N, 1, *spatial) at input resolution: ``|attribution|`` summed over channels."""
+        """Non-negative map (N, 1, *spatial) at input resolution: ``|attribution|`` summed over channels.
+
+        Token inputs (ids, a dict, or ``layer=`` given): ``|token_scores|``, shaped ``(N, L)``.
+        """
+        if uses_layer(self, inputs):
+            return self.token_scores(inputs, target, **kwargs).abs()
         return self.attribute(inputs, target, **kwargs).abs().sum(dim=1, keepdim=True)
+
+    def token_scores(self, inputs: Any, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+        """One signed score per token ``(N, L)``: :meth:`attribute` at the layer summed over ``D``.
+
+        ``inputs``: token ids ``(N, L)`` or a dict of keyword tensors; the layer is ``layer=`` (default:
+        the input embeddings). Padding positions (``attention_mask == 0``) are exactly zero.
+        """
+        result = self.attribute(inputs, target, **kwargs)
+        if isinstance(result, tuple):
+            result = result[0]
+        return token_sum(result)
+
+    def explain_continuation(self, inputs: Any, continuation: Any, **kwargs: Any) -> torch.Tensor:
+        """Token scores ``(T, L)`` for each of the ``T`` tokens of ``continuation`` after a prompt.
+
+        See :func:`bbdecoder.attribution.token_inputs.explain_continuation`.
+        """
+        return explain_continuation(self, inputs, continuation, **kwargs)
 
     def __call__(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         return self.attribute(inputs, target, **kwargs)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from bbdecoder.attribution.base import Explainer
+from bbdecoder.attribution.layer_attribution import layer_gradient, uses_layer
 from bbdecoder.targets import TargetLike
 
 
@@ -14,7 +15,9 @@ class Gradient(Explainer):
     """The signed gradient of the target score with respect to the input (Simonyan et al. 2014)."""
 
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
-        """dScore/dInput, shaped like ``inputs`` (N, C, *spatial)."""
+        """dScore/dInput, shaped like ``inputs`` (N, C, *spatial); at a layer, shaped like its output."""
+        if uses_layer(self, inputs):
+            return layer_gradient(self, inputs, target, times_activation=False, **kwargs)
         self.validate_inputs(inputs)
         with self.session():
             grad, _ = self.input_gradient(inputs, target)
@@ -25,7 +28,9 @@ class InputXGradient(Explainer):
     """``inputs * dScore/dInput`` (Shrikumar et al. 2016): exact for linear models without bias."""
 
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
-        """``inputs * gradient``, shaped like ``inputs`` (N, C, *spatial)."""
+        """``inputs * gradient``, shaped like ``inputs`` (N, C, *spatial); at a layer ``A * dScore/dA``."""
+        if uses_layer(self, inputs):
+            return layer_gradient(self, inputs, target, times_activation=True, **kwargs)
         self.validate_inputs(inputs)
         with self.session():
             grad, _ = self.input_gradient(inputs, target)

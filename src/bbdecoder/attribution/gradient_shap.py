@@ -16,6 +16,7 @@ from torch import nn
 from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.integrated_gradients import _per_sample_target, _rows_of
+from bbdecoder.attribution.layer_attribution import LayerSpec, layer_gradient_shap, uses_layer
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.targets import TargetLike, select_scores
 from bbdecoder.validation import check_positive_int
@@ -28,6 +29,8 @@ class GradientSHAP(Explainer):
         model: the classifier; ``input_transform``, ``eval_mode``, ``scores_from`` as everywhere.
         seed: seeds the baseline choice, the path points and the noise.
         memory_budget_bytes: bytes per forward+backward pass when ``internal_batch_size`` is not given.
+        layer: attribute at this layer's output (token ids default to the input embeddings); see
+            :class:`~bbdecoder.attribution.base.Explainer`.
     """
 
     def __init__(
@@ -39,8 +42,11 @@ class GradientSHAP(Explainer):
         eval_mode: bool = True,
         scores_from: str = "logits",
         memory_budget_bytes: int | None = None,
+        layer: LayerSpec = None,
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
+        super().__init__(
+            model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from, layer=layer
+        )
         check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.seed = seed
         self.memory_budget_bytes = memory_budget_bytes
@@ -63,7 +69,14 @@ class GradientSHAP(Explainer):
             n_samples: draws per sample.
             stdevs: standard deviation of the Gaussian noise added to the inputs.
             internal_batch_size: most rows (sample x draw) per pass; default from the memory budget.
+
+        Token ids, a dict of inputs or ``layer=``: at the layer's output, see
+        :func:`~bbdecoder.attribution.layer_attribution.layer_gradient_shap`.
         """
+        if uses_layer(self, inputs):
+            return layer_gradient_shap(
+                self, inputs, target, baselines, n_samples, stdevs, internal_batch_size, **kwargs
+            )
         self.validate_inputs(inputs)
         check_positive_int(n_samples, "n_samples")
         if not stdevs >= 0:

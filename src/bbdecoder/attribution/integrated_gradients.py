@@ -15,6 +15,7 @@ from torch import nn
 
 from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
+from bbdecoder.attribution.layer_attribution import LayerSpec, layer_integrated_gradients, uses_layer
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.attribution.quadrature import check_quadrature, quadrature_slice
 from bbdecoder.targets import (
@@ -43,6 +44,9 @@ class IntegratedGradients(Explainer):
         memory_budget_bytes: bytes the step batches may use when ``internal_batch_size`` is not given;
             default 1 GiB on CPU and half the free memory on CUDA. On CPU a pass is also kept near
             512 MiB of activations, where passes are fastest per row (see ``memory.rows_for_budget``).
+        layer: attribute at this layer's output (Captum's ``LayerIntegratedGradients``); token ids and
+            dict inputs default to ``get_input_embeddings()``. See
+            :mod:`bbdecoder.attribution.layer_attribution`.
     """
 
     def __init__(
@@ -53,13 +57,16 @@ class IntegratedGradients(Explainer):
         eval_mode: bool = True,
         memory_budget_bytes: int | None = None,
         scores_from: str = "logits",
+        layer: LayerSpec = None,
     ) -> None:
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
+        super().__init__(
+            model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from, layer=layer
+        )
         check_positive_int(memory_budget_bytes, "memory_budget_bytes", optional=True)
         self.memory_budget_bytes = memory_budget_bytes
         self._rows_cache: dict[tuple[Any, ...], int] = {}
 
-    @overload  # type: ignore[override]
+    @overload
     def attribute(
         self,
         inputs: torch.Tensor,
@@ -69,6 +76,7 @@ class IntegratedGradients(Explainer):
         method: str = ...,
         internal_batch_size: int | None = ...,
         return_convergence_delta: Literal[False] = ...,
+        **token_options: Any,
     ) -> torch.Tensor: ...
 
     @overload
@@ -82,6 +90,7 @@ class IntegratedGradients(Explainer):
         internal_batch_size: int | None = ...,
         *,
         return_convergence_delta: Literal[True],
+        **token_options: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def attribute(
@@ -93,6 +102,7 @@ class IntegratedGradients(Explainer):
         method: str = "riemann_trapezoid",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
+        **token_options: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Integrated Gradients of the target score.
 
@@ -109,6 +119,12 @@ class IntegratedGradients(Explainer):
             internal_batch_size: most rows (sample x step) per forward pass; default from the memory
                 budget, estimated with one no-grad probe forward of a single sample.
             return_convergence_delta: also return ``sum(attr) - (F(x) - F(x'))`` per sample.
+            token_options: for token inputs / ``layer=`` only: ``pad_token_id``, ``mask_token_id``
+                (for ``baseline="pad"``/``"mask"``) and ``position`` (the next-token logit a class
+                target reads in ``(N, L, V)`` logits, default -1: the last attended token). With token
+                ids or a dict as ``inputs`` (or ``layer=``), IG runs at the layer's output and
+                ``baseline`` may be ``"pad"``, ``"mask"``, ``"zero"`` or a tensor of ids; see
+                :mod:`bbdecoder.attribution.layer_attribution`.
 
         Returns:
             The attribution shaped like ``inputs``; with ``return_convergence_delta`` a tuple
@@ -120,6 +136,21 @@ class IntegratedGradients(Explainer):
         products (``nn.Linear``) may not: their blocking depends on the batch size, which moves a
         row's gradient by an ulp or so (about 1e-16 relative in float64).
         """
+        if uses_layer(self, inputs):
+            return layer_integrated_gradients(
+                self,
+                inputs,
+                target,
+                baseline,
+                n_steps,
+                method,
+                internal_batch_size,
+                return_convergence_delta,
+                self.memory_budget_bytes,
+                **token_options,
+            )
+        if token_options:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(token_options))}")
         self.validate_inputs(inputs)
         n_steps = check_quadrature(method, n_steps)
         x = inputs.detach()

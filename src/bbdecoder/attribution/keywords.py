@@ -65,7 +65,7 @@ HINTS: dict[str, str] = {
     "eigen_smooth": "pytorch-grad-cam's eigen_smooth is not implemented; EigenCAM takes the first component",
     "return_input_shape": "attributions are always shaped like the inputs",
     "target_layers": "target_layers= is a constructor argument: GradCAM(model, target_layers=[...])",
-    "layer": "this method takes no layer=; a CAM takes it on the constructor: GradCAM(model, layer=...)",
+    "layer": "layer= is a constructor argument: Gradient(model, layer=...), GradCAM(model, layer=...)",
 }
 """The peers' arguments that have no same-meaning counterpart in a call: where to look instead."""
 

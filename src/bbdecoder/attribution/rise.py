@@ -30,7 +30,9 @@ class RISE(PerturbationExplainer):
         grid_size: cells per side of a mask (the paper: 7).
         p: probability that a cell is kept.
         seed: the same seed gives the same masks.
-        other arguments: see :class:`~bbdecoder.attribution.perturbation.PerturbationExplainer`.
+        input_transform: as for every explainer; see
+            :class:`~bbdecoder.attribution.perturbation.PerturbationExplainer` for it and the
+            other arguments (``eval_mode``, ``scores_from``, ``batch_size``, ``progress``, ``score``).
     """
 
     default_score = "probability"

@@ -198,8 +198,9 @@ class AttentionRollout(_Rollout):
 
     Args:
         model: the vision transformer (never modified); inputs ``(N, C, H, W)``.
-        prefix_tokens, grid: override the inferred number of prefix tokens (class, distillation,
-            registers) and the ``(h, w)`` patch grid.
+        prefix_tokens: overrides the inferred number of prefix tokens (class, distillation,
+            registers).
+        grid: overrides the inferred ``(h, w)`` patch grid.
     """
 
     def __init__(

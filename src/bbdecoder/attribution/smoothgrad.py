@@ -16,6 +16,7 @@ from torch import nn
 from bbdecoder.attribution.base import Explainer
 from bbdecoder.attribution.gradient import Gradient
 from bbdecoder.attribution.keywords import forwards_keywords
+from bbdecoder.attribution.layer_attribution import layer_smoothgrad, uses_layer
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.targets import PerSampleTargets, TargetLike
 from bbdecoder.validation import check_smoothgrad_settings
@@ -112,6 +113,8 @@ class SmoothGrad(Explainer):
     def _smooth(
         self, explain: ExplainFn, inputs: torch.Tensor, target: TargetLike, kwargs: dict[str, Any]
     ) -> torch.Tensor:
+        if uses_layer(self.explainer, inputs):
+            return layer_smoothgrad(self, explain, inputs, target, kwargs)
         self.validate_inputs(inputs)
         x = inputs.detach()
         n = x.shape[0]

@@ -45,7 +45,8 @@ def attention_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Attention-IoU of two batches of non-negative maps, with only the L1 normalisation.
 
     Args:
-        a, b: (N, H, W) or (N, 1, H, W), non-negative, same N, H, W (resize first if needed).
+        a: (N, H, W) or (N, 1, H, W), non-negative.
+        b: the same shape as ``a`` (resize first if needed), non-negative.
 
     Returns:
         Tensor (N,) in [0, 1], float64 precision internally, NaN where either map sums to zero.

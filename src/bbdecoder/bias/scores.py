@@ -150,7 +150,8 @@ def heatmap_score(
     Both maps are resized (bilinear) to the comparison resolution and min-max scaled per image.
 
     Args:
-        attention_a, attention_b: (N, H, W) or (N, 1, H, W), e.g. Grad-CAM of two output units.
+        attention_a: (N, H, W) or (N, 1, H, W), e.g. Grad-CAM of one output unit.
+        attention_b: the same for the other unit.
         resolution: ``"first"`` (default: ``attention_a``'s grid), ``"second"``, an int or ``(H, W)``.
         name: the key of the scores in the result.
 

@@ -1,5 +1,6 @@
 """The main job on the embedded default: train the digits CNN with the analyzer attached, explain it,
-evaluate the explanations, measure bias on the planted-bias set, and write a report.
+evaluate the explanations, measure bias on the planted-bias set, train a CNN on the generated 64x64
+shapes and score its maps against the object masks, and write a report.
 
 Everything the report shows goes into the run store (``run.sqlite``): training statistics through
 the Analyzer, saliency grids as PNG blobs, metric and bias tables as JSON blobs, so
@@ -19,11 +20,12 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from bbdecoder.attribution import FullGrad, GradCAM, Gradient, IntegratedGradients, SmoothGrad
+from bbdecoder.demo.deps import require_demo_dependencies
 from bbdecoder.demo.digits import DigitsCNN, DigitsData, evaluate_accuracy, load_digits_data
 from bbdecoder.metrics.completeness import CompletenessResult
+from bbdecoder.progress import progress_bar, stage
 from bbdecoder.report.blobs import figure_png, store_image, store_table
 from bbdecoder.store.schema import DB_FILENAME
 from bbdecoder.store.writer import RunWriter
@@ -46,11 +48,27 @@ class DemoSettings:
     bias_train: int = 1000
     bias_test: int = 300
     bias_epochs: int = 8
+    shapes: bool = True
+    shapes_train: int = 2500
+    shapes_test: int = 500
+    shapes_epochs: int = 6
+    shapes_eval: int = 64
     seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(epochs=2, n_images=2, n_eval=16, bias_train=200, bias_test=64, bias_epochs=2)
+        return cls(
+            epochs=2,
+            n_images=2,
+            n_eval=16,
+            bias_train=200,
+            bias_test=64,
+            bias_epochs=2,
+            shapes_train=800,
+            shapes_test=100,
+            shapes_epochs=3,
+            shapes_eval=16,
+        )
 
 
 @dataclass
@@ -85,9 +103,16 @@ def run_demo(
     """Run the whole demo into ``out_dir`` (an existing run store there is replaced).
 
     Writes ``run.sqlite``, ``figures/`` (training figures), ``saliency_grid.png`` and ``overlays/``,
-    ``metrics/``, ``bias/``, ``summary.json`` and ``report.html`` (``tensorboard/`` with
+    ``metrics/``, ``bias/``, ``shapes/`` (the shapes scores and overlays), the models as TorchScript
+    (``digits_cnn.pt``, ``shapes_cnn.pt``) and state_dicts, ``samples/`` (PNG inputs for
+    ``bbdecoder explain``), ``summary.json`` and ``report.html`` (``tensorboard/`` with
     ``tensorboard=True``). ``epochs``, ``n_images`` and ``seed`` override ``settings``.
+
+    Progress goes to stderr: bars in a terminal, one plain line per stage otherwise.
+    Raises :class:`~bbdecoder.demo.deps.DemoDependencyError` (an ImportError) before any work when
+    a package of the ``demo`` extra is missing.
     """
+    require_demo_dependencies()
     s = settings or DemoSettings()
     s = DemoSettings(**{**s.__dict__, **_given(epochs=epochs, n_images=n_images, seed=seed)})
     out = Path(out_dir)
@@ -103,12 +128,15 @@ def run_demo(
         _saliency(model, images, labels, s, out, writer, result)
         metric_table, explain_metrics = _evaluate(model, data, s, writer, out, result)
         bias_metrics = _bias(s, writer, out, result, progress) if s.bias else {}
+        shapes_metrics = _shapes(s, writer, out, result, progress) if s.shapes else {}
+        result.files += _save_digits(model, data, out)
         result.metrics = {
             "test_accuracy": accuracy,
             **explain_metrics,
             **{f"{slug(row.method)}_deletion_auc": row.deletion_auc for row in metric_table.itertuples()},
             **{f"{slug(row.method)}_insertion_auc": row.insertion_auc for row in metric_table.itertuples()},
             **bias_metrics,
+            **shapes_metrics,
             "seconds": time.perf_counter() - started,
         }
         summary = pd.DataFrame({"quantity": list(result.metrics), "value": list(result.metrics.values())})
@@ -161,8 +189,8 @@ def _train_with_analyzer(
         for epoch in range(s.epochs):
             model.train()
             order = torch.randperm(len(data.y_train), generator=generator)
-            bar = tqdm(
-                total=n_batches, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress, leave=True
+            bar = progress_bar(
+                n_batches, f"digits: epoch {epoch + 1}/{s.epochs}", unit="batches", enabled=progress
             )
             for start in range(0, len(order), s.batch_size):
                 idx = order[start : start + s.batch_size]
@@ -331,8 +359,7 @@ def _bias(
     from bbdecoder.demo.planted_bias import run_planted_bias_study
     from bbdecoder.viz.metric_plots import plot_bias_examples, plot_group_scores
 
-    if progress:
-        print("planted-bias study: training a biased model and a control ...", flush=True)
+    stage("planted-bias study: training a biased model and a control ...", enabled=progress)
     study = run_planted_bias_study(
         seed=s.seed, n_train=s.bias_train, n_test=s.bias_test, epochs=s.bias_epochs
     )
@@ -406,6 +433,58 @@ def _bias(
         "bias_spurious_iou_biased": float(biased.iloc[0]),
         "bias_spurious_iou_control": float(control.iloc[0]),
     }
+
+
+def _shapes(
+    s: DemoSettings, writer: RunWriter, out: Path, result: DemoResult, progress: bool
+) -> dict[str, float]:
+    """The generated 64x64 shapes: maps scored against the object masks, checked against baselines."""
+    from bbdecoder.demo.shapes_run import ShapesSettings, run_shapes
+
+    settings = ShapesSettings(
+        n_train=s.shapes_train,
+        n_test=s.shapes_test,
+        epochs=s.shapes_epochs,
+        n_eval=s.shapes_eval,
+        n_show=min(4, s.shapes_eval),
+        ig_steps=32 if s.shapes_eval >= 64 else 8,
+        seed=s.seed,
+    )
+    shapes = run_shapes(out, writer, settings, progress=progress)
+    result.files += shapes.files
+    return shapes.metrics()
+
+
+def save_torchscript(model: nn.Module, path: Path) -> Path:
+    """``torch.jit.save(torch.jit.script(model))``: the format ``bbdecoder explain --model`` loads without
+    ``--trust-pickle``. torch marks TorchScript deprecated; its warning is not the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model.eval()), str(path))
+    return path
+
+
+def _save_digits(model: nn.Module, data: DigitsData, out: Path, count: int = 3) -> list[Path]:
+    """The digits CNN as TorchScript and state_dict, and a few test digits as 8x8 grey PNGs
+    (``digit_<i>.png``, labels in ``digits.csv``)."""
+    from PIL import Image
+
+    save_torchscript(model, out / "digits_cnn.pt")
+    torch.save(model.state_dict(), out / "digits_cnn_state_dict.pt")
+    files = [out / "digits_cnn.pt", out / "digits_cnn_state_dict.pt"]
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(min(count, len(data.y_test))):
+        pixels = (data.x_test[index, 0].numpy() * 255).round().astype(np.uint8)
+        path = folder / f"digit_{index}.png"
+        Image.fromarray(pixels, mode="L").save(path)
+        files.append(path)
+        rows.append({"file": path.name, "label": int(data.y_test[index])})
+    pd.DataFrame(rows).to_csv(folder / "digits.csv", index=False)
+    return [*files, folder / "digits.csv"]
 
 
 def _save_rgb(picture: np.ndarray, path: Path) -> None:

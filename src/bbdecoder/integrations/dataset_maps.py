@@ -95,8 +95,9 @@ def explain_dataset(
         resume: keep the complete chunks already in ``out_dir`` and compute only the rest (the
             settings must match); ``False`` deletes this rank's chunks and starts over.
         progress: a tqdm bar over batches on rank 0 (hidden when stderr is not a terminal).
-        rank, world_size: this process's shard; default: from ``torch.distributed`` when it is
-            initialised, else ``0, 1``. Chunk ``i`` is computed by rank ``i % world_size``.
+        rank: this process's shard; default: from ``torch.distributed`` when it is initialised,
+            else 0. Chunk ``i`` is computed by rank ``i % world_size``.
+        world_size: the number of shards; default: from ``torch.distributed``, else 1.
         device: where the inputs go; default: the device of the explainer's model.
         dtype: storage precision, ``"float16"``, ``"float32"`` or ``"float64"`` (or the torch dtype).
 

@@ -102,7 +102,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         weights: record update ratios every step and weight histograms/quantiles every epoch.
         activations: layers whose outputs are watched (``None``/``False``: none; ``True``: every
             activation-function module; a selection: those layers, see :meth:`watch_activations`).
-        dead_threshold, saturation_eps: activation settings.
+        dead_threshold: a unit is dead when its activation is <= this for every sample seen.
+        saturation_eps: the margin of the saturation bounds (sigmoid, tanh).
         channel_dim: the unit dimension of watched outputs (``None``: per layer kind, 1 for conv /
             norm / pool outputs ``(N, C, ...)``, the last dim otherwise, e.g. ``(N, L, D)``).
         histogram_bins: number of fixed bins of the weight histograms.

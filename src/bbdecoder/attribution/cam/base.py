@@ -74,7 +74,8 @@ class BaseCAM(Explainer):
             callable (pytorch-grad-cam's ``reshape_transform``).
         target_layers: pytorch-grad-cam's name for ``layer`` (a list of modules); give one of the two.
         reshape_transform: pytorch-grad-cam's name for ``reshape``.
-        input_transform, eval_mode: as for every explainer.
+        input_transform: as for every explainer.
+        eval_mode: as for every explainer.
 
     A module that runs several times in one forward pass (a shared ReLU) contributes its last call.
     """
