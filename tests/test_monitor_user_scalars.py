@@ -148,7 +148,9 @@ def test_a_run_folder_with_steps_is_refused_without_resume(tmp_path: Path) -> No
 def test_resume_refuses_another_model_with_the_reason(tmp_path: Path) -> None:
     run_once(tmp_path, make_model(width=4))
     with pytest.raises(
-        StoreError, match=r"another model.*have another shape \(e\.g\. 0\.weight \[4, 3\] -> \[5, 3\]"
+        StoreError,
+        match=r"another Sequential \(2 steps\), so resume=True cannot append.*have another shape "
+        r"\(e\.g\. 0\.weight \[4, 3\] -> \[5, 3\]",
     ):
         Analyzer(make_model(width=5), tmp_path, resume=True)
     other = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Linear(2, 2))

@@ -17,6 +17,7 @@ import bbdecoder
 from bbdecoder import (
     RISE,
     AblationCAM,
+    AttentionRollout,
     EigenCAM,
     Explainer,
     FeatureAblation,
@@ -24,6 +25,7 @@ from bbdecoder import (
     GradCAM,
     GradCAMPlusPlus,
     Gradient,
+    GradientRollout,
     GradientSHAP,
     HiResCAM,
     InputXGradient,
@@ -150,6 +152,8 @@ CASES: dict[str, tuple[Callable[[nn.Module], Any], str, str, str]] = {
     "RISE": (lambda m: RISE(m, n_masks=4), "saliency", "baseline_s", "baselines"),
     "KernelSHAP": (KernelSHAP, "attribute", "n_sample", "n_samples"),
     "GradientSHAP": (GradientSHAP, "attribute", "stdev", "stdevs"),
+    "AttentionRollout": (AttentionRollout, "saliency", "targt", "target"),
+    "GradientRollout": (GradientRollout, "attribute", "targt", "target"),
 }
 
 
@@ -542,3 +546,14 @@ def test_cam_layer_maps_take_the_same_keywords() -> None:
         torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-12)
     with pytest.raises(TypeError, match="did you mean 'target'"):
         cam.layer_maps(x, targett=1)
+
+
+def test_token_options_only_where_a_layer_is_attributed() -> None:
+    """``position=`` and the other token options are read at a layer; on images they are refused."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'position'"):
+        Gradient(Net().eval()).attribute(images(), 1, position=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).eval()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    scores = Gradient(model, layer=model[0]).attribute(ids, 1, position=-1)
+    assert scores.shape == (2, 3, 4)

@@ -53,6 +53,17 @@ class Explainer:
 
     _checked_methods = ("attribute", "saliency", "__call__", "layer_map", "layer_maps")
 
+    extra_keywords: tuple[str, ...] = ()
+    """Keywords a subclass's method reads out of ``**kwargs`` itself (let through by the check)."""
+
+    def keywords_for(self, inputs: Any) -> tuple[str, ...]:
+        """Keywords read out of ``**kwargs`` for these inputs: :attr:`extra_keywords`, and at a layer
+        (``layer=``, token ids, dict inputs) the token options of
+        :mod:`bbdecoder.attribution.layer_attribution`."""
+        from bbdecoder.attribution.layer_attribution import TOKEN_OPTIONS
+
+        return tuple(self.extra_keywords) + (TOKEN_OPTIONS if uses_layer(self, inputs) else ())
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name in cls._checked_methods:

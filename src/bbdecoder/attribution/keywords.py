@@ -17,7 +17,9 @@ Every ``attribute`` / ``saliency`` (and a CAM's ``__call__``) goes through :func
   peers' arguments that mean something else here, where their setting lives).
 
 A subclass whose method reads keywords out of ``**kwargs`` itself names them in the class attribute
-``extra_keywords`` (a tuple of names); they are then let through.
+``extra_keywords`` (a tuple of names), or returns them from ``keywords_for(inputs)``
+(:meth:`Explainer.keywords_for <bbdecoder.attribution.Explainer.keywords_for>`: the token options
+at a layer); they are then let through.
 """
 
 from __future__ import annotations
@@ -175,7 +177,12 @@ def checked_keywords(method: F, *, torch_conventions: bool = True) -> F:
         kwargs = _rename(kwargs, own)
         owner = f"{type(self).__name__}.{method.__name__}"
         names = own if forwarder is None else list(dict.fromkeys(own + accepted_keywords(forwarder(self))))
-        names = names + [name for name in getattr(type(self), "extra_keywords", ()) if name not in names]
+        inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_tensor"))
+        read_by_method = getattr(self, "keywords_for", None)
+        extra = (
+            read_by_method(inputs) if callable(read_by_method) else getattr(type(self), "extra_keywords", ())
+        )
+        names = names + [name for name in extra if name not in names]
         _check(owner, kwargs, names, torch_conventions)
         if not torch_conventions:
             return method(self, *args, **kwargs)
@@ -184,9 +191,7 @@ def checked_keywords(method: F, *, torch_conventions: bool = True) -> F:
                 kwargs[key] = as_target(kwargs[key])
         if FORWARD_ARGS not in kwargs:
             return method(self, *args, **kwargs)
-        extra = kwargs.pop(FORWARD_ARGS)
-        inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_tensor"))
-        with forward_args(extra, inputs):
+        with forward_args(kwargs.pop(FORWARD_ARGS), inputs):
             return method(self, *args, **kwargs)
 
     wrapper._checks_keywords = True  # type: ignore[attr-defined]

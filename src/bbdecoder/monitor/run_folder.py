@@ -71,17 +71,19 @@ def check_run_folder(writer: Any, model: nn.Module, layer_rows: list[tuple[Any, 
     if not steps or not isinstance(path, Path) or not path.is_file():
         return  # a new store, or one without steps (nothing to mix with), or a rank that does not write
     signature, layers, kind = _stored(path)
-    where = f"{path.parent} already holds a run of {kind or 'a model'} ({steps} steps)"
+    model_kind = kind or "model"
+    where = f"{path.parent} holds a run of another {model_kind} ({steps} steps)"
     if not resume:
         raise StoreError(
-            f"{where}. Pass resume=True to append to it (the same model, continuing its steps and "
+            f"{path.parent} already holds a run of {model_kind} ({steps} steps). Pass resume=True to "
+            "append to it (the same model, continuing its steps and "
             "epochs), or a new save_path for a new run"
         )
     current = parameter_signature(model)
     if signature is not None:
         if signature != current:
             raise StoreError(
-                f"{where} of another model, so resume=True cannot append to it: "
+                f"{where}, so resume=True cannot append to it: "
                 f"{_difference(signature, current)}. Pass a new save_path for this model"
             )
         return
