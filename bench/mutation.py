@@ -40,7 +40,12 @@ class Mutation:
 
 MONITOR = ("tests/test_monitor.py", "tests/test_monitor_activations.py", "tests/test_grad_stats_oracles.py")
 CAM_BASE = "src/bbdecoder/attribution/cam/base.py"
-CAM_TESTS = ("tests/test_gradcam.py", "tests/test_cam_contract.py", "tests/test_cam_methods.py")
+CAM_TESTS = (
+    "tests/test_gradcam.py",
+    "tests/test_cam_layers.py",
+    "tests/test_cam_contract.py",
+    "tests/test_cam_methods.py",
+)
 MUTATIONS = [
     Mutation(
         "dead_last_batch",
@@ -56,7 +61,7 @@ MUTATIONS = [
         "src/bbdecoder/integrations/ddp.py",
         "dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)",
         "dist.all_reduce(maxima, op=dist.ReduceOp.MIN, group=self.group)",
-        ("tests/test_ddp.py",),
+        ("tests/test_monitor_activations.py", "tests/test_ddp.py"),
     ),
     Mutation(
         "one_pass_variance",

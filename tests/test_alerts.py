@@ -159,6 +159,33 @@ def test_each_rule_fires_once_at_the_onset() -> None:
     assert [(a.kind, a.step) for a in engine.alerts[4:]] == [("exploding_grad", 30), ("vanishing_grad", 33)]
 
 
+def test_a_gradient_zero_by_construction_is_not_vanishing() -> None:
+    """A conv bias followed by BatchNorm has a zero gradient (up to rounding) from the first step."""
+    engine = AlertEngine(warn=False)
+    for step in range(20):
+        engine.observe(rows(step, {"a.weight": 1.0, "conv.bias": 3e-14 * (1 + step % 2)}))
+    assert engine.alerts == []
+
+
+def test_batchnorm_fed_bias_raises_no_alert_in_a_real_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Analyzer(net, tmp_path) as analyzer:
+            analyzer.attach(optimizer)
+            for _ in range(8):
+                loss = F.cross_entropy(net(torch.randn(16, 1, 6, 6)), torch.randint(0, 3, (16,)))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            grad = net[0].bias.grad
+            assert grad is not None and float(grad.norm()) < 1e-6 * float(net[0].weight.grad.norm())
+    assert analyzer.alerts is not None and analyzer.alerts.alerts == []
+    assert not [w for w in caught if issubclass(w.category, AlertWarning)]
+
+
 def test_dead_rule_thresholds_and_nonfinite_switch() -> None:
     engine = AlertEngine(AlertConfig(dead_rise=0.3, nonfinite=True), warn=False)
     for step, fraction in enumerate([0.1, 0.05, 0.3, 0.34, 0.36, 0.1, 0.5]):

@@ -63,6 +63,7 @@ class AlertEngine:
         self._norms: dict[tuple[int, str], deque[float]] = {}
         self._active: set[tuple[str, int, str]] = set()
         self._low_norm: dict[tuple[int, str], int] = {}
+        self._had_gradient: set[tuple[int, str]] = set()
         self._low_ratio: dict[tuple[int, str], int] = {}
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
@@ -192,7 +193,12 @@ class AlertEngine:
                 limit = max(c.vanish_relative * largest, c.vanish_absolute)
                 low = self._low_norm.get(key, 0) + 1 if value < limit else 0
                 self._low_norm[key] = low
-                if self._onset(R.VANISHING, layer_id, param, low >= c.vanish_patience):
+                if low == 0:
+                    self._had_gradient.add(key)
+                # a gradient that was never above the limit is zero by construction (a bias followed
+                # by BatchNorm, an attention key bias): it did not vanish, it never existed
+                vanished = low >= c.vanish_patience and key in self._had_gradient
+                if self._onset(R.VANISHING, layer_id, param, vanished):
                     message = (
                         f"vanishing gradient at step {step}: [{layer_id}] {layer} ({param}) has L2 norm "
                         f"{value:.3g}, below {limit:.3g} ({c.vanish_relative:g} x the step's largest norm) "

@@ -17,7 +17,9 @@ only after the series was healthy once more. Events are stored with these kinds:
     a parameter's gradient L2 norm stays below ``vanish_relative`` times the largest norm of that
     step (or below ``vanish_absolute``) for ``vanish_patience`` consecutive steps. Relative, because
     what matters is that a layer learns far slower than the rest; sustained, because one tiny
-    gradient (a saturated batch) is harmless.
+    gradient (a saturated batch) is harmless. Only a gradient that was once above that limit can
+    vanish: one that is tiny from the first step is zero by construction (a conv bias followed by
+    BatchNorm, a transformer's attention key bias, up to rounding) and is benign.
 ``dead_units_rising``
     a layer's dead-unit fraction rose by ``dead_rise`` or more above the lowest value it had. Units
     that die during training (ReLU units pushed negative for every input) never recover without
