@@ -159,12 +159,35 @@ def test_each_rule_fires_once_at_the_onset() -> None:
     assert [(a.kind, a.step) for a in engine.alerts[4:]] == [("exploding_grad", 30), ("vanishing_grad", 33)]
 
 
+def layer_rows(step: int, weight: float, bias: float) -> list[tuple]:
+    """A conv layer's weight and bias norms beside a healthy head."""
+    return [
+        (step, 0, 0, "conv", "conv.weight", "l2", weight),
+        (step, 0, 0, "conv", "conv.bias", "l2", bias),
+        (step, 0, 1, "fc", "fc.weight", "l2", 0.5),
+    ]
+
+
 def test_a_gradient_zero_by_construction_is_not_vanishing() -> None:
     """A conv bias followed by BatchNorm has a zero gradient (up to rounding) from the first step."""
     engine = AlertEngine(warn=False)
     for step in range(20):
         engine.observe(rows(step, {"a.weight": 1.0, "conv.bias": 3e-14 * (1 + step % 2)}))
     assert engine.alerts == []
+    # rounding noise around the limit: the bias's own weight still learns, so nothing vanished
+    engine = AlertEngine(warn=False)
+    for step in range(20):
+        bias = 2e-6 if step < 5 else 3e-7
+        engine.observe(layer_rows(step, weight=0.1, bias=bias))
+    assert engine.alerts == []
+    # the whole layer vanishing is still reported, on its weight and on its bias
+    engine = AlertEngine(warn=False)
+    for step in range(20):
+        low = 1.0 if step < 5 else 1e-9
+        engine.observe(layer_rows(step, weight=low, bias=low))
+    assert [(a.kind, a.step, a.param) for a in engine.alerts] == [
+        ("vanishing_grad", 7, "conv.weight"), ("vanishing_grad", 7, "conv.bias"),
+    ]
 
 
 def test_batchnorm_fed_bias_raises_no_alert_in_a_real_run(tmp_path: Path) -> None:

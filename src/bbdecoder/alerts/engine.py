@@ -173,6 +173,7 @@ class AlertEngine:
         c, new = self.config, list[Alert]()
         finite = [r[6] for r in rows if math.isfinite(r[6])]
         largest = max(finite, default=0.0)
+        weight_norms = {(r[2], r[4].rpartition(".")[0]): r[6] for r in rows if r[4].endswith("weight")}
         for step, epoch, layer_id, layer, param, _stat, value in rows:
             key = (layer_id, param)
             history = self._norms.setdefault(key, deque(maxlen=c.explode_window))
@@ -198,6 +199,11 @@ class AlertEngine:
                 # a gradient that was never above the limit is zero by construction (a bias followed
                 # by BatchNorm, an attention key bias): it did not vanish, it never existed
                 vanished = low >= c.vanish_patience and key in self._had_gradient
+                if param.endswith("bias"):
+                    # a layer whose weight still learns has not vanished: a tiny bias gradient beside
+                    # it is structural (the same BatchNorm and key-bias cases, with rounding noise)
+                    weight = weight_norms.get((layer_id, param.rpartition(".")[0]))
+                    vanished = vanished and not (weight is not None and weight >= limit)
                 if self._onset(R.VANISHING, layer_id, param, vanished):
                     message = (
                         f"vanishing gradient at step {step}: [{layer_id}] {layer} ({param}) has L2 norm "

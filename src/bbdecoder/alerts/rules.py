@@ -19,7 +19,8 @@ only after the series was healthy once more. Events are stored with these kinds:
     what matters is that a layer learns far slower than the rest; sustained, because one tiny
     gradient (a saturated batch) is harmless. Only a gradient that was once above that limit can
     vanish: one that is tiny from the first step is zero by construction (a conv bias followed by
-    BatchNorm, a transformer's attention key bias, up to rounding) and is benign.
+    BatchNorm, a transformer's attention key bias, up to rounding) and is benign; for the same
+    reason a bias whose layer's weight gradient is above the limit is not reported.
 ``dead_units_rising``
     a layer's dead-unit fraction rose by ``dead_rise`` or more above the lowest value it had. Units
     that die during training (ReLU units pushed negative for every input) never recover without
