@@ -228,7 +228,10 @@ def gradient_flow(ctx: ReportContext) -> Section | None:
     body = html.paragraph(
         "Mean and max |gradient| of every tracked parameter tensor, averaged over the epoch's steps "
         "(log axis by default). Vanishing gradients show as bars orders of magnitude below the others. "
-        "Hover a bar for its layer and parameter; drag to zoom, double-click to reset."
+        "Benign exception: the bias of a layer followed by BatchNorm (and a transformer's attention key "
+        "bias) has a zero gradient by construction, since the next operation removes any constant "
+        "shift; its bar sits at rounding level while its weight's bar is normal, and no alert is raised "
+        "for it. Hover a bar for its layer and parameter; drag to zoom, double-click to reset."
     )
     for epoch in shown:
         categories, bars = _flow(ctx, epoch)
@@ -339,7 +342,10 @@ def activations(ctx: ReportContext) -> Section | None:
     table = last.pivot_table(index=["layer_id", "layer"], columns="stat", values="value").reset_index()
     body = html.paragraph(
         "A unit (channel) is dead when its output was at or below the threshold for every sample and "
-        "position of the epoch; saturated means stuck at an activation's bound."
+        "position of the epoch; saturated means stuck at an activation's bound. For ReLU the lower "
+        "bound is 0, so its saturated fraction is the share of outputs that are exactly zero: around "
+        "half is normal for a ReLU and benign; dead units (zero for every input) are what to watch. "
+        "For sigmoid and tanh, a high saturated fraction means vanishing gradients through that layer."
     )
     for stat in ("dead_fraction", "saturated_fraction"):
         matrix = charts.stat_matrix(ctx.reader, stat, params_only=False, by="epoch")
