@@ -61,6 +61,38 @@ class CompletenessError(AssertionError):
         super().__init__(message + (f" {detail}" if detail else ""))
 
 
+_CONSTANT_KINDS: tuple[tuple[str, tuple[type[nn.Module], ...], tuple[str, ...]], ...] = (
+    ("LayerNorm", (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), ("LayerNorm", "RMSNorm", "GroupNorm")),
+    ("GELU", (nn.GELU,), ("GELU",)),
+    ("attention/softmax", (nn.MultiheadAttention, nn.Softmax), ("Attention", "Softmax")),
+    ("ReLU6", (nn.ReLU6, nn.Hardtanh), ("ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid")),
+)
+
+
+def non_bias_constants(model: nn.Module) -> list[str]:
+    """The kinds of layer in ``model`` whose constants are not Conv/Linear/BatchNorm biases, by
+    module type: ``LayerNorm`` (also RMSNorm, GroupNorm), ``GELU``, ``attention/softmax``, ``ReLU6``."""
+    found: list[str] = []
+    for label, types, names in _CONSTANT_KINDS:
+        for module in model.modules():
+            type_name = type(module).__name__
+            if isinstance(module, types) or any(n.lower() in type_name.lower() for n in names):
+                found.append(label)
+                break
+    return found
+
+
+def non_bias_constants_detail(model: nn.Module) -> str:
+    """The sentence naming :func:`non_bias_constants` for :class:`CompletenessError`, or ``""``."""
+    found = non_bias_constants(model)
+    if not found:
+        return ""
+    return (
+        f"This model has {', '.join(found)} layers, whose constants are not biases: explain it with "
+        "`SimpleFullGrad(model)` (or GradCAM, the rollouts)."
+    )
+
+
 def default_tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance of the completeness check: 1e-4 in float32 (the reference's), 1e-8 in float64."""
     return 1e-8 if dtype == torch.float64 else 1e-4
@@ -341,7 +373,7 @@ class FullGrad(_FullGradFamily):
         worst = float(rel.max())
         bound = default_tolerance(inputs.dtype) if tolerance is None else tolerance
         if not worst <= bound:  # also catches NaN
-            raise CompletenessError(worst, bound)
+            raise CompletenessError(worst, bound, non_bias_constants_detail(self.model))
         self._checked_shapes.add(tuple(inputs.shape[1:]))
         return worst
 
