@@ -180,3 +180,67 @@ def test_non_bias_constants_scan_module_types() -> None:
     assert non_bias_constants(_model("vit")) == ["LayerNorm", "GELU", "attention/softmax"]
     assert non_bias_constants(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU6())) == ["ReLU6"]
     assert non_bias_constants(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())) == []
+
+
+class _Block(nn.Module):
+    """timm's pre-norm ViT block layout: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.patch_size = (patch, patch)
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class _TimmStyleViT(nn.Module):
+    """timm's ViT layout: patch_embed.patch_size, cls_token and register tokens on the container,
+    blocks in an nn.Sequential, a final norm, the class token to the head."""
+
+    def __init__(self, depth: int = 3, dim: int = 16, registers: int = 2) -> None:
+        super().__init__()
+        self.patch_embed = _PatchEmbed(dim, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.reg_token = nn.Parameter(torch.randn(1, registers, dim))
+        self.blocks = nn.Sequential(*[_Block(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x)
+        n = t.shape[0]
+        t = torch.cat([self.cls_token.expand(n, -1, -1), self.reg_token.expand(n, -1, -1), t], dim=1)
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_default_cam_layer_on_a_timm_style_vit_with_registers(depth: int) -> None:
+    torch.manual_seed(0)
+    model = _TimmStyleViT(depth=depth).eval()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    cam = GradCAM(model)
+    got = cam.saliency(x, target=2)
+    assert cam.reshape == tokens(prefix=3)
+    # One block: its first norm's input is concatenated in the forward, no module's output, so the
+    # norm's own output (pytorch-grad-cam's blocks[-1].norm1).
+    layer = "blocks.0.norm1" if depth == 1 else f"blocks.{depth - 2}"
+    assert cam.layer_names == [layer]
+    assert got.shape == (2, 1, 32, 48)
+    assert (got.flatten(1).amax(1) > 0).all()
+    explicit = GradCAM(model, layer, reshape=tokens(prefix=3, grid=(4, 6))).saliency(x, target=2)
+    torch.testing.assert_close(got, explicit, rtol=0, atol=0)

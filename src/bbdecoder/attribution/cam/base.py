@@ -138,6 +138,12 @@ class BaseCAM(Explainer):
         a block's output comes after its residual branch, so branches are never chosen. Of the
         modules that output that same tensor (a stage, its last block, the block's last activation)
         the innermost is named, skipping pass-through modules such as ``nn.Identity``.
+
+        A vision transformer (a declared patch size: timm's ``patch_embed.patch_size``, a Hugging
+        Face ``config.patch_size``; token outputs ``(N, prefix + h * w, C)`` on the patch grid) gets
+        the input of the last block's first norm, i.e. the previous block's output (the last block's
+        own output reaches the head only through the class token, so its patch gradients are zero),
+        and, without a user ``reshape``, ``tokens(prefix)`` with ``prefix = tokens - h * w``.
         """
         from bbdecoder.attribution.cam.default_layer import find_default_layer
 

@@ -114,7 +114,8 @@ def _token_block(cam: BaseCAM, events: list[Event], inputs: torch.Tensor) -> tup
 
     That is the previous block's output (the token sequence before the last attention mixes the
     patches into the class token); the last block's output itself, the final norm's input, gets a
-    zero gradient at every patch token.
+    zero gradient at every patch token. Where no module outputs that input (a one-block model whose
+    token sequence is concatenated in the forward), the first norm's output.
 
     Applies when the model declares a patch size (timm's ``patch_embed.patch_size``, a Hugging Face
     ``config.patch_size``) and some module outputs a token sequence ``(1, prefix + h * w, C)`` on the
@@ -167,6 +168,10 @@ def _token_block(cam: BaseCAM, events: list[Event], inputs: torch.Tensor) -> tup
         if earlier is not None:
             block = earlier
             output = before[0][0]
+        elif prefix_of(first_norm[2]) is not None:
+            # No module outputs that sequence (built by torch.cat in the forward): the norm's output.
+            block = (first_norm[0], first_norm[1])
+            output = first_norm[2]
     name, module = block
     if cam.reshape is None:
         prefix = prefix_of(output)
