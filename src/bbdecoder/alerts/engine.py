@@ -69,6 +69,8 @@ class AlertEngine:
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
         self._first_step: int | None = None
         self._layer_names: dict[int, str] | None = None
+        self._series_names: dict[int, tuple[int, str]] = {}
+        self._stat_names: dict[int, str] = {}
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, writer: RunWriter) -> AlertEngine:
@@ -95,8 +97,12 @@ class AlertEngine:
         return self
 
     def _named(self, writer: RunWriter, rows: Iterable[ScalarRow]) -> list[Row]:
-        series = {sid: key for key, sid in writer._series.items()}
-        stats = {sid: name for name, sid in writer._stats.items()}
+        # ids are only ever added, so the inverse maps are rebuilt only when they grew
+        if len(self._series_names) != len(writer._series):
+            self._series_names = {sid: key for key, sid in writer._series.items()}
+        if len(self._stat_names) != len(writer._stats):
+            self._stat_names = {sid: name for name, sid in writer._stats.items()}
+        series, stats = self._series_names, self._stat_names
         if self._layer_names is None or any(series[r[2]][0] not in self._layer_names for r in rows):
             self._layer_names = dict(writer._conn.execute("SELECT layer_id, name FROM layers").fetchall())
         names = self._layer_names
