@@ -152,3 +152,13 @@ def test_output_key_errors(multi, tmp_path: Path, capsys) -> None:
         got = main(_argv(multi, tmp_path, mode, *extra))
         err = capsys.readouterr().err
         assert got == code and err.startswith("bbdecoder explain: error: ") and message in err, (mode, err)
+
+
+def test_the_printed_probability_is_not_a_softmax_of_probabilities() -> None:
+    from bbdecoder.cli import class_probabilities
+
+    logits = torch.tensor([[2.0, 0.5, -1.0]], dtype=torch.float64)
+    expected = torch.softmax(logits, dim=1)
+    torch.testing.assert_close(class_probabilities(logits), expected)
+    torch.testing.assert_close(class_probabilities(expected), expected)  # a softmax head's output
+    torch.testing.assert_close(class_probabilities(torch.log_softmax(logits, dim=1)), expected)

@@ -706,10 +706,26 @@ def _explain(args: argparse.Namespace) -> int:
             np.save(save_map, saliency[0, 0].cpu().numpy())
         except OSError as err:
             raise write_failed(save_map, err) from err
-    probability = float(torch.softmax(logits.double(), dim=1)[0, target])
+    probability = float(class_probabilities(logits)[0, target])
     print(f"predicted class {predicted}; explained class {target} (probability {probability:.3f})")
     print(f"wrote {out}" + (f" and {save_map}" if save_map is not None else ""))
     return EXIT_OK
+
+
+def class_probabilities(scores: Any) -> Any:
+    """The class probabilities of a model's (N, C) output: as they are when the model already ends in
+    a softmax (rows in [0, 1] summing to 1), ``exp`` of a log-softmax, else the softmax of the logits."""
+    import torch
+
+    from bbdecoder.attribution.outputs import probability_kind
+
+    kind = probability_kind(scores)
+    scores = scores.detach().double()
+    if kind == "softmax":
+        return scores
+    if kind == "log-softmax":
+        return scores.exp()
+    return torch.softmax(scores, dim=1)
 
 
 def _export(args: argparse.Namespace) -> int:
