@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import bbdecoder.attribution.integrated_gradients as ig_module
+import bbdecoder.attribution.path_chunks as path_chunks_module
 from bbdecoder import (
     FullGrad,
     GradCAM,
@@ -139,13 +139,13 @@ def test_absurd_n_steps_is_refused_before_any_allocation() -> None:
 
 def test_nodes_are_made_per_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
-    real = ig_module.quadrature_slice
+    real = path_chunks_module.quadrature_slice
 
     def recording(method: str, n_steps: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         sizes.append(stop - start)
         return real(method, n_steps, start, stop)
 
-    monkeypatch.setattr(ig_module, "quadrature_slice", recording)
+    monkeypatch.setattr(path_chunks_module, "quadrature_slice", recording)  # the IG path walk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3)).double()
     x = torch.rand(2, 4, dtype=torch.float64)

@@ -17,7 +17,8 @@ from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.layer_attribution import LayerSpec, layer_integrated_gradients, uses_layer
 from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
-from bbdecoder.attribution.quadrature import check_quadrature, quadrature_slice
+from bbdecoder.attribution.path_chunks import add_weighted, path_chunks
+from bbdecoder.attribution.quadrature import check_quadrature
 from bbdecoder.targets import (
     TargetError,
     TargetLike,
@@ -191,30 +192,13 @@ class IntegratedGradients(Explainer):
         The nodes and weights of each pass are computed for that pass only, so memory is bounded by
         ``rows_per_pass`` whatever ``n_steps`` is.
         """
-        n = x.shape[0]
-        total_rows = n * n_steps
-        diff = x - base
         accumulated = torch.zeros_like(x)
-        broadcast = (-1,) + (1,) * (x.dim() - 1)
-        for start in range(0, total_rows, rows_per_pass):
-            stop = min(start + rows_per_pass, total_rows)
-            first_step, last_step = start // n, (stop - 1) // n
-            alphas, weights = quadrature_slice(method, n_steps, first_step, last_step + 1)
-            alphas_x = alphas.to(dtype=x.dtype, device=x.device)
-            row = torch.arange(start, stop, device=x.device)
-            sample, step = row % n, torch.div(row, n, rounding_mode="floor") - first_step
-            with torch.no_grad():
-                path = base[sample] + alphas_x[step].view(broadcast) * diff[sample]
-            path.requires_grad_(True)
-            row_target = _rows_of(target, sample)
-            scores = select_scores(self.forward(path, sample), row_target, stop - start)
+        for chunk in path_chunks(base, x - base, method, n_steps, rows_per_pass):
+            path = chunk.path.requires_grad_(True)
+            row_target = _rows_of(target, chunk.sample)
+            scores = select_scores(self.forward(path, chunk.sample), row_target, chunk.stop - chunk.start)
             (grad,) = torch.autograd.grad(scores.sum(), path)
-            step_weights = weights.tolist()
-            for s in range(first_step, last_step + 1):
-                lo, hi = max(start, s * n), min(stop, (s + 1) * n)
-                sample_rows = slice(lo - s * n, hi - s * n)
-                weight = step_weights[s - first_step]
-                accumulated[sample_rows].add_(grad[lo - start : hi - start], alpha=weight)
+            add_weighted(accumulated, grad, chunk)
         return accumulated
 
     def _clean_scores(

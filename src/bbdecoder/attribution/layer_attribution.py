@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from bbdecoder.attribution.outputs import model_output
-from bbdecoder.attribution.quadrature import check_quadrature, quadrature_slice
+from bbdecoder.attribution.path_chunks import add_weighted, path_chunks
+from bbdecoder.attribution.quadrature import check_quadrature
 from bbdecoder.attribution.token_inputs import (
     KeywordCall,
     ModelInputs,
@@ -317,29 +318,14 @@ def layer_integrated_gradients(
             base_layer = layer_baseline_value(baseline, x_layer)
         diff = x_layer - base_layer
         accumulated = torch.zeros_like(x_layer)
-        broadcast = (-1,) + (1,) * (x_layer.dim() - 1)
-        total_rows = n * n_steps
-        for start in range(0, total_rows, rows_per_pass):
-            stop = min(start + rows_per_pass, total_rows)
-            first_step, last_step = start // n, (stop - 1) // n
-            alphas, weights = quadrature_slice(method, n_steps, first_step, last_step + 1)
-            alphas_x = alphas.to(dtype=x_layer.dtype, device=x_layer.device)
-            row = torch.arange(start, stop, device=x_layer.device)
-            sample, step = row % n, torch.div(row, n, rounding_mode="floor") - first_step
-            with torch.no_grad():
-                path = base_layer[sample] + alphas_x[step].view(broadcast) * diff[sample]
-            row_sample = sample.to(positions.device)
+        for chunk in path_chunks(base_layer, diff, method, n_steps, rows_per_pass):
+            row_sample = chunk.sample.to(positions.device)
 
             def score(output: Any, rows: torch.Tensor = row_sample) -> torch.Tensor:
                 return row_scores(output, frozen, rows, positions)
 
-            grad, _, _ = run.gradient_at(batch.rows(sample), path, score)
-            step_weights = weights.tolist()
-            for s in range(first_step, last_step + 1):
-                lo, hi = max(start, s * n), min(stop, (s + 1) * n)
-                accumulated[lo - s * n : hi - s * n].add_(
-                    grad[lo - start : hi - start], alpha=step_weights[s - first_step]
-                )
+            grad, _, _ = run.gradient_at(batch.rows(chunk.sample), chunk.path, score)
+            add_weighted(accumulated, grad, chunk)
         attribution = batch.mask_padding(diff * accumulated)
         if not return_convergence_delta:
             return attribution
