@@ -14,11 +14,12 @@ import numpy as np
 
 from bbdecoder.alerts import rules as R
 from bbdecoder.alerts.rules import AlertConfig
+from bbdecoder.store import vocabulary as V
 from bbdecoder.store.writer import RunWriter, ScalarRow
 
-GRAD_NORM = "l2"
-RATIO = "update_ratio"
-DEAD = "dead_fraction"
+GRAD_NORM = V.L2
+RATIO = V.UPDATE_RATIO
+DEAD = V.DEAD_FRACTION
 
 
 class AlertWarning(RuntimeWarning):

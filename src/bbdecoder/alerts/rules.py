@@ -43,14 +43,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NONFINITE = "nonfinite_grad"
-EXPLODING = "exploding_grad"
-VANISHING = "vanishing_grad"
-DEAD_RISING = "dead_units_rising"
-RATIO_BAND = "update_ratio_out_of_band"
-LOSS_SPIKE = "loss_spike"
+from bbdecoder.store import vocabulary as V
 
-ALERT_KINDS = (NONFINITE, EXPLODING, VANISHING, DEAD_RISING, RATIO_BAND, LOSS_SPIKE)
+NONFINITE = V.NONFINITE_GRAD
+EXPLODING = V.EXPLODING_GRAD
+VANISHING = V.VANISHING_GRAD
+DEAD_RISING = V.DEAD_UNITS_RISING
+RATIO_BAND = V.UPDATE_RATIO_OUT_OF_BAND
+LOSS_SPIKE = V.LOSS_SPIKE
+
+ALERT_KINDS = V.ALERT_KINDS
 """Every event kind an alert is stored under."""
 
 

@@ -14,12 +14,13 @@ from torch import nn
 from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, CHANNELS_FIRST, RECTIFIERS, ActivationProbe
+from bbdecoder.store import vocabulary as V
 from bbdecoder.store.writer import RunWriter
 
 PASS_THROUGH = (*ACTIVATION_FUNCTIONS, nn.Dropout, nn.Identity, nn.AlphaDropout)
 """Parameter-free leaves that keep the unit count of their input."""
 
-ACTIVATION_STATS = ("dead_fraction", "dead_count", "saturated_fraction", "channel_var")
+ACTIVATION_STATS = V.ACTIVATION_STATS
 
 
 def default_channel_dim(layer: LayerInfo, index: LayerIndex) -> int:

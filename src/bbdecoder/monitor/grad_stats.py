@@ -29,8 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-GRAD_STATS: tuple[str, ...] = ("mean", "mean_abs", "max_abs", "var", "l1", "l2")
-"""Gradient statistics per parameter tensor: mean, mean |g|, max |g|, population variance, L1, L2."""
+from bbdecoder.store.vocabulary import GRAD_STATS
 
 SMALL = 1 << 15
 """Tensors up to this many elements are reduced together in float64."""

@@ -26,9 +26,10 @@ from bbdecoder.inspect.features import (
 )
 from bbdecoder.layers import LayerIndex, LayerInfo
 from bbdecoder.report.blobs import store_image, store_table
+from bbdecoder.store.vocabulary import FEATURES_BLOB
 from bbdecoder.store.writer import RunWriter
 
-FEATURES_KIND = "features"
+FEATURES_KIND = FEATURES_BLOB
 
 
 class InspectionMixin:

@@ -24,21 +24,7 @@ from torch import nn
 from bbdecoder.hooks import HookManager
 from bbdecoder.monitor.noise_scale import NoiseScaleEMA, from_samples
 from bbdecoder.monitor.per_sample import PerSampleGradients, PerSampleStats
-
-PER_SAMPLE_STATS: tuple[str, ...] = ("sample_norm_mean", "sample_var", "sample_grad_sq")
-"""Per parameter tensor (and for the whole model): mean_i ||g_i||, (1/B) sum_i ||g_i - G||^2, ||G||^2."""
-
-NOISE_STATS: tuple[str, ...] = (
-    "batch_size",
-    "noise_trace",
-    "noise_grad_sq",
-    "noise_scale",
-    "noise_scale_ema",
-)
-"""Whole model only (layer_id -1, param "*"): B, unbiased tr(Sigma) and |G|^2, B_simple, smoothed."""
-
-MODEL_LAYER_ID = -1
-MODEL_PARAM = "*"
+from bbdecoder.store.vocabulary import MODEL_LAYER_ID, MODEL_PARAM, NOISE_STATS, PER_SAMPLE_STATS
 
 
 def per_sample_every(per_sample: bool | int | None) -> int:

@@ -17,8 +17,7 @@ from typing import Any
 from torch import nn
 
 from bbdecoder.store import StoreError
-
-PARAMETERS_ARTIFACT = "parameters.json"
+from bbdecoder.store.vocabulary import PARAMETERS_ARTIFACT
 
 
 def parameter_signature(model: nn.Module) -> list[list[Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bbdecoder.monitor.grad_stats import GRAD_STATS
+from bbdecoder.store.vocabulary import GRAD_STATS
 
 TENSORBOARD_DIRNAME = "tensorboard"
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-USER_LAYER_ID = -1
-USER_PARAM = "user"
-OPTIMIZER_PARAM = "optimizer"
+from bbdecoder.store.vocabulary import OPTIMIZER_PARAM, USER_LAYER_ID, USER_PARAM
+
+__all__ = ["OPTIMIZER_PARAM", "USER_LAYER_ID", "USER_PARAM", "check_epoch", "learning_rates", "scalar_value"]
 
 
 def scalar_value(name: str, value: Any) -> float:

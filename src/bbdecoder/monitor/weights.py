@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-QUANTILES: tuple[float, ...] = (0.01, 0.25, 0.5, 0.75, 0.99)
-"""Weight quantiles recorded per epoch (stored as ``weight_q01``, ``weight_q25``, ...)."""
+from bbdecoder.store.vocabulary import QUANTILES, quantile_name, weight_stat_names
 
-
-def quantile_name(q: float) -> str:
-    return f"weight_q{round(q * 100):02d}"
-
-
-def weight_stat_names(quantiles: tuple[float, ...] = QUANTILES) -> list[str]:
-    return ["weight_mean", "weight_std", "weight_l2", *[quantile_name(q) for q in quantiles]]
+__all__ = ["QUANTILES", "fixed_range", "histogram", "quantile_name", "weight_stat_names", "weight_statistics"]
 
 
 def fixed_range(weight: torch.Tensor, margin: float = 1.5) -> tuple[float, float]:

@@ -17,6 +17,7 @@ import pandas as pd
 from bbdecoder.report import charts, html
 from bbdecoder.report.blobs import IMAGE_KIND, TABLE_KIND, latest_records, read_table
 from bbdecoder.report.html import Section
+from bbdecoder.store import vocabulary as V
 from bbdecoder.store.reader import RunReader
 
 MAX_WEIGHT_HISTOGRAMS = 24
@@ -181,7 +182,7 @@ def layer_table(ctx: ReportContext) -> Section | None:
     layers = layers.copy()
     missing = layers["output_shape"].isna() | (layers["output_shape"] == "")
     if missing.any():  # a layer's recorded features (get_inter_features) know its output shape
-        features = ctx.reader.blobs(kind="features")
+        features = ctx.reader.blobs(kind=V.FEATURES_BLOB)
         for record in features.itertuples():
             shape = record.meta.get("shape")
             hit = missing & (layers["layer_id"] == record.layer_id)
@@ -214,7 +215,7 @@ def _flow(ctx: ReportContext, epoch: int) -> tuple[list[dict[str, object]], dict
     for layer_id, layer, param, stat, value in rows:
         key = (int(layer_id), str(param))
         keys.setdefault(key, {"layer_id": int(layer_id), "layer": str(layer or ""), "param": str(param)})
-        label = "mean |g|" if stat == "mean_abs" else "max |g|"
+        label = "mean |g|" if stat == V.MEAN_ABS else "max |g|"
         values[label][key] = float("nan") if value is None else float(value)
     bars = {label: np.array([v.get(k, np.nan) for k in keys]) for label, v in values.items()}
     return list(keys.values()), bars
@@ -264,7 +265,7 @@ def gradient_norms(ctx: ReportContext) -> Section | None:
                     f"grad-{stat}", f"{title} per step", matrix, stat, log=True, max_points=ctx.max_points
                 )
             )
-    ratios = charts.stat_matrix(ctx.reader, "update_ratio", params_only=True)
+    ratios = charts.stat_matrix(ctx.reader, V.UPDATE_RATIO, params_only=True)
     if ratios is not None:
         infinite = charts._rows(
             ctx.reader,
@@ -309,7 +310,7 @@ def _ratio_summary(ctx: ReportContext) -> pd.DataFrame:
 def weight_histograms(ctx: ReportContext) -> Section | None:
     from bbdecoder.report.figures import weight_histogram_grid
 
-    hist = ctx.reader.histograms(kind="weight")
+    hist = ctx.reader.weight_histograms()
     if hist.empty:
         return None
     params = list(dict.fromkeys(hist["param"]))
@@ -347,7 +348,7 @@ def activations(ctx: ReportContext) -> Section | None:
         "half is normal for a ReLU and benign; dead units (zero for every input) are what to watch. "
         "For sigmoid and tanh, a high saturated fraction means vanishing gradients through that layer."
     )
-    for stat in ("dead_fraction", "saturated_fraction"):
+    for stat in (V.DEAD_FRACTION, V.SATURATED_FRACTION):
         matrix = charts.stat_matrix(ctx.reader, stat, params_only=False, by="epoch")
         if matrix is not None:
             title = stat.replace("_", " ") + " per watched layer, over epochs"
@@ -408,7 +409,7 @@ def nonfinite_events(ctx: ReportContext) -> Section | None:
     if ctx.steps.empty and ctx.events.empty:
         return None
     events = ctx.events
-    bad = events[events["kind"] == "nonfinite_grad"]
+    bad = events[events["kind"] == V.NONFINITE_GRAD]
     if bad.empty:
         body = html.paragraph("No non-finite (NaN or Inf) gradient was recorded.")
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from bbdecoder.monitor.grad_stats import GRAD_STATS
+from bbdecoder.store.vocabulary import GRAD_STATS
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from bbdecoder.store.reader import RunReader, open_run
+from bbdecoder.store.vocabulary import GRAD_STATS
 
-GRAD_STAT_NAMES = ("mean", "mean_abs", "max_abs", "var", "l1", "l2")
+GRAD_STAT_NAMES = GRAD_STATS
 
 
 def scalar_tag(stat: str, param: str, layer: str) -> str:

@@ -21,6 +21,7 @@ from bbdecoder.store.connection import (
     wal_path,
 )
 from bbdecoder.store.schema import SCHEMA_VERSION, StoreError
+from bbdecoder.store.vocabulary import GRAD_STATS, WEIGHT_HISTOGRAM
 
 SCALAR_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "stat", "value"]
 EPOCH_COLUMNS = ["epoch", "layer_id", "layer", "param", "stat", "agg", "value"]
@@ -133,6 +134,17 @@ class RunReader:
         if not frames:
             return pd.DataFrame(columns=HISTOGRAM_COLUMNS)
         return pd.concat(frames, ignore_index=True)[HISTOGRAM_COLUMNS]
+
+    def weight_histograms(self) -> pd.DataFrame:
+        """The per-epoch weight histograms: :meth:`histograms` of kind
+        :data:`~bbdecoder.store.vocabulary.WEIGHT_HISTOGRAM`."""
+        return self.histograms(kind=WEIGHT_HISTOGRAM)
+
+    def gradient_scalars(self) -> pd.DataFrame:
+        """The per-step gradient statistics (:data:`~bbdecoder.store.vocabulary.GRAD_STATS`) of
+        every parameter tensor: :meth:`scalars` rows, same columns."""
+        frame = self.scalars()
+        return frame[frame.stat.isin(GRAD_STATS) & (frame.param != "") & (frame.layer_id >= 0)]
 
     def events(self, kind: str | None = None) -> pd.DataFrame:
         """Warnings and reports: ``event_id, step, epoch, time, kind, layer_id, layer, param, message,

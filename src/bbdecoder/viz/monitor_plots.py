@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bbdecoder.store.reader import RunReader, open_run
+from bbdecoder.store.vocabulary import DEAD_FRACTION, GRAD_STATS, SATURATED_FRACTION
 
 RunLike = str | Path | RunReader
 
@@ -74,7 +75,7 @@ def _epoch_grad_means(reader: RunReader, epoch: int) -> pd.DataFrame:
     return wide.reset_index()
 
 
-_GRAD_STATS = ("mean", "mean_abs", "max_abs", "var", "l1", "l2")
+_GRAD_STATS = GRAD_STATS
 
 
 def plot_gradient_flow(run: RunLike, folder: str | Path, epoch: int, scale: str = "log") -> Path:
@@ -153,7 +154,7 @@ def plot_weight_histograms(
     counts) or a ridge plot. Files ``weight_hist_{param}_ep{last epoch}.png``."""
     if style not in {"heatmap", "ridge"}:
         raise ValueError(f"style must be 'heatmap' or 'ridge', got {style!r}")
-    hist = _reader(run).histograms(kind="weight")
+    hist = _reader(run).weight_histograms()
     if hist.empty:
         raise ValueError("the run has no weight histograms yet (they are recorded at each epoch end)")
     if params is not None:
@@ -191,12 +192,12 @@ def plot_weight_histograms(
 def plot_activation_fractions(run: RunLike, folder: str | Path) -> Path:
     """Dead and saturated fractions of each watched layer over epochs, ``activations_ep{last}.png``."""
     sc = _reader(run).scalars()
-    sc = sc[sc.stat.isin(["dead_fraction", "saturated_fraction"])]
+    sc = sc[sc.stat.isin([DEAD_FRACTION, SATURATED_FRACTION])]
     if sc.empty:
         raise ValueError("the run has no activation statistics (watch_activations was not used)")
     last = int(sc["epoch"].max())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, stat in zip(axes, ["dead_fraction", "saturated_fraction"], strict=True):
+    for ax, stat in zip(axes, [DEAD_FRACTION, SATURATED_FRACTION], strict=True):
         part = sc[sc.stat == stat].dropna(subset=["value"])
         for layer, g in part.groupby("layer", sort=False):
             ax.plot(g["epoch"], g["value"], marker="o", label=layer)
