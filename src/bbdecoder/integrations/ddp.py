@@ -9,9 +9,10 @@ the same everywhere; what differs per rank is the loss and what each rank's forw
 - reduce each step's stacked statistics vector with **one** ``all_reduce`` (the mean over ranks:
   the gradient statistics are unchanged, the loss becomes the mean of the ranks' losses, and a
   NaN on any rank stays NaN),
-- merge the activation state once per epoch (``all_reduce`` MAX of the per-channel maxima, SUM of
-  the counts), so dead units are units dead on every rank and saturated fractions count every
-  sample.
+- merge the activation state once per epoch by the reductions each probe declares (``STATE``,
+  :mod:`bbdecoder.monitor.probe_state`): MAX of the per-channel maxima, SUM of the counts, so dead
+  units are units dead on every rank and saturated fractions count every sample; any other probe
+  with declared state merges the same way (:meth:`RankSync.reduce_probes`).
 
 Every rank must call the recording methods (``backward_propagation``/``step`` every iteration,
 ``end_epoch``/``close``): they are collective. Draw figures on the writer rank only.
@@ -19,6 +20,7 @@ Every rank must call the recording methods (``backward_propagation``/``step`` ev
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from bbdecoder.layers import LayerSelection
 from bbdecoder.monitor.activations import ActivationProbe
 from bbdecoder.monitor.analyzer import Analyzer
 from bbdecoder.monitor.coverage import unwrap_model
+from bbdecoder.monitor.probe_state import StatefulProbe, merge_states
 from bbdecoder.store.writer import RunWriter
 
 
@@ -129,40 +132,30 @@ class RankSync:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
         return reduced / self.world_size
 
-    def reduce_activations(self, probes: dict[int, ActivationProbe]) -> None:
-        """Merge every probe's epoch state across ranks, in place: per-channel maxima (MAX: a unit
-        is dead only when it is dead on every rank) and the saturation counts, element totals,
-        channel-variance sums and forward counts (SUM)."""
+    def reduce_probes(self, probes: Iterable[StatefulProbe]) -> None:
+        """Merge the declared state (``STATE``, see :mod:`bbdecoder.monitor.probe_state`) of every
+        probe across ranks, in place: one ``all_reduce`` per reduction kind, one ``all_gather`` per
+        ``cat`` tensor. Every rank must pass the same probes in the same order."""
         if self.world_size == 1:
             return
-        live = [probe for _, probe in sorted(probes.items()) if probe.seen]
-        if not live:
-            return
-        maxima = torch.cat([p.max.reshape(-1).double() for p in live if p.max is not None])
-        sums = torch.stack(
-            [
-                t.double().to(maxima.device)
-                for p in live
-                for t in (p.saturated, p.total, p.channel_var, p.forwards)
-                if t is not None
-            ]
-        )
-        maxima = self._on_backend(maxima).clone()
-        sums = self._on_backend(sums).clone()
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        merged = sums.reshape(len(live), 4)
-        pos = 0
-        for probe, row in zip(live, merged, strict=True):
-            assert probe.max is not None
-            n = probe.max.numel()
-            probe.max.copy_(maxima[pos : pos + n].reshape(probe.max.shape))
-            pos += n
-            for target, value in zip(
-                (probe.saturated, probe.total, probe.channel_var, probe.forwards), row, strict=True
-            ):
-                assert target is not None
-                target.copy_(value)
+        merge_states(list(probes), self._all_reduce, self._all_gather, self.world_size)
+
+    def reduce_activations(self, probes: dict[int, ActivationProbe]) -> None:
+        """Merge the activation probes' epoch state across ranks (by their declared reductions:
+        per-channel maxima MAX, so a unit is dead only when it is dead on every rank; counts and
+        sums SUM)."""
+        self.reduce_probes(probe for _, probe in sorted(probes.items()))
+
+    def _all_reduce(self, flat: torch.Tensor, op: str) -> torch.Tensor:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        out = self._on_backend(flat).clone()
+        dist.all_reduce(out, op=ops[op], group=self.group)
+        return out
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, tensor.cpu(), group=self.group)
+        return list(parts)
 
 
 class DistributedAnalyzer(Analyzer):

@@ -7,12 +7,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo
+from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, CHANNELS_FIRST, RECTIFIERS, ActivationProbe
 from bbdecoder.store import vocabulary as V
 from bbdecoder.store.writer import RunWriter
@@ -79,7 +79,7 @@ class ActivationWatcher:
             if expected is not None:
                 probe.allocate(*expected)
             self.probes[layer.id] = probe
-            self.writer.series_id(layer.id, "")
+            self.writer.series_id(layer.id, V.ACTIVATION_PARAM)
             self.hooks.forward_hook(layer.module, self._hook(probe, layer))
 
     def _hook(self, probe: ActivationProbe, layer: LayerInfo) -> Callable[..., None]:
@@ -107,7 +107,7 @@ class ActivationWatcher:
         return float(torch.stack(counts).sum().cpu()) if counts else 0.0
 
     def record(self, step: int, epoch: int) -> None:
-        """Buffer this epoch's activation statistics (one host copy for all layers) and reset."""
+        """Store this epoch's activation statistics (one host copy for all layers) and reset."""
         live = {lid: pr for lid, pr in self.probes.items() if pr.seen}
         if not live:
             return
@@ -118,42 +118,32 @@ class ActivationWatcher:
             parts.append(probe.max.double())
             parts.append(torch.stack([probe.saturated, probe.total, probe.channel_var, probe.forwards]))
         host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy()
-        ids = {name: self.writer.stat_id(name) for name in ACTIVATION_STATS}
-        rows = []
-        pos = 0
+        states, pos = [], 0
         for lid, probe in live.items():
             assert probe.max is not None
             c = probe.max.numel()
-            cmax = host[pos : pos + c]
-            sat, total, cvar, forwards = host[pos + c : pos + c + 4]
+            sat, total, cvar, forwards = (float(v) for v in host[pos + c : pos + c + 4])
+            name = self.index[lid].display_name
+            has_saturation = probe.saturation is not None
+            states.append(
+                ProbeEpoch(
+                    lid,
+                    name,
+                    host[pos : pos + c],
+                    sat,
+                    total,
+                    cvar,
+                    forwards,
+                    probe.threshold,
+                    probe.dead,
+                    has_saturation,
+                )
+            )
             pos += c + 4
-            if forwards == 0:
-                continue
-            sid = self.writer.series_id(lid, "")
-            stats: list[tuple[str, float]] = [
-                (
-                    "saturated_fraction",
-                    sat / total if probe.saturation is not None and total else float("nan"),
-                ),
-                ("channel_var", cvar / forwards),
-            ]
-            if probe.dead:
-                dead = cmax <= probe.threshold
-                stats += [("dead_fraction", float(dead.mean())), ("dead_count", float(dead.sum()))]
-                if dead.any():
-                    where = f"[{lid}] {self.index[lid].display_name}"
-                    self.writer.add_event(
-                        "dead_units",
-                        f"{int(dead.sum())} of {c} units dead in {where}",
-                        step=step,
-                        epoch=epoch,
-                        layer_id=lid,
-                        data={"channels": np.flatnonzero(dead).tolist()},
-                    )
-            rows += [(step, epoch, sid, ids[name], float(value)) for name, value in stats]
-            self.last_max[lid] = probe.max.detach().clone()
-            probe.reset()
-        self.writer.add_scalars(rows)
+            if forwards:
+                self.last_max[lid] = probe.max.detach().clone()
+                probe.reset()
+        store_activation_epoch(self.writer, states, step, epoch)
 
     def check_dims(self, shapes: dict[int, list[int]]) -> None:
         """Refuse a channel dim outside a watched layer's output (shapes from ``input_size``)."""

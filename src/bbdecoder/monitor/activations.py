@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bbdecoder.monitor.probe_state import ACTIVATION_STATE, StatefulProbe
+
 SaturationFn = Callable[[torch.Tensor], torch.Tensor]
 
 RECTIFIERS: tuple[type[nn.Module], ...] = (
@@ -117,7 +119,7 @@ def channels_first(output: torch.Tensor, dim: int) -> torch.Tensor:
     return output.movedim(dim, 0).reshape(output.shape[dim], -1)
 
 
-class ActivationProbe:
+class ActivationProbe(StatefulProbe):
     """Running activation state of one layer over the current epoch (all tensors, updated in place).
 
     - ``max``: per channel, the largest activation seen; a unit is **dead** when this is
@@ -126,7 +128,12 @@ class ActivationProbe:
     - ``saturated`` / ``total``: element counts (for activation modules with a saturation test).
     - ``channel_var``: population variance, across channels, of each channel's mean activation,
       summed over forwards (divide by ``forwards``).
+
+    The state and how it merges across ranks is declared in ``STATE``
+    (:data:`~bbdecoder.monitor.probe_state.ACTIVATION_STATE`).
     """
+
+    STATE = ACTIVATION_STATE
 
     def __init__(self, module: nn.Module, threshold: float, eps: float, dim: int, *, dead: bool) -> None:
         self.threshold = threshold

@@ -1,5 +1,6 @@
 """The seed's interface of the training monitor: ``forward_propagation``, ``backward_propagation``,
-``save_collected_grads``, ``visualize_weight_hist`` (a mixin of :class:`~bbdecoder.monitor.Analyzer`)."""
+``save_collected_grads``, ``visualize_weight_hist``; :class:`Analyzer` is the
+:class:`~bbdecoder.monitor.core.TorchMonitor` with these calls."""
 
 from __future__ import annotations
 
@@ -9,19 +10,67 @@ from typing import Any
 import torch
 
 from bbdecoder.layers import LayerSelection
+from bbdecoder.monitor.core import TorchMonitor
 
 
-class SeedInterface:
-    """The original BBDecoder calls, on top of the analyzer's recording."""
+class Analyzer(TorchMonitor):
+    """Record gradient, weight and activation statistics of ``model`` while it trains.
 
-    def forward_propagation(self: Any, *inputs: Any, **kwargs: Any) -> Any:
+    Args:
+        model: the model; it is never modified (except by an explicit :meth:`prune_dead`). A
+            ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` wrapper is seen
+            through: names are the unwrapped model's ``state_dict`` names, and
+            :meth:`forward_propagation` calls the wrapper.
+        save_path: folder of the run store (created). A store that already holds steps is refused
+            unless ``resume=True``.
+        input_size: e.g. ``(1, 3, 32, 32)``; when given, :meth:`summary` shows output shapes.
+        layers: whose parameters are tracked (IDs, names, globs, types, also the name or ID of a
+            module with children that owns parameters; ``None``: every trainable parameter, see
+            :mod:`bbdecoder.monitor.coverage`).
+        weights: record update ratios every step and weight histograms/quantiles every epoch.
+        activations: layers whose outputs are watched (``None``/``False``: none; ``True``: every
+            activation-function module; a selection: those layers, see :meth:`watch_activations`).
+        dead_threshold: a unit is dead when its activation is <= this for every sample seen.
+        saturation_eps: the margin of the saturation bounds (sigmoid, tanh).
+        channel_dim: the unit dimension of watched outputs (``None``: per layer kind, 1 for conv /
+            norm / pool outputs ``(N, C, ...)``, the last dim otherwise, e.g. ``(N, L, D)``).
+        histogram_bins: number of fixed bins of the weight histograms.
+        quantiles: weight quantiles recorded per epoch (numbers in [0, 1]).
+        scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients.
+        flush_every: write to the store every this many recorded steps (1: a crash loses at most
+            the last step).
+        every: record statistics every this many steps (1: every step). Steps in between are
+            counted (step numbers stay those of the optimizer steps) but not stored.
+        sync: a rank synchroniser for ``torch.distributed`` runs (see
+            :class:`bbdecoder.integrations.ddp.RankSync`): it opens the store on one rank only and
+            reduces each step's statistics and each epoch's activation state across ranks.
+        tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
+            folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
+        per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
+            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
+        alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
+            events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
+            :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.
+        resume: append to the store in ``save_path`` (steps and epochs continue after its last ones);
+            refused with the reason when it holds another model (other parameter names or shapes).
+            Without it a store that holds steps is refused (see :mod:`bbdecoder.monitor.run_folder`).
+
+    The seed's calls (``forward_propagation``, ``backward_propagation``, ``save_collected_grads``,
+    ``visualize_weight_hist``) are defined here, the rest in :class:`~bbdecoder.monitor.core.TorchMonitor`.
+
+    Every argument is checked before anything is registered; a constructor that fails leaves no
+    hook and no open store behind, and an Analyzer that is dropped without :meth:`close` detaches
+    itself when it is garbage-collected (its hooks hold only a weak reference to it).
+    """
+
+    def forward_propagation(self, *inputs: Any, **kwargs: Any) -> Any:
         """``model(*inputs, **kwargs)`` through the model as given (a ``torch.compile`` or DDP
         wrapper runs its own forward); activation hooks record when watching."""
         self._check_open()
         return self.wrapped(*inputs, **kwargs)
 
     def backward_propagation(
-        self: Any,
+        self,
         loss: torch.Tensor,
         collect_grads: bool = True,
         layer_inds: LayerSelection = None,
@@ -56,7 +105,7 @@ class SeedInterface:
             self._record_step(selected, loss.detach())
 
     def save_collected_grads(
-        self: Any, save_folder: str | Path | None = None, ep: int | None = None
+        self, save_folder: str | Path | None = None, ep: int | None = None
     ) -> list[Path]:
         """End epoch ``ep``: store per-epoch aggregates, weight histograms/quantiles and activation
         statistics, then draw the gradient figures of that epoch into ``save_folder`` (default
@@ -71,7 +120,7 @@ class SeedInterface:
         ]
 
     def visualize_weight_hist(
-        self: Any,
+        self,
         save_folder: str | Path | None = None,
         layer_inds: LayerSelection = None,
         *,
@@ -91,3 +140,7 @@ class SeedInterface:
 
         folder = Path(save_folder) if save_folder is not None else self.save_path / "figures"
         return plot_weight_histograms(self.save_path, folder, params=[p.name for p in params], style=style)
+
+
+Master_analyzer = Analyzer
+"""The seed's name for :class:`Analyzer`."""

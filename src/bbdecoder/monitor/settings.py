@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from bbdecoder.validation import check_positive_int
@@ -35,3 +36,31 @@ def check_settings(
     if not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise ValueError(f"dead_threshold must be a number, got {threshold!r}")
     return qs
+
+
+def check_alerts(alerts: Any) -> None:
+    from bbdecoder.alerts import AlertConfig
+
+    if not isinstance(alerts, (bool, AlertConfig)):
+        raise TypeError(f"alerts= takes True, False or an AlertConfig, got {type(alerts).__name__}")
+
+
+def check_tensorboard(tensorboard: Any) -> None:
+    if tensorboard is not None and not isinstance(tensorboard, (bool, str, Path)):
+        from bbdecoder.monitor.tensorboard import TensorBoardLogger
+
+        if not isinstance(tensorboard, TensorBoardLogger):
+            raise TypeError(
+                "tensorboard= takes True, a log folder or a TensorBoardLogger, got "
+                f"{type(tensorboard).__name__}"
+            )
+
+
+def alert_engine(alerts: Any, writer: Any) -> Any:
+    """The alert rules watching ``writer``; None when turned off and on ranks that do not write."""
+    from bbdecoder.alerts import AlertEngine
+    from bbdecoder.store.writer import RunWriter
+
+    if alerts is False or not isinstance(writer, RunWriter):
+        return None
+    return AlertEngine(None if alerts is True else alerts).attach(writer)

@@ -22,9 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from bbdecoder.store.vocabulary import OPTIMIZER_PARAM, USER_LAYER_ID, USER_PARAM
+from bbdecoder.store.vocabulary import AGG_VALUE, OPTIMIZER_PARAM, USER_LAYER_ID, USER_PARAM
 
-__all__ = ["OPTIMIZER_PARAM", "USER_LAYER_ID", "USER_PARAM", "check_epoch", "learning_rates", "scalar_value"]
+__all__ = [
+    "OPTIMIZER_PARAM",
+    "USER_LAYER_ID",
+    "USER_PARAM",
+    "UserLogMixin",
+    "check_epoch",
+    "learning_rates",
+    "scalar_value",
+]
 
 
 def scalar_value(name: str, value: Any) -> float:
@@ -65,3 +73,57 @@ def learning_rates(optimizers: list[torch.optim.Optimizer]) -> list[tuple[str, f
             if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(float(lr)):
                 out.append((f"{prefix}lr" + (f"_group{i}" if i else ""), float(lr)))
     return out
+
+
+class UserLogMixin:
+    """``Analyzer.log`` and the learning rates of attached optimizers (a mixin of the Analyzer)."""
+
+    def log(self: Any, *, epoch: int | bool | None = None, step: int | None = None, **scalars: Any) -> None:
+        """Store your own values in the run: ``log(val_acc=0.91)``, ``log(loss=loss)``, ``log(epoch=3, ...)``.
+
+        Each value is a number or a one-element tensor. Per step (default) the values are labelled with
+        the optimizer step just counted (call after ``optimizer.step()``; ``step=`` to choose another)
+        and read back with ``open_run(path).scalars()`` as rows ``layer_id=-1, param="user",
+        stat=<name>``; ``loss=`` is also the step's loss in ``steps()`` (the report's loss curve).
+        With ``epoch=`` (a number, or ``True`` for the epoch the values are about: the one that just
+        ended when no step was recorded since) they are per-epoch rows of ``epoch_scalars()`` with
+        ``agg="value"``. The learning rates of attached optimizers are recorded without a call. See
+        :mod:`bbdecoder.monitor.user_scalars`.
+        """
+        self._check_open()
+        if not scalars:
+            raise TypeError("log() needs at least one value, e.g. analyzer.log(val_acc=0.9)")
+        epoch = check_epoch(epoch)
+        values = [(name, scalar_value(name, value)) for name, value in scalars.items()]
+        series = self.writer.series_id(USER_LAYER_ID, USER_PARAM)
+        if epoch is not None:
+            if step is not None:
+                raise TypeError("log() takes step= or epoch=, not both")
+            if epoch is True:
+                ended = self._epoch_first_step is None and self._step > self._first_step and self._epoch > 0
+                epoch = self._epoch - 1 if ended else self._epoch
+            self.writer.add_epoch_scalars(
+                [(int(epoch), series, self.writer.stat_id(name), AGG_VALUE, v) for name, v in values]
+            )
+            self.writer.flush()  # an epoch's values at once
+            return
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise TypeError(f"log(step=...) takes a step number >= 0, got {step!r}")
+        at = step if step is not None else (self._step - 1 if self._step > self._first_step else self._step)
+        self.writer.add_scalars(
+            [(at, self._epoch, series, self.writer.stat_id(name), v) for name, v in values]
+        )
+        if "loss" in scalars:
+            set_loss = getattr(self.writer, "set_loss", None)  # the non-writing ranks' writer has none
+            if set_loss is not None:
+                set_loss(at, dict(values)["loss"])
+        # per-step values are written with the next step's flush (and by close)
+
+    def _log_learning_rates(self: Any) -> None:
+        rates = learning_rates(self._optimizers)
+        if rates:
+            series = self.writer.series_id(USER_LAYER_ID, OPTIMIZER_PARAM)
+            step = self._step - 1
+            self.writer.add_scalars(
+                [(step, self._epoch, series, self.writer.stat_id(n), v) for n, v in rates]
+            )

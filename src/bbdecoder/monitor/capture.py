@@ -1,0 +1,228 @@
+"""The PyTorch capture of the training monitor (a mixin of the Analyzer): the gradient hooks that
+count backward passes and note the backward order, the fused device statistics of each step in one
+vector (gradient statistics, update ratios, loss), one host copy per step (deferred on CUDA), and
+the hand-over of host arrays to the shared :class:`~bbdecoder.monitor.recorder.Recorder`."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bbdecoder.layers import LayerSelection
+from bbdecoder.monitor.recorder import Series
+from bbdecoder.store.vocabulary import GRAD_STATS
+
+_NSTATS = len(GRAD_STATS)
+
+
+@dataclass
+class _Param(Series):
+    tensor: torch.Tensor = None  # type: ignore[assignment]  # always given; a default after Series' fields
+
+
+@dataclass
+class _StepMeta:
+    step: int
+    epoch: int
+    rows: list[int]
+    ratio_label: tuple[int, int] | None
+    ratio_n: int
+    has_loss: bool
+    grad_order: list[int]
+
+
+class GradientCapture:
+    """``_record_step`` and what feeds it; the analyzer provides the attributes used here."""
+
+    _params: list[_Param]
+    _accumulated: int
+    _grad_order: list[int]
+
+    def _select_params(self: Any, selection: LayerSelection) -> list[_Param]:
+        if selection is None:
+            return list(self._params)
+        owners = self.owners.select(selection)
+        missing = [o for o in owners if o.id not in self._by_layer and o.num_params > 0]
+        tracked = self._by_owner_ids()
+        if [o for o in missing if o.id not in tracked]:
+            raise KeyError(
+                f"layers {[o.display_name for o in missing]} are not tracked by this Analyzer; add them to "
+                "Analyzer(..., layers=...)"
+            )
+        return [p for o in owners for p in self._by_layer.get(o.id, [])]
+
+    def _inv_scale(self: Any) -> float:
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        states = getattr(scaler, "_per_optimizer_states", {})
+        if any(int(getattr(s.get("stage"), "value", 0)) == 1 for s in states.values()):  # OptState.UNSCALED
+            return 1.0
+        return 1.0 / float(scaler.get_scale())
+
+    def _record_step(self: Any, selected: list[_Param], loss: torch.Tensor | None) -> None:
+        if self._accumulated == 0:
+            raise RuntimeError(
+                "no gradient was computed since the last recorded step: call loss.backward() (or "
+                "backward_propagation) before step(), once per iteration"
+            )
+        with_grad = [p for p in selected if p.tensor.grad is not None]
+        if not with_grad:
+            raise RuntimeError("none of the selected layers has a gradient; did the loss depend on them?")
+        record = self._calls % self.every == 0
+        self._calls += 1
+        step, epoch = self._step, self._epoch
+        ratio_label, ratio_n, parts = self._ratio_label, 0, []
+        if self.track_weights and (record or ratio_label is not None):
+            current = [p.tensor.detach() for p in self._params]
+            if ratio_label is not None and self._ratios.ready:
+                parts.append(self._ratios.measure(current, keep=record))
+                ratio_n = len(self._params)
+            elif record:
+                self._ratios.remember(current)
+            self._ratio_label = (step, epoch) if record else None
+        if not record:
+            self._finish_step()
+            if ratio_n and ratio_label is not None:  # the update of the last recorded step, alone
+                self._submit(
+                    parts[0], _StepMeta(step, epoch, [], ratio_label, ratio_n, False, []), step=False
+                )
+            return
+        grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # sharded: ShardSync's
+        stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())
+        extra = [row for source in self._row_sources for row in source.rows(step, epoch)]
+        if extra:
+            self.writer.add_scalars(extra)
+        parts.insert(0, stats.reshape(-1))
+        if loss is not None:
+            parts.append(loss.reshape(1).double().to(stats.device))
+        rows = [p.row for p in with_grad]
+        meta = _StepMeta(step, epoch, rows, ratio_label, ratio_n, loss is not None, list(self._grad_order))
+        if self._epoch_first_step is None:
+            self._epoch_first_step = step
+        if self._activations.probes and not self._activations.checked:
+            self._activations.warn_unseen()
+        self._finish_step()
+        self._submit(torch.cat(parts), meta, step=True)
+
+    def _finish_step(self: Any) -> None:
+        self._grad_order.clear()
+        self._accumulated = 0
+        self._step += 1
+
+    def _submit(self: Any, vector: torch.Tensor, meta: _StepMeta, *, step: bool) -> None:
+        if self.sync is not None:
+            vector = self.sync.reduce_step(vector)
+        for host, ready in self._host.submit(vector, meta):
+            self._process(host, ready)
+        if step:
+            self._recorded += 1
+            if self._recorded % self.flush_every == 0 and not self._host.in_flight:
+                self.writer.flush()
+
+    def _drain(self: Any) -> None:
+        for host, meta in self._host.drain():
+            self._process(host, meta)
+
+    def _process(self: Any, host: np.ndarray, meta: _StepMeta) -> None:
+        """Hand one step's host vector to the recorder (and TensorBoard)."""
+        n = len(meta.rows)
+        values = host[: n * _NSTATS].reshape(n, _NSTATS)
+        if meta.ratio_n and meta.ratio_label is not None:
+            label_step, label_epoch = meta.ratio_label
+            ratios = host[n * _NSTATS : n * _NSTATS + meta.ratio_n]
+            self.recorder.ratios(label_step, label_epoch, range(len(self._params)), ratios)
+        if not n:
+            return
+        loss = float(host[-1]) if meta.has_loss else None
+        order = meta.grad_order
+        self.recorder.step(
+            meta.step, meta.epoch, meta.rows, values, loss, first_bad=lambda bad: _first_in(bad, order)
+        )
+        if self.tensorboard is not None:
+            params = [self._params[r] for r in meta.rows]
+            tensors = {p.name: p.tensor for p in self._params}
+            self.tensorboard.record_step(meta.step, [p.name for p in params], values, loss, tensors)
+        if self._host.deferred and self._recorded % self.flush_every == 0:
+            self.writer.flush()
+
+    def _flush_ratio(self: Any) -> None:
+        """Measure the update made after the last recorded step (its ``optimizer.step()``)."""
+        if not self._ratios.ready or self._ratio_label is None:
+            return
+        ratios = self._ratios.measure([p.tensor.detach() for p in self._params], keep=True)
+        if hasattr(self.sync, "update_ratios"):
+            ratios = self.sync.reduce_step(ratios)  # sharded: combine the ranks' partial sums
+        step, epoch = self._ratio_label
+        self.recorder.ratios(step, epoch, range(len(self._params)), ratios.double().cpu().numpy())
+        self._ratio_label = None
+
+    def _record_weights(self: Any, params: list[_Param], step: int, epoch: int) -> None:
+        tensors = getattr(self.sync, "full_tensors", list)([p.tensor for p in params])  # sharded: unsharded
+        self.recorder.weights(step, epoch, [p.row for p in params], tensors)
+
+
+def _first_in(bad: list[Series], grad_order: list[int]) -> Series:
+    """The first of ``bad`` in backward order (no order recorded: the last declared one)."""
+    rows = {s.row: s for s in bad}
+    ordered = [r for r in dict.fromkeys(grad_order) if r in rows]
+    return rows[ordered[0] if ordered else max(rows)]
+
+
+class SyncRatios:
+    """:class:`UpdateRatios`' interface over a sync that measures the ratios itself (FSDP2's
+    ``ShardSync.update_ratios(snapshot, current)``, which also refreshes the snapshot)."""
+
+    def __init__(self, measure: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]) -> None:
+        self._measure = measure
+        self._snapshot: list[torch.Tensor] | None = None
+        self.ready = False
+
+    def reset(self) -> None:
+        self._snapshot, self.ready = None, False
+
+    def remember(self, current: list[torch.Tensor]) -> None:
+        if self._snapshot is None:
+            self._snapshot = [t.detach().clone() for t in current]
+        else:
+            for s, c in zip(self._snapshot, current, strict=True):
+                s.copy_(c)
+        self.ready = True
+
+    def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
+        assert self._snapshot is not None
+        ratios = self._measure(self._snapshot, current)
+        self.ready = keep
+        return ratios
+
+
+def order_hook(ref: weakref.ReferenceType[Any], row: int) -> Callable[[torch.Tensor], None]:
+    """The gradient hook of one tracked parameter; a weak reference, so it keeps nothing alive."""
+
+    def hook(_tensor: torch.Tensor) -> None:
+        analyzer = ref()
+        if analyzer is not None:
+            analyzer._grad_order.append(row)
+            analyzer._accumulated += 1
+
+    return hook
+
+
+def loss_tensor(loss: Any) -> torch.Tensor | None:
+    """``loss`` (a scalar tensor or a number) as a detached tensor, or ``None``."""
+    if loss is None:
+        return None
+    if isinstance(loss, (int, float, np.floating, np.integer)) and not isinstance(loss, bool):
+        return torch.tensor(float(loss), dtype=torch.float64)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a scalar tensor or a number, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss must be a scalar, got shape {tuple(loss.shape)}; reduce it first (loss.mean())"
+        )
+    return loss.detach()
