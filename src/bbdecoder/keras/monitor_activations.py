@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.monitor.activation_watch import ACTIVATION_STATS
+from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
+from bbdecoder.monitor.probe_state import ACTIVATION_STATE
+from bbdecoder.store.vocabulary import ACTIVATION_PARAM
 from bbdecoder.store.writer import RunWriter
 
 SaturationTest = Callable[[Any], Any]
@@ -97,7 +99,11 @@ class ActivationProbe:
     - ``saturated`` / ``total``: element counts (only for layers with a :func:`saturation_test`).
     - ``channel_var``: population variance across channels of the channels' mean outputs (over
       samples and positions), summed over forwards; ``forwards`` counts the forwards.
+
+    The state and its reductions are those of the PyTorch probe (``STATE``).
     """
+
+    STATE = ACTIVATION_STATE
 
     def __init__(self, layer_id: int, name: str, layer: Any, threshold: float, eps: float, axis: int) -> None:
         self.layer_id = layer_id
@@ -109,13 +115,14 @@ class ActivationProbe:
         self._vars: dict[str, Any] = {}
 
     def _initial(self, channels: int) -> dict[str, Any]:
-        return {
+        initial = {
             "max": np.full(channels, -np.inf, dtype=np.float32),
             "saturated": np.int64(0),
             "total": np.int64(0),
             "channel_var": np.float64(0.0),
             "forwards": np.int64(0),
         }
+        return {name: initial[name] for name in self.STATE}
 
     def _create(self, channels: int) -> None:
         with tf.init_scope():  # created eagerly, captured by the traced step
@@ -183,7 +190,7 @@ class ActivationRecorder:
 
     def watch(self, probe: ActivationProbe) -> None:
         self.probes[probe.layer_id] = probe
-        self.writer.series_id(probe.layer_id, "")
+        self.writer.series_id(probe.layer_id, ACTIVATION_PARAM)
 
     def record(self, step: int, epoch: int) -> dict[int, np.ndarray]:
         """Store this epoch's statistics (one host copy for all layers), reset, and return
@@ -193,40 +200,32 @@ class ActivationRecorder:
         if not parts:
             return {}
         host = tf.concat(parts, axis=0).numpy()
-        ids = {name: self.writer.stat_id(name) for name in ACTIVATION_STATS}
-        rows, dead_by_layer, pos = [], {}, 0
+        epochs, pos = [], 0
         for lid, state in states.items():
             probe = self.probes[lid]
             if not state:
                 continue
             c = int(probe.channels or 0)
-            cmax = host[pos : pos + c]
-            saturated, total, channel_var, forwards = host[pos + c : pos + c + 4]
-            pos += c + 4
-            if forwards == 0:
-                continue
-            dead = np.flatnonzero(cmax <= probe.threshold)
-            dead_by_layer[lid] = dead
-            sid = self.writer.series_id(lid, "")
-            for name, value in (
-                ("dead_fraction", dead.size / c),
-                ("dead_count", dead.size),
-                ("saturated_fraction", saturated / total if total else float("nan")),
-                ("channel_var", channel_var / forwards),
-            ):
-                rows.append((step, epoch, sid, ids[name], float(value)))
-            if dead.size:
-                self.writer.add_event(
-                    "dead_units",
-                    f"{dead.size} of {c} units dead in [{lid}] {probe.name}",
-                    step=step,
-                    epoch=epoch,
-                    layer_id=lid,
-                    data={"channels": dead.tolist()},
+            saturated, total, channel_var, forwards = (float(v) for v in host[pos + c : pos + c + 4])
+            has_saturation = probe.saturation is not None
+            epochs.append(
+                ProbeEpoch(
+                    lid,
+                    probe.name,
+                    host[pos : pos + c],
+                    saturated,
+                    total,
+                    channel_var,
+                    forwards,
+                    probe.threshold,
+                    count_dead=True,
+                    has_saturation=has_saturation,
                 )
-            probe.reset()
-        self.writer.add_scalars(rows)
-        return dead_by_layer
+            )
+            pos += c + 4
+            if forwards:
+                probe.reset()
+        return store_activation_epoch(self.writer, epochs, step, epoch)
 
 
 __all__ = ["ActivationProbe", "ActivationRecorder", "activation_name", "saturation_test"]

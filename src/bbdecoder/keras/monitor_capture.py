@@ -1,0 +1,220 @@
+"""The Keras capture of the training monitor: what the shadowed optimizer ``apply``, ``scale_loss``,
+``train_step`` and layer ``call`` compute inside the compiled train step.
+
+Each step writes, for every tracked variable, the six gradient statistics (:data:`GRAD_STATS`
+order), the update ratio and a finiteness flag into one ``(k, n, 8)`` ``tf.Variable`` buffer (``k`` =
+``steps_per_execution``) and the loss into a ``(k,)`` one; :meth:`StepCapture.read` copies the new
+steps to the host once per executed batch for the shared
+:class:`~bbdecoder.monitor.recorder.Recorder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bbdecoder.keras._backend import keras, tf
+from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
+from bbdecoder.store.vocabulary import GRAD_STATS
+
+try:  # Keras' own test for "this call only computes output shapes" (compute_output_spec)
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+except ImportError:  # pragma: no cover - other Keras layouts
+
+    def in_symbolic_scope() -> bool:
+        return False
+
+
+NSTATS = len(GRAD_STATS)
+RATIO, FINITE = NSTATS, NSTATS + 1  # buffer columns after the six statistics
+_COLUMNS = NSTATS + 2
+
+
+def gradient_statistics(grad: Any) -> Any:
+    """The six statistics of one gradient as a float32 ``(6,)`` tensor, in :data:`GRAD_STATS` order:
+    mean, mean |g|, max |g|, population variance (two-pass), L1, L2."""
+    if isinstance(grad, tf.IndexedSlices):
+        grad = tf.convert_to_tensor(grad)
+    g = grad if grad.dtype in (tf.float32, tf.float64) else tf.cast(grad, tf.float32)
+    n = tf.cast(tf.size(g), g.dtype)
+    mean = tf.reduce_sum(g) / n
+    magnitude = tf.abs(g)
+    l1 = tf.reduce_sum(magnitude)
+    var = tf.reduce_sum(tf.square(g - mean)) / n
+    l2 = tf.sqrt(tf.reduce_sum(tf.square(g)))
+    return tf.cast(tf.stack([mean, l1 / n, tf.reduce_max(magnitude), var, l1, l2]), tf.float32)
+
+
+def update_ratio(before: Any, after: Any) -> Any:
+    """``||after - before|| / ||before||``, or ``||after - before||`` where ``||before|| = 0`` (a
+    zero-initialised bias): the PyTorch monitor's rule, never ``inf``."""
+    delta = tf.norm(tf.cast(after - before, tf.float32))
+    norm = tf.norm(tf.cast(before, tf.float32))
+    return tf.where(norm > 0, delta / tf.where(norm > 0, norm, 1.0), delta)
+
+
+def _all_finite(grad: Any) -> Any:
+    values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+    return tf.cast(tf.reduce_all(tf.math.is_finite(values)), tf.float32)
+
+
+def first_tensor(outputs: Any) -> Any:
+    """The first tensor of a layer's outputs (a tensor, a list/tuple or a dict of them), or ``None``."""
+    if tf.is_tensor(outputs):
+        return outputs
+    if isinstance(outputs, (list, tuple)):
+        return next((o for o in outputs if tf.is_tensor(o)), None)
+    if isinstance(outputs, dict):
+        return next((o for o in outputs.values() if tf.is_tensor(o)), None)
+    return None
+
+
+class StepCapture:
+    """The device-side buffers of one ``fit`` and the functions that shadow Keras' methods.
+
+    Args:
+        owner: the callback (marked on every installed function, see ``monitor_patch``).
+        rows: ``{id(variable): row}`` of the tracked variables.
+        k: ``steps_per_execution`` (steps between two host reads).
+        gradients, weights: record the statistics / the update ratios.
+    """
+
+    def __init__(self, owner: Any, rows: dict[int, int], k: int, *, gradients: bool, weights: bool) -> None:
+        self.owner = owner
+        self.rows = rows
+        self.k = k
+        self.gradients = gradients
+        self.weights = weights
+        n = len(rows)
+        self.buffer = tf.Variable(tf.fill((k, n, _COLUMNS), np.nan), trainable=False)
+        self.losses = tf.Variable(tf.fill((k,), np.nan), trainable=False)
+        self.pending_loss = tf.Variable(np.float32(np.nan), trainable=False)
+        self.counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.read_count = 0
+        self.in_step = False
+        self.forward_order: list[int] = []
+        self.loss_scaled = False
+
+    def _owned(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(fn, OWNER_ATTRIBUTE, self.owner)
+        return fn
+
+    def apply(self, optimizer: Any) -> Callable[..., Any]:
+        """The shadow of ``optimizer.apply``: statistics before, update ratios after the update."""
+        original_apply = optimizer.apply
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        n = len(self.rows)
+
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            if trainable_variables is None:  # Keras then applies to its own variable list
+                trainable_variables = optimizer._trainable_variables
+            grads, variables = list(grads), list(trainable_variables)
+            picked = [
+                (self.rows[id(v)], g, v)
+                for g, v in zip(grads, variables, strict=True)
+                if id(v) in self.rows and g is not None
+            ]
+            slot = self.counter % self.k
+            columns = []
+            if self.gradients and picked:
+                stats = tf.stack([gradient_statistics(g) for _, g, _ in picked])
+                if self.loss_scaled:
+                    # the scale the loss was multiplied by (built lazily by the first apply, as in Keras)
+                    scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+                    inv = 1.0 / tf.cast(scale, tf.float32)
+                    stats = stats * tf.stack([inv, inv, inv, inv * inv, inv, inv])
+                columns.append(stats)
+            else:
+                columns.append(tf.fill((len(picked), NSTATS), np.float32(np.nan)))
+            finite = [_all_finite(g) for _, g, _ in picked]
+            before = [tf.identity(v.value) for _, _, v in picked] if self.weights else []
+            result = original_apply(grads, variables)
+            if self.weights and picked:
+                ratios = [update_ratio(b, v.value) for (_, _, v), b in zip(picked, before, strict=True)]
+                columns.append(tf.reshape(tf.stack(ratios), (-1, 1)))
+            else:
+                columns.append(tf.fill((len(picked), 1), np.float32(np.nan)))
+            table = tf.fill((n, _COLUMNS), np.float32(np.nan))
+            if picked:
+                columns.append(tf.reshape(tf.stack(finite), (-1, 1)))
+                index = tf.constant([[r] for r, _, _ in picked], dtype=tf.int32)
+                table = tf.tensor_scatter_nd_update(table, index, tf.concat(columns, axis=1))
+            self.buffer[slot].assign(table)
+            self.losses[slot].assign(self.pending_loss)  # NaN when scale_loss was not called
+            self.pending_loss.assign(np.float32(np.nan))
+            self.counter.assign_add(1)
+            return result
+
+        return self._owned(apply)
+
+    def scale_loss(self, original_scale: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """The shadow of ``optimizer.scale_loss``: notes the step's loss."""
+
+        def scale_loss(loss: Any) -> Any:
+            self.pending_loss.assign(tf.cast(tf.reshape(loss, ()), tf.float32))
+            return original_scale(loss)
+
+        return self._owned(scale_loss)
+
+    def train_step(self, original_step: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Layer calls made inside this function belong to a training step (traced or eager)."""
+
+        def train_step(data: Any) -> Any:
+            self.in_step = True
+            self.forward_order.clear()
+            try:
+                return original_step(data)
+            finally:
+                self.in_step = False
+
+        return self._owned(train_step)
+
+    def call(self, layer_id: int, original_call: Callable[..., Any], probe: Any) -> Callable[..., Any]:
+        """The shadow of a layer's ``call``: notes the forward order, feeds the activation probe."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            outputs = original_call(*args, **kwargs)
+            if not self.in_step or in_symbolic_scope():
+                return outputs
+            if layer_id not in self.forward_order:
+                self.forward_order.append(layer_id)
+            tensor = first_tensor(outputs) if probe is not None else None
+            if probe is not None and tensor is not None and not isinstance(tensor, keras.KerasTensor):
+                with tf.name_scope("bbdecoder_activations"):
+                    probe.update(tensor)
+            return outputs
+
+        return self._owned(call)
+
+    def guarded(
+        self, compiled: Callable[[Any], Any], abort: Callable[[BaseException], None]
+    ) -> Callable[[Any], Any]:
+        """The train function, calling ``abort`` when a step raises (end of data excepted)."""
+
+        def train_function(iterator: Any) -> Any:
+            try:
+                return compiled(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                raise
+            except BaseException as error:
+                abort(error)
+                raise
+
+        return self._owned(train_function)
+
+    def read(self) -> list[tuple[np.ndarray, float]]:
+        """The steps run since the last read: ``(table (n, 8) float64, loss)`` each, in order."""
+        count = int(self.counter.numpy())
+        new = count - self.read_count
+        if new <= 0:
+            return []
+        if new > self.k:
+            raise RuntimeError(
+                f"{new} steps ran between two callbacks, more than steps_per_execution={self.k}"
+            )
+        table, losses = self.buffer.numpy().astype(np.float64), self.losses.numpy().astype(np.float64)
+        slots = [(self.read_count + offset) % self.k for offset in range(new)]
+        self.read_count = count
+        return [(table[s], float(losses[s])) for s in slots]
