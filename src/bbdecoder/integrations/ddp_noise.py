@@ -26,13 +26,7 @@ from torch import nn
 
 from bbdecoder.hooks import HookManager
 from bbdecoder.monitor.noise_scale import NoiseScaleEMA, from_two_batches
-
-RANK_NOISE_STATS: tuple[str, ...] = (
-    "noise_trace_ranks",
-    "noise_grad_sq_ranks",
-    "noise_scale_ranks",
-    "noise_scale_ranks_ema",
-)
+from bbdecoder.store.vocabulary import MODEL_LAYER_ID, MODEL_PARAM, RANK_NOISE_STATS
 
 
 def _noise_comm_hook(state: "RankNoiseScale", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -73,7 +67,7 @@ class RankNoiseScale:
         self.local_sq = 0.0
         self.samples = 0
         self._params = [p for p in ddp.module.parameters() if p.requires_grad]
-        self._series = writer.series_id(-1, "*")
+        self._series = writer.series_id(MODEL_LAYER_ID, MODEL_PARAM)
         self._stats = [writer.stat_id(s) for s in RANK_NOISE_STATS]
         self.ema = NoiseScaleEMA(ema)
         ddp.register_comm_hook(self, _noise_comm_hook)

@@ -16,6 +16,7 @@ from bbdecoder.layers import LayerInfo, LayerSelection
 from bbdecoder.monitor.activations import channel_similarity
 from bbdecoder.monitor.pruning import PrunedUnits, PruneReport, make_permanent, mask_channels, output_channels
 from bbdecoder.monitor.settings import check_settings
+from bbdecoder.store.vocabulary import PRUNE
 
 
 class ActivationsMixin:
@@ -115,7 +116,7 @@ class ActivationsMixin:
         if evaluate is not None:
             report.accuracy_after = self._evaluate(evaluate)
         self.writer.add_event(
-            "prune",
+            PRUNE,
             str(report),
             step=self._step - 1,
             epoch=self._epoch,

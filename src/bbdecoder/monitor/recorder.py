@@ -46,6 +46,9 @@ class Series:
     series_id: int
 
 
+Rows = Sequence[int] | np.ndarray
+"""Series positions (a list or an integer array)."""
+
 FirstBad = Callable[[list[Series]], Series]
 """Picks the first tensor in backward order among the non-finite ones of a step."""
 
@@ -84,7 +87,7 @@ class Recorder:
         self,
         step: int,
         epoch: int,
-        rows: Sequence[int],
+        rows: Rows,
         values: np.ndarray | None,
         loss: float | None,
         *,
@@ -113,12 +116,12 @@ class Recorder:
             self.nonfinite(step, epoch, bad, first_bad(bad))
         return bad
 
-    def ratios(self, step: int, epoch: int, rows: Sequence[int], values: np.ndarray) -> None:
+    def ratios(self, step: int, epoch: int, rows: Rows, values: np.ndarray) -> None:
         """Store the update ratios ``values[i]`` of ``series[rows[i]]``, labelled with ``step``."""
         self.writer.add_scalars(
             [
                 (step, epoch, self.series[r].series_id, self.ratio_stat, float(v))
-                for r, v in zip(rows, values, strict=True)
+                for r, v in zip(np.asarray(rows, dtype=np.int64).tolist(), values, strict=True)
             ]
         )
 

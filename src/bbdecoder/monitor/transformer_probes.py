@@ -32,15 +32,9 @@ from bbdecoder.attribution.attention_capture import (
     recompute_attention,
 )
 from bbdecoder.hooks import HookManager
+from bbdecoder.store.vocabulary import MODEL_LAYER_ID, TRANSFORMER_STATS
 
-PROBE_STATS: tuple[str, ...] = (
-    "act_rms",
-    "act_max_abs",
-    "act_kurtosis",
-    "attn_entropy",
-    "logit_mean",
-    "logit_max",
-)
+PROBE_STATS: tuple[str, ...] = TRANSFORMER_STATS
 _MAX_STATS = {"act_max_abs", "logit_max"}
 
 
@@ -244,7 +238,7 @@ class TransformerProbes:
         ).cpu()  # one device -> host copy per step
         step, epoch = self._label
         rows = [
-            (step, epoch, self._writer.series_id(-1, param), self._writer.stat_id(stat), float(v))
+            (step, epoch, self._writer.series_id(MODEL_LAYER_ID, param), self._writer.stat_id(stat), float(v))
             for (param, stat), v in zip(keys, values.tolist(), strict=True)
         ]
         self._writer.add_scalars(rows)

@@ -15,10 +15,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bbdecoder.store.reader import RunReader
+from bbdecoder.store.vocabulary import IMAGE_BLOB, TABLE_BLOB
 from bbdecoder.store.writer import RunWriter
 
-IMAGE_KIND = "image"
-TABLE_KIND = "table"
+IMAGE_KIND = IMAGE_BLOB
+TABLE_KIND = TABLE_BLOB
 
 
 def figure_png(figure: Figure, dpi: int = 100) -> bytes:

@@ -59,6 +59,25 @@ NOISE_STATS: tuple[str, ...] = (
 )
 """Whole model only (layer_id -1, param "*"): B, unbiased tr(Sigma) and |G|^2, B_simple, smoothed."""
 
+RANK_NOISE_STATS: tuple[str, ...] = (
+    "noise_trace_ranks",
+    "noise_grad_sq_ranks",
+    "noise_scale_ranks",
+    "noise_scale_ranks_ema",
+)
+"""Whole model, under DDP (``DistributedAnalyzer(noise_scale=True)``): the two-batch noise scale."""
+
+# -- transformer probes (layer_id -1, param = the block or attention module) -----------------------
+TRANSFORMER_STATS: tuple[str, ...] = (
+    "act_rms",
+    "act_max_abs",
+    "act_kurtosis",
+    "attn_entropy",
+    "logit_mean",
+    "logit_max",
+)
+"""Per transformer block / attention module / the logits (``TransformerProbes``)."""
+
 # -- rows that belong to no layer ----------------------------------------------------------------
 MODEL_LAYER_ID = -1
 MODEL_PARAM = "*"
@@ -77,6 +96,8 @@ NONFINITE_GRAD = "nonfinite_grad"
 """A step's gradient held NaN/Inf; names the first layer in backward order."""
 DEAD_UNITS = "dead_units"
 """Per epoch and watched layer with dead channels: ``data = {"channels": [...]}``."""
+PRUNE = "prune"
+"""``Analyzer.prune_dead``: what was masked, with the accuracies before and after."""
 EXPLODING_GRAD = "exploding_grad"
 VANISHING_GRAD = "vanishing_grad"
 DEAD_UNITS_RISING = "dead_units_rising"
@@ -97,6 +118,8 @@ WEIGHT_HISTOGRAM = "weight"
 """The histogram kind of the per-epoch weight histograms."""
 FEATURES_BLOB = "features"
 """The blob kind of a layer's stored output (``Analyzer.get_inter_features``)."""
+IMAGE_BLOB, TABLE_BLOB = "image", "table"
+"""Blob kinds of a figure (PNG) and a table (JSON) stored for a report section."""
 GRAPH_TEXT, GRAPH_DOT = "graph.txt", "graph.dot"
 PARAMETERS_ARTIFACT = "parameters.json"
 """The model's parameter names and shapes, checked by ``resume=True``."""
