@@ -4,6 +4,7 @@ store the same statistics as one process on the combined batch, and only rank 0 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -78,9 +79,10 @@ def _worker(rank: int, world: int, store_port: int, save_path: str) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, save_path: Path) -> None:
-    """Spawn ``world`` ranks of :func:`_worker` with one thread each and wait for them, at most
-    :data:`DEADLINE`; a rank that fails fails the caller with its traceback (or signal)."""
+def run_ranks(world: int, save_path: Path, worker: Callable[[int, int, int, str], None] | None = None) -> None:
+    """Spawn ``world`` ranks of ``worker(rank, world, store_port, save_path)`` (default :func:`_worker`)
+    with one thread each and wait for them, at most :data:`DEADLINE`; a rank that fails fails the
+    caller with its traceback (or signal)."""
     store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=DEADLINE)
     # Fresh interpreters (spawn) with single-threaded pools: nothing inherited from threads that
     # earlier tests started (TensorFlow, TensorBoard), no OpenMP pools oversubscribing 2 cores.
@@ -89,7 +91,11 @@ def run_ranks(world: int, save_path: Path) -> None:
         for name, value in single_threaded.items():
             patch.setenv(name, value)
         context = mp.start_processes(
-            _worker, args=(world, store.port, str(save_path)), nprocs=world, join=False, start_method="spawn"
+            worker or _worker,
+            args=(world, store.port, str(save_path)),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
         )
     deadline = time.monotonic() + DEADLINE.total_seconds()
     try:
