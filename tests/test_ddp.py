@@ -79,7 +79,9 @@ def _worker(rank: int, world: int, store_port: int, save_path: str) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, save_path: Path, worker: Callable[[int, int, int, str], None] | None = None) -> None:
+def run_ranks(
+    world: int, save_path: Path, worker: Callable[[int, int, int, str], None] | None = None
+) -> None:
     """Spawn ``world`` ranks of ``worker(rank, world, store_port, save_path)`` (default :func:`_worker`)
     with one thread each and wait for them, at most :data:`DEADLINE`; a rank that fails fails the
     caller with its traceback (or signal)."""

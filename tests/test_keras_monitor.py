@@ -503,3 +503,83 @@ def test_an_error_outside_the_step_is_cleaned_by_close_or_the_next_monitor(tmp_p
         model.fit(x, t, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor, Boom()])
     _assert_restored(model)
     assert len(open_run(tmp_path / "ctx").steps()) == N // BATCH
+
+
+# -- one recorder for both frameworks ------------------------------------------------------------
+TWIN_NAMES = {
+    "hidden.kernel": "0.weight",
+    "hidden.bias": "0.bias",
+    "out.kernel": "1.weight",
+    "out.bias": "1.bias",
+}
+
+
+def _torch_twin_run(keras_model: keras.Model, path: Path) -> None:
+    """The same net, weights, data and SGD in PyTorch, recorded by the Analyzer."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from bbdecoder.monitor import Analyzer
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        for linear, name in zip(net, ("hidden", "out"), strict=True):
+            kernel, bias = keras_model.get_layer(name).get_weights()
+            linear.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            linear.bias.copy_(torch.from_numpy(bias))
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    x, t = (torch.from_numpy(a) for a in _data())
+    with Analyzer(net, path) as analyzer:
+        for _ in range(EPOCHS):
+            for start in range(0, N, BATCH):
+                loss = F.mse_loss(
+                    analyzer.forward_propagation(x[start : start + BATCH]), t[start : start + BATCH]
+                )
+                optimizer.zero_grad()
+                analyzer.backward_propagation(loss)
+                optimizer.step()
+            analyzer.end_epoch()
+
+
+def test_keras_and_pytorch_twins_store_the_same_rows(tmp_path: Path) -> None:
+    model = _model()
+    _torch_twin_run(model, tmp_path / "torch")  # before fit: the same initial weights
+    x, t = _data()
+    model.fit(
+        x,
+        t,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=[MonitorCallback(tmp_path / "keras")],
+    )
+    k, p = open_run(tmp_path / "keras"), open_run(tmp_path / "torch")
+    keys = ["step", "epoch", "layer_id", "param", "stat"]
+    ks = k.scalars().replace({"param": TWIN_NAMES}).sort_values(keys).reset_index(drop=True)
+    ps = p.scalars().sort_values(keys).reset_index(drop=True)
+    ps = ps[ps.layer_id >= 0].reset_index(drop=True)  # PyTorch's own extra rows (none here) aside
+    assert ks[keys].equals(ps[keys])  # the same rows: steps, epochs, layers, names, statistics
+    np.testing.assert_allclose(ks.value, ps.value, rtol=5e-5, atol=1e-7)
+    ke, pe = (
+        r.epoch_scalars()
+        .replace({"param": TWIN_NAMES})
+        .sort_values(["epoch", "param", "stat", "agg"])
+        .reset_index(drop=True)
+        for r in (k, p)
+    )
+    assert ke[["epoch", "layer_id", "param", "stat", "agg"]].equals(
+        pe[["epoch", "layer_id", "param", "stat", "agg"]]
+    )
+    np.testing.assert_allclose(ke.value, pe.value, rtol=1e-3, atol=1e-9)  # variances of close values
+    kh, ph = (r.weight_histograms().replace({"param": TWIN_NAMES}) for r in (k, p))
+    hist_keys = ["step", "epoch", "param", "kind", "bin"]
+    assert (
+        kh.sort_values(hist_keys)[hist_keys]
+        .reset_index(drop=True)
+        .equals(ph.sort_values(hist_keys)[hist_keys].reset_index(drop=True))
+    )
+    assert (kh.groupby("param")["count"].sum() == ph.groupby("param")["count"].sum()).all()
+    np.testing.assert_allclose(k.steps().loss, p.steps().loss, rtol=1e-5)
+    assert k.events().empty and p.events().empty

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -23,7 +24,14 @@ WORLD = 2
 class RangeProbe(StatefulProbe):
     """A probe that is none of the monitor's: one state tensor per reduction kind."""
 
-    STATE = {"low": "min", "high": "max", "total": "sum", "average": "mean", "seen": "cat", "unused": "sum"}
+    STATE: ClassVar[dict[str, str]] = {
+        "low": "min",
+        "high": "max",
+        "total": "sum",
+        "average": "mean",
+        "seen": "cat",
+        "unused": "sum",
+    }
 
     def __init__(self, rank: int) -> None:
         r = float(rank)
@@ -87,7 +95,9 @@ def test_declared_state_merges_by_its_reductions_on_every_rank(merged: list[dict
 def test_activation_probes_merge_through_the_same_path(merged: list[dict[str, torch.Tensor]]) -> None:
     assert ActivationProbe.STATE == ACTIVATION_STATE
     for state in merged:
-        torch.testing.assert_close(state["act.max"], torch.tensor([1.0, 2.0, 0.0]))  # channel 2 dead everywhere
+        torch.testing.assert_close(
+            state["act.max"], torch.tensor([1.0, 2.0, 0.0])
+        )  # channel 2 dead everywhere
         assert float(state["act.forwards"]) == WORLD
         assert float(state["act.total"]) == WORLD * 12  # every rank's ReLU elements
         assert float(state["act.saturated"]) == WORLD * 12 - 4 - 4  # zeros of both ranks
@@ -97,7 +107,7 @@ def test_a_single_process_merge_is_a_no_op_and_bad_reductions_are_refused() -> N
     with pytest.raises(TypeError, match="unknown reductions"):
 
         class Bad(StatefulProbe):
-            STATE = {"x": "median"}
+            STATE: ClassVar[dict[str, str]] = {"x": "median"}
 
     from bbdecoder.monitor.probe_state import merge_states
 
