@@ -31,7 +31,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 @dataclass
 class _Tracked(Series):
-    variable: Any = None  # always given; a default after Series' fields
+    variable: Any = field(kw_only=True)
 
 
 def _closing_on_error(method: _F) -> _F:
@@ -257,7 +257,7 @@ class MonitorCallback(keras.callbacks.Callback):
                 seen.add(id(variable))
                 param = f"{qualified}.{variable.name}"
                 sid = writer.series_id(layer_id, param)
-                tracked.append(_Tracked(len(tracked), layer_id, qualified, param, sid, variable))
+                tracked.append(_Tracked(len(tracked), layer_id, qualified, param, sid, variable=variable))
         if not tracked and (self.gradients or self.weights):
             raise ValueError("the selected layers have no trainable variables: nothing to record")
         return tracked

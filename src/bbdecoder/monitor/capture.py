@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ _NSTATS = len(GRAD_STATS)
 
 @dataclass
 class _Param(Series):
-    tensor: torch.Tensor = None  # type: ignore[assignment]  # always given; a default after Series' fields
+    tensor: torch.Tensor = field(kw_only=True)
 
 
 @dataclass

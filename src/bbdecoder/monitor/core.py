@@ -227,7 +227,9 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
             if owner.id in wanted:
                 sid = self.writer.series_id(owner.id, tracked.name)
                 params.append(
-                    _Param(len(params), owner.id, owner.display_name, tracked.name, sid, tracked.tensor)
+                    _Param(
+                        len(params), owner.id, owner.display_name, tracked.name, sid, tensor=tracked.tensor
+                    )
                 )
         return params
 
