@@ -1,33 +1,48 @@
-"""Per-step gradient statistics and update ratios, reduced on the device in a few vectorised ops.
+"""Per-step gradient statistics, reduced on the device in a few vectorised ops.
 
 For a list of gradient tensors the statistics come back as one ``(n, 6)`` float64 tensor on the
 device, in the order of :data:`GRAD_STATS`; the caller copies it to the host once per step.
 
-Op choice (measured on CPU, 1 thread, ResNet-18's 11.2M gradients; see BENCHMARKS.md): plain
-``Tensor.sum`` and ``amax`` are vectorised cascade reductions (relative error ~1e-7 on 10M
-elements), while ``_foreach_norm``/``linalg.vector_norm`` accumulate float32 naively (1e-3 relative
-error on 10M elements, 2e-2 for the 1-norm), the inf-norm and ``aminmax`` are unvectorised, and
-``var_mean`` is 60x slower than a sum. So:
+Op choice (measured on CPU, 1 thread; see BENCHMARKS.md "Training monitor"): ``Tensor.sum`` and
+``amax`` are vectorised cascade reductions (relative error ~5e-8 on 1M float32 values) that run
+at the speed of one ``_foreach_norm``; ``_foreach_norm``/``linalg.vector_norm`` accumulate float32
+naively (2e-5 to 2e-4 on 1M values), their 1- and inf-norms and ``var_mean`` are 4-60x slower, and
+an out-of-place elementwise op costs about twice a reduction (the write). So, on CPU:
 
-- **small tensors** (biases, norms; <= ``SMALL`` elements) are concatenated into one float64 vector
-  and reduced per segment with ``index_add_``/``scatter_reduce_``: a fixed number of ops for all of
-  them, exact to float64 rounding, no overflow;
-- **large tensors** use one preallocated scratch buffer: ``|g|`` into it (L1 by ``sum``, max by
-  ``amax``), then ``(g - mean) * 2^-e`` into it (``2^e`` >= max |g|, so the product is exact and
-  cannot overflow when squared; on CPU the scaling pass is skipped when ``4 n max|g|^2 < 1e36``
-  and ``max|g| > 1e-15``, where it cannot matter) and its sum of squares. The variance is the exact two-pass
-  ``sum((g - mean)^2) / n``; its relative error is bounded by the cascade sum's, ``~ log2(n) * 6e-8``
-  (measured <= 1e-6 against float64 for ``1000 + N(0, 1)``, where a one-pass float32 formula is off
-  by 10%). L2 is ``sqrt(sum((g - mean)^2) + n * mean^2)``: two non-negative terms, no cancellation.
+- **large tensors** (> ``SMALL`` elements) are read from memory once: per chunk of ``CHUNK``
+  elements (chunk and scratch fit in L2), ``|g|`` goes into a scratch buffer and its ``sum`` (L1),
+  ``amax`` (max |g|), in-place square and ``sum`` (sum of squares), and the chunk's own ``sum``
+  (mean) are read from cache; chunk sums are added in float64. The variance is the one-pass
+  ``E[g^2] - mean^2``, used only where ``E[g^2] <= CONDITION * var`` (``mean^2 <= 3 var``, the
+  common case for gradients): its relative error is then at most ``3 * CONDITION * delta`` with
+  ``delta`` the error of a float32 cascade sum of one chunk (~5e-8 measured; 1e-5 in the tests,
+  1e-7 typical). Elsewhere (``1000 + N(0, 1)``, where the one-pass float32 formula is off by
+  tens of percent), on squares that could overflow or underflow float32, and on NaN/Inf the tensor is redone
+  by the exact two-pass :meth:`GradStatistics._large`;
+- **small tensors** (biases, norms) are concatenated into one float64 vector and reduced per
+  segment (NumPy ``reduceat``; on other devices ``index_add_``/``scatter_reduce_``): a fixed number
+  of ops for all of them, exact to float64 rounding, no overflow.
+
+On other devices (CUDA) large tensors take the two-pass path, with no host sync: ``|g|`` into one
+preallocated scratch buffer (L1 by ``sum``, max by ``amax``), then ``(g - mean) * 2^-e`` into it
+(``2^e`` >= max |g|, an exact scaling; squares <= 4) and its sum of squares: the variance is the
+exact ``sum((g - mean)^2) / n``, relative error ~``log2(n) * 6e-8``. L2 is
+``sqrt(sum((g - mean)^2) + n * mean^2)``, two non-negative terms.
 
 A gradient is non-finite exactly when its ``max_abs`` is (NaN propagates through ``amax``); large
-finite gradients (a loss times 1e20) give finite statistics.
+finite gradients (a loss times 1e20) give finite statistics. Update ratios live in
+:mod:`bbdecoder.monitor.weights` (re-exported here).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from bbdecoder.monitor.weights import UpdateRatios, update_ratios
+
+__all__ = ["CHUNK", "GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
+__all__ += ["update_ratios"]
 
 GRAD_STATS: tuple[str, ...] = ("mean", "mean_abs", "max_abs", "var", "l1", "l2")
 """Gradient statistics per parameter tensor: mean, mean |g|, max |g|, population variance, L1, L2."""
@@ -254,63 +269,6 @@ def grad_statistics(grads: list[torch.Tensor], inv_scale: float = 1.0) -> torch.
     """Statistics of each gradient tensor: ``(len(grads), 6)`` float64 on the grads' device, in the
     order of :data:`GRAD_STATS` (a one-off :class:`GradStatistics`; the analyzer keeps one)."""
     return GradStatistics()(grads, inv_scale)
-
-
-class UpdateRatios:
-    """``||W_now - W_before|| / ||W_before||`` per tensor, measured with four foreach ops into one
-    snapshot allocated once (no clone per step). Where ``||W_before|| == 0`` (a zero-initialised
-    bias) the absolute update size ``||W_now - W_before||`` is reported instead, never ``inf``.
-
-    Norms come from ``torch._foreach_norm`` (float32 accumulation: relative error ~1e-5 for a
-    million-element weight, enough for a ratio that spans decades)."""
-
-    def __init__(self) -> None:
-        self._snapshot: list[torch.Tensor] | None = None
-        self._norms: torch.Tensor | None = None
-        self._valid = False
-
-    @property
-    def ready(self) -> bool:
-        """A snapshot to compare against was taken (and not used up)."""
-        return self._valid
-
-    def reset(self) -> None:
-        self._snapshot = None
-        self._norms = None
-        self._valid = False
-
-    def remember(self, current: list[torch.Tensor]) -> None:
-        """Take the snapshot the next :meth:`measure` compares against."""
-        if self._snapshot is None or len(self._snapshot) != len(current):
-            self._snapshot = [t.detach().clone() for t in current]
-        else:
-            torch._foreach_copy_(self._snapshot, current)
-        self._norms = torch.stack(torch._foreach_norm(self._snapshot, 2)) if current else None
-        self._valid = bool(current)
-
-    def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
-        """Ratios ``(n,)`` (float64, on the weights' device) since the snapshot; with ``keep`` the
-        snapshot then becomes ``current``, else it is used up."""
-        assert self._snapshot is not None and self._norms is not None and self._valid
-        torch._foreach_sub_(self._snapshot, current)
-        delta = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
-        before = self._norms.double()
-        ratios = torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)
-        if keep:
-            self.remember(current)
-        else:
-            self._valid = False
-        return ratios
-
-
-def update_ratios(snapshot: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:
-    """``||W_now - W_before|| / ||W_before||`` per tensor (``||ΔW||`` where ``||W_before|| = 0``),
-    shape ``(n,)``; ``snapshot`` is then overwritten with ``current``."""
-    tracker = UpdateRatios()
-    tracker._snapshot = snapshot
-    tracker._norms = torch.stack(torch._foreach_norm(snapshot, 2))
-    tracker._valid = True
-    return tracker.measure(current)
 
 
 class EpochAccumulator:
