@@ -104,7 +104,7 @@ class AlertEngine:
             self._stat_names = {sid: name for name, sid in writer._stats.items()}
         series, stats = self._series_names, self._stat_names
         if self._layer_names is None or any(series[r[2]][0] not in self._layer_names for r in rows):
-            self._layer_names = dict(writer._conn.execute("SELECT layer_id, name FROM layers").fetchall())
+            self._layer_names = writer.layer_names()
         names = self._layer_names
         out = []
         for step, epoch, series_id, stat_id, value in rows:

@@ -42,6 +42,7 @@ from bbdecoder.monitor.user_scalars import (
     scalar_value,
 )
 from bbdecoder.monitor.weights import QUANTILES, fixed_range, histogram, weight_stat_names, weight_statistics
+from bbdecoder.store.background import ThreadedRunWriter
 from bbdecoder.store.writer import RunWriter
 
 
@@ -189,7 +190,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         self._hooks = HookManager()
         self.tensorboard: Any = None
         # the store is opened before any hook is registered, and closed again if anything fails
-        self.writer = RunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
+        self.writer = ThreadedRunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
         self.alerts = _alert_engine(alerts, self.writer)
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
