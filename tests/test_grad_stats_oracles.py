@@ -3,9 +3,12 @@ far above their spread (where a one-pass or float32 formula cancels) and with no
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from bbdecoder.monitor import grad_stats
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics
 
 
@@ -44,3 +47,70 @@ def test_epoch_aggregates_equal_float64_and_skip_nonfinite_steps() -> None:
     # float32 accumulation cannot resolve a variance of 1e-6 on a mean of 1000
     np.testing.assert_allclose(var, masked.var(0).filled(np.nan), rtol=1e-6)
     assert np.isfinite(mean).all() and np.isfinite(var).all()
+
+
+def _oracle(g: torch.Tensor) -> list[float]:
+    x = g.detach().double().reshape(-1)
+    return [
+        float(x.mean()),
+        float(x.abs().mean()),
+        float(x.abs().max()),
+        float(x.var(correction=0)),
+        float(x.abs().sum()),
+        float(x.norm()),
+    ]
+
+
+def _cpu_grads() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    chunk = grad_stats.CHUNK
+    return [
+        1e-3 * torch.randn(128, 9216, generator=gen),  # several chunks and a tail: the one-pass path
+        torch.randn(7, generator=gen),  # small ones between large ones: order kept
+        0.5 + 0.1 * torch.rand(chunk + 5, generator=gen),  # mean far above spread: exact two-pass
+        torch.randn(chunk * 2, generator=gen, dtype=torch.float64),
+        1e20 * torch.randn(40_000, generator=gen),  # squares overflow float32: scaled two-pass
+        1e-20 * torch.randn(40_000, generator=gen),  # squares underflow
+        torch.zeros(50_000),
+        torch.randn(64, 64, generator=gen).to(torch.bfloat16),
+        torch.randn(3, 1, 1, generator=gen),
+    ]
+
+
+def test_cpu_one_pass_statistics_equal_float64_with_the_stated_bound() -> None:
+    grads = _cpu_grads()
+    stats = grad_statistics(grads).numpy()
+    expected = np.array([_oracle(g) for g in grads])
+    # relative error bound of the docstring: 3 * CONDITION * delta with delta <= ~1e-6 (float32
+    # cascade sums of one chunk); float64 inputs are exact to ~1e-12
+    np.testing.assert_allclose(stats, expected, rtol=1e-5, atol=0)
+    np.testing.assert_array_equal(stats[:, GRAD_STATS.index("max_abs")], expected[:, 2])  # exact
+
+
+def test_cpu_one_pass_path_is_the_one_taken_on_ordinary_gradients(monkeypatch: Any) -> None:
+    gen = torch.Generator().manual_seed(2)
+    ordinary = [1e-3 * torch.randn(300_000, generator=gen), torch.randn(40_000, generator=gen) - 0.5]
+    stats = grad_stats.GradStatistics()
+    calls: list[int] = []
+    exact = grad_stats.GradStatistics()._large
+    monkeypatch.setattr(stats, "_large", lambda gs: calls.append(len(gs)) or exact(gs))
+    got = stats(ordinary).numpy()
+    assert calls == []  # no tensor needed the two-pass fallback
+    np.testing.assert_allclose(got, np.array([_oracle(g) for g in ordinary]), rtol=1e-5)
+    offset = [1000 + torch.randn(40_000, generator=gen)]
+    got = stats(offset).numpy()
+    assert calls == [1]  # E[g^2] = 1e6 var: the one-pass formula would cancel, so it is redone
+    np.testing.assert_allclose(got, np.array([_oracle(g) for g in offset]), rtol=1e-5)
+
+
+def test_cpu_statistics_of_nonfinite_gradients_flag_max_abs() -> None:
+    gen = torch.Generator().manual_seed(3)
+    with_nan, with_inf = torch.randn(100_000, generator=gen), torch.randn(100_000, generator=gen)
+    with_nan[70_000] = float("nan")
+    with_inf[3] = float("-inf")
+    small = torch.randn(10, generator=gen)
+    small[2] = float("nan")
+    stats = grad_statistics([with_nan, with_inf, small, torch.randn(5, generator=gen)]).numpy()
+    max_abs = stats[:, GRAD_STATS.index("max_abs")]
+    assert np.isnan(max_abs[0]) and max_abs[1] == np.inf and np.isnan(max_abs[2])
+    assert np.isfinite(stats[3]).all()

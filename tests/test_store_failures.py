@@ -136,10 +136,11 @@ def test_analyzer_trains_through_a_full_disk(tmp_path) -> None:
         analyzer.end_epoch()
     disk.full = False
     with pytest.warns(StoreWriteWarning, match="writable again"):
-        train_step()
+        train_step()  # its commit (on the writer thread) writes the kept rows ...
+        train_step()  # ... and the next step, which waits for that commit, reports it
     analyzer.close()
     with open_run(tmp_path) as run:
-        assert run.steps()["step"].tolist() == [0, 1, 2, 3]
+        assert run.steps()["step"].tolist() == [0, 1, 2, 3, 4]
         assert run.epochs() == [0, 1]
         assert len(run.epoch_scalars()) > 0
 

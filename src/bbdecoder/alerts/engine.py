@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from bbdecoder.alerts import rules as R
 from bbdecoder.alerts.rules import AlertConfig
@@ -105,7 +104,7 @@ class AlertEngine:
             self._stat_names = {sid: name for name, sid in writer._stats.items()}
         series, stats = self._series_names, self._stat_names
         if self._layer_names is None or any(series[r[2]][0] not in self._layer_names for r in rows):
-            self._layer_names = dict(writer._conn.execute("SELECT layer_id, name FROM layers").fetchall())
+            self._layer_names = writer.layer_names()
         names = self._layer_names
         out = []
         for step, epoch, series_id, stat_id, value in rows:
@@ -138,10 +137,12 @@ class AlertEngine:
         if c.loss and math.isfinite(loss):
             history = self._losses
             if len(history) >= c.loss_min_history:
-                values = np.asarray(history)
-                median = float(np.median(values))
+                values = list(history)
+                median = statistics.median(values)
                 scale = max(
-                    1.4826 * float(np.median(np.abs(values - median))), c.loss_min_scale * abs(median), 1e-12
+                    1.4826 * statistics.median([abs(v - median) for v in values]),
+                    c.loss_min_scale * abs(median),
+                    1e-12,
                 )
                 limit = median + c.loss_factor * scale
                 if loss > limit:
@@ -187,7 +188,8 @@ class AlertEngine:
             if not math.isfinite(value):
                 continue
             if c.exploding and len(history) >= c.explode_min_history:
-                median = float(np.median(history))
+                # the median is at least the minimum: below factor x minimum, no median is needed
+                median = statistics.median(history) if value > c.explode_factor * min(history) else 0.0
                 limit = c.explode_factor * median
                 if self._onset(R.EXPLODING, layer_id, param, median > 0 and value > limit):
                     message = (

@@ -39,7 +39,7 @@ from bbdecoder.monitor.summary import SummaryMixin, probe_shapes
 from bbdecoder.monitor.user_scalars import UserLogMixin
 from bbdecoder.monitor.weights import QUANTILES
 from bbdecoder.store import vocabulary as V
-from bbdecoder.store.writer import RunWriter
+from bbdecoder.store.background import ThreadedRunWriter
 
 _M = TypeVar("_M", bound="TorchMonitor")
 
@@ -113,7 +113,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         self._hooks = HookManager()
         self.tensorboard: Any = None
         # the store is opened before any hook is registered, and closed again if anything fails
-        self.writer = RunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
+        self.writer = ThreadedRunWriter(self.save_path) if sync is None else sync.open_writer(self.save_path)
         self.alerts = alert_engine(alerts, self.writer)
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)

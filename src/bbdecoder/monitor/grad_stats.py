@@ -1,27 +1,37 @@
-"""Per-step gradient statistics and update ratios, reduced on the device in a few vectorised ops.
+"""Per-step gradient statistics, reduced on the device in a few vectorised ops.
 
 For a list of gradient tensors the statistics come back as one ``(n, 6)`` float64 tensor on the
 device, in the order of :data:`GRAD_STATS`; the caller copies it to the host once per step.
 
-Op choice (measured on CPU, 1 thread, ResNet-18's 11.2M gradients; see BENCHMARKS.md): plain
-``Tensor.sum`` and ``amax`` are vectorised cascade reductions (relative error ~1e-7 on 10M
-elements), while ``_foreach_norm``/``linalg.vector_norm`` accumulate float32 naively (1e-3 relative
-error on 10M elements, 2e-2 for the 1-norm), the inf-norm and ``aminmax`` are unvectorised, and
-``var_mean`` is 60x slower than a sum. So:
+Op choice (measured on CPU, 1 thread; see BENCHMARKS.md "Training monitor"): ``Tensor.sum`` and
+``amax`` are vectorised cascade reductions (relative error ~5e-8 on 1M float32 values) that run
+at the speed of one ``_foreach_norm``; ``_foreach_norm``/``linalg.vector_norm`` accumulate float32
+naively (2e-5 to 2e-4 on 1M values), their 1- and inf-norms and ``var_mean`` are 4-60x slower, and
+an out-of-place elementwise op costs about twice a reduction (the write). So, on CPU:
 
-- **small tensors** (biases, norms; <= ``SMALL`` elements) are concatenated into one float64 vector
-  and reduced per segment with ``index_add_``/``scatter_reduce_``: a fixed number of ops for all of
-  them, exact to float64 rounding, no overflow;
-- **large tensors** use one preallocated scratch buffer: ``|g|`` into it (L1 by ``sum``, max by
-  ``amax``), then ``(g - mean) * 2^-e`` into it (``2^e`` >= max |g|, so the product is exact and
-  cannot overflow when squared; on CPU the scaling pass is skipped when ``4 n max|g|^2 < 1e36``
-  and ``max|g| > 1e-15``, where it cannot matter) and its sum of squares. The variance is the exact two-pass
-  ``sum((g - mean)^2) / n``; its relative error is bounded by the cascade sum's, ``~ log2(n) * 6e-8``
-  (measured <= 1e-6 against float64 for ``1000 + N(0, 1)``, where a one-pass float32 formula is off
-  by 10%). L2 is ``sqrt(sum((g - mean)^2) + n * mean^2)``: two non-negative terms, no cancellation.
+- **large tensors** (> ``SMALL`` elements) are read from memory once: per chunk of ``CHUNK``
+  elements (chunk and scratch fit in L2), ``|g|`` goes into a scratch buffer and its ``sum`` (L1),
+  ``amax`` (max |g|), in-place square and ``sum`` (sum of squares), and the chunk's own ``sum``
+  (mean) are read from cache; chunk sums are added in float64. The variance is the one-pass
+  ``E[g^2] - mean^2``, used only where ``E[g^2] <= CONDITION * var`` (``mean^2 <= 3 var``, the
+  common case for gradients): its relative error is then at most ``3 * CONDITION * delta`` with
+  ``delta`` the error of a float32 cascade sum of one chunk (~5e-8 measured; 1e-5 in the tests,
+  1e-7 typical). Elsewhere (``1000 + N(0, 1)``, where the one-pass float32 formula is off by
+  tens of percent), on squares that could overflow or underflow float32, and on NaN/Inf the tensor is redone
+  by the exact two-pass :meth:`GradStatistics._large`;
+- **small tensors** (biases, norms) are concatenated into one float64 vector and reduced per
+  segment (NumPy ``reduceat``; on other devices ``index_add_``/``scatter_reduce_``): a fixed number
+  of ops for all of them, exact to float64 rounding, no overflow.
+
+On other devices (CUDA) large tensors take the two-pass path, with no host sync: ``|g|`` into one
+preallocated scratch buffer (L1 by ``sum``, max by ``amax``), then ``(g - mean) * 2^-e`` into it
+(``2^e`` >= max |g|, an exact scaling; squares <= 4) and its sum of squares: the variance is the
+exact ``sum((g - mean)^2) / n``, relative error ~``log2(n) * 6e-8``. L2 is
+``sqrt(sum((g - mean)^2) + n * mean^2)``, two non-negative terms.
 
 A gradient is non-finite exactly when its ``max_abs`` is (NaN propagates through ``amax``); large
-finite gradients (a loss times 1e20) give finite statistics.
+finite gradients (a loss times 1e20) give finite statistics. Update ratios live in
+:mod:`bbdecoder.monitor.weights` (re-exported here).
 """
 
 from __future__ import annotations
@@ -29,10 +39,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
+
+__all__ = ["CHUNK", "GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
+__all__ += ["update_ratios"]
 
 SMALL = 1 << 15
 """Tensors up to this many elements are reduced together in float64."""
+
+CHUNK = 1 << 17
+"""Elements per chunk of the one-pass CPU path (512 KiB of float32: chunk and scratch stay in L2)."""
+
+CONDITION = 4.0
+"""The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var``, i.e.
+``mean^2 <= 3 var``; its relative error is then at most ``3 * CONDITION * delta``, ``delta`` the
+relative error of a float32 cascade sum of one chunk (measured ~5e-8, bounded by ~1e-6)."""
 
 
 class GradStatistics:
@@ -41,6 +63,7 @@ class GradStatistics:
 
     def __init__(self) -> None:
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._chunk: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._layout: tuple[object, ...] | None = None
         self._small_index: list[int] = []
         self._large_index: list[int] = []
@@ -55,6 +78,25 @@ class GradStatistics:
             return torch.empty(0, len(GRAD_STATS), dtype=torch.float64)
         grads = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
         device = grads[0].device
+        stats = torch.from_numpy(self._cpu(grads)) if device.type == "cpu" else self._device(grads)
+        if inv_scale != 1.0:
+            s = inv_scale
+            stats = stats * torch.tensor([s, s, s, s * s, s, s], dtype=torch.float64, device=device)
+        return stats
+
+    def _cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
+        """CPU: the same statistics with the per-tensor arithmetic in NumPy (no device to sync with,
+        and a NumPy op on a few numbers costs a fraction of a torch op's dispatch)."""
+        small = [i for i, g in enumerate(grads) if g.numel() <= SMALL]
+        large = [i for i, g in enumerate(grads) if g.numel() > SMALL]
+        out = np.empty((len(grads), len(GRAD_STATS)))
+        if small:
+            out[small] = _small_numpy([grads[i] for i in small])
+        if large:
+            out[large] = self._large_cpu([grads[i] for i in large])
+        return out
+
+    def _device(self, grads: list[torch.Tensor]) -> torch.Tensor:
         self._plan(grads)
         parts = []
         if self._small_index:
@@ -65,9 +107,6 @@ class GradStatistics:
         if self._small_index and self._large_index:
             assert self._order is not None
             stats = stats[self._order]
-        if inv_scale != 1.0:
-            s = inv_scale
-            stats = stats * torch.tensor([s, s, s, s * s, s, s], dtype=torch.float64, device=device)
         return stats
 
     def _plan(self, grads: list[torch.Tensor]) -> None:
@@ -85,11 +124,6 @@ class GradStatistics:
         self._small_counts = torch.tensor(sizes, dtype=torch.float64, device=device)
         order = np.argsort(np.array(self._small_index + self._large_index), kind="stable")
         self._order = torch.as_tensor(order, device=device)
-        for i in self._large_index:
-            g = grads[i]
-            key = (g.dtype, g.device)
-            if key not in self._scratch or self._scratch[key].numel() < g.numel():
-                self._scratch[key] = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
 
     def _small(self, grads: list[torch.Tensor]) -> torch.Tensor:
         seg, counts = self._segments, self._small_counts
@@ -110,10 +144,54 @@ class GradStatistics:
         l2 = (var * counts + counts * mean * mean).sqrt()
         return torch.stack([mean, l1 / counts, max_abs, var, l1, l2], dim=1)
 
+    def _large_cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
+        """One read of each gradient from memory: per cache-sized chunk, ``|g|`` into a small scratch
+        buffer that stays in cache, then its sum, max, square and sum, and the chunk's own sum; the
+        chunk sums are combined in float64 and the variance is ``E[g^2] - mean^2``. Tensors where
+        that one-pass formula would lose digits (see :data:`CONDITION`), whose squares could leave
+        the float32 range, or that hold NaN/Inf are recomputed by the exact two-pass :meth:`_large`."""
+        partial: list[torch.Tensor] = []
+        owner: list[int] = []
+        for j, g in enumerate(grads):
+            flat = g.reshape(-1)
+            buf = self._chunk_buffer(g.dtype)
+            for start in range(0, flat.numel(), CHUNK):
+                piece = flat[start : start + CHUNK]
+                b = buf[: piece.numel()]
+                torch.abs(piece, out=b)
+                magnitude, top, total = b.sum(), b.amax(), piece.sum()
+                b.mul_(b)
+                partial += (total, magnitude, top, b.sum())
+                owner.append(j)
+        chunks = torch.stack(partial).view(-1, 4).double().numpy()
+        starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])
+        sums = np.add.reduceat(chunks, starts, axis=0)
+        max_abs = np.maximum.reduceat(chunks[:, 2], starts)  # NaN propagates
+        n = np.array([g.numel() for g in grads], dtype=np.float64)
+        mean, l1, square_mean = sums[:, 0] / n, sums[:, 1], sums[:, 3] / n
+        with np.errstate(invalid="ignore", over="ignore"):
+            var = np.maximum(square_mean - mean * mean, 0.0)
+            table = np.stack([mean, l1 / n, max_abs, var, l1, np.sqrt(sums[:, 3])], axis=1)
+            exact = (square_mean <= CONDITION * var) | (square_mean == 0)
+            fits = (4.0 * n * max_abs * max_abs < 1e36) & ((max_abs > 1e-15) | (max_abs == 0))
+        redo = np.flatnonzero(~(exact & fits & np.isfinite(table).all(axis=1)))
+        if redo.size:
+            table[redo] = self._large([grads[i] for i in redo]).numpy()
+        return table
+
+    def _chunk_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        key = (dtype, torch.device("cpu"))
+        if key not in self._chunk:
+            self._chunk[key] = torch.empty(CHUNK, dtype=dtype)
+        return self._chunk[key]
+
     def _large(self, grads: list[torch.Tensor]) -> torch.Tensor:
         sums, l1s, maxima, bufs = [], [], [], []
         for g in grads:
-            buf = self._scratch[(g.dtype, g.device)][: g.numel()].view_as(g)
+            key = (g.dtype, g.device)
+            if key not in self._scratch or self._scratch[key].numel() < g.numel():
+                self._scratch[key] = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
+            buf = self._scratch[key][: g.numel()].view_as(g)
             bufs.append(buf)
             torch.abs(g, out=buf)
             l1s.append(buf.sum())
@@ -149,6 +227,34 @@ class GradStatistics:
         return torch.stack([mean, l1 / n, max_abs.double(), var, l1, l2], dim=1)
 
 
+def _small_numpy(grads: list[torch.Tensor]) -> np.ndarray:
+    """Small CPU tensors together: one float64 vector, per-segment reductions (``reduceat``)."""
+    sizes = np.array([g.numel() for g in grads])
+    flat = np.concatenate([g.detach().reshape(-1).numpy() for g in grads]).astype(np.float64)
+    if not sizes.all():  # reduceat cannot express an empty segment
+        return torch.stack([_small_reference(g) for g in grads]).numpy()
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    mean = np.add.reduceat(flat, starts) / sizes
+    magnitude = np.abs(flat)
+    l1 = np.add.reduceat(magnitude, starts)
+    max_abs = np.maximum.reduceat(magnitude, starts)  # NaN propagates
+    centred = flat - np.repeat(mean, sizes)
+    with np.errstate(invalid="ignore", over="ignore"):
+        var = np.add.reduceat(centred * centred, starts) / sizes
+        l2 = np.sqrt(var * sizes + sizes * mean * mean)
+    return np.stack([mean, l1 / sizes, max_abs, var, l1, l2], axis=1)
+
+
+def _small_reference(g: torch.Tensor) -> torch.Tensor:
+    """The statistics of one tensor in float64 (NaN for an empty one)."""
+    x = g.detach().reshape(-1).double()
+    if not x.numel():
+        return torch.full((len(GRAD_STATS),), float("nan"), dtype=torch.float64)
+    var, mean = torch.var_mean(x, correction=0)
+    a = x.abs()
+    return torch.stack([mean, a.mean(), a.max(), var, a.sum(), x.norm()])
+
+
 def _squares_fit(max_abs: torch.Tensor, counts: torch.Tensor) -> bool:
     """True when every sum of squares of ``g - mean`` (each <= (2 max|g|)^2) stays far inside the
     float32 range: ``4 n max^2 < 1e36`` and ``max|g| > 1e-15`` (or exactly 0)."""
@@ -161,63 +267,6 @@ def grad_statistics(grads: list[torch.Tensor], inv_scale: float = 1.0) -> torch.
     """Statistics of each gradient tensor: ``(len(grads), 6)`` float64 on the grads' device, in the
     order of :data:`GRAD_STATS` (a one-off :class:`GradStatistics`; the analyzer keeps one)."""
     return GradStatistics()(grads, inv_scale)
-
-
-class UpdateRatios:
-    """``||W_now - W_before|| / ||W_before||`` per tensor, measured with four foreach ops into one
-    snapshot allocated once (no clone per step). Where ``||W_before|| == 0`` (a zero-initialised
-    bias) the absolute update size ``||W_now - W_before||`` is reported instead, never ``inf``.
-
-    Norms come from ``torch._foreach_norm`` (float32 accumulation: relative error ~1e-5 for a
-    million-element weight, enough for a ratio that spans decades)."""
-
-    def __init__(self) -> None:
-        self._snapshot: list[torch.Tensor] | None = None
-        self._norms: torch.Tensor | None = None
-        self._valid = False
-
-    @property
-    def ready(self) -> bool:
-        """A snapshot to compare against was taken (and not used up)."""
-        return self._valid
-
-    def reset(self) -> None:
-        self._snapshot = None
-        self._norms = None
-        self._valid = False
-
-    def remember(self, current: list[torch.Tensor]) -> None:
-        """Take the snapshot the next :meth:`measure` compares against."""
-        if self._snapshot is None or len(self._snapshot) != len(current):
-            self._snapshot = [t.detach().clone() for t in current]
-        else:
-            torch._foreach_copy_(self._snapshot, current)
-        self._norms = torch.stack(torch._foreach_norm(self._snapshot, 2)) if current else None
-        self._valid = bool(current)
-
-    def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
-        """Ratios ``(n,)`` (float64, on the weights' device) since the snapshot; with ``keep`` the
-        snapshot then becomes ``current``, else it is used up."""
-        assert self._snapshot is not None and self._norms is not None and self._valid
-        torch._foreach_sub_(self._snapshot, current)
-        delta = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
-        before = self._norms.double()
-        ratios = torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)
-        if keep:
-            self.remember(current)
-        else:
-            self._valid = False
-        return ratios
-
-
-def update_ratios(snapshot: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:
-    """``||W_now - W_before|| / ||W_before||`` per tensor (``||ΔW||`` where ``||W_before|| = 0``),
-    shape ``(n,)``; ``snapshot`` is then overwritten with ``current``."""
-    tracker = UpdateRatios()
-    tracker._snapshot = snapshot
-    tracker._norms = torch.stack(torch._foreach_norm(snapshot, 2))
-    tracker._valid = True
-    return tracker.measure(current)
 
 
 class EpochAccumulator:

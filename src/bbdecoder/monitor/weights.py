@@ -7,7 +7,16 @@ import torch
 
 from bbdecoder.store.vocabulary import QUANTILES, quantile_name, weight_stat_names
 
-__all__ = ["QUANTILES", "fixed_range", "histogram", "quantile_name", "weight_stat_names", "weight_statistics"]
+__all__ = [
+    "QUANTILES",
+    "UpdateRatios",
+    "fixed_range",
+    "histogram",
+    "quantile_name",
+    "update_ratios",
+    "weight_stat_names",
+    "weight_statistics",
+]
 
 
 def fixed_range(weight: torch.Tensor, margin: float = 1.5) -> tuple[float, float]:
@@ -47,3 +56,123 @@ def weight_statistics(weights: list[torch.Tensor], quantiles: tuple[float, ...] 
     if not rows:
         return np.zeros((0, 3 + len(quantiles)))
     return torch.stack(rows).cpu().numpy()
+
+
+RATIO_CHUNK = 1 << 17
+"""Elements per chunk of the CPU update-ratio pass (the difference stays in cache)."""
+
+
+def _memory_flat(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of ``t`` in memory order (also for channels-last weights), or ``None``."""
+    if t.is_contiguous():
+        return t.view(-1)
+    dense = any(
+        t.dim() == d and t.is_contiguous(memory_format=f)
+        for d, f in ((4, torch.channels_last), (5, torch.channels_last_3d))
+    )
+    return t.as_strided((t.numel(),), (1,)) if dense else None
+
+
+class UpdateRatios:
+    """``||W_now - W_before|| / ||W_before||`` per tensor against one snapshot allocated once (no
+    clone per step). Where ``||W_before|| == 0`` (a zero-initialised bias) the absolute update size
+    ``||W_now - W_before||`` is reported instead, never ``inf``.
+
+    On CPU a large weight is read once from memory per step: per cache-sized chunk the snapshot
+    chunk becomes the difference (its norm), then the weight (its norm), all four ops from cache
+    (``||W_now||`` is the next step's ``||W_before||``, so no separate pass).
+    Small tensors go through four foreach ops together; on other devices all tensors do (no host
+    sync). Norms accumulate in float32 per chunk (relative error ~1e-5), summed in float64."""
+
+    def __init__(self) -> None:
+        self._snapshot: list[torch.Tensor] | None = None
+        self._norms: torch.Tensor | None = None
+        self._valid = False
+
+    @property
+    def ready(self) -> bool:
+        """A snapshot to compare against was taken (and not used up)."""
+        return self._valid
+
+    def reset(self) -> None:
+        self._snapshot = None
+        self._norms = None
+        self._valid = False
+
+    def remember(self, current: list[torch.Tensor]) -> None:
+        """Take the snapshot the next :meth:`measure` compares against."""
+        if self._snapshot is None or len(self._snapshot) != len(current):
+            self._snapshot = [t.detach().clone() for t in current]
+        else:
+            torch._foreach_copy_(self._snapshot, current)
+        self._norms = torch.stack(torch._foreach_norm(self._snapshot, 2)).double() if current else None
+        self._valid = bool(current)
+
+    def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
+        """Ratios ``(n,)`` (float64, on the weights' device) since the snapshot; with ``keep`` the
+        snapshot then becomes ``current``, else it is used up."""
+        assert self._snapshot is not None and self._norms is not None and self._valid
+        if current[0].device.type == "cpu":
+            delta, after = self._measure_cpu(current, keep)
+        else:
+            torch._foreach_sub_(self._snapshot, current)
+            delta = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
+            after = None
+            if keep:
+                torch._foreach_copy_(self._snapshot, current)
+                after = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
+        before = self._norms
+        ratios = torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)
+        self._norms = after
+        self._valid = keep
+        return ratios
+
+    def _measure_cpu(
+        self, current: list[torch.Tensor], keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self._snapshot is not None
+        chunked, grouped, flats = [], [], []
+        for i, (w, s) in enumerate(zip(current, self._snapshot, strict=True)):
+            fw, fs = (_memory_flat(w), _memory_flat(s)) if w.numel() > RATIO_CHUNK else (None, None)
+            if fw is not None and fs is not None and w.stride() == s.stride() and w.dtype == s.dtype:
+                chunked.append(i)
+                flats.append((fw, fs))
+            else:
+                grouped.append(i)
+        squares = np.zeros((len(current), 2))
+        if grouped:
+            now = [current[i] for i in grouped]
+            snap = [self._snapshot[i] for i in grouped]
+            torch._foreach_sub_(snap, now)
+            squares[grouped, 0] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
+            if keep:
+                torch._foreach_copy_(snap, now)
+                squares[grouped, 1] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
+        if chunked:
+            partial: list[torch.Tensor] = []
+            owner: list[int] = []
+            for i, (fw, fs) in zip(chunked, flats, strict=True):
+                for start in range(0, fw.numel(), RATIO_CHUNK):
+                    w_part, s_part = fw[start : start + RATIO_CHUNK], fs[start : start + RATIO_CHUNK]
+                    s_part.sub_(w_part)  # the chunk now stays in cache for the next three ops
+                    partial.append(torch.linalg.vector_norm(s_part))
+                    if keep:
+                        s_part.copy_(w_part)
+                        partial.append(torch.linalg.vector_norm(s_part))
+                    else:
+                        partial.append(partial[-1])
+                    owner.append(i)
+            norms = torch.stack(partial).view(-1, 2).double().numpy()
+            np.add.at(squares, np.array(owner), norms**2)
+        table = torch.from_numpy(np.sqrt(squares))
+        return table[:, 0], (table[:, 1] if keep else None)
+
+
+def update_ratios(snapshot: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:
+    """``||W_now - W_before|| / ||W_before||`` per tensor (``||ΔW||`` where ``||W_before|| = 0``),
+    shape ``(n,)``; ``snapshot`` is then overwritten with ``current``."""
+    tracker = UpdateRatios()
+    tracker._snapshot = snapshot
+    tracker._norms = torch.stack(torch._foreach_norm(snapshot, 2)).double()
+    tracker._valid = True
+    return tracker.measure(current)

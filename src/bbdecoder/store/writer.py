@@ -196,6 +196,16 @@ class RunWriter:
     def has_histograms(self) -> bool:
         return bool(self._histograms) or self._stored("SELECT 1 FROM histograms LIMIT 1") is not None
 
+    def layer_names(self) -> dict[int, str]:
+        """``{layer_id: name}`` of the layer table (the buffered one when :meth:`set_layers` was
+        called since the last flush; empty when the stored one cannot be read)."""
+        if self._layers is not None:
+            return {row[0]: row[1] for row in self._layers}
+        try:
+            return dict(self._conn.execute("SELECT layer_id, name FROM layers").fetchall())
+        except _ENVIRONMENT_ERRORS:
+            return {}
+
     def series_id(self, layer_id: int, param: str) -> int:
         """The ID of the series ``(layer_id, param)``, allocated here (this is the only writer)."""
         key = (int(layer_id), param)
@@ -473,9 +483,8 @@ class RunWriter:
 
     def _written(self, rows: bool) -> None:
         if self._failing is not None:
-            warnings.warn(
+            self._warn(
                 f"bbdecoder: the run store {self.path} is writable again; the buffered rows were written",
-                StoreWriteWarning,
                 stacklevel=4,
             )
             self._failing, self._warned_drop = None, False
@@ -496,11 +505,10 @@ class RunWriter:
         first = self._failing is None
         self._failing, self._failed_at = err, time.monotonic()
         if first:
-            warnings.warn(
+            self._warn(
                 f"bbdecoder: cannot write the run store {self.path} ({err}); training goes on, the "
                 f"rows are kept in memory (up to about {self.max_buffer_bytes // 2**20} MiB) and written "
                 "when the store is writable again (free disk space, or make the folder writable)",
-                StoreWriteWarning,
                 stacklevel=4,
             )
         self._bound_buffer()
@@ -533,12 +541,16 @@ class RunWriter:
                 break
             if not self._warned_drop:
                 self._warned_drop = True
-                warnings.warn(
+                self._warn(
                     f"bbdecoder: the run store {self.path} is still not writable and the buffer is full: "
                     "the oldest buffered steps are dropped (a 'store_gap' event will record them)",
-                    StoreWriteWarning,
                     stacklevel=5,
                 )
+
+    def _warn(self, message: str, stacklevel: int) -> None:
+        """How a write failure or recovery is reported (the writer thread defers it, see
+        :mod:`bbdecoder.store.background`)."""
+        warnings.warn(message, StoreWriteWarning, stacklevel=stacklevel + 1)
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)

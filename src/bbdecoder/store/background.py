@@ -1,0 +1,202 @@
+"""ThreadedRunWriter: a :class:`~bbdecoder.store.writer.RunWriter` whose flushes run on a writer thread.
+
+The training thread only appends rows to the in-memory buffers (under a lock, never held while
+waiting for the writer thread); :meth:`flush` hands
+the SQLite transaction to one writer thread through a queue of size one and returns at once. The
+promises of :class:`RunWriter` stay:
+
+- **SIGKILL**: at most one flush is in flight, and the next step's first row (:meth:`add_step`)
+  waits until it is committed, so a killed process loses at most the rows of the last
+  ``flush_every`` steps, never part of a step (each flush is one transaction).
+- **Errors**: write failures of the environment are warnings, as before; the writer thread defers
+  them and the training thread raises them (``StoreWriteWarning``) at its next call. Any other
+  exception of a flush (a bug, e.g. ``sqlite3.IntegrityError``) is raised in the training thread by
+  the next :meth:`flush`, :meth:`add_step`, :meth:`wait` or :meth:`close`.
+- :meth:`close` drains the queue, stops the thread and closes the store on the calling thread.
+
+A forked child (a DataLoader worker) never waits on or writes to its parent's store.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bbdecoder.store.schema import StoreWriteWarning
+from bbdecoder.store.writer import RunWriter, ScalarRow
+
+__all__ = ["ThreadedRunWriter"]
+
+
+class ThreadedRunWriter(RunWriter):
+    """:class:`RunWriter` with its flushes on a writer thread (see the module docstring)."""
+
+    def __init__(self, save_path: str | Path, **kwargs: Any) -> None:
+        self._mutex = threading.RLock()
+        self._requests: queue.Queue[bool | None] = queue.Queue(maxsize=1)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._deferred: list[tuple[str, int]] = []
+        super().__init__(save_path, **kwargs)
+
+    # -- the writer thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            try:
+                with self._mutex:
+                    RunWriter.flush(self)
+            except BaseException as err:  # surfaced on the training thread
+                self._error = err
+            finally:
+                self._idle.set()
+
+    def _warn(self, message: str, stacklevel: int) -> None:
+        if self._thread is not None and threading.current_thread() is self._thread:
+            self._deferred.append((message, stacklevel))
+        else:
+            super()._warn(message, stacklevel + 1)
+
+    def _surface(self) -> None:
+        """Warnings and the error of the writer thread, raised here on the calling thread."""
+        deferred, self._deferred = self._deferred, []
+        for message, _ in deferred:
+            warnings.warn(message, StoreWriteWarning, stacklevel=4)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _wait_idle(self) -> None:
+        if os.getpid() == self._pid:
+            self._idle.wait()
+        self._surface()
+
+    # -- the training thread ------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every flush handed to the writer thread is committed (or failed: then its
+        warning or error is raised here)."""
+        self._wait_idle()
+
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer thread (one transaction) and return; waits only
+        while the previous flush is still being written."""
+        self._wait_idle()
+        if self.closed or os.getpid() != self._pid:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bbdecoder-store-writer", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._requests.put(True)
+
+    def add_step(self, step: int, epoch: int, loss: float | None) -> None:
+        self._wait_idle()  # the previous flush is committed before a new step is buffered
+        with self._mutex:
+            super().add_step(step, epoch, loss)
+
+    def checkpoint(self) -> bool:
+        self._wait_idle()
+        with self._mutex:
+            return super().checkpoint()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._wait_idle()
+        finally:
+            if self._thread is not None and os.getpid() == self._pid:
+                self._requests.put(None)
+                self._thread.join(timeout=60)
+                self._thread = None
+            with self._mutex:
+                super().close()
+            self._surface()
+
+    # -- buffer access under the lock ---------------------------------------------------------
+    def next_step(self) -> int:
+        with self._mutex:
+            return super().next_step()
+
+    def last_epoch(self) -> int | None:
+        with self._mutex:
+            return super().last_epoch()
+
+    def has_histograms(self) -> bool:
+        with self._mutex:
+            return super().has_histograms()
+
+    def layer_names(self) -> dict[int, str]:
+        with self._mutex:
+            return super().layer_names()
+
+    def series_id(self, layer_id: int, param: str) -> int:
+        with self._mutex:
+            return super().series_id(layer_id, param)
+
+    def stat_id(self, name: str) -> int:
+        with self._mutex:
+            return super().stat_id(name)
+
+    def set_layers(self, rows: list[tuple[int, str, str, int, str | None]]) -> None:
+        with self._mutex:
+            super().set_layers(rows)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._mutex:
+            super().set_meta(key, value)
+
+    def set_artifact(self, name: str, kind: str, content: str) -> None:
+        with self._mutex:
+            super().set_artifact(name, kind, content)
+
+    def add_blob(self, kind: str, name: str, data: bytes, **where: Any) -> int:
+        with self._mutex:
+            return super().add_blob(kind, name, data, **where)
+
+    def set_loss(self, step: int, loss: float) -> None:
+        with self._mutex:
+            super().set_loss(step, loss)
+
+    def add_scalars(self, rows: list[ScalarRow]) -> None:
+        with self._mutex:
+            super().add_scalars(rows)
+
+    def add_epoch_scalars(self, rows: list[tuple[int, int, int, str, float]]) -> None:
+        with self._mutex:
+            super().add_epoch_scalars(rows)
+
+    def add_histogram(
+        self, step: int, epoch: int, series_id: int, kind: str, lo: float, hi: float, counts: np.ndarray
+    ) -> None:
+        with self._mutex:
+            super().add_histogram(step, epoch, series_id, kind, lo, hi, counts)
+
+    def add_event(self, kind: str, message: str, **where: Any) -> None:
+        with self._mutex:
+            super().add_event(kind, message, **where)
+
+    def relabel_epoch(self, first_step: int, last_step: int, epoch: int) -> None:
+        self._wait_idle()  # never wait for the writer thread while holding the lock it needs
+        with self._mutex:
+            super().relabel_epoch(first_step, last_step, epoch)
+
+    @property
+    def pending(self) -> int:
+        with self._mutex:
+            return super().pending
+
+    @property
+    def failing(self) -> bool:
+        with self._mutex:
+            return super().failing

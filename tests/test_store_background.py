@@ -1,0 +1,139 @@
+"""ThreadedRunWriter: the same store as RunWriter, flushes on the writer thread, at most one in
+flight, the writer thread's warnings and errors raised on the training thread, close() drains."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bbdecoder.store import RunWriter, StoreWriteWarning, open_run
+from bbdecoder.store.background import ThreadedRunWriter
+
+
+def _fill(writer: RunWriter, steps: range) -> None:
+    writer.set_layers([(0, "fc", "Linear", 12, "[1, 3]")])
+    sid = writer.series_id(0, "fc.weight")
+    mean = writer.stat_id("mean")
+    for step in steps:
+        writer.add_step(step, 0, float(step))
+        writer.add_scalars([(step, 0, sid, mean, step * 0.5)])
+        writer.add_event("note", f"step {step}", step=step, epoch=0)
+        writer.flush()
+    writer.add_histogram(steps[-1], 0, sid, "weight", -1.0, 1.0, np.array([1, 0, 5, 2]))
+    writer.add_epoch_scalars([(0, sid, mean, "mean", 0.5)])
+    writer.flush()
+
+
+def test_same_store_as_the_plain_writer(tmp_path: Path) -> None:
+    plain, threaded = RunWriter(tmp_path / "a"), ThreadedRunWriter(tmp_path / "b")
+    for w in (plain, threaded):
+        _fill(w, range(20))
+        w.close()
+    with open_run(tmp_path / "a") as a, open_run(tmp_path / "b") as b:
+        assert a.integrity_check() == b.integrity_check() == "ok"
+        assert a.scalars().equals(b.scalars())
+        assert a.steps().drop(columns="time").equals(b.steps().drop(columns="time"))
+        assert a.events()["message"].tolist() == b.events()["message"].tolist()
+        assert a.epoch_scalars().equals(b.epoch_scalars())
+
+
+def test_flush_runs_on_the_writer_thread_one_at_a_time(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path)
+    _fill(writer, range(2))
+    writer.wait()
+    threads: list[str] = []
+    release = threading.Event()
+    original = RunWriter.flush
+
+    def slow_flush(self: RunWriter) -> None:
+        threads.append(threading.current_thread().name)
+        release.wait(timeout=30)
+        original(self)
+
+    RunWriter.flush = slow_flush  # type: ignore[method-assign]
+    try:
+        writer.add_step(5, 0, None)
+        writer.flush()  # returns while the writer thread is held inside the flush
+        assert not writer._idle.is_set()  # (the buffers are locked by the flush meanwhile)
+        second = threading.Thread(target=lambda: (writer.flush(), threads.append("second returned")))
+        second.start()
+        second.join(timeout=0.5)
+        assert second.is_alive()  # a second flush waits for the first: never two in flight
+        release.set()
+        second.join(timeout=30)
+        writer.wait()
+    finally:
+        RunWriter.flush = original  # type: ignore[method-assign]
+    assert threads[0] == "bbdecoder-store-writer" and "second returned" in threads
+    assert writer.pending == 0
+    writer.close()
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0, 1, 5]
+
+
+def test_a_bug_in_a_flush_is_raised_on_the_training_thread(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path)
+    _fill(writer, range(3))
+    writer.add_step(1, 0, None)  # stored already: the flush's transaction fails and rolls back
+    writer.flush()  # returns: the error happens on the writer thread
+    with pytest.raises(sqlite3.IntegrityError):
+        writer.wait()
+    writer.wait()  # raised once
+    with pytest.raises(sqlite3.IntegrityError):
+        writer.close()  # the bad rows are still buffered: as RunWriter.close, it says so and closes
+    assert writer.closed
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2]
+
+
+class _FailingConnection:
+    """Every statement fails as a full disk would, until ``ok`` is set."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn, self.ok = conn, False
+
+    def execute(self, sql: str, *args: object) -> object:
+        if not self.ok and sql.startswith("BEGIN"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_write_failure_warnings_are_raised_on_the_training_thread_and_close_drains(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path, retry_seconds=0)
+    _fill(writer, range(2))
+    writer.wait()
+    disk = writer._conn = _FailingConnection(writer._conn)
+    writer.add_step(2, 0, 2.0)
+    writer.flush()
+    with pytest.warns(StoreWriteWarning, match="disk is full"):
+        writer.wait()
+    assert writer.failing and writer.pending > 0  # kept in memory
+    disk.ok = True
+    writer.add_step(3, 0, 3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer.flush()  # the recovery happens on the writer thread
+    with pytest.warns(StoreWriteWarning, match="writable again"):
+        writer.close()  # drains: the recovery's warning comes out here
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2, 3]
+
+
+def test_close_writes_what_is_buffered_and_stops_the_thread(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path)
+    _fill(writer, range(4))
+    writer.add_step(4, 0, None)  # buffered, never flushed
+    thread = writer._thread
+    writer.close()
+    assert thread is not None and not thread.is_alive()
+    writer.close()  # idempotent
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2, 3, 4]
