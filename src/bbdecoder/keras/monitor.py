@@ -27,13 +27,11 @@ Names (columns of ``open_run(path).scalars()``):
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,33 +41,16 @@ from bbdecoder.keras.layers import leaf_layers
 from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecorder
 from bbdecoder.keras.monitor_capture import FINITE, NSTATS, RATIO, StepCapture, gradient_statistics
 from bbdecoder.keras.monitor_layers import qualified_layer_names, select_leaves
-from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, installed_by
+from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_error, installed_by
 from bbdecoder.monitor.recorder import Recorder, Series
 from bbdecoder.monitor.weights import QUANTILES
 from bbdecoder.store import vocabulary as V
 from bbdecoder.store.writer import RunWriter
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
 
 @dataclass
 class _Tracked(Series):
     variable: Any = field(kw_only=True)
-
-
-def _closing_on_error(method: _F) -> _F:
-    """A callback method that restores the model and closes the store before an error propagates
-    (Keras does not call ``on_train_end`` when ``fit`` raises)."""
-
-    @functools.wraps(method)
-    def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except BaseException as error:
-            self._abort(error)
-            raise
-
-    return guarded  # type: ignore[return-value]
 
 
 class MonitorCallback(keras.callbacks.Callback):
@@ -195,7 +176,7 @@ class MonitorCallback(keras.callbacks.Callback):
             model.train_function = None  # the next fit compiles Keras' plain step again
 
     # -- set-up -------------------------------------------------------------------------------
-    @_closing_on_error
+    @closing_on_error
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
         self._release_stale(model)
@@ -291,7 +272,7 @@ class MonitorCallback(keras.callbacks.Callback):
         model.train_function = capture.guarded(model.train_function, self._abort)
 
     # -- per batch and per epoch --------------------------------------------------------------
-    @_closing_on_error
+    @closing_on_error
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         assert self.writer is not None and self._capture is not None
         epoch = self._epoch0 + self._current_epoch
@@ -321,11 +302,11 @@ class MonitorCallback(keras.callbacks.Callback):
         first_layer = max(bad, key=lambda t: (position.get(t.layer_id, -1), t.layer_id)).layer_id
         return next(t for t in bad if t.layer_id == first_layer)
 
-    @_closing_on_error
+    @closing_on_error
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
 
-    @_closing_on_error
+    @closing_on_error
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         assert self.writer is not None
         if self._epoch_first_step is None:

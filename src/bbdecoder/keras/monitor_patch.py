@@ -4,7 +4,9 @@ exactly what was there (an own attribute put back, a class attribute uncovered).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 OWNER_ATTRIBUTE = "_bbdecoder_monitor"
 """Set on every installed function: the callback that installed it (to find stale installations)."""
@@ -39,4 +41,22 @@ def installed_by(owner: Any, name: str) -> Any:
     return getattr(vars(owner).get(name), OWNER_ATTRIBUTE, None)
 
 
-__all__ = ["OWNER_ATTRIBUTE", "Shadows", "installed_by"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def closing_on_error(method: _F) -> _F:
+    """A callback method that calls ``self._abort(error)`` (restore the model, close the store)
+    before an error propagates (Keras does not call ``on_train_end`` when ``fit`` raises)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as error:
+            self._abort(error)
+            raise
+
+    return guarded  # type: ignore[return-value]
+
+
+__all__ = ["OWNER_ATTRIBUTE", "Shadows", "closing_on_error", "installed_by"]
