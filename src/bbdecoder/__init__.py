@@ -60,6 +60,7 @@ from bbdecoder.monitor import (
     PerSampleError,
     PerSampleGradients,
     PruneReport,
+    StatefulProbe,
 )
 from bbdecoder.monitor.transformer_probes import TransformerProbes
 from bbdecoder.report import build_report, store_image, store_table
@@ -122,6 +123,7 @@ __all__ = [
     "SimpleFullGrad",
     "SmoothFullGrad",
     "SmoothGrad",
+    "StatefulProbe",
     "StoreError",
     "TargetError",
     "TransformerProbes",

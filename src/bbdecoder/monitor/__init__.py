@@ -7,6 +7,7 @@ from bbdecoder.monitor.graph import FunctionGraph, activation_curves, trace_grap
 from bbdecoder.monitor.noise_scale import NoiseEstimate, NoiseScaleEMA
 from bbdecoder.monitor.per_sample import PerSampleError, PerSampleGradients, PerSampleStats
 from bbdecoder.monitor.per_sample_recorder import NOISE_STATS, PER_SAMPLE_STATS
+from bbdecoder.monitor.probe_state import StatefulProbe
 from bbdecoder.monitor.pruning import PrunedUnits, PruneReport
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PerSampleStats",
     "PruneReport",
     "PrunedUnits",
+    "StatefulProbe",
     "activation_curves",
     "channel_similarity",
     "grad_statistics",

@@ -31,8 +31,13 @@ rank (``max``), counts and sums add up."""
 
 
 class StatefulProbe:
-    """Base of a probe with declared state: subclasses set ``STATE`` and keep those attributes as
-    tensors (or ``None`` until allocated)."""
+    """Base of a probe with declared state, merged across ranks by
+    :meth:`bbdecoder.RankSync.reduce_probes` without knowing the probe.
+
+    A subclass sets ``STATE = {attribute: reduction}`` (a reduction from :data:`REDUCTIONS`) and
+    keeps those attributes as tensors of any shape and dtype, or ``None`` until allocated. Update
+    them in place (``torch.maximum(self.high, y, out=self.high)``) so that a hook traced by
+    ``torch.compile`` keeps seeing the same tensors."""
 
     STATE: ClassVar[dict[str, str]] = {}
 
