@@ -6,6 +6,13 @@ Two kinds of models are understood:
   ``_can_record_outputs["attentions"]``; they return ``(output, weights)``, but fused kernels
   (``attn_implementation="sdpa"``, flash, flex) return no weights. For the duration of the capture
   every ``config._attn_implementation`` of the model is set to ``"eager"`` and then restored.
+* **torch's** ``nn.MultiheadAttention`` (``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and any
+  model calling it): for the capture each call is made with ``need_weights=True,
+  average_attn_weights=False`` (a forward pre-hook changes the call's keyword arguments, not the
+  module), the caller gets back exactly what it asked for (``None`` weights, or the head average),
+  and torch's fused fast paths (``torch.backends.mha``), which bypass the module, are switched off
+  for the call and restored. :func:`mha_attention_weights` recomputes the weights of one call from
+  its query and key without touching the call (the training probes use it).
 * **timm-style / plain-torch** attention blocks: a module with a ``qkv`` ``nn.Linear`` and an int
   ``num_heads`` (timm's ``Attention``). The weights are recomputed from the ``qkv`` output as
   ``softmax(q k^T * scale)`` (``q_norm``/``k_norm`` applied when the block has them), whatever kernel
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder.hooks import HookManager
@@ -146,6 +154,124 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
             config._attn_implementation_internal = value
 
 
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+
+
+def mha_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    """``(name, module)`` of every ``nn.MultiheadAttention`` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def mha_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of one ``nn.MultiheadAttention`` call by name (positional ones named)."""
+    named = dict(zip(_MHA_ARGS, args, strict=False))
+    named.update(kwargs)
+    return named
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = not allowed) as 0 / -inf, a float mask as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_attention_weights(module: nn.MultiheadAttention, call: dict[str, Any]) -> torch.Tensor:
+    """The per-head attention weights ``(N, H, L, S)`` of one ``nn.MultiheadAttention`` call, recomputed
+    from its query, key and masks as ``softmax(q k^T / sqrt(d) + masks)`` (before dropout).
+
+    ``call``: the call's arguments by name (:func:`mha_call`). Raises :class:`AttentionCaptureError`
+    for ``add_bias_kv`` / ``add_zero_attn`` modules (extra key columns not supported here).
+    """
+    if module.bias_k is not None or module.add_zero_attn:
+        raise AttentionCaptureError(
+            "recomputing nn.MultiheadAttention weights does not support add_bias_kv or add_zero_attn; "
+            "pass attention=False"
+        )
+    query, key = call["query"], call["key"]
+    batched = query.dim() == 3
+    if not batched:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, E) -> (L, 1, E)
+    elif module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    length, n, embed = query.shape
+    source = key.shape[0]
+    heads = module.num_heads
+    d = embed // heads
+    if module._qkv_same_embed_dim:
+        assert module.in_proj_weight is not None
+        w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]
+    else:
+        assert module.q_proj_weight is not None and module.k_proj_weight is not None
+        w_q, w_k = module.q_proj_weight, module.k_proj_weight
+    b_q = b_k = None
+    if module.in_proj_bias is not None:
+        b_q, b_k = module.in_proj_bias[:embed], module.in_proj_bias[embed : 2 * embed]
+    q = F.linear(query, w_q, b_q).reshape(length, n * heads, d).transpose(0, 1)
+    k = F.linear(key, w_k, b_k).reshape(source, n * heads, d).transpose(0, 1)
+    logits = (q.float() @ k.float().transpose(1, 2)) * d**-0.5  # (N*H, L, S)
+    logits = logits.view(n, heads, length, source)
+    attn_mask = call.get("attn_mask")
+    if call.get("is_causal") and attn_mask is None:
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=logits.device).triu(1)
+    extra = _additive(attn_mask, logits.dtype)
+    if extra is not None:
+        logits = logits + (extra.view(n, heads, length, source) if extra.dim() == 3 else extra)
+    padding = _additive(call.get("key_padding_mask"), logits.dtype)
+    if padding is not None:
+        logits = logits + padding.reshape(n, 1, 1, source)
+    return torch.softmax(logits, dim=-1)
+
+
+@contextlib.contextmanager
+def mha_fastpath_disabled() -> Iterator[None]:
+    """``torch.backends.mha`` fast paths off (they bypass ``nn.MultiheadAttention.forward`` and its
+    hooks inside ``nn.TransformerEncoderLayer``); the previous setting restored on exit."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _capture_mha(
+    modules: list[tuple[str, nn.MultiheadAttention]], hooks: HookManager, captured: CapturedAttention
+) -> None:
+    asked: dict[int, list[tuple[bool, bool]]] = {}
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = mha_call(args, kwargs)
+        asked.setdefault(id(module), []).append(
+            (bool(call.get("need_weights", True)), bool(call.get("average_attn_weights", True)))
+        )
+        kept = dict(zip(_MHA_ARGS[:3], args[:3], strict=False))
+        rest = {k: v for k, v in call.items() if k not in kept}
+        rest.update(need_weights=True, average_attn_weights=False)
+        return tuple(kept.values()), rest
+
+    def after(module: nn.Module, _args: Any, output: Any) -> Any:
+        need, average = asked[id(module)].pop(0)
+        out, weights = output
+        if not isinstance(weights, torch.Tensor):
+            raise AttentionCaptureError(
+                f"nn.MultiheadAttention {type(module).__name__} returned no weights with need_weights=True"
+            )
+        per_head = weights if weights.dim() == 4 else weights.unsqueeze(0)
+        captured._graph.append(per_head)
+        captured.weights.append(per_head.detach().float())
+        if not need:
+            return out, None
+        return out, (weights.mean(dim=-3) if average else weights)
+
+    for _name, module in modules:
+        hooks.add(module.register_forward_pre_hook(before, with_kwargs=True))
+        hooks.forward_hook(module, after)
+
+
 def qkv_blocks(model: nn.Module) -> list[nn.Module]:
     """The timm-style attention blocks of ``model``: a ``qkv`` Linear and an int ``num_heads``."""
     return [
@@ -205,13 +331,20 @@ def capture_attention(model: nn.Module, hooks: HookManager) -> Iterator[Captured
             with eager_attention(model):
                 yield captured
             return
+    mha = mha_modules(model)
+    if mha:
+        _capture_mha(mha, hooks, captured)
+        with mha_fastpath_disabled():
+            yield captured
+        return
     blocks = qkv_blocks(model)
     if not blocks:
         raise AttentionCaptureError(
             f"found no attention weights to capture in {type(model).__name__}: it is neither a Hugging Face "
-            "transformers model (attention modules listed in `_can_record_outputs['attentions']`) nor has "
-            "timm-style attention blocks (a `qkv` nn.Linear and an int `num_heads`); for "
-            "nn.MultiheadAttention or other layouts compute the maps yourself"
+            "transformers model (attention modules listed in `_can_record_outputs['attentions']`), nor uses "
+            "torch's nn.MultiheadAttention, nor has timm-style attention blocks (a `qkv` nn.Linear and an "
+            "int `num_heads`); for other layouts have the attention module return its weights or compute "
+            "the maps yourself"
         )
     for block in blocks:
         pending: list[_QKVRecord] = []
@@ -246,6 +379,9 @@ __all__ = [
     "capture_attention",
     "eager_attention",
     "hf_attention_modules",
+    "mha_attention_weights",
+    "mha_call",
+    "mha_modules",
     "qkv_blocks",
     "recompute_attention",
 ]
