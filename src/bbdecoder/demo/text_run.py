@@ -61,7 +61,7 @@ class TextSettings:
 
     @classmethod
     def quick(cls) -> TextSettings:
-        return cls(n_test=100, n_show=4, ig_steps=16, n_shuffled=4)
+        return cls(n_train=600, n_test=100, epochs=4, n_show=4, ig_steps=16, n_shuffled=2)
 
 
 def text_explainers(model: nn.Module, ig_steps: int = 32) -> dict[str, object]:
