@@ -7,12 +7,12 @@ Two kinds of models are understood:
   (``attn_implementation="sdpa"``, flash, flex) return no weights. For the duration of the capture
   every ``config._attn_implementation`` of the model is set to ``"eager"`` and then restored.
 * **torch's** ``nn.MultiheadAttention`` (``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and any
-  model calling it): for the capture each call is made with ``need_weights=True,
-  average_attn_weights=False`` (a forward pre-hook changes the call's keyword arguments, not the
-  module), the caller gets back exactly what it asked for (``None`` weights, or the head average),
-  and torch's fused fast paths (``torch.backends.mha``), which bypass the module, are switched off
-  for the call and restored. :func:`mha_attention_weights` recomputes the weights of one call from
-  its query and key without touching the call (the training probes use it).
+  model calling it): each call is left as it is (its ``need_weights`` / ``average_attn_weights``,
+  its kernel); a forward hook reads the call's arguments and :func:`mha_attention_weights`
+  recomputes the per-head weights from its query, key and masks, and ``V`` from its value. The
+  gradient of a map comes from the gradient of the call's output ``O = concat_h(A_h V_h) W_o^T + b``:
+  ``dS/dA_h = (dS/dO W_o)_h V_h^T``. torch's fused fast paths (``torch.backends.mha``), which skip
+  the module inside ``nn.TransformerEncoderLayer``, are switched off for the capture and restored.
 * **timm-style / plain-torch** attention blocks: a module with a ``qkv`` ``nn.Linear`` and an int
   ``num_heads`` (timm's ``Attention``). The weights are recomputed from the ``qkv`` output as
   ``softmax(q k^T * scale)`` (``q_norm``/``k_norm`` applied when the block has them), whatever kernel
@@ -50,15 +50,26 @@ class _QKVRecord:
 
 
 @dataclass
+class _MHARecord:
+    module: nn.MultiheadAttention
+    weights: torch.Tensor  # (N, H, L, S), recomputed, detached
+    values: torch.Tensor  # (N, H, S, d), detached
+    output: torch.Tensor  # the call's attention output, in the graph ((N, L, E) or (L, N, E))
+
+
+@dataclass
 class CapturedAttention:
     """What one forward pass left: one entry per attention call, in execution order."""
 
     weights: list[torch.Tensor] = field(default_factory=list)  # (N, H, T, T) each
     _graph: list[torch.Tensor] = field(default_factory=list)  # HF path: weights in the graph
     _qkv: list[_QKVRecord] = field(default_factory=list)
+    _mha: list[_MHARecord] = field(default_factory=list)
 
     def gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
         """``d score / d A`` for every captured attention map (N, H, T, T), in execution order."""
+        if self._mha:
+            return self._mha_gradients(score)
         if self._graph:
             grads = torch.autograd.grad(score, self._graph, allow_unused=True)
             return [
@@ -80,6 +91,26 @@ class CapturedAttention:
                 continue
             d_o = grad.detach().reshape(n, t, h, d).transpose(1, 2)  # (N, H, T, d)
             out.append(d_o @ record.values.transpose(-1, -2))
+        return out
+
+
+    def _mha_gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
+        """``O = concat_h(A_h V_h) W_o^T + b``, so ``dS/dA_h = (dS/dO W_o)_h V_h^T``."""
+        grads = torch.autograd.grad(score, [r.output for r in self._mha], allow_unused=True)
+        out = []
+        for record, grad in zip(self._mha, grads, strict=True):
+            if grad is None:
+                out.append(torch.zeros_like(record.weights))
+                continue
+            n, heads, length, _ = record.weights.shape
+            g = grad.detach().float()
+            if g.dim() == 2:
+                g = g.unsqueeze(0)
+            elif not record.module.batch_first:
+                g = g.transpose(0, 1)  # (N, L, E)
+            d_concat = g @ record.module.out_proj.weight.detach().float()
+            d_heads = d_concat.reshape(n, length, heads, -1).transpose(1, 2)  # (N, H, L, d)
+            out.append(d_heads @ record.values.transpose(-1, -2))
         return out
 
 
@@ -238,38 +269,49 @@ def mha_fastpath_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+def _mha_values(module: nn.MultiheadAttention, call: dict[str, Any]) -> torch.Tensor:
+    """The value projection ``V`` (N, H, S, d) of one call, detached."""
+    value = call["value"]
+    if value.dim() == 2:
+        value = value.unsqueeze(1)
+    elif module.batch_first:
+        value = value.transpose(0, 1)
+    source, n, embed = value.shape
+    heads = module.num_heads
+    if module._qkv_same_embed_dim:
+        assert module.in_proj_weight is not None
+        weight = module.in_proj_weight[2 * embed :]
+    else:
+        assert module.v_proj_weight is not None
+        weight = module.v_proj_weight
+    bias = module.in_proj_bias[2 * embed :] if module.in_proj_bias is not None else None
+    v = F.linear(value.detach(), weight.detach(), None if bias is None else bias.detach())
+    return v.float().reshape(source, n, heads, embed // heads).permute(1, 2, 0, 3)
+
+
 def _capture_mha(
     modules: list[tuple[str, nn.MultiheadAttention]], hooks: HookManager, captured: CapturedAttention
 ) -> None:
-    asked: dict[int, list[tuple[bool, bool]]] = {}
+    """Per call, the weights and ``V`` recomputed from the call's inputs; the call itself untouched."""
 
-    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        assert isinstance(module, nn.MultiheadAttention)
         call = mha_call(args, kwargs)
-        asked.setdefault(id(module), []).append(
-            (bool(call.get("need_weights", True)), bool(call.get("average_attn_weights", True)))
-        )
-        kept = dict(zip(_MHA_ARGS[:3], args[:3], strict=False))
-        rest = {k: v for k, v in call.items() if k not in kept}
-        rest.update(need_weights=True, average_attn_weights=False)
-        return tuple(kept.values()), rest
+        with torch.no_grad():
+            weights = mha_attention_weights(module, call)
+            values = _mha_values(module, call)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        captured._mha.append(_MHARecord(module, weights, values, out))
+        captured.weights.append(weights)
 
-    def after(module: nn.Module, _args: Any, output: Any) -> Any:
-        need, average = asked[id(module)].pop(0)
-        out, weights = output
-        if not isinstance(weights, torch.Tensor):
+    for name, module in modules:
+        if module.bias_k is not None or module.add_zero_attn:
             raise AttentionCaptureError(
-                f"nn.MultiheadAttention {type(module).__name__} returned no weights with need_weights=True"
+                f"nn.MultiheadAttention {name!r} was built with add_bias_kv or add_zero_attn, which add key "
+                "columns without a token: its attention is not a token-to-token matrix and cannot be rolled "
+                "out; explain this model with a gradient method (IntegratedGradients, GradCAM) instead"
             )
-        per_head = weights if weights.dim() == 4 else weights.unsqueeze(0)
-        captured._graph.append(per_head)
-        captured.weights.append(per_head.detach().float())
-        if not need:
-            return out, None
-        return out, (weights.mean(dim=-3) if average else weights)
-
-    for _name, module in modules:
-        hooks.add(module.register_forward_pre_hook(before, with_kwargs=True))
-        hooks.forward_hook(module, after)
+        hooks.forward_hook(module, after, with_kwargs=True)
 
 
 def qkv_blocks(model: nn.Module) -> list[nn.Module]:
