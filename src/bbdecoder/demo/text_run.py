@@ -55,7 +55,7 @@ class TextSettings:
     epochs: int = 3
     batch_size: int = 32
     n_show: int = 8
-    ig_steps: int = 32
+    ig_steps: int = 16
     n_shuffled: int = 8
     seed: int = 0
 
@@ -64,7 +64,7 @@ class TextSettings:
         return cls(n_train=600, n_test=100, epochs=4, n_show=4, ig_steps=16, n_shuffled=2)
 
 
-def text_explainers(model: nn.Module, ig_steps: int = 32) -> dict[str, object]:
+def text_explainers(model: nn.Module, ig_steps: int = 16) -> dict[str, object]:
     """Method name -> ``f(batch, labels) -> (N, L)`` signed token scores at the token embeddings."""
     ig = IntegratedGradients(model)
     ixg = InputXGradient(model)
@@ -89,7 +89,7 @@ def chance_rate(data: TextData) -> float:
 
 
 def keyword_check(
-    model: nn.Module, data: TextData, *, ig_steps: int = 32, n_shuffled: int = 8, seed: int = 0
+    model: nn.Module, data: TextData, *, ig_steps: int = 16, n_shuffled: int = 8, seed: int = 0
 ) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
     """Token scores of every method for ``data`` (target: the true label), and one row per method:
     ``hit_rate`` (trained model), ``shuffled_hit_rate`` (mean over ``n_shuffled`` shuffled-weight
