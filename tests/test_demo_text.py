@@ -37,7 +37,7 @@ def trained() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def test_set():  # noqa: ANN201
+def test_set():
     return make_text_data(200, seed=10_000)
 
 
@@ -56,16 +56,18 @@ def test_the_generated_task_has_exactly_one_keyword_that_decides_the_label() -> 
     assert data.tokens(0)[int(data.keyword_at[0])] == VOCAB[KEYWORD_IDS[int(data.labels[0])]]
 
 
-def _hit_rates(model: torch.nn.Module, data) -> dict[str, float]:  # noqa: ANN001
+def _hit_rates(model: torch.nn.Module, data) -> dict[str, float]:
     batch, labels = data.batch(), data.labels
-    ig = IntegratedGradients(model).token_scores(batch, labels, baseline="pad", pad_token_id=PAD_ID, n_steps=16)
+    ig = IntegratedGradients(model).token_scores(
+        batch, labels, baseline="pad", pad_token_id=PAD_ID, n_steps=16
+    )
     ixg = InputXGradient(model).token_scores(batch, labels)
     return {name: float(top_token_hits(s, data).double().mean()) for name, s in (("ig", ig), ("ixg", ixg))}
 
 
 def test_the_top_attributed_token_is_the_planted_keyword_and_not_for_shuffled_weights(
     trained: torch.nn.Module, test_set
-) -> None:  # noqa: ANN001
+) -> None:
     assert text_accuracy(trained, test_set) == 1.0
     trained_rates = _hit_rates(trained, test_set)
     # Chance: a random token per sentence hits the keyword with probability 1 / length; lengths are
@@ -101,8 +103,8 @@ def test_demo_text_cli_writes_the_run_the_checks_and_the_token_maps(
     assert main(["demo", "--text", "--quick", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "text_integrated_gradients_keyword_hit_rate" in printed
-    for name in ("run.sqlite", "report.html", "summary.json", "text/keyword_check.csv", "text/token_scores.csv",
-                 "text_transformer_state_dict.pt"):  # fmt: skip
+    written = ("run.sqlite", "report.html", "summary.json", "text/keyword_check.csv", "text/token_scores.csv")
+    for name in (*written, "text_transformer_state_dict.pt"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["text_test_accuracy"] == 1.0

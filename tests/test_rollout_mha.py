@@ -42,7 +42,7 @@ class MHAViT(nn.Module):
 
 
 def hand_forward(model: MHAViT, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The model's forward written out (batch-first), attention A = softmax(q k^T / sqrt(d)) kept in the graph."""
+    """The model's forward written out (batch-first), A = softmax(q k^T / sqrt(d)) kept in the graph."""
     h = model.tokens(x)
     attentions = []
     for layer in model.encoder.layers:
@@ -152,13 +152,18 @@ def test_recomputed_weights_equal_the_module_s_own_with_masks() -> None:
         ):
             with torch.no_grad():
                 _, own = attn(**call, need_weights=True, average_attn_weights=False)
-            torch.testing.assert_close(mha_attention_weights(attn, mha_call((), call)), own, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                mha_attention_weights(attn, mha_call((), call)), own, rtol=1e-5, atol=1e-6
+            )
 
 
 def test_add_bias_kv_is_a_clear_error() -> None:
     model = UsesWeights().eval()
     model.attn = nn.MultiheadAttention(6, 2, batch_first=True, add_bias_kv=True)
-    with pytest.raises(AttentionCaptureError, match="add_bias_kv"), HookManager() as hooks:
-        with capture_attention(model, hooks):
-            pass
+    with (
+        pytest.raises(AttentionCaptureError, match="add_bias_kv"),
+        HookManager() as hooks,
+        capture_attention(model, hooks),
+    ):
+        pass
     assert count_hooks(model) == 0

@@ -22,7 +22,9 @@ def test_smoothgrad_at_a_named_layer_equals_the_closed_form(kind: str) -> None:
     model = bag_model(masked=False)  # the mean reads the padding: its gradient there is not zero
     batch = token_batch()
     mask = batch["attention_mask"]
-    smoother = SmoothGrad(InputXGradient(model), n_samples=5, noise_level=0.2, kind=kind, seed=3, layer="embed")
+    smoother = SmoothGrad(
+        InputXGradient(model), n_samples=5, noise_level=0.2, kind=kind, seed=3, layer="embed"
+    )
     e = model.embed(batch["input_ids"]).detach()
     copies = torch.stack(smoother.noisy_copies(e))  # (S, N, L, D), the draws SmoothGrad makes
     grad = (model.head.weight[1] / 5).detach()  # d logit_1 / d e_l for a mean over 5 tokens
@@ -72,7 +74,9 @@ def test_smoothgrad_at_bert_word_embeddings_equals_a_hand_loop_over_inputs_embed
     for noisy in smoother.noisy_copies(e):
         point = noisy.clone().requires_grad_(True)
         logits = model(
-            inputs_embeds=point, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
+            inputs_embeds=point,
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
         ).logits
         (grad,) = torch.autograd.grad(logits[:, 2].sum(), point)
         grads.append(grad)
@@ -93,7 +97,12 @@ def test_gradient_shap_at_a_named_layer_equals_the_closed_form(stdevs: float) ->
     n, n_samples, target = 3, 4, 0
     explainer = GradientSHAP(model, seed=11, layer="embed")
     full = explainer.attribute(
-        batch, target, baselines=references, n_samples=n_samples, stdevs=stdevs, internal_batch_size=n * n_samples
+        batch,
+        target,
+        baselines=references,
+        n_samples=n_samples,
+        stdevs=stdevs,
+        internal_batch_size=n * n_samples,
     )
     # The same draws in the same order; the gradient of the linear model is w / 5 everywhere.
     generator = torch.Generator().manual_seed(11)
@@ -109,7 +118,12 @@ def test_gradient_shap_at_a_named_layer_equals_the_closed_form(stdevs: float) ->
     closed = torch.where(mask[..., None] != 0, closed, 0.0)
     torch.testing.assert_close(full, closed, rtol=1e-10, atol=1e-13)
     scores = explainer.token_scores(
-        batch, target, baselines=references, n_samples=n_samples, stdevs=stdevs, internal_batch_size=n * n_samples
+        batch,
+        target,
+        baselines=references,
+        n_samples=n_samples,
+        stdevs=stdevs,
+        internal_batch_size=n * n_samples,
     )
     assert scores.shape == (3, 5)
     torch.testing.assert_close(scores, closed.sum(2), rtol=1e-10, atol=1e-13)
@@ -119,7 +133,11 @@ def test_gradient_shap_at_a_named_layer_equals_the_closed_form(stdevs: float) ->
 def test_gradient_shap_with_one_pad_reference_is_ig_in_expectation_on_the_linear_model() -> None:
     model = bag_model(masked=False)
     batch = token_batch()
-    shap = GradientSHAP(model, layer="embed").token_scores(batch, 1, baselines="pad", n_samples=3, pad_token_id=0)
-    ig = IntegratedGradients(model, layer="embed").token_scores(batch, 1, baseline="pad", pad_token_id=0, n_steps=2)
+    shap = GradientSHAP(model, layer="embed").token_scores(
+        batch, 1, baselines="pad", n_samples=3, pad_token_id=0
+    )
+    ig = IntegratedGradients(model, layer="embed").token_scores(
+        batch, 1, baseline="pad", pad_token_id=0, n_steps=2
+    )
     torch.testing.assert_close(shap, ig, rtol=1e-12, atol=1e-13)
     assert _pad_is_zero(shap, batch["attention_mask"])

@@ -57,7 +57,9 @@ def test_helpers_with_masks_against_numpy() -> None:
     # weights that also put mass on the padding keys (a model that does not mask them)
     p = torch.softmax(torch.randn(3, 2, 5, 5, generator=generator), dim=-1)
     np.testing.assert_allclose(
-        attention_entropy(p, keep, keep).double().numpy(), np_entropy(p.double().numpy(), keep.numpy()), rtol=1e-5
+        attention_entropy(p, keep, keep).double().numpy(),
+        np_entropy(p.double().numpy(), keep.numpy()),
+        rtol=1e-5,
     )
 
 
@@ -80,7 +82,9 @@ def test_text_transformer_probes_leave_the_padding_out(tmp_path: Path) -> None:
             pad = mask == 0
             ref: dict[tuple[str, str], float] = {}
             for i, layer in enumerate(model.encoder.layers):
-                _, weights = layer.self_attn(h, h, h, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+                _, weights = layer.self_attn(
+                    h, h, h, key_padding_mask=pad, need_weights=True, average_attn_weights=False
+                )
                 for head, value in enumerate(np_entropy(weights.double().numpy(), keep)):
                     ref[(f"encoder.layers.{i}.self_attn.head{head}", "attn_entropy")] = float(value)
                 h = layer(h, src_key_padding_mask=pad)
@@ -106,7 +110,10 @@ def test_text_transformer_probes_leave_the_padding_out(tmp_path: Path) -> None:
         rows = run.scalars(stat)
         assert sorted(set(rows.step)) == [0, 1], stat
         for row in rows.itertuples():
-            assert row.value == pytest.approx(expected[row.step][(row.param, stat)], rel=1e-4), (row.step, row.param)
+            assert row.value == pytest.approx(expected[row.step][(row.param, stat)], rel=1e-4), (
+                row.step,
+                row.param,
+            )
             checked += 1
     assert checked == 2 * (3 * 2 + 2 * 2)
 

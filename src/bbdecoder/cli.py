@@ -466,7 +466,11 @@ def _text_demo(args: argparse.Namespace) -> int:
     from bbdecoder.demo.text_run import TextSettings, run_text_demo
     from bbdecoder.store import StoreError
 
-    for flag, given in (("--no-bias", args.no_bias), ("--no-shapes", args.no_shapes), ("--tensorboard", args.tensorboard)):
+    for flag, given in (
+        ("--no-bias", args.no_bias),
+        ("--no-shapes", args.no_shapes),
+        ("--tensorboard", args.tensorboard),
+    ):
         if given:
             raise CLIError(f"{flag} applies to the image demo, not to demo --text; leave it out", EXIT_USAGE)
     settings = TextSettings.quick() if args.quick else TextSettings()
@@ -844,7 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--epochs", type=int, help="training epochs (default 4; with --text 3)")
     demo.add_argument(
-        "--images", type=int, help="test images in the saliency grid (default 6; with --text sentences shown, 8)"
+        "--images",
+        type=int,
+        help="test images in the saliency grid (default 6; with --text sentences shown, 8)",
     )
     demo.add_argument("--quick", action="store_true", help="the reduced setting of the tests (seconds)")
     demo.add_argument("--no-bias", action="store_true", help="skip the planted-bias study")

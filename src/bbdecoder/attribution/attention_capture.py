@@ -93,7 +93,6 @@ class CapturedAttention:
             out.append(d_o @ record.values.transpose(-1, -2))
         return out
 
-
     def _mha_gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
         """``O = concat_h(A_h V_h) W_o^T + b``, so ``dS/dA_h = (dS/dO W_o)_h V_h^T``."""
         grads = torch.autograd.grad(score, [r.output for r in self._mha], allow_unused=True)
@@ -185,8 +184,16 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
             config._attn_implementation_internal = value
 
 
-_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-             "is_causal")
+_MHA_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
 
 
 def mha_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:

@@ -7,8 +7,8 @@ The attribution (or saliency) of ``n_samples`` noisy copies ``x + N(0, sigma^2)`
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
+from copy import copy as shallow_copy
 from typing import Any
 
 import torch
@@ -170,9 +170,7 @@ def _at_layer(explainer: Explainer, layer: LayerSpec) -> Explainer:
             f"SmoothGrad(layer={layer!r}) wraps a {type(explainer).__name__} at another layer ({own!r}); "
             "give the layer once, to SmoothGrad or to the inner explainer"
         )
-    if not hasattr(explainer, "attribution_layer"):
-        raise TypeError(f"{type(explainer).__name__} does not attribute at a layer; SmoothGrad(layer=) needs one that does")
-    moved = copy.copy(explainer)
+    moved = shallow_copy(explainer)
     moved.attribution_layer = layer
     return moved
 

@@ -123,7 +123,9 @@ class TextTransformer(nn.Module):
         return self.head(pooled)
 
 
-def training_batches(data: TextData, epochs: int, batch_size: int = 32, seed: int = 0) -> Iterator[list[TextData]]:
+def training_batches(
+    data: TextData, epochs: int, batch_size: int = 32, seed: int = 0
+) -> Iterator[list[TextData]]:
     """One list of batches per epoch, in the order training sees them (a seeded shuffle per epoch)."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,10 @@ class TextSettings:
         return cls(n_train=600, n_test=100, epochs=4, n_show=4, ig_steps=16, n_shuffled=2)
 
 
-def text_explainers(model: nn.Module, ig_steps: int = 16) -> dict[str, object]:
+TokenExplain = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def text_explainers(model: nn.Module, ig_steps: int = 16) -> dict[str, TokenExplain]:
     """Method name -> ``f(batch, labels) -> (N, L)`` signed token scores at the token embeddings."""
     ig = IntegratedGradients(model)
     ixg = InputXGradient(model)
@@ -96,12 +100,12 @@ def keyword_check(
     copies), ``shuffled_max``, ``chance``, ``n`` and ``passed`` (hit rate >= 0.9 and the shuffled
     mean below chance + 0.15)."""
     batch, labels = data.batch(), data.labels
-    scores = {name: f(batch, labels).detach() for name, f in text_explainers(model, ig_steps).items()}  # type: ignore[operator]
+    scores = {name: f(batch, labels).detach() for name, f in text_explainers(model, ig_steps).items()}
     shuffled: dict[str, list[float]] = {name: [] for name in scores}
     for k in range(n_shuffled):
         control = shuffled_copy(model, seed=seed + k)
         for name, f in text_explainers(control, ig_steps).items():
-            shuffled[name].append(float(top_token_hits(f(batch, labels), data).double().mean()))  # type: ignore[operator]
+            shuffled[name].append(float(top_token_hits(f(batch, labels), data).double().mean()))
     chance = chance_rate(data)
     rows = []
     for name, values in scores.items():
@@ -148,7 +152,10 @@ def run_text_demo(
     result = DemoResult(out, accuracy)
     writer = RunWriter(out)
     try:
-        stage(f"text: explaining {len(test)} test sentences (and {s.n_shuffled} shuffled copies) ...", enabled=progress)
+        stage(
+            f"text: explaining {len(test)} test sentences (and {s.n_shuffled} shuffled copies) ...",
+            enabled=progress,
+        )
         scores, check = keyword_check(model, test, ig_steps=s.ig_steps, n_shuffled=s.n_shuffled, seed=s.seed)
         passed = bool(check["passed"].all())
         if not passed:
@@ -204,7 +211,9 @@ def _slug(name: str) -> str:
     return name.lower().replace(" ", "_").replace("-", "")
 
 
-def _train_monitored(train: TextData, test: TextData, out: Path, s: TextSettings, progress: bool) -> TextTransformer:
+def _train_monitored(
+    train: TextData, test: TextData, out: Path, s: TextSettings, progress: bool
+) -> TextTransformer:
     """The steps of :func:`~bbdecoder.demo.text.train_text_transformer`, through the Analyzer with
     :class:`~bbdecoder.monitor.transformer_probes.TransformerProbes` attached."""
     from bbdecoder.monitor import Analyzer
@@ -218,7 +227,9 @@ def _train_monitored(train: TextData, test: TextData, out: Path, s: TextSettings
         analyzer.attach(optimizer)
         for epoch, batches in enumerate(training_batches(train, s.epochs, s.batch_size, s.seed)):
             model.train()
-            bar = progress_bar(n_batches, f"text: epoch {epoch + 1}/{s.epochs}", unit="batches", enabled=progress)
+            bar = progress_bar(
+                n_batches, f"text: epoch {epoch + 1}/{s.epochs}", unit="batches", enabled=progress
+            )
             for part in batches:
                 loss = F.cross_entropy(analyzer.forward_propagation(**part.batch()), part.labels)
                 optimizer.zero_grad()

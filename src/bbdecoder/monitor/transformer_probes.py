@@ -160,7 +160,8 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in named
-        if isinstance(m, torch_layers) or (isinstance(getattr(m, "attn", None), nn.Module) and hasattr(m, "mlp"))
+        if isinstance(m, torch_layers)
+        or (isinstance(getattr(m, "attn", None), nn.Module) and hasattr(m, "mlp"))
     ]
 
 

@@ -29,7 +29,9 @@ def transformer_probes(ctx: ReportContext) -> Section | None:
         if matrix is None:
             continue
         body += ctx.chart(
-            charts.line_chart(f"probe-{stat}", f"{title}, per step", matrix, stat, log=log, max_points=ctx.max_points)
+            charts.line_chart(
+                f"probe-{stat}", f"{title}, per step", matrix, stat, log=log, max_points=ctx.max_points
+            )
         )
     if not body:
         return None

@@ -59,7 +59,8 @@ def store_token_maps(
             or array, e.g. ``explainer.token_scores(...)``; entries past a sentence's end are ignored).
         titles: one label per sentence (default ``"sentence i"``).
         caption: shown above the table.
-        merge: join sub-word pieces into words in the picture (see :func:`~bbdecoder.viz.tokens.merge_subwords`).
+        merge: join sub-word pieces into words in the picture
+            (:func:`~bbdecoder.viz.tokens.merge_subwords`).
         section: kept in ``meta["section"]`` (the report shows every :data:`TOKENS_KIND` record).
     """
     if not scores:
@@ -69,7 +70,9 @@ def store_token_maps(
     array = np.zeros((len(scores), len(words), width))
     for m, values in enumerate(scores.values()):
         if len(values) != len(words):
-            raise ValueError(f"scores of {list(scores)[m]!r} cover {len(values)} sentences, tokens {len(words)}")
+            raise ValueError(
+                f"scores of {list(scores)[m]!r} cover {len(values)} sentences, tokens {len(words)}"
+            )
         for i, sentence in enumerate(words):
             array[m, i, : len(sentence)] = _scores_row(values, i, len(sentence))
     if titles is not None and len(titles) != len(words):
@@ -79,7 +82,9 @@ def store_token_maps(
         "caption": caption,
         "methods": [str(k) for k in scores],
         "tokens": words,
-        "titles": [str(t) for t in titles] if titles is not None else [f"sentence {i}" for i in range(len(words))],
+        "titles": [str(t) for t in titles]
+        if titles is not None
+        else [f"sentence {i}" for i in range(len(words))],
         "merge": bool(merge),
     }
     return writer.add_array(TOKENS_KIND, name, array, meta=meta)
@@ -101,9 +106,14 @@ def token_table(array: np.ndarray, meta: Mapping[str, Any]) -> str:
     for i, sentence in enumerate(sentences):
         words = [str(t) for t in sentence]
         title = html.esc(titles[i] if i < len(titles) else f"sentence {i}")
-        cells = "".join(f"<td>{tokens_html(words, array[m, i, : len(words)], merge=merge)}</td>" for m in range(len(methods)))
+        cells = "".join(
+            f"<td>{tokens_html(words, array[m, i, : len(words)], merge=merge)}</td>"
+            for m in range(len(methods))
+        )
         rows.append(f"<tr><td>{title}</td>{cells}</tr>")
-    return f'<table class="bbd-token-maps"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (
+        f'<table class="bbd-token-maps"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
 
 def token_maps(ctx: ReportContext) -> Section | None:
