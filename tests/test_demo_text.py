@@ -135,3 +135,17 @@ def test_demo_text_refuses_the_image_demo_flags(tmp_path: Path, capsys: pytest.C
     assert main(["demo", "--text", "--no-shapes", "--out", str(tmp_path / "x")]) == 2
     assert "--no-shapes applies to the image demo" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_text_refuses_bad_values_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    for extra, code, message in (
+        (["--epochs", "0"], 2, "--epochs must be between 1 and 1000, got 0"),
+        (["--images", "101"], 2, "--images must be between 1 and 100, got 101"),
+        (["--out", str(tmp_path / "file")], 2, "is a file; pass a folder"),
+        (["--out", str(tmp_path / "file" / "sub")], 7, "cannot write the demo into"),
+    ):
+        assert main(["demo", "--text", "--quick", "--no-progress", *extra]) == code, extra
+        assert message in capsys.readouterr().err, extra
