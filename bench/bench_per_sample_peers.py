@@ -20,7 +20,7 @@ rotated every round (interleaved), medians and the median of the per-round ratio
 The numbers are compared after the timed rounds (float32 and, to separate method from rounding,
 float64). Writes ``bench/results/per_sample_peers_tN.json``. Run::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src /work/main/.venv-bench/bin/python bench/bench_per_sample_peers.py --rounds 15
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv-bench/bin/python bench/bench_per_sample_peers.py --rounds 40
 """
 
 from __future__ import annotations

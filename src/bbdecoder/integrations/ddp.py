@@ -175,7 +175,9 @@ class DistributedAnalyzer(Analyzer):
     rank must make them. A model sharded with FSDP2's ``fully_shard`` gets a
     :class:`~bbdecoder.integrations.sharded.ShardSync`: the statistics of the unsharded tensors.
     ``noise_scale=True`` (DDP wrapper only) stores the two-batch gradient noise scale across ranks
-    (:mod:`bbdecoder.integrations.ddp_noise`). Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
+    (:mod:`bbdecoder.integrations.ddp_noise`). ``per_sample=True | k`` (DDP and FSDP2) stores the
+    per-sample statistics and noise scale of the global batch, merged exactly across ranks
+    (:mod:`bbdecoder.monitor.per_sample_merge`). Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
     """
 
     def __init__(
@@ -197,7 +199,9 @@ class DistributedAnalyzer(Analyzer):
         if noise_scale:  # the two-batch gradient noise scale across ranks (see ddp_noise)
             from bbdecoder.integrations.ddp_noise import RankNoiseScale
 
-            self._row_sources.append(RankNoiseScale(model, self.writer, self._hooks, process_group))
+            self._row_sources.append(
+                RankNoiseScale(model, self.writer, self._hooks, process_group, tensorboard=self.tensorboard)
+            )
 
     @property
     def is_writer(self) -> bool:

@@ -119,7 +119,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
         per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
-            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
+            or every ``k`` steps (``k``); under ``sync`` over the global batch of all ranks; see
+            :mod:`bbdecoder.monitor.per_sample_recorder`.
         alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
             events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
             :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.
@@ -289,7 +290,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
             self._step,
             hooks=self._hooks,
             pause=self.paused,
-            distributed=self.sync is not None,
+            sync=self.sync,
+            tensorboard=self.tensorboard,
         )
         if self._per_sample is not None:
             self._row_sources.append(self._per_sample)

@@ -202,6 +202,11 @@ def functional_rule(
     from torch.nn.utils.stateless import _reparametrize_module
 
     params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in names}
+    if any(type(p).__name__ == "DTensor" for p in params.values()):
+        raise UnsupportedLayer(
+            f"{type(module).__name__}'s parameters are sharded (FSDP2 DTensor): the torch.func fallback "
+            "would need the full parameters"
+        )
     batch = g.shape[0]
     batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch for a in args]
 
