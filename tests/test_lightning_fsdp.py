@@ -124,6 +124,6 @@ def test_fsdp1_strategy_is_refused_with_the_way_out(tmp_path: Path) -> None:
 
     callback = BBDecoderCallback(tmp_path / "run")
     trainer = types.SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(TypeError, match="FSDPStrategy.*ModelParallelStrategy.*fully_shard"):
+    with pytest.raises(TypeError, match=r"FSDPStrategy.*ModelParallelStrategy.*fully_shard"):
         callback.setup(trainer, ShardedModule(), "fit")
     assert callback.analyzer is None and not (tmp_path / "run").exists()
