@@ -17,6 +17,7 @@ import pandas as pd
 from bbdecoder.report import charts, html
 from bbdecoder.report.blobs import IMAGE_KIND, TABLE_KIND, latest_records, read_table
 from bbdecoder.report.html import Section
+from bbdecoder.report.section_noise import gradient_noise
 from bbdecoder.store.reader import RunReader
 
 MAX_WEIGHT_HISTOGRAMS = 24
@@ -479,6 +480,7 @@ SECTIONS: list[SectionBuilder] = [
     layer_table,
     gradient_flow,
     gradient_norms,
+    gradient_noise,
     weight_histograms,
     activations,
     alerts,
