@@ -18,7 +18,7 @@ rotated every round (interleaved), medians and the median of the per-round ratio
   against ours.
 
 The numbers are compared after the timed rounds (float32 and, to separate method from rounding,
-float64). Writes ``bench/results/per_sample_peers_tN.json``. Run::
+float64). Writes ``bench/results/per_sample_peers_tN_bB.json``. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv-bench/bin/python bench/bench_per_sample_peers.py --rounds 40
 """
@@ -228,7 +228,8 @@ def main() -> None:
         "agreement_float64": _agreement(_configs(args.batch, torch.float64)[0], args.batch),
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).resolve().parent / "results" / f"per_sample_peers_t{args.threads}.json"
+    name = f"per_sample_peers_t{args.threads}_b{args.batch}.json"
+    out = Path(__file__).resolve().parent / "results" / name
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
