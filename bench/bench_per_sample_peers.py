@@ -195,7 +195,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="3 rounds (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 3
     torch.set_num_threads(args.threads)
     configs, _ = _configs(args.batch, torch.float32)
     names = list(configs)
