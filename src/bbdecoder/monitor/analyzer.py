@@ -121,6 +121,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
             or every ``k`` steps (``k``); under ``sync`` over the global batch of all ranks; see
             :mod:`bbdecoder.monitor.per_sample_recorder`.
+        micro_noise_scale: the two-batch gradient noise scale from the micro-batches of accumulated
+            steps (single process; see :mod:`bbdecoder.monitor.noise_micro`).
         alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
             events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
             :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.
@@ -153,6 +155,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         sync: Any = None,
         tensorboard: Any = None,
         per_sample: bool | int = False,
+        micro_noise_scale: bool = False,
         alerts: Any = True,
         resume: bool = False,
     ) -> None:
@@ -194,6 +197,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         self.alerts = _alert_engine(alerts, self.writer)
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
+            if micro_noise_scale:
+                self._row_sources.append(_micro_noise_source(self))
         except BaseException:
             _release(self._hooks, self.writer, self.tensorboard)
             raise
@@ -756,6 +761,43 @@ class _SyncRatios:
         ratios = self._measure(self._snapshot, current)
         self.ready = keep
         return ratios
+
+
+def _micro_noise_source(analyzer: Analyzer) -> Any:
+    """The row source of ``micro_noise_scale=True`` (it holds the Analyzer weakly)."""
+    from bbdecoder.monitor.noise_micro import MicroBatchNoiseScale
+
+    if analyzer.sync is not None:
+        raise ValueError(
+            "micro_noise_scale is single-process: under DDP a rank's micro-steps see local gradients and "
+            "the last one the all-reduced one; use DistributedAnalyzer(..., noise_scale=True) (ranks) or "
+            "per_sample=k"
+        )
+    ref = weakref.ref(analyzer)
+
+    def step() -> int:
+        alive = ref()
+        return alive.current_step if alive is not None else -1
+
+    def inv_scale() -> float:  # of the gradients now (1 once the scaler has unscaled them)
+        alive = ref()
+        return alive._inv_scale() if alive is not None else 1.0
+
+    def backward_scale() -> float:  # of the gradients as the backward passes left them
+        alive = ref()
+        scaler = alive.scaler if alive is not None else None
+        return 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    return MicroBatchNoiseScale(
+        analyzer.model,
+        [p.tensor for p in analyzer._params],
+        analyzer.writer,
+        analyzer._hooks,
+        step,
+        inv_scale=inv_scale,
+        backward_scale=backward_scale,
+        tensorboard=analyzer.tensorboard,
+    )
 
 
 def _order_hook(ref: weakref.ReferenceType[Analyzer], row: int) -> Callable[[torch.Tensor], None]:

@@ -1,7 +1,8 @@
 """The report section "Gradient noise scale": ``B_simple`` over training against the batch size in
 use, the per-tensor gradient signal-to-noise ratio, and the last per-sample step's table. Drawn from
 the store's per-sample rows (``Analyzer(per_sample=)``) and the ranks' two-batch estimate
-(``DistributedAnalyzer(noise_scale=True)``); absent when the run has neither.
+(``DistributedAnalyzer(noise_scale=True)``) or the micro-batches of accumulated steps
+(``Analyzer(micro_noise_scale=True)``); absent when the run has none of them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ NOISE_SERIES: dict[str, str] = {
     "noise_scale_ema": "B_simple, per-sample (smoothed)",
     "noise_scale_ranks": "B_simple, ranks (this step)",
     "noise_scale_ranks_ema": "B_simple, ranks (smoothed)",
+    "noise_scale_micro": "B_simple, micro-batches (this step)",
+    "noise_scale_micro_ema": "B_simple, micro-batches (smoothed)",
     "batch_size": "batch size in use",
 }
 """Whole-model statistics (param ``"*"``) drawn in the B_simple chart, with their legend labels."""
@@ -53,8 +56,9 @@ def gradient_noise(ctx: ReportContext) -> Section | None:
         "batch nearly halves the steps needed; far above it, the extra samples are mostly wasted. Σ is the "
         "covariance of one sample's gradient and G the expected gradient, both unbiased estimates per step "
         "(their ratio is noisy, so the smoothed line divides the moving averages of numerator and "
-        "denominator). From per-sample gradients (per_sample=) and, under DDP with noise_scale=True, from "
-        "the ranks' small-batch and averaged gradient norms. Negative per-step estimates (|G|² estimated "
+        "denominator). From per-sample gradients (per_sample=), under DDP with noise_scale=True from the "
+        "ranks' small-batch and averaged gradient norms, and with micro_noise_scale=True from the "
+        "micro-batches of accumulated steps. Negative per-step estimates (|G|² estimated "
         "below zero: noise dominates) are not drawn on the log axis. Not to be confused with the 'var' "
         "statistic elsewhere in this report: the variance of a gradient's entries within one tensor."
     )
