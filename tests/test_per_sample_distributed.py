@@ -1,6 +1,7 @@
 """Per-sample statistics over the global batch: 2 spawned CPU ranks (gloo), under DDP and under
 FSDP2 (``fully_shard``), each with half of every micro-batch and gradient accumulation (2
-micro-batches per step), store the same per-sample rows as one process on the combined batch."""
+micro-batches per step), store the same per-sample rows as one process on the combined batch;
+training is bit-identical with and without the per-sample hooks."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _train(model: nn.Module, analyzer: Analyzer, kind: str | None, rank: int) -> None:
+def _train(model: nn.Module, analyzer: Analyzer | None, kind: str | None, rank: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     for x, y in _data():
         parts = list(zip(x.chunk(MICRO), y.chunk(MICRO), strict=True))
@@ -65,7 +66,8 @@ def _train(model: nn.Module, analyzer: Analyzer, kind: str | None, rank: int) ->
             context = model.no_sync() if kind == "ddp" and not last else nullcontext()  # type: ignore[operator]
             with context:
                 (F.mse_loss(model(xs), ys) / len(parts)).backward()
-        analyzer.step()
+        if analyzer is not None:
+            analyzer.step()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -82,6 +84,12 @@ def _wrapped(kind: str) -> nn.Module:
     return model
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _worker(rank: int, world: int, init_file: str, base: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -91,6 +99,10 @@ def _worker(rank: int, world: int, init_file: str, base: str) -> None:
             analyzer = DistributedAnalyzer(model, Path(base) / kind, per_sample=True, weights=False)
             _train(model, analyzer, kind, rank)
             analyzer.close()
+            plain = _wrapped(kind)
+            _train(plain, None, kind, rank)
+            for a, b in zip(model.parameters(), plain.parameters(), strict=True):  # training unchanged
+                assert torch.equal(_local(a), _local(b))
         # a rank that covers other tensors than its peer is refused on every rank (no hang, no garbage)
         from bbdecoder.monitor.per_sample_merge import merge_across_ranks
 

@@ -135,16 +135,11 @@ class BBDecoderCallback(Callback):
 
 
 def refuse_fsdp1(strategy: Any) -> None:
-    """Raise ``TypeError`` for Lightning's ``FSDPStrategy`` (FSDP1)."""
+    """Raise ``TypeError`` for Lightning's ``FSDPStrategy`` (FSDP1), saying what to use instead."""
+    from bbdecoder.integrations.sharded import FSDP1_MESSAGE
+
     if type(strategy).__name__ == "FSDPStrategy":
-        raise TypeError(
-            "BBDecoderCallback does not support Lightning's FSDPStrategy (FSDP1): it flattens each "
-            "wrapped module's parameters into one FlatParameter, so neither the state_dict names nor "
-            "per-tensor gradients exist on a rank. Use FSDP2 instead: "
-            "Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)) with "
-            "torch.distributed.fsdp.fully_shard applied in LightningModule.configure_model "
-            "(mesh=self.device_mesh['data_parallel'])"
-        )
+        raise TypeError(f"BBDecoderCallback: {FSDP1_MESSAGE}")
 
 
 __all__ = ["BBDecoderCallback", "refuse_fsdp1"]
