@@ -198,7 +198,9 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
             if micro_noise_scale:
-                self._row_sources.append(_micro_noise_source(self))
+                from bbdecoder.monitor.noise_micro import micro_noise_source
+
+                self._row_sources.append(micro_noise_source(self))
         except BaseException:
             _release(self._hooks, self.writer, self.tensorboard)
             raise
@@ -761,43 +763,6 @@ class _SyncRatios:
         ratios = self._measure(self._snapshot, current)
         self.ready = keep
         return ratios
-
-
-def _micro_noise_source(analyzer: Analyzer) -> Any:
-    """The row source of ``micro_noise_scale=True`` (it holds the Analyzer weakly)."""
-    from bbdecoder.monitor.noise_micro import MicroBatchNoiseScale
-
-    if analyzer.sync is not None:
-        raise ValueError(
-            "micro_noise_scale is single-process: under DDP a rank's micro-steps see local gradients and "
-            "the last one the all-reduced one; use DistributedAnalyzer(..., noise_scale=True) (ranks) or "
-            "per_sample=k"
-        )
-    ref = weakref.ref(analyzer)
-
-    def step() -> int:
-        alive = ref()
-        return alive.current_step if alive is not None else -1
-
-    def inv_scale() -> float:  # of the gradients now (1 once the scaler has unscaled them)
-        alive = ref()
-        return alive._inv_scale() if alive is not None else 1.0
-
-    def backward_scale() -> float:  # of the gradients as the backward passes left them
-        alive = ref()
-        scaler = alive.scaler if alive is not None else None
-        return 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-    return MicroBatchNoiseScale(
-        analyzer.model,
-        [p.tensor for p in analyzer._params],
-        analyzer.writer,
-        analyzer._hooks,
-        step,
-        inv_scale=inv_scale,
-        backward_scale=backward_scale,
-        tensorboard=analyzer.tensorboard,
-    )
 
 
 def _order_hook(ref: weakref.ReferenceType[Analyzer], row: int) -> Callable[[torch.Tensor], None]:

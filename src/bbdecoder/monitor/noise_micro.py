@@ -21,6 +21,7 @@ the gradients are unscaled first (the Analyzer's scale).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -156,4 +157,40 @@ class MicroBatchNoiseScale:
         ]
 
 
-__all__ = ["MICRO_NOISE_STATS", "MicroBatchNoiseScale"]
+def micro_noise_source(analyzer: Any) -> MicroBatchNoiseScale:
+    """The row source of ``Analyzer(..., micro_noise_scale=True)`` (it holds the Analyzer weakly);
+    ``ValueError`` under a rank sync."""
+    if analyzer.sync is not None:
+        raise ValueError(
+            "micro_noise_scale is single-process: under DDP a rank's micro-steps see local gradients and "
+            "the last one the all-reduced one; use DistributedAnalyzer(..., noise_scale=True) (ranks) or "
+            "per_sample=k"
+        )
+    ref = weakref.ref(analyzer)
+
+    def step() -> int:
+        alive = ref()
+        return alive.current_step if alive is not None else -1
+
+    def inv_scale() -> float:  # of the gradients now (1 once the scaler has unscaled them)
+        alive = ref()
+        return alive._inv_scale() if alive is not None else 1.0
+
+    def backward_scale() -> float:  # of the gradients as the backward passes left them
+        alive = ref()
+        scaler = alive.scaler if alive is not None else None
+        return 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    return MicroBatchNoiseScale(
+        analyzer.model,
+        [p.tensor for p in analyzer._params],
+        analyzer.writer,
+        analyzer._hooks,
+        step,
+        inv_scale=inv_scale,
+        backward_scale=backward_scale,
+        tensorboard=analyzer.tensorboard,
+    )
+
+
+__all__ = ["MICRO_NOISE_STATS", "MicroBatchNoiseScale", "micro_noise_source"]
