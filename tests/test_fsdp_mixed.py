@@ -5,20 +5,19 @@ the oracle gathers that gradient (``full_tensor``) at every step. Training is un
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder.integrations.ddp import DistributedAnalyzer
 from bbdecoder.monitor.grad_stats import GRAD_STATS
 from bbdecoder.store import open_run
+from tests.spawn import DEADLINE, spawn_ranks
 
 STEPS = 2
 
@@ -67,7 +66,9 @@ def _train(model: nn.Module, analyzer: DistributedAnalyzer | None, rank: int) ->
 
 def _worker(rank: int, world: int, init_file: str, save_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=DEADLINE
+    )
     try:
         model, plain = _sharded(), _sharded()
         analyzer = DistributedAnalyzer(model, save_path, weights=False)
@@ -86,10 +87,7 @@ def _worker(rank: int, world: int, init_file: str, save_path: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("fsdp_mixed")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(
-        _worker, args=(2, str(base / "init"), str(base / "run")), nprocs=2, join=True, start_method="spawn"
-    )
+    spawn_ranks(_worker, (2, str(base / "init"), str(base / "run")))
     return base / "run"
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,6 +20,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from bbdecoder.integrations.lightning import BBDecoderCallback  # noqa: E402
 from bbdecoder.store import open_run  # noqa: E402
+from tests.spawn import spawn_ranks  # noqa: E402
 
 COMMON = {"accelerator": "cpu", "max_epochs": 1, "enable_progress_bar": False, "logger": False,
           "enable_checkpointing": False, "enable_model_summary": False}  # fmt: skip
@@ -94,10 +94,7 @@ def _free_port() -> int:
 def test_model_parallel_fsdp2_equals_one_process_on_the_combined_batch(tmp_path: Path) -> None:
     sharded_dir, single_dir, shards = tmp_path / "fsdp2", tmp_path / "single", tmp_path / "shards"
     shards.mkdir()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(
-        _worker, args=(_free_port(), str(sharded_dir), str(shards)), nprocs=2, join=True, start_method="spawn"
-    )
+    spawn_ranks(_worker, (_free_port(), str(sharded_dir), str(shards)))
     steps = len(list(shards.glob("rank0_*")))
     combined = [
         torch.cat([torch.load(shards / f"rank{r}_step{k}.pt") for r in (0, 1)]).tolist() for k in range(steps)

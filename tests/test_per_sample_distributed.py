@@ -5,7 +5,6 @@ training is bit-identical with and without the per-sample hooks."""
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,6 +21,7 @@ from bbdecoder.monitor import Analyzer
 from bbdecoder.monitor.per_sample import PerSampleError, PerSampleStats
 from bbdecoder.monitor.per_sample_recorder import NOISE_STATS, PER_SAMPLE_STATS
 from bbdecoder.store import open_run
+from tests.spawn import DEADLINE, spawn_ranks
 
 STEPS = 3
 BATCH = 8
@@ -36,6 +35,7 @@ def _model() -> nn.Module:
         nn.Conv1d(2, 4, 3, padding=1, stride=2),  # length 5 -> 3
         nn.Tanh(),
         nn.Flatten(),
+        nn.LayerNorm(12),  # the torch.func fallback (under FSDP2: on the gathered parameters)
         nn.Linear(12, 3),
         nn.Tanh(),
         nn.Linear(3, 1),
@@ -78,7 +78,7 @@ def _wrapped(kind: str) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    for i in (0, 3, 5):
+    for i in (0, 4, 6):
         fully_shard(model[i])
     fully_shard(model)
     return model
@@ -92,7 +92,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, world: int, init_file: str, base: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=DEADLINE
+    )
     try:
         for kind in KINDS:
             model = _wrapped(kind)
@@ -124,10 +126,7 @@ def _worker(rank: int, world: int, init_file: str, base: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("per_sample_dist")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(
-        _worker, args=(2, str(base / "init"), str(base)), nprocs=2, join=True, start_method="spawn"
-    )
+    spawn_ranks(_worker, (2, str(base / "init"), str(base)))
     model = _model()
     with Analyzer(model, base / "single", per_sample=True, weights=False) as analyzer:
         _train(model, analyzer, None, 0)
@@ -143,7 +142,7 @@ def _rows(path: Path) -> pd.DataFrame:
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_sample_rows_equal_one_process_on_the_combined_batch(runs: Path, kind: str) -> None:
     got, want = _rows(runs / kind), _rows(runs / "single")
-    params = {"0.weight", "0.bias", "3.weight", "3.bias", "5.weight", "5.bias", "*"}
+    params = {"0.weight", "0.bias", "3.weight", "3.bias", "4.weight", "4.bias", "6.weight", "6.bias", "*"}
     assert set(want.param) == params
     assert len(got) == len(want) == STEPS * (len(params) * 3 + len(NOISE_STATS))
     keys = ["step", "param", "stat"]
