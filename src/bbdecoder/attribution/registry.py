@@ -21,7 +21,7 @@ import difflib
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -210,10 +210,9 @@ def _torch(path: str) -> dict[str, str]:
     return {"torch": f"bbdecoder.attribution.{path}"}
 
 
-_STEPS = Option(
-    "n_steps", int, 50, "path steps (IG)", stage="call", flag="--steps", minimum=1, maximum=MAX_COUNT
-)
+_STEPS = Option("n_steps", int, 50, "path steps", stage="call", flag="--steps", minimum=1, maximum=MAX_COUNT)
 _NOISE = Option("noise_level", float, 0.15, "noise sigma as a fraction of each sample's value range")
+_CHUNK = Option("internal_batch_size", int, None, "rows per forward pass (default: a memory budget)")
 _SEED = Option("seed", int, 0, "seed of the random draws (the same seed gives the same map)")
 _ROWS = Option(
     "batch_size",
@@ -317,7 +316,7 @@ METHODS: tuple[MethodSpec, ...] = (
                 stage="call",
                 choices=("black", "white", "uniform", "blur"),
             ),
-            Option("internal_batch_size", int, None, "path rows per pass (default: speed + memory)", "call"),
+            replace(_CHUNK, stage="call"),
         ),
         aliases=("integrated_gradients",),
     ),
@@ -339,6 +338,7 @@ METHODS: tuple[MethodSpec, ...] = (
                 choices=("smoothgrad", "smoothgrad_sq", "vargrad"),
             ),
             _SEED,
+            _CHUNK,
         ),
         factory=_smoothgrad,
     ),
@@ -353,6 +353,7 @@ METHODS: tuple[MethodSpec, ...] = (
             _samples(5, "random (baseline, path point) draws per input", stage="call"),
             Option("stdevs", float, 0.0, "Gaussian noise added to each draw's input", stage="call"),
             _SEED,
+            replace(_CHUNK, stage="call"),
         ),
         aliases=("gradientshap",),
     ),
@@ -382,7 +383,7 @@ METHODS: tuple[MethodSpec, ...] = (
         False,
         "FullGrad's map averaged over noisy copies of the input",
         _torch("smooth_fullgrad:SmoothFullGrad"),
-        options=(_samples(25, "noisy copies per input"), _NOISE, _SEED),
+        options=(_samples(25, "noisy copies per input"), _NOISE, _SEED, _CHUNK),
         needs_hooks=True,
     ),
     _cam("gradcam", "Grad-CAM", "gradcam:GradCAM", "ReLU of the layer's channels weighted by mean gradients"),
@@ -561,6 +562,30 @@ def get_method(name: str) -> MethodSpec:
     close = difflib.get_close_matches(str(key), list(_BY_NAME), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise KeyError(f"no attribution method {name!r} (registered: {', '.join(method_names())}){hint}")
+
+
+def _cli_shape(option: Option) -> tuple[Any, ...]:
+    return (option.type, option.minimum, option.maximum)
+
+
+def option_flags(framework: str | None = None) -> dict[str, list[tuple[MethodSpec, Option]]]:
+    """Command-line flag -> the (method, option) pairs it sets, in registry order.
+
+    Raises:
+        RuntimeError: a flag whose options differ in type or bounds between methods.
+    """
+    flags: dict[str, list[tuple[MethodSpec, Option]]] = {}
+    for spec in list_methods(framework):
+        for option in spec.options:
+            if option.flag is None:
+                continue
+            uses = flags.setdefault(option.flag, [])
+            if uses:
+                first = uses[0][1]
+                if _cli_shape(first) != _cli_shape(option):
+                    raise RuntimeError(f"flag {option.flag} has different types or bounds in the registry")
+            uses.append((spec, option))
+    return flags
 
 
 def markdown_table(framework_columns: tuple[str, ...] = ("torch", "keras")) -> str:
