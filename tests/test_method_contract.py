@@ -63,7 +63,7 @@ def cases() -> list[Any]:
 
 
 def options_for(spec: MethodSpec, adapter: Any) -> dict[str, Any]:
-    options = dict(FAST.get(spec.name, {}))
+    options: dict[str, Any] = {"framework": adapter.name, **FAST.get(spec.name, {})}
     if spec.name in MASKED:
         options["feature_mask"] = adapter.patch_mask()
     return options

@@ -140,6 +140,7 @@ class MethodSpec:
         layer: Any = None,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         im_size: tuple[int, ...] | None = None,
+        framework: str = "torch",
         **options: Any,
     ) -> BoundMethod:
         """The explainer built on ``model`` with ``options``, as a map function ``f(x, target)``.
@@ -150,6 +151,7 @@ class MethodSpec:
                 the method's default). Refused by methods that use no layer.
             input_transform: applied inside every forward pass (e.g. :class:`~bbdecoder.Normalize`).
             im_size: ``(C, H, W)`` of one input, for FullGrad's completeness check at construction.
+            framework: whose class to build (``"torch"``, or ``"keras"`` with a Keras model).
             options: any of :attr:`options` by name; the others keep their defaults.
 
         Returns:
@@ -170,7 +172,7 @@ class MethodSpec:
             raise TypeError(f"method {self.name!r} needs a layer: pass layer=")
         init = {k: v for k, v in options.items() if valid[k].stage == "init"}
         call = {k: v for k, v in options.items() if valid[k].stage == "call"}
-        build = self.factory or self.cls
+        build = (self.factory or self.cls) if framework == "torch" else self.load(framework)
         accepted = inspect.signature(build).parameters
         if layer is not None:
             init["layer"] = layer
