@@ -180,7 +180,7 @@ class MethodSpec:
             init["input_transform"] = input_transform
         if im_size is not None and "im_size" in accepted:
             init["im_size"] = tuple(im_size)
-        return BoundMethod(self, build(model, **init), call)
+        return BoundMethod(self, build(model, **init), call, framework)
 
 
 @dataclass
@@ -196,14 +196,19 @@ class BoundMethod:
     spec: MethodSpec
     explainer: Any
     call_options: dict[str, Any]
+    framework: str = "torch"
 
-    def __call__(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
-        """The map ``(N, 1, *spatial)``: ``saliency`` (non-negative), or for signed methods
-        ``attribute`` summed over the channel dimension."""
-        if self.spec.signed:
-            result = self.explainer.attribute(inputs, target, **self.call_options)
+    def __call__(self, inputs: Any, target: TargetLike = None) -> Any:
+        """The map ``(N, 1, *spatial)`` (Keras: ``(N, *spatial, 1)``): ``saliency`` (non-negative), or
+        for signed methods ``attribute`` summed over the channel dimension."""
+        if not self.spec.signed:
+            return self.explainer.saliency(inputs, target, **self.call_options)
+        result = self.explainer.attribute(inputs, target, **self.call_options)
+        if self.framework == "torch":
             return result.sum(dim=1, keepdim=True)
-        return self.explainer.saliency(inputs, target, **self.call_options)
+        import tensorflow as tf  # the Keras port's channels-last maps
+
+        return tf.reduce_sum(result, axis=-1, keepdims=True)
 
 
 def _smoothgrad(model: nn.Module, *, input_transform: Any = None, **options: Any) -> Any:
@@ -274,7 +279,20 @@ def _cam(
     )
 
 
-METHODS: tuple[MethodSpec, ...] = (
+KERAS_CLASSES: dict[str, str] = {
+    "gradient": "bbdecoder.keras:Gradient",
+    "inputxgradient": "bbdecoder.keras:InputXGradient",
+    "ig": "bbdecoder.keras:IntegratedGradients",
+    "smoothgrad": "bbdecoder.keras:SmoothGrad",
+    "fullgrad": "bbdecoder.keras:FullGrad",
+    "simple_fullgrad": "bbdecoder.keras:SimpleFullGrad",
+    "gradcam": "bbdecoder.keras:GradCAM",
+}
+"""Method name -> ``"module:Class"`` of its Keras port (``bbdecoder.keras``); add a method here when
+the port gains it, and the CLI listing, the docs table and the contract test (with a Keras adapter in
+``tests/contract_frameworks.py``) pick it up."""
+
+_TORCH_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec(
         "gradient",
         "Gradient",
@@ -521,6 +539,15 @@ METHODS: tuple[MethodSpec, ...] = (
         needs_hooks=True,
     ),
 )
+
+
+METHODS: tuple[MethodSpec, ...] = tuple(
+    replace(spec, frameworks={**spec.frameworks, "keras": KERAS_CLASSES[spec.name]})
+    if spec.name in KERAS_CLASSES
+    else spec
+    for spec in _TORCH_METHODS
+)
+"""Every registered method, in the order of the CLI, the docs and ``list_methods``."""
 
 
 def _index() -> dict[str, MethodSpec]:
