@@ -53,6 +53,9 @@ class Option:
             shared by several methods has the same type and bounds in each.
         choices: the allowed values of a ``str`` option.
         minimum, maximum: bounds of a number given on the command line.
+        from_flag: turns the flag's value into the option's, given the ``(C, H, W)`` of one input
+            (``--patch 16`` -> a feature mask of 16 x 16 patches); ``None``: the value as it is.
+        flag_help: the flag's help where it differs from ``help``.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    from_flag: Callable[[Any, tuple[int, ...]], Any] | None = field(default=None, compare=False)
+    flag_help: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,12 +252,28 @@ _PERTURBATION_ROWS = Option(
 _BASELINE = Option(
     "baselines", float, 0.0, "the value that replaces removed input (pixel space)", stage="call"
 )
+
+
+def patch_mask(patch: int, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """A feature mask ``(1, 1, H, W)`` of ``patch x patch`` squares (the last ones cut at the border),
+    numbered row by row: the features of ``--patch`` on the command line."""
+    h, w = sample_shape[-2:]
+    rows = torch.arange(h).div(patch, rounding_mode="floor").view(-1, 1)
+    cols = torch.arange(w).div(patch, rounding_mode="floor").view(1, -1)
+    return (rows * -(-w // patch) + cols).view(1, 1, h, w)
+
+
 _FEATURE_MASK = Option(
     "feature_mask",
     torch.Tensor,
     None,
     "integer feature ids (N or 1, C or 1, H, W), e.g. superpixels (default: every element)",
     stage="call",
+    flag_help="features are P x P pixel squares (default: every element)",
+    flag="--patch",
+    minimum=1,
+    maximum=MAX_COUNT,
+    from_flag=patch_mask,
 )
 
 
@@ -602,7 +623,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 def _cli_shape(option: Option) -> tuple[Any, ...]:
-    return (option.type, option.minimum, option.maximum)
+    return (option.type if option.from_flag is None else option.from_flag, option.minimum, option.maximum)
 
 
 def option_flags(framework: str | None = None) -> dict[str, list[tuple[MethodSpec, Option]]]:
