@@ -79,7 +79,7 @@ WRITER_SOURCES = [
     *sorted((SRC / "keras").glob("monitor*.py")),
     *sorted((SRC / "integrations").glob("*.py")),
     *sorted((SRC / "alerts").glob("*.py")),
-    SRC / "report" / "sections.py",
+    *sorted((SRC / "report").glob("section*.py")),
     SRC / "report" / "blobs.py",
     SRC / "viz" / "monitor_plots.py",
 ]

@@ -36,6 +36,7 @@ from bbdecoder.attribution import (
     make_baseline,
     tokens,
 )
+from bbdecoder.attribution.registry import BoundMethod, MethodSpec, Option, get_method, list_methods
 from bbdecoder.attribution.rollout import AttentionRollout, GradientRollout
 from bbdecoder.bias import attention_iou, heatmap_score, mask_score
 from bbdecoder.hooks import HookManager, preserved_state
@@ -81,6 +82,7 @@ __all__ = [
     "Analyzer",
     "AttentionRollout",
     "BaseCAM",
+    "BoundMethod",
     "CompletenessError",
     "DatasetMaps",
     "DatasetMapsError",
@@ -108,10 +110,12 @@ __all__ = [
     "LayerInfo",
     "MLflowSink",
     "Master_analyzer",
+    "MethodSpec",
     "NoiseScaleEMA",
     "NonFiniteGradientWarning",
     "Normalize",
     "Occlusion",
+    "Option",
     "PerSampleError",
     "PerSampleGradients",
     "PerSampleTargets",
@@ -140,9 +144,11 @@ __all__ = [
     "deletion",
     "explain_dataset",
     "export_tensorboard",
+    "get_method",
     "heatmap_score",
     "insertion",
     "layer_costs",
+    "list_methods",
     "make_baseline",
     "mask_score",
     "open_maps",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.layers import LayerInfo, LayerSelection
-from bbdecoder.monitor.activations import channel_similarity
+from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, channel_similarity
 from bbdecoder.monitor.pruning import PrunedUnits, PruneReport, make_permanent, mask_channels, output_channels
 from bbdecoder.monitor.settings import check_settings
 from bbdecoder.store.vocabulary import PRUNE
@@ -40,6 +40,22 @@ class ActivationsMixin:
         chosen, named = self._activation_layers(True if layers is None else layers)
         self._activations.watch(chosen, threshold, eps, dim, named=named)
         self._activations.check_dims(self._output_shapes)
+
+    def _activation_layers(self: Any, activations: LayerSelection | bool) -> tuple[list[LayerInfo], bool]:
+        if activations is None or activations is False:
+            return [], False
+        if activations is True:
+            found = [L for L in self.index if isinstance(L.module, ACTIVATION_FUNCTIONS)]
+            if not found:
+                warnings.warn(
+                    "activations=True found no activation-function module (functional calls such as "
+                    "F.relu are not modules); name the layers to watch, e.g. activations=['conv1']",
+                    stacklevel=3,
+                )
+            return found, False
+        if isinstance(activations, Sequence) and not isinstance(activations, str) and len(activations) == 0:
+            raise ValueError("activations=[] watches nothing; pass None, True or some layers")
+        return self.index.select(activations), True
 
     @contextlib.contextmanager
     def paused(self: Any) -> Iterator[None]:

@@ -11,9 +11,7 @@ summary; what a step or an epoch becomes in the store is the shared
 from __future__ import annotations
 
 import json
-import warnings
 import weakref
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +23,6 @@ from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo, LayerSelection
 from bbdecoder.monitor.activation_api import ActivationsMixin
 from bbdecoder.monitor.activation_watch import ActivationWatcher
-from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS
 from bbdecoder.monitor.capture import GradientCapture, SyncRatios, _Param, loss_tensor, order_hook
 from bbdecoder.monitor.coverage import ParamOwners, unwrap_model
 from bbdecoder.monitor.grad_stats import GradStatistics, UpdateRatios
@@ -82,6 +79,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         sync: Any = None,
         tensorboard: Any = None,
         per_sample: bool | int = False,
+        micro_noise_scale: bool = False,
         alerts: Any = True,
         resume: bool = False,
     ) -> None:
@@ -117,27 +115,15 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         self.alerts = alert_engine(alerts, self.writer)
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
+            if micro_noise_scale:
+                from bbdecoder.monitor.noise_micro import micro_noise_source
+
+                self._row_sources.append(micro_noise_source(self))
         except BaseException:
             _release(self._hooks, self.writer, self.tensorboard)
             raise
         self._finalizer = weakref.finalize(self, _release, self._hooks, self.writer, self.tensorboard)
         self.closed = False
-
-    def _activation_layers(self, activations: LayerSelection | bool) -> tuple[list[LayerInfo], bool]:
-        if activations is None or activations is False:
-            return [], False
-        if activations is True:
-            found = [L for L in self.index if isinstance(L.module, ACTIVATION_FUNCTIONS)]
-            if not found:
-                warnings.warn(
-                    "activations=True found no activation-function module (functional calls such as "
-                    "F.relu are not modules); name the layers to watch, e.g. activations=['conv1']",
-                    stacklevel=3,
-                )
-            return found, False
-        if isinstance(activations, Sequence) and not isinstance(activations, str) and len(activations) == 0:
-            raise ValueError("activations=[] watches nothing; pass None, True or some layers")
-        return self.index.select(activations), True
 
     def _set_up(
         self,
@@ -210,7 +196,8 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
             self._step,
             hooks=self._hooks,
             pause=self.paused,
-            distributed=self.sync is not None,
+            sync=self.sync,
+            tensorboard=self.tensorboard,
         )
         if self._per_sample is not None:
             self._row_sources.append(self._per_sample)

@@ -47,7 +47,10 @@ class Analyzer(TorchMonitor):
         tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
         per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
-            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
+            or every ``k`` steps (``k``); under ``sync`` over the global batch of all ranks; see
+            :mod:`bbdecoder.monitor.per_sample_recorder`.
+        micro_noise_scale: the two-batch gradient noise scale from the micro-batches of accumulated
+            steps (single process; see :mod:`bbdecoder.monitor.noise_micro`).
         alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
             events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
             :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.

@@ -67,6 +67,14 @@ RANK_NOISE_STATS: tuple[str, ...] = (
 )
 """Whole model, under DDP (``DistributedAnalyzer(noise_scale=True)``): the two-batch noise scale."""
 
+MICRO_NOISE_STATS: tuple[str, ...] = (
+    "noise_trace_micro",
+    "noise_grad_sq_micro",
+    "noise_scale_micro",
+    "noise_scale_micro_ema",
+)
+"""Whole model (``Analyzer(micro_noise_scale=True)``): the noise scale over a step's micro-batches."""
+
 # -- transformer probes (layer_id -1, param = the block or attention module) -----------------------
 TRANSFORMER_STATS: tuple[str, ...] = (
     "act_rms",
@@ -119,6 +127,8 @@ WEIGHT_HISTOGRAM = "weight"
 FEATURES_BLOB = "features"
 """The blob kind of a layer's stored output (``Analyzer.get_inter_features``)."""
 IMAGE_BLOB, TABLE_BLOB = "image", "table"
+TOKENS_BLOB = "token_scores"
+"""The blob kind of stored token attributions ``(methods, sentences, L)`` (report section "tokens")."""
 """Blob kinds of a figure (PNG) and a table (JSON) stored for a report section."""
 GRAPH_TEXT, GRAPH_DOT = "graph.txt", "graph.dot"
 PARAMETERS_ARTIFACT = "parameters.json"
