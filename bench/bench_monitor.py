@@ -9,8 +9,10 @@ Models, each with its own copy of the same weights and optimizer per configurati
 
 Configurations: ``plain`` (forward, loss, zero_grad, backward, optimizer.step), ``analyzer``
 (+ ``Analyzer.step()``: six gradient statistics of every parameter, update ratios, the store
-write, every step), ``analyzer+act`` (+ activation probes on every activation module), and
-``wandb`` (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
+write, every step), ``analyzer+act`` (+ activation probes on every activation module),
+``analyzer-syncstore`` (``--ablation``: the default analyzer with the store's transactions on the
+training thread, a plain ``RunWriter`` instead of the writer thread), and ``wandb``
+(``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
 reported ratio is the **median of the per-round ratios** to ``plain`` (so load changes hit both
@@ -148,7 +150,17 @@ class Config:
         self.norm_times: list[float] = []
         self.analyzer: Analyzer | None = None
         self.run = None
-        if name.startswith("analyzer"):
+        if name == "analyzer-syncstore":
+            import bbdecoder.monitor.analyzer as analyzer_module
+            from bbdecoder.store.writer import RunWriter
+
+            threaded = analyzer_module.ThreadedRunWriter
+            analyzer_module.ThreadedRunWriter = RunWriter  # type: ignore[misc]
+            try:
+                self.analyzer = Analyzer(self.model, tmp / name)
+            finally:
+                analyzer_module.ThreadedRunWriter = threaded  # type: ignore[misc]
+        elif name.startswith("analyzer"):
             self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":
             import wandb
@@ -183,10 +195,11 @@ class Config:
             self.run.finish()
 
 
-def measure(workload: str, rounds: int, warmup: int, with_wandb: bool) -> dict:
+def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation: bool = False) -> dict:
     torch.manual_seed(0)
     base, make_opt, (x, y), loss_fn = _workload(workload)
-    names = ["plain", "analyzer", "analyzer+act"] + (["wandb"] if with_wandb else [])
+    names = ["plain", "analyzer", "analyzer+act"] + (["analyzer-syncstore"] if ablation else [])
+    names += ["wandb"] if with_wandb else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         configs = [Config(n, base, make_opt, loss_fn, Path(tmp)) for n in names]
@@ -253,6 +266,8 @@ def main() -> None:
     parser.add_argument("--models", default="mnist,resnet18,bert")
     parser.add_argument("--no-wandb", action="store_true")
     parser.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up (a smoke run)")
+    parser.add_argument("--ablation", action="store_true", help="also the analyzer with a synchronous store")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warmup = 5, 1
@@ -267,8 +282,8 @@ def main() -> None:
             print("wandb is not installed: not measured")
     result = {"environment": environment(), "rounds": args.rounds, "workloads": {}}
     for workload in args.models.split(","):
-        result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb)
-    path = save_results(f"monitor_t{args.threads}", result)
+        result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb, args.ablation)
+    path = save_results(f"monitor_t{args.threads}{args.tag}", result)
     print(f"wrote {path}")
 
 
