@@ -18,7 +18,10 @@ Rounds are interleaved (one step of each configuration per round, the order rota
 reported ratio is the **median of the per-round ratios** to ``plain`` (so load changes hit both
 sides of each ratio alike). ``Analyzer.step()`` is also timed alone and compared with one
 ``torch._foreach_norm(grads, 2)`` over the same gradients, timed right after it. The load average
-is recorded before and after. Run::
+is recorded before and after. On a shared machine the CPU-time ratios (``time.process_time`` for
+the whole step, all threads of the process, the writer thread included; ``time.thread_time`` for
+``step()`` and the norm) are the steadier measure: they leave out the time the process waits for a
+core. wandb's own service runs in another process, so its CPU ratio understates it. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_monitor.py --threads 1 --rounds 21
 """
@@ -148,6 +151,11 @@ class Config:
         self.times: list[float] = []
         self.call_times: list[float] = []
         self.norm_times: list[float] = []
+        # CPU time (all threads of the process for the whole step, the calling thread for step()
+        # and the norm): what the work costs, without the time the process waits for a core
+        self.cpu_times: list[float] = []
+        self.call_cpu: list[float] = []
+        self.norm_cpu: list[float] = []
         self.analyzer: Analyzer | None = None
         self.run = None
         if name == "analyzer-syncstore":
@@ -169,24 +177,27 @@ class Config:
             wandb.watch(self.model, log="all", log_freq=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = self.loss_fn(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.analyzer is not None:
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             self.analyzer.step(loss=loss)
             self.call_times.append(time.perf_counter() - t1)
+            self.call_cpu.append(time.thread_time() - c1)
         self.opt.step()
         value = float(loss.detach())
         if self.run is not None:
             self.run.log({"loss": value})
         self.times.append(time.perf_counter() - t0)
+        self.cpu_times.append(time.process_time() - c0)
         if self.analyzer is not None:  # the cheapest full read of the same gradients, outside the step
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             torch._foreach_norm(grads, 2)
             self.norm_times.append(time.perf_counter() - t2)
+            self.norm_cpu.append(time.thread_time() - c2)
 
     def close(self) -> None:
         if self.analyzer is not None:
@@ -209,9 +220,8 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
                 c.step(x, y)
             if r == warmup - 1:
                 for c in configs:
-                    c.times.clear()
-                    c.call_times.clear()
-                    c.norm_times.clear()
+                    for series in (c.times, c.call_times, c.norm_times, c.cpu_times, c.call_cpu, c.norm_cpu):
+                        series.clear()
         for c in configs:
             c.close()
     plain = configs[0]
@@ -230,26 +240,39 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
     for c in configs[1:]:
         ratios = [a / b for a, b in zip(c.times, plain.times, strict=True)]
         q = statistics.quantiles(ratios, n=4)
+        cpu_ratios = [a / b for a, b in zip(c.cpu_times, plain.cpu_times, strict=True)]
+        cq = statistics.quantiles(cpu_ratios, n=4)
         entry = {
             "median_step_s": statistics.median(c.times),
             "step_ratio": statistics.median(ratios),
             "step_ratio_q1": q[0],
             "step_ratio_q3": q[2],
+            "cpu_step_ratio": statistics.median(cpu_ratios),
+            "cpu_step_ratio_q1": cq[0],
+            "cpu_step_ratio_q3": cq[2],
         }
-        line = f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+        line = (
+            f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+            f" cpu x{entry['cpu_step_ratio']:.3f} [{cq[0]:.3f}, {cq[2]:.3f}]"
+        )
         if c.call_times:
             per_round = [a / b for a, b in zip(c.call_times, c.norm_times, strict=True)]
+            per_round_cpu = [a / b for a, b in zip(c.call_cpu, c.norm_cpu, strict=True) if b > 0]
             entry.update(
                 {
                     "median_call_s": statistics.median(c.call_times),
                     "median_foreach_norm_s": statistics.median(c.norm_times),
                     "call_over_foreach_norm": statistics.median(per_round),
+                    "median_call_cpu_s": statistics.median(c.call_cpu),
+                    "median_foreach_norm_cpu_s": statistics.median(c.norm_cpu),
+                    "call_over_foreach_norm_cpu": statistics.median(per_round_cpu),
                 }
             )
             line += (
                 f"  step() {entry['median_call_s'] * 1e3:.2f} ms = "
                 f"{entry['call_over_foreach_norm']:.1f}x _foreach_norm "
-                f"({entry['median_foreach_norm_s'] * 1e3:.2f} ms)"
+                f"({entry['median_foreach_norm_s'] * 1e3:.2f} ms); cpu "
+                f"{entry['median_call_cpu_s'] * 1e3:.2f} ms = {entry['call_over_foreach_norm_cpu']:.1f}x"
             )
         print(line, flush=True)
         out["configs"][c.name] = entry
