@@ -159,15 +159,23 @@ class Config:
         self.analyzer: Analyzer | None = None
         self.run = None
         if name == "analyzer-syncstore":
-            import bbdecoder.monitor.analyzer as analyzer_module
+            from bbdecoder.store.background import ThreadedRunWriter
             from bbdecoder.store.writer import RunWriter
 
-            threaded = analyzer_module.ThreadedRunWriter
-            analyzer_module.ThreadedRunWriter = RunWriter  # type: ignore[misc]
+            # every bbdecoder module that opens the threaded writer gets the plain one meanwhile
+            users = [
+                m
+                for n, m in list(sys.modules.items())
+                if n.startswith("bbdecoder.") and getattr(m, "ThreadedRunWriter", None) is ThreadedRunWriter
+            ]
+            for module in users:
+                module.ThreadedRunWriter = RunWriter  # type: ignore[attr-defined]
             try:
                 self.analyzer = Analyzer(self.model, tmp / name)
             finally:
-                analyzer_module.ThreadedRunWriter = threaded  # type: ignore[misc]
+                for module in users:
+                    module.ThreadedRunWriter = ThreadedRunWriter  # type: ignore[attr-defined]
+            assert type(self.analyzer.writer) is RunWriter
         elif name.startswith("analyzer"):
             self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":
