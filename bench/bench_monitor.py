@@ -314,7 +314,7 @@ def main() -> None:
     result = {"environment": environment(), "rounds": args.rounds, "workloads": {}}
     for workload in args.models.split(","):
         result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb, args.ablation)
-    path = save_results(f"monitor_t{args.threads}{args.tag}", result)
+        path = save_results(f"monitor_t{args.threads}{args.tag}", result)  # after each workload
     print(f"wrote {path}")
 
 
