@@ -51,7 +51,8 @@ SMALL = 1 << 15
 """Tensors up to this many elements are reduced together in float64."""
 
 CHUNK = 1 << 17
-"""Elements per chunk of the one-pass CPU path (512 KiB of float32: chunk and scratch stay in L2)."""
+"""Elements per chunk and intra-op thread of the one-pass CPU path (512 KiB of float32: a thread's
+part of the chunk and of the scratch buffer stay in its core's L2); see :func:`chunk_size`."""
 
 CONDITION = 4.0
 """The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var``, i.e.
@@ -154,11 +155,12 @@ class GradStatistics:
         the float32 range, or that hold NaN/Inf are recomputed by the exact two-pass :meth:`_large`."""
         partial: list[torch.Tensor] = []
         owner: list[int] = []
+        step = chunk_size(CHUNK)
         for j, g in enumerate(grads):
             flat = g.reshape(-1)
-            buf = self._chunk_buffer(g.dtype)
-            for start in range(0, flat.numel(), CHUNK):
-                piece = flat[start : start + CHUNK]
+            buf = self._chunk_buffer(g.dtype, step)
+            for start in range(0, flat.numel(), step):
+                piece = flat[start : start + step]
                 b = buf[: piece.numel()]
                 torch.abs(piece, out=b)
                 magnitude, top, total = b.sum(), b.amax(), piece.sum()
@@ -181,10 +183,10 @@ class GradStatistics:
             table[redo] = self._large([grads[i] for i in redo]).numpy()
         return table
 
-    def _chunk_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+    def _chunk_buffer(self, dtype: torch.dtype, size: int) -> torch.Tensor:
         key = (dtype, torch.device("cpu"))
-        if key not in self._chunk:
-            self._chunk[key] = torch.empty(CHUNK, dtype=dtype)
+        if key not in self._chunk or self._chunk[key].numel() < size:
+            self._chunk[key] = torch.empty(size, dtype=dtype)
         return self._chunk[key]
 
     def _large(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -227,6 +229,14 @@ class GradStatistics:
         var = centred_sq / n
         l2 = (centred_sq + n * mean * mean).sqrt()
         return torch.stack([mean, l1 / n, max_abs.double(), var, l1, l2], dim=1)
+
+
+def chunk_size(per_thread: int) -> int:
+    """Elements per chunk: ``per_thread`` for each intra-op thread, so that every thread's share of
+    a chunk stays in its own core's cache and a parallel op is forked once per chunk, not once per
+    cache-sized piece (with many small ops a fork per piece costs more than it saves, worst of all
+    on an oversubscribed machine)."""
+    return per_thread * max(torch.get_num_threads(), 1)
 
 
 def _small_numpy(grads: list[torch.Tensor]) -> np.ndarray:
