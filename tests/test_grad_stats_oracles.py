@@ -78,7 +78,7 @@ def _cpu_grads() -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("threads", [1, 3])  # chunks scale with the intra-op threads
+@pytest.mark.parametrize("threads", [1, 3])  # chunks with one thread, whole tensors with more
 def test_cpu_one_pass_statistics_equal_float64_with_the_stated_bound(threads: int) -> None:
     grads = _cpu_grads()
     before = torch.get_num_threads()

@@ -57,7 +57,8 @@ def weight_statistics(weights: list[torch.Tensor], quantiles: tuple[float, ...] 
 
 
 RATIO_CHUNK = 1 << 17
-"""Elements per chunk and intra-op thread of the CPU update-ratio pass (the difference stays in cache)."""
+"""Elements per chunk of the CPU update-ratio pass with one intra-op thread (the difference stays in
+cache); whole tensors with more threads (see :func:`bbdecoder.monitor.grad_stats.chunk_size`)."""
 
 
 def _memory_flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -149,7 +150,7 @@ class UpdateRatios:
         if chunked:
             partial: list[torch.Tensor] = []
             owner: list[int] = []
-            step = RATIO_CHUNK * max(torch.get_num_threads(), 1)  # a thread's share stays in cache
+            step = RATIO_CHUNK if torch.get_num_threads() <= 1 else 1 << 62  # see grad_stats.chunk_size
             for i, (fw, fs) in zip(chunked, flats, strict=True):
                 for start in range(0, fw.numel(), step):
                     w_part, s_part = fw[start : start + step], fs[start : start + step]
