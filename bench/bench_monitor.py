@@ -9,14 +9,19 @@ Models, each with its own copy of the same weights and optimizer per configurati
 
 Configurations: ``plain`` (forward, loss, zero_grad, backward, optimizer.step), ``analyzer``
 (+ ``Analyzer.step()``: six gradient statistics of every parameter, update ratios, the store
-write, every step), ``analyzer+act`` (+ activation probes on every activation module), and
-``wandb`` (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
+write, every step), ``analyzer+act`` (+ activation probes on every activation module),
+``analyzer-syncstore`` (``--ablation``: the default analyzer with the store's transactions on the
+training thread, a plain ``RunWriter`` instead of the writer thread), and ``wandb``
+(``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
 reported ratio is the **median of the per-round ratios** to ``plain`` (so load changes hit both
 sides of each ratio alike). ``Analyzer.step()`` is also timed alone and compared with one
 ``torch._foreach_norm(grads, 2)`` over the same gradients, timed right after it. The load average
-is recorded before and after. Run::
+is recorded before and after. On a shared machine the CPU-time ratios (``time.process_time`` for
+the whole step, all threads of the process, the writer thread included; ``time.thread_time`` for
+``step()`` and the norm) are the steadier measure: they leave out the time the process waits for a
+core. wandb's own service runs in another process, so its CPU ratio understates it. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_monitor.py --threads 1 --rounds 21
 """
@@ -146,9 +151,32 @@ class Config:
         self.times: list[float] = []
         self.call_times: list[float] = []
         self.norm_times: list[float] = []
+        # CPU time (all threads of the process for the whole step, the calling thread for step()
+        # and the norm): what the work costs, without the time the process waits for a core
+        self.cpu_times: list[float] = []
+        self.call_cpu: list[float] = []
+        self.norm_cpu: list[float] = []
         self.analyzer: Analyzer | None = None
         self.run = None
-        if name.startswith("analyzer"):
+        if name == "analyzer-syncstore":
+            from bbdecoder.store.background import ThreadedRunWriter
+            from bbdecoder.store.writer import RunWriter
+
+            # every bbdecoder module that opens the threaded writer gets the plain one meanwhile
+            users = [
+                m
+                for n, m in list(sys.modules.items())
+                if n.startswith("bbdecoder.") and getattr(m, "ThreadedRunWriter", None) is ThreadedRunWriter
+            ]
+            for module in users:
+                module.ThreadedRunWriter = RunWriter  # type: ignore[attr-defined]
+            try:
+                self.analyzer = Analyzer(self.model, tmp / name)
+            finally:
+                for module in users:
+                    module.ThreadedRunWriter = ThreadedRunWriter  # type: ignore[attr-defined]
+            assert type(self.analyzer.writer) is RunWriter
+        elif name.startswith("analyzer"):
             self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":
             import wandb
@@ -157,24 +185,27 @@ class Config:
             wandb.watch(self.model, log="all", log_freq=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = self.loss_fn(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.analyzer is not None:
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             self.analyzer.step(loss=loss)
             self.call_times.append(time.perf_counter() - t1)
+            self.call_cpu.append(time.thread_time() - c1)
         self.opt.step()
         value = float(loss.detach())
         if self.run is not None:
             self.run.log({"loss": value})
         self.times.append(time.perf_counter() - t0)
+        self.cpu_times.append(time.process_time() - c0)
         if self.analyzer is not None:  # the cheapest full read of the same gradients, outside the step
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             torch._foreach_norm(grads, 2)
             self.norm_times.append(time.perf_counter() - t2)
+            self.norm_cpu.append(time.thread_time() - c2)
 
     def close(self) -> None:
         if self.analyzer is not None:
@@ -183,10 +214,11 @@ class Config:
             self.run.finish()
 
 
-def measure(workload: str, rounds: int, warmup: int, with_wandb: bool) -> dict:
+def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation: bool = False) -> dict:
     torch.manual_seed(0)
     base, make_opt, (x, y), loss_fn = _workload(workload)
-    names = ["plain", "analyzer", "analyzer+act"] + (["wandb"] if with_wandb else [])
+    names = ["plain", "analyzer", "analyzer+act"] + (["analyzer-syncstore"] if ablation else [])
+    names += ["wandb"] if with_wandb else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         configs = [Config(n, base, make_opt, loss_fn, Path(tmp)) for n in names]
@@ -196,9 +228,8 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool) -> dict:
                 c.step(x, y)
             if r == warmup - 1:
                 for c in configs:
-                    c.times.clear()
-                    c.call_times.clear()
-                    c.norm_times.clear()
+                    for series in (c.times, c.call_times, c.norm_times, c.cpu_times, c.call_cpu, c.norm_cpu):
+                        series.clear()
         for c in configs:
             c.close()
     plain = configs[0]
@@ -217,26 +248,39 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool) -> dict:
     for c in configs[1:]:
         ratios = [a / b for a, b in zip(c.times, plain.times, strict=True)]
         q = statistics.quantiles(ratios, n=4)
+        cpu_ratios = [a / b for a, b in zip(c.cpu_times, plain.cpu_times, strict=True)]
+        cq = statistics.quantiles(cpu_ratios, n=4)
         entry = {
             "median_step_s": statistics.median(c.times),
             "step_ratio": statistics.median(ratios),
             "step_ratio_q1": q[0],
             "step_ratio_q3": q[2],
+            "cpu_step_ratio": statistics.median(cpu_ratios),
+            "cpu_step_ratio_q1": cq[0],
+            "cpu_step_ratio_q3": cq[2],
         }
-        line = f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+        line = (
+            f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+            f" cpu x{entry['cpu_step_ratio']:.3f} [{cq[0]:.3f}, {cq[2]:.3f}]"
+        )
         if c.call_times:
             per_round = [a / b for a, b in zip(c.call_times, c.norm_times, strict=True)]
+            per_round_cpu = [a / b for a, b in zip(c.call_cpu, c.norm_cpu, strict=True) if b > 0]
             entry.update(
                 {
                     "median_call_s": statistics.median(c.call_times),
                     "median_foreach_norm_s": statistics.median(c.norm_times),
                     "call_over_foreach_norm": statistics.median(per_round),
+                    "median_call_cpu_s": statistics.median(c.call_cpu),
+                    "median_foreach_norm_cpu_s": statistics.median(c.norm_cpu),
+                    "call_over_foreach_norm_cpu": statistics.median(per_round_cpu),
                 }
             )
             line += (
                 f"  step() {entry['median_call_s'] * 1e3:.2f} ms = "
                 f"{entry['call_over_foreach_norm']:.1f}x _foreach_norm "
-                f"({entry['median_foreach_norm_s'] * 1e3:.2f} ms)"
+                f"({entry['median_foreach_norm_s'] * 1e3:.2f} ms); cpu "
+                f"{entry['median_call_cpu_s'] * 1e3:.2f} ms = {entry['call_over_foreach_norm_cpu']:.1f}x"
             )
         print(line, flush=True)
         out["configs"][c.name] = entry
@@ -253,6 +297,8 @@ def main() -> None:
     parser.add_argument("--models", default="mnist,resnet18,bert")
     parser.add_argument("--no-wandb", action="store_true")
     parser.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up (a smoke run)")
+    parser.add_argument("--ablation", action="store_true", help="also the analyzer with a synchronous store")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warmup = 5, 1
@@ -267,8 +313,8 @@ def main() -> None:
             print("wandb is not installed: not measured")
     result = {"environment": environment(), "rounds": args.rounds, "workloads": {}}
     for workload in args.models.split(","):
-        result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb)
-    path = save_results(f"monitor_t{args.threads}", result)
+        result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb, args.ablation)
+        path = save_results(f"monitor_t{args.threads}{args.tag}", result)  # after each workload
     print(f"wrote {path}")
 
 

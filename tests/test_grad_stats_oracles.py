@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from bbdecoder.monitor import grad_stats
@@ -77,9 +78,15 @@ def _cpu_grads() -> list[torch.Tensor]:
     ]
 
 
-def test_cpu_one_pass_statistics_equal_float64_with_the_stated_bound() -> None:
+@pytest.mark.parametrize("threads", [1, 3])  # chunks with one thread, whole tensors with more
+def test_cpu_one_pass_statistics_equal_float64_with_the_stated_bound(threads: int) -> None:
     grads = _cpu_grads()
-    stats = grad_statistics(grads).numpy()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stats = grad_statistics(grads).numpy()
+    finally:
+        torch.set_num_threads(before)
     expected = np.array([_oracle(g) for g in grads])
     # relative error bound of the docstring: 3 * CONDITION * delta with delta <= ~1e-6 (float32
     # cascade sums of one chunk); float64 inputs are exact to ~1e-12

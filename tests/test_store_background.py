@@ -137,3 +137,27 @@ def test_close_writes_what_is_buffered_and_stops_the_thread(tmp_path: Path) -> N
     writer.close()  # idempotent
     with open_run(tmp_path) as run:
         assert run.steps()["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_reader_in_the_same_process_sees_every_step_handed_to_the_writer(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path)
+    _fill(writer, range(2))
+    release = threading.Event()
+    original = RunWriter.flush
+
+    def slow_flush(self: RunWriter) -> None:
+        release.wait(timeout=30)
+        original(self)
+
+    RunWriter.flush = slow_flush  # type: ignore[method-assign]
+    try:
+        writer.add_step(2, 0, None)
+        writer.flush()  # held on the writer thread until released
+        threading.Timer(0.3, release.set).start()
+        with open_run(tmp_path) as run:  # waits for the commit in flight
+            assert release.is_set()
+            assert run.steps()["step"].tolist() == [0, 1, 2]
+    finally:
+        RunWriter.flush = original  # type: ignore[method-assign]
+        release.set()
+    writer.close()

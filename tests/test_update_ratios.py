@@ -37,8 +37,9 @@ def _update(weights: list[torch.Tensor], k: int) -> None:
             w.add_(1e-3 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_ratios_over_steps_equal_float64(keep: bool) -> None:
+@pytest.mark.parametrize(("keep", "threads"), [(True, 1), (False, 1), (True, 3)])
+def test_ratios_over_steps_equal_float64(keep: bool, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # more than 1: whole tensors
     weights = _weights()
     tracker = UpdateRatios()
     tracker.remember(weights)

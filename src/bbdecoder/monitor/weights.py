@@ -59,7 +59,8 @@ def weight_statistics(weights: list[torch.Tensor], quantiles: tuple[float, ...] 
 
 
 RATIO_CHUNK = 1 << 17
-"""Elements per chunk of the CPU update-ratio pass (the difference stays in cache)."""
+"""Elements per chunk of the CPU update-ratio pass with one intra-op thread (the difference stays in
+cache); whole tensors with more threads (see :func:`bbdecoder.monitor.grad_stats.chunk_size`)."""
 
 
 def _memory_flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -151,9 +152,10 @@ class UpdateRatios:
         if chunked:
             partial: list[torch.Tensor] = []
             owner: list[int] = []
+            step = RATIO_CHUNK if torch.get_num_threads() <= 1 else 1 << 62  # see grad_stats.chunk_size
             for i, (fw, fs) in zip(chunked, flats, strict=True):
-                for start in range(0, fw.numel(), RATIO_CHUNK):
-                    w_part, s_part = fw[start : start + RATIO_CHUNK], fs[start : start + RATIO_CHUNK]
+                for start in range(0, fw.numel(), step):
+                    w_part, s_part = fw[start : start + step], fs[start : start + step]
                     s_part.sub_(w_part)  # the chunk now stays in cache for the next three ops
                     partial.append(torch.linalg.vector_norm(s_part))
                     if keep:

@@ -14,7 +14,10 @@ promises of :class:`RunWriter` stay:
   the next :meth:`flush`, :meth:`add_step`, :meth:`wait` or :meth:`close`.
 - :meth:`close` drains the queue, stops the thread and closes the store on the calling thread.
 
-A forked child (a DataLoader worker) never waits on or writes to its parent's store.
+A reader opened in the same process (:func:`~bbdecoder.store.open_run`: figures drawn during training,
+the report) first waits for the open writer of its store (:func:`wait_for_writer`), so it reads
+everything recorded so far. A forked child (a DataLoader worker) never waits on or writes to its
+parent's store.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,24 @@ import numpy as np
 from bbdecoder.store.schema import StoreWriteWarning
 from bbdecoder.store.writer import RunWriter, ScalarRow
 
-__all__ = ["ThreadedRunWriter"]
+__all__ = ["ThreadedRunWriter", "wait_for_writer"]
+
+_OPEN: weakref.WeakValueDictionary[str, ThreadedRunWriter] = weakref.WeakValueDictionary()
+"""The open threaded writers of this process, by store file."""
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def wait_for_writer(path: Path) -> None:
+    """Wait until an open :class:`ThreadedRunWriter` of this process on the store file ``path`` has
+    committed every flush handed to it, so that a reader in the same process (figures drawn during
+    training, the report) sees what was recorded. Its warnings and errors stay for the writer's own
+    caller."""
+    writer = _OPEN.get(_key(path))
+    if writer is not None and os.getpid() == writer._pid:
+        writer._idle.wait()
 
 
 class ThreadedRunWriter(RunWriter):
@@ -46,6 +67,7 @@ class ThreadedRunWriter(RunWriter):
         self._error: BaseException | None = None
         self._deferred: list[tuple[str, int]] = []
         super().__init__(save_path, **kwargs)
+        _OPEN[_key(self.path)] = self
 
     # -- the writer thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -121,6 +143,7 @@ class ThreadedRunWriter(RunWriter):
                 self._thread = None
             with self._mutex:
                 super().close()
+            _OPEN.pop(_key(self.path), None)
             self._surface()
 
     # -- buffer access under the lock ---------------------------------------------------------

@@ -37,6 +37,9 @@ class RunReader:
 
     def __init__(self, save_path: str | Path) -> None:
         self.path = db_path(save_path)
+        from bbdecoder.store.background import wait_for_writer
+
+        wait_for_writer(self.path)  # an open writer of this process: read what it was given so far
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a run store file: pass its parent folder")
         if not self.path.exists():

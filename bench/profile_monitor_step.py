@@ -1,0 +1,101 @@
+"""Thread-CPU-time breakdown of ``Analyzer.step()`` by component, medians over 20 steps (1 thread).
+
+Wraps the gradient statistics, the update ratios, the alert rules, the store's buffers and its
+hand-over to the writer thread, and the analyzer's row building (``_process``, which includes the
+alerts and the buffers), and compares each with one ``torch._foreach_norm(grads, 2)`` over the same
+gradients. Run::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/profile_monitor_step.py mnist bert resnet18
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_monitor import _workload
+from common import save_results
+
+from bbdecoder.alerts.engine import AlertEngine
+from bbdecoder.monitor import Analyzer
+from bbdecoder.monitor.grad_stats import GradStatistics
+from bbdecoder.monitor.weights import UpdateRatios
+from bbdecoder.store.background import ThreadedRunWriter
+
+_spent: dict[str, float] = collections.defaultdict(float)
+
+
+def _wrap(cls: type, name: str, label: str) -> None:
+    original: Callable[..., Any] = getattr(cls, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _spent[label] += time.thread_time() - start
+
+    setattr(cls, name, timed)
+
+
+def profile(name: str, steps: int = 25, warmup: int = 5) -> dict[str, float]:
+    base, make_opt, (x, y), loss_fn = _workload(name)
+    opt = make_opt(base)
+    analyzer = Analyzer(base, tempfile.mkdtemp())
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    norms = []
+    for i in range(steps):
+        loss = loss_fn(base(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _spent.clear()
+        start = time.thread_time()
+        analyzer.step(loss=loss)
+        total = time.thread_time() - start
+        opt.step()
+        grads = [p.grad for p in base.parameters() if p.grad is not None]
+        start = time.thread_time()
+        torch._foreach_norm(grads, 2)
+        norm = time.thread_time() - start
+        if i >= warmup:
+            per["step() total"].append(total)
+            norms.append(norm)
+            for key, value in _spent.items():
+                per[key].append(value)
+    analyzer.close()
+    reference = statistics.median(norms)
+    print(f"== {name}: one _foreach_norm {reference * 1e3:.3f} ms (thread CPU)")
+    out = {"foreach_norm_ms": reference * 1e3}
+    for key, values in per.items():
+        m = statistics.median(values)
+        out[key] = m * 1e3
+        print(f"  {key:<64} {m * 1e3:8.3f} ms {m / reference:6.1f}x")
+    return out
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    _wrap(GradStatistics, "__call__", "gradient statistics")
+    _wrap(UpdateRatios, "measure", "update ratios")
+    _wrap(AlertEngine, "observe", "alert rules")
+    _wrap(AlertEngine, "observe_loss", "alert rules")
+    _wrap(ThreadedRunWriter, "flush", "store: hand-over to the writer thread")
+    _wrap(ThreadedRunWriter, "add_scalars", "store: buffering rows")
+    import bbdecoder.monitor.analyzer as analyzer_module
+
+    _wrap(analyzer_module.Analyzer, "_process", "rows, epoch accumulators, alerts, buffers (_process)")
+    result = {name: profile(name) for name in (sys.argv[1:] or ["mnist", "bert"])}
+    print("wrote", save_results("monitor_step_profile_t1", result))
+
+
+if __name__ == "__main__":
+    main()
