@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from bbdecoder.attribution.base import InputTransform
 from bbdecoder.attribution.cam.base import BaseCAM, CAMContext, check_batch_size
+from bbdecoder.backends.layers_base import Replacement
 from bbdecoder.attribution.cam.reshape import ReshapeLike
 from bbdecoder.layers import LayerSelection
 
@@ -18,8 +18,9 @@ class AblationCAM(BaseCAM):
     channel c of the layer's output is set to ``ablation_value`` (0, as in the paper); map
     ``ReLU(sum_c w_c A_c)``.
 
-    The channel is replaced through a forward hook that returns the ablated output (the model is
-    never modified); costs one forward pass per sample and channel, ``batch_size`` at a time.
+    The channel is replaced by the layer backend (PyTorch: a forward hook that returns the ablated
+    output; Keras: the layer's call intercepted; the model is never modified); costs one forward pass
+    per sample and channel, ``batch_size`` at a time.
     pytorch-grad-cam 1.5.7 ablates with 0 when the layer's minimum is 0 and with ``min - 1e7``
     otherwise; both agree on ReLU outputs. With a custom ``reshape`` callable, it must only move
     elements (permute, reshape, slice) so that each channel's positions in the raw output are known.
@@ -31,7 +32,7 @@ class AblationCAM(BaseCAM):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         layer: LayerSelection = None,
         reshape: ReshapeLike = None,
         *,
@@ -77,11 +78,9 @@ class AblationCAM(BaseCAM):
         n, c = activations.shape[:2]
         positions = self._channel_positions(ctx)
         target = ctx.target
-        with self._session(), torch.no_grad():
-            output = self.forward(inputs)
-        from bbdecoder.targets import select_scores
-
-        original = select_scores(output, target, n).detach()
+        backend = self.layer_backend
+        with backend.progress_session():
+            original = backend.row_scores(inputs, torch.arange(n, device=inputs.device), target)
         current: dict[str, torch.Tensor] = {}
 
         def make_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,17 +93,10 @@ class AblationCAM(BaseCAM):
             current["output"] = ablated
             return inputs[samples], samples
 
-        def replace(_start: int, _stop: int) -> Any:
-            seen = [0]
+        def replace(_start: int, _stop: int) -> Replacement:
+            return Replacement(record.module, record.calls, current["output"])
 
-            def hook(_module: nn.Module, _args: Any, _output: Any) -> torch.Tensor | None:
-                seen[0] += 1
-                return current["output"] if seen[0] == record.calls else None
-
-            return hook
-
-        scores = self.row_scores(
-            n * c, make_batch, target, self.batch_size, self.progress, replace=replace, module=record.module
-        ).view(n, c)
+        scores = self.row_scores(n * c, make_batch, target, self.batch_size, self.progress, replace=replace)
+        scores = scores.view(n, c)
         denominator = torch.where(original == 0, torch.ones_like(original), original).unsqueeze(1)
         return ((original.unsqueeze(1) - scores) / denominator).to(activations.dtype)
