@@ -96,6 +96,10 @@ class LayerBackend(Protocol):
         """A layer's output (own layout) in channel-first layout when it is a feature map."""
         ...
 
+    def reference_tensor(self) -> torch.Tensor:
+        """A tensor with the model's dtype and device (for random probes)."""
+        ...
+
     # -- layers -----------------------------------------------------------------------------------
     def find_layers(self, selection: Any) -> list[LayerRef]:
         """The layers ``selection`` names, in its order, without duplicates; a clear error otherwise."""

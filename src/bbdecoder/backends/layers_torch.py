@@ -67,6 +67,9 @@ class TorchLayers:
     def native_to_channel_first(self, tensor: torch.Tensor, input_dims: int) -> torch.Tensor:
         return tensor
 
+    def reference_tensor(self) -> torch.Tensor:
+        return next(self.model.parameters(), torch.empty(0))
+
     # -- layers -----------------------------------------------------------------------------------
     def find_layers(self, selection: Any) -> list[LayerRef]:
         return [LayerRef(name, module) for name, module in find_modules(self.model, selection)]
