@@ -137,7 +137,9 @@ class _FullGradFamily(Explainer):
         eval_mode: bool = True,
         scores_from: str = "logits",
     ) -> None:
-        self._init_framework(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
+        self._init_framework(
+            model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from
+        )
         self.bias_layers = [(ref.name, ref.layer) for ref in self.layer_backend.bias_layers()]
 
     def _init_framework(self, model: Any, *, input_transform: Any, eval_mode: bool, scores_from: str) -> None:

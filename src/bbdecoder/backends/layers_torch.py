@@ -188,7 +188,9 @@ class TorchLayers:
 
     # -- bias layers ------------------------------------------------------------------------------
     def bias_layers(self) -> list[LayerRef]:
-        return [LayerRef(name, module) for name, module in self.model.named_modules() if is_bias_layer(module)]
+        return [
+            LayerRef(name, module) for name, module in self.model.named_modules() if is_bias_layer(module)
+        ]
 
     def model_input(self, inputs: torch.Tensor) -> torch.Tensor:
         transform = self.explainer.input_transform
@@ -223,7 +225,9 @@ class TorchLayers:
         return input_gradient, scores.detach()
 
 
-def _backward(scores: torch.Tensor, x: torch.Tensor, live: list[torch.Tensor | None], versions: list[int]) -> None:
+def _backward(
+    scores: torch.Tensor, x: torch.Tensor, live: list[torch.Tensor | None], versions: list[int]
+) -> None:
     outputs = [t for t in live if t is not None and t.requires_grad]
     if outputs and all(t is not None and t._version == v for t, v in zip(live, versions, strict=True)):
         # The backward stops at the layers: nothing below them is differentiated.

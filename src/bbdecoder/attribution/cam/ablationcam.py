@@ -8,8 +8,8 @@ import torch
 
 from bbdecoder.attribution.base import InputTransform
 from bbdecoder.attribution.cam.base import BaseCAM, CAMContext, check_batch_size
-from bbdecoder.backends.layers_base import Replacement
 from bbdecoder.attribution.cam.reshape import ReshapeLike
+from bbdecoder.backends.layers_base import Replacement
 from bbdecoder.layers import LayerSelection
 
 
