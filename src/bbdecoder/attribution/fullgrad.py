@@ -60,20 +60,34 @@ _CONSTANT_KINDS: tuple[tuple[str, tuple[type[nn.Module], ...], tuple[str, ...]],
 )
 
 
-def non_bias_constants(model: nn.Module) -> list[str]:
+_KERAS_ACTIVATIONS = {"gelu": "GELU", "softmax": "attention/softmax", "relu6": "ReLU6", "hard_swish": "ReLU6"}
+
+
+def non_bias_constants(model: Any) -> list[str]:
     """The kinds of layer in ``model`` whose constants are not Conv/Linear/BatchNorm biases, by
-    module type: ``LayerNorm`` (also RMSNorm, GroupNorm), ``GELU``, ``attention/softmax``, ``ReLU6``."""
+    module type: ``LayerNorm`` (also RMSNorm, GroupNorm), ``GELU``, ``attention/softmax``, ``ReLU6``.
+
+    A Keras model's layers are matched by type name and by their ``activation=``."""
+    if isinstance(model, nn.Module):
+        modules: list[Any] = list(model.modules())
+    else:
+        flatten = getattr(model, "_flatten_layers", None)
+        modules = list(flatten(include_self=True, recursive=True)) if callable(flatten) else []
     found: list[str] = []
     for label, types, names in _CONSTANT_KINDS:
-        for module in model.modules():
+        for module in modules:
             type_name = type(module).__name__
             if isinstance(module, types) or any(n.lower() in type_name.lower() for n in names):
+                found.append(label)
+                break
+            activation = getattr(getattr(module, "activation", None), "__name__", "")
+            if _KERAS_ACTIVATIONS.get(activation) == label:
                 found.append(label)
                 break
     return found
 
 
-def non_bias_constants_detail(model: nn.Module) -> str:
+def non_bias_constants_detail(model: Any) -> str:
     """The sentence naming :func:`non_bias_constants` for :class:`CompletenessError`, or ``""``."""
     found = non_bias_constants(model)
     if not found:

@@ -8,26 +8,47 @@ TensorFlow. Keras is made to use the TensorFlow backend unless ``KERAS_BACKEND``
 
 from bbdecoder.keras._backend import keras, tf  # noqa: F401  (sets the environment first)
 from bbdecoder.keras.base import KerasExplainer
-from bbdecoder.keras.fullgrad import CompletenessError, FullGrad, FullGradDecomposition, SimpleFullGrad
-from bbdecoder.keras.gradcam import GradCAM
 from bbdecoder.keras.gradient import Gradient, InputXGradient
 from bbdecoder.keras.integrated_gradients import IntegratedGradients, keras_baseline
+from bbdecoder.keras.layer_methods import (
+    AblationCAM,
+    CompletenessError,
+    EigenCAM,
+    FullGrad,
+    FullGradDecomposition,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    SimpleFullGrad,
+    SmoothFullGrad,
+    XGradCAM,
+)
 from bbdecoder.keras.monitor import MonitorCallback
 from bbdecoder.keras.smoothgrad import SmoothGrad
 from bbdecoder.targets import TargetError
 
 __all__ = [
+    "AblationCAM",
     "CompletenessError",
+    "EigenCAM",
     "FullGrad",
     "FullGradDecomposition",
     "GradCAM",
+    "GradCAMPlusPlus",
     "Gradient",
+    "HiResCAM",
     "InputXGradient",
     "IntegratedGradients",
     "KerasExplainer",
+    "LayerCAM",
     "MonitorCallback",
+    "ScoreCAM",
     "SimpleFullGrad",
+    "SmoothFullGrad",
     "SmoothGrad",
     "TargetError",
+    "XGradCAM",
     "keras_baseline",
 ]
