@@ -186,7 +186,8 @@ def test_a_gradient_zero_by_construction_is_not_vanishing() -> None:
         low = 1.0 if step < 5 else 1e-9
         engine.observe(layer_rows(step, weight=low, bias=low))
     assert [(a.kind, a.step, a.param) for a in engine.alerts] == [
-        ("vanishing_grad", 7, "conv.weight"), ("vanishing_grad", 7, "conv.bias"),
+        ("vanishing_grad", 7, "conv.weight"),
+        ("vanishing_grad", 7, "conv.bias"),
     ]
 
 

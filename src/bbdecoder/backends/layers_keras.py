@@ -256,7 +256,9 @@ class KerasLayers:
         if isinstance(selector, int):
             leaves = leaf_layers(self.model)
             if not -len(leaves) <= selector < len(leaves):
-                raise ValueError(f"layer ID {selector} is out of range: the model has {len(leaves)} leaf layers")
+                raise ValueError(
+                    f"layer ID {selector} is out of range: the model has {len(leaves)} leaf layers"
+                )
             return [leaves[selector]]
         if isinstance(selector, type):
             found = [layer for layer in layers if isinstance(layer, selector)]
@@ -347,7 +349,10 @@ class KerasLayers:
 
         x = self.to_native_input(inputs)
         n = int(inputs.shape[0])
-        with tape if gradients else contextlib.nullcontext(), intercepted_calls([r.layer for r in layers], record):
+        with (
+            tape if gradients else contextlib.nullcontext(),
+            intercepted_calls([r.layer for r in layers], record),
+        ):
             output = self.forward(x)
             scores = select_scores(output, target, n) if gradients else None
             total = tf.reduce_sum(scores) if scores is not None else None
@@ -430,14 +435,17 @@ class KerasLayers:
                 output = call(*args, **kwargs)
                 if len(calls) == before and effective_bias(layer, tf.float32) is not None:
                     if strict:
-                        raise KerasUnreachableBiasError(layer.name, layer)
-                    keep(layer, output)
+                        # Raised after the pass: Keras rewraps errors raised inside a call.
+                        unreachable.append(layer)
+                    else:
+                        keep(layer, output)
                 return output
             with without_activation(layer) as activation:
                 output = call(*args, **kwargs)
             output = keep(layer, output)
             return activation(output) if activation is not None else output
 
+        unreachable: list[Any] = []
         layers = [ref.layer for ref in self.bias_layers()]
         subclassed = [layer for layer in layers if stock_class(layer) is not None]
         native = self.to_native_input(x)
@@ -446,6 +454,8 @@ class KerasLayers:
             tape.watch(native)
             scores = select_scores(self.model(native, training=False), target, n)
             total = tf.reduce_sum(scores)
+        if unreachable:
+            raise KerasUnreachableBiasError(unreachable[0].name, unreachable[0])
         sources = [native, *(output for _, output, _, _ in calls)]
         gradients = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         for (layer, _, bias, axis), grad in zip(calls, gradients[1:], strict=True):

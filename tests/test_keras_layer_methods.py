@@ -1,0 +1,217 @@
+"""Every CAM and FullGrad variant on Keras equals PyTorch on the twins with copied weights (float64).
+
+The PyTorch classes are the oracle (they are themselves checked against closed forms, brute force
+and pytorch-grad-cam in tests/test_cam_methods.py and tests/test_fullgrad*.py); the Keras classes are
+the same classes over the Keras layer backend, so any difference is the backend's: which tensor is
+captured, its gradient, its layout, the replaced output, the bias and where it acts.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+tf = pytest.importorskip(
+    "tensorflow", reason="the Keras port needs TensorFlow: pip install bbdecoder[tensorflow]"
+)
+
+import keras  # noqa: E402
+
+import bbdecoder  # noqa: E402
+import bbdecoder.keras as bk  # noqa: E402
+
+from .zoo_keras_layers import (  # noqa: E402
+    KerasBatchNormAct,
+    KerasHandRolledBatchNormAct,
+    keras_resnet,
+    nhwc,
+    to_keras_input,
+    twin,
+)
+
+TOL = {"rtol": 1e-4, "atol": 1e-6}
+CAMS = [
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "XGradCAM",
+    "LayerCAM",
+    "EigenCAM",
+    "ScoreCAM",
+    "AblationCAM",
+]
+LAYERS = {"resnet": ["b_conv2", ["stem_bn", "block_out"]], "plain": ["conv2", "relu1"]}
+
+
+@pytest.fixture(scope="module", params=["resnet", "plain"])
+def pair(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, Any, torch.Tensor, Any]:
+    torch_model, keras_model, shape = twin(request.param, seed=1)
+    x = torch.randn((3, *shape), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    return request.param, torch_model, keras_model, x, to_keras_input(x)
+
+
+def test_the_twins_compute_the_same_function(pair: Any) -> None:
+    _, torch_model, keras_model, x, x_tf = pair
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    np.testing.assert_allclose(keras_model(x_tf, training=False).numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CAMS)
+def test_every_cam_equals_pytorch_on_the_default_layer(pair: Any, name: str) -> None:
+    _, torch_model, keras_model, x, x_tf = pair
+    torch_cam = getattr(bbdecoder, name)(torch_model)
+    keras_cam = getattr(bk, name)(keras_model)
+    target = [0, 2, 1]
+    expected = torch_cam.saliency(x, target)
+    got = keras_cam.saliency(x_tf, target)
+    assert isinstance(got, tf.Tensor) and tuple(got.shape) == (3, *x.shape[2:], 1)
+    assert keras_cam.layer_names == torch_cam.layer_names  # the same trunk map, by the same name
+    np.testing.assert_allclose(got.numpy(), nhwc(expected), **TOL)
+    np.testing.assert_allclose(
+        keras_cam.layer_map(x_tf, None).numpy(), nhwc(torch_cam.layer_map(x, None)), **TOL
+    )
+    # the pytorch-grad-cam call: (N, H, W) float32 on both
+    np.testing.assert_allclose(keras_cam(x_tf, target), torch_cam(x, target), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CAMS)
+def test_every_cam_equals_pytorch_on_named_layers(pair: Any, name: str) -> None:
+    net, torch_model, keras_model, x, x_tf = pair
+    for layer in LAYERS[net]:
+        torch_cam = getattr(bbdecoder, name)(torch_model, layer)
+        keras_cam = getattr(bk, name)(keras_model, layer=layer)
+        np.testing.assert_allclose(
+            keras_cam.saliency(x_tf, 1).numpy(), nhwc(torch_cam.saliency(x, 1)), **TOL, err_msg=str(layer)
+        )
+        for got, expected in zip(keras_cam.layer_maps(x_tf, 1), torch_cam.layer_maps(x, 1), strict=True):
+            np.testing.assert_allclose(got.numpy(), nhwc(expected), **TOL, err_msg=str(layer))
+
+
+def test_perturbation_cams_batch_in_chunks_with_per_sample_targets(pair: Any) -> None:
+    _, torch_model, keras_model, x, x_tf = pair
+    for name in ("ScoreCAM", "AblationCAM"):
+        whole = getattr(bk, name)(keras_model, batch_size=64).saliency(x_tf, [2, 0, 1])
+        chunked = getattr(bk, name)(keras_model, batch_size=5).saliency(x_tf, [2, 0, 1])
+        one_by_one = np.concatenate(
+            [
+                getattr(bk, name)(keras_model).saliency(x_tf[i : i + 1], [c]).numpy()
+                for i, c in enumerate([2, 0, 1])
+            ]
+        )
+        np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(one_by_one, whole.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_fullgrad_decomposition_saliency_and_completeness_equal_pytorch(pair: Any) -> None:
+    _, torch_model, keras_model, x, x_tf = pair
+    shape = tuple(x.shape[1:])
+    torch_fullgrad = bbdecoder.FullGrad(torch_model, im_size=shape)
+    keras_fullgrad = bk.FullGrad(keras_model, im_size=(*shape[1:], shape[0]))  # checked on construction
+    expected = torch_fullgrad.decompose(x, [1, 0, 4 % 3])
+    got = keras_fullgrad.decompose(x_tf, [1, 0, 4 % 3])
+    assert float(tf.reduce_max(got.relative_error())) < 1e-10  # complete in float64, fused BN+ReLU too
+    np.testing.assert_allclose(got.input_gradient.numpy(), nhwc(expected.input_gradient), **TOL)
+    # PyTorch lists bias gradients in backward order, Keras in call order: compare layer by layer.
+    by_name = dict(zip(expected.layer_names, expected.bias_gradients, strict=True))
+    assert sorted(by_name) == sorted(got.layer_names)
+    for name, gradient in zip(got.layer_names, got.bias_gradients, strict=True):
+        np.testing.assert_allclose(gradient.numpy(), nhwc(by_name[name]), **TOL, err_msg=name)
+    np.testing.assert_allclose(
+        keras_fullgrad.saliency(x_tf, 2).numpy(), nhwc(torch_fullgrad.saliency(x, 2)), **TOL
+    )
+    np.testing.assert_allclose(
+        keras_fullgrad.last_relative_error.numpy(), torch_fullgrad.last_relative_error.numpy(), atol=1e-10
+    )
+    np.testing.assert_allclose(
+        keras_fullgrad.attribute(x_tf, 2).numpy(), nhwc(torch_fullgrad.attribute(x, 2)), **TOL
+    )
+
+
+def test_simple_and_smooth_fullgrad_equal_pytorch(pair: Any) -> None:
+    _, torch_model, keras_model, x, x_tf = pair
+    np.testing.assert_allclose(
+        bk.SimpleFullGrad(keras_model).saliency(x_tf, None).numpy(),
+        nhwc(bbdecoder.SimpleFullGrad(torch_model).saliency(x, None)),
+        **TOL,
+    )
+    options = {"n_samples": 3, "noise_level": 0.1, "seed": 5}
+    np.testing.assert_allclose(
+        bk.SmoothFullGrad(keras_model, **options).saliency(x_tf, [0, 1, 2]).numpy(),
+        nhwc(bbdecoder.SmoothFullGrad(torch_model, **options).saliency(x, [0, 1, 2])),
+        **TOL,
+    )
+
+
+# -- BatchNorm with its activation inside ------------------------------------------------------------
+def test_fullgrad_reads_a_fused_batchnorm_before_its_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BN subclass's bias gradient is taken at the stock call's output, before its ReLU."""
+    _, keras_model, _ = twin("resnet", seed=3)
+    x = torch.randn((4, 3, 12, 12), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x_tf = to_keras_input(x)
+    assert isinstance(keras_model.get_layer("stem_bn"), KerasBatchNormAct)
+    assert bk.FullGrad(keras_model).checkCompleteness(x_tf) < 1e-10
+    assert vars(keras.layers.BatchNormalization)["call"].__qualname__ == "BatchNormalization.call"
+    # Read at the layer's output (after the ReLU), as a plain interception would, it is not complete.
+    import bbdecoder.backends.layers_keras as layers_keras
+
+    monkeypatch.setattr(layers_keras, "stock_class", lambda layer: None)
+    with pytest.raises(bk.CompletenessError):
+        bk.FullGrad(keras_model).checkCompleteness(x_tf)
+
+
+def test_a_subclass_that_never_reaches_the_stock_call_is_refused_by_name() -> None:
+    torch_model, keras_model, _ = twin("resnet", seed=3)
+    model = keras_resnet(norm=KerasHandRolledBatchNormAct)
+    model.set_weights(keras_model.get_weights())
+    x_tf = to_keras_input(torch.randn((2, 3, 12, 12), dtype=torch.float64))
+    with pytest.raises(bbdecoder.UnreachableBiasError, match="stem_bn"):
+        bk.FullGrad(model).saliency(x_tf)
+    with pytest.raises(bbdecoder.UnreachableBiasError, match="stem_bn"):
+        bk.FullGrad(model, check=False).saliency(x_tf)
+    assert bk.SimpleFullGrad(model).saliency(x_tf).shape == (2, 12, 12, 1)  # falls back to the output
+    assert not any("call" in vars(layer) for layer in model._flatten_layers())
+
+
+# -- no trace left ----------------------------------------------------------------------------------
+def test_the_keras_model_is_left_exactly_as_it_was_also_on_errors() -> None:
+    _, model, _ = twin("resnet", seed=6)
+    x_tf = to_keras_input(torch.randn((2, 3, 12, 12), dtype=torch.float64))
+    before = [w.copy() for w in model.get_weights()]
+    output = model(x_tf, training=False).numpy()
+    stock_call = vars(keras.layers.BatchNormalization)["call"]
+    for name in CAMS:
+        getattr(bk, name)(model).saliency(x_tf, 1)
+        with pytest.raises(bk.TargetError):
+            getattr(bk, name)(model).saliency(x_tf, 99)
+    bk.FullGrad(model).saliency(x_tf)
+    with pytest.raises(Exception, match=r"(?i)shape|incompatible|expected"):
+        bk.FullGrad(model, check=False).saliency(tf.zeros((1, 12, 12, 5), tf.float64))
+    for old, new in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert not any("call" in vars(layer) for layer in model._flatten_layers())
+    assert vars(keras.layers.BatchNormalization)["call"] is stock_call
+    np.testing.assert_array_equal(model(x_tf, training=False).numpy(), output)
+
+
+def test_layer_selection_errors_name_the_problem() -> None:
+    _, model, _ = twin("plain")
+    with pytest.raises(ValueError, match="matches 0 layers"):
+        bk.GradCAM(model, layer="nope")
+    with pytest.raises(ValueError, match="matches 0 layers"):
+        bk.GradCAM(model, layer="blocks.*")
+    assert bk.GradCAM(model, layer="relu*").layer_names == ["relu1", "relu2"]
+    assert bk.HiResCAM(model, layer=keras.layers.ReLU).layer_names == ["relu1", "relu2"]
+    with pytest.raises(ValueError, match="inference mode"):
+        bk.GradCAM(model, eval_mode=False)
+    flat = keras.Sequential([keras.Input((4, 2)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no layer with a spatial output"):
+        bk.GradCAM(flat).saliency(tf.zeros((1, 4, 2)))
