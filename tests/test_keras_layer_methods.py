@@ -97,7 +97,7 @@ def test_every_cam_equals_pytorch_on_named_layers(pair: Any, name: str) -> None:
 
 
 def test_perturbation_cams_batch_in_chunks_with_per_sample_targets(pair: Any) -> None:
-    _, torch_model, keras_model, x, x_tf = pair
+    _, _, keras_model, _, x_tf = pair
     for name in ("ScoreCAM", "AblationCAM"):
         whole = getattr(bk, name)(keras_model, batch_size=64).saliency(x_tf, [2, 0, 1])
         chunked = getattr(bk, name)(keras_model, batch_size=5).saliency(x_tf, [2, 0, 1])
@@ -169,7 +169,7 @@ def test_fullgrad_reads_a_fused_batchnorm_before_its_activation(monkeypatch: pyt
 
 
 def test_a_subclass_that_never_reaches_the_stock_call_is_refused_by_name() -> None:
-    torch_model, keras_model, _ = twin("resnet", seed=3)
+    _, keras_model, _ = twin("resnet", seed=3)
     model = keras_resnet(norm=KerasHandRolledBatchNormAct)
     model.set_weights(keras_model.get_weights())
     x_tf = to_keras_input(torch.randn((2, 3, 12, 12), dtype=torch.float64))

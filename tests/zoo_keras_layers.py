@@ -22,12 +22,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-import keras  # noqa: E402
 
 L = keras.layers
 DTYPE = "float64"

@@ -473,8 +473,9 @@ def _plausible(tensor: torch.Tensor, inputs: torch.Tensor) -> bool:
 
 
 def _frozen(output: Any, target: TargetLike, n: int) -> TargetLike:
-    frozen = fixed_target(output, target, n)
-    return to_torch(frozen) if isinstance(frozen, tf.Tensor) else frozen
+    frozen: Any = fixed_target(output, target, n)
+    result: TargetLike = to_torch(frozen) if isinstance(frozen, tf.Tensor) else frozen
+    return result
 
 
 __all__ = [

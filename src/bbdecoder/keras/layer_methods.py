@@ -63,35 +63,35 @@ def _keras_doc(cls: type) -> str:
     )
 
 
-class GradCAM(KerasLayerMethod, _gradcam.GradCAM, KerasExplainer):
+class GradCAM(KerasLayerMethod, _gradcam.GradCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_gradcam.GradCAM)
 
 
-class GradCAMPlusPlus(KerasLayerMethod, _cam.GradCAMPlusPlus, KerasExplainer):
+class GradCAMPlusPlus(KerasLayerMethod, _cam.GradCAMPlusPlus, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.GradCAMPlusPlus)
 
 
-class HiResCAM(KerasLayerMethod, _cam.HiResCAM, KerasExplainer):
+class HiResCAM(KerasLayerMethod, _cam.HiResCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.HiResCAM)
 
 
-class XGradCAM(KerasLayerMethod, _cam.XGradCAM, KerasExplainer):
+class XGradCAM(KerasLayerMethod, _cam.XGradCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.XGradCAM)
 
 
-class LayerCAM(KerasLayerMethod, _cam.LayerCAM, KerasExplainer):
+class LayerCAM(KerasLayerMethod, _cam.LayerCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.LayerCAM)
 
 
-class EigenCAM(KerasLayerMethod, _cam.EigenCAM, KerasExplainer):
+class EigenCAM(KerasLayerMethod, _cam.EigenCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.EigenCAM)
 
 
-class ScoreCAM(KerasLayerMethod, _cam.ScoreCAM, KerasExplainer):
+class ScoreCAM(KerasLayerMethod, _cam.ScoreCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.ScoreCAM)
 
 
-class AblationCAM(KerasLayerMethod, _cam.AblationCAM, KerasExplainer):
+class AblationCAM(KerasLayerMethod, _cam.AblationCAM, KerasExplainer):  # type: ignore[misc]
     __doc__ = _keras_doc(_cam.AblationCAM)
 
 
@@ -142,7 +142,7 @@ class _KerasFullGradFamily(KerasLayerMethod):
         return im_size
 
 
-class FullGrad(_KerasFullGradFamily, _fullgrad.FullGrad, KerasExplainer):
+class FullGrad(_KerasFullGradFamily, _fullgrad.FullGrad, KerasExplainer):  # type: ignore[misc]
     """FullGrad for Keras 3 models: :class:`bbdecoder.FullGrad` over the Keras backend.
 
     ``FullGrad(model, im_size=(224, 224, 3))`` (channels last) checks completeness on construction;
@@ -154,7 +154,7 @@ class FullGrad(_KerasFullGradFamily, _fullgrad.FullGrad, KerasExplainer):
     """
 
 
-class SimpleFullGrad(_KerasFullGradFamily, _fullgrad.SimpleFullGrad, KerasExplainer):
+class SimpleFullGrad(_KerasFullGradFamily, _fullgrad.SimpleFullGrad, KerasExplainer):  # type: ignore[misc]
     """Simple FullGrad for Keras 3 models: :class:`bbdecoder.SimpleFullGrad` over the Keras backend."""
 
 
