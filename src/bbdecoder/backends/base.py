@@ -18,10 +18,12 @@ tensors ``(N, C, *spatial)`` (or ``(N, features)``). A backend stands between th
   :meth:`Backend.rows_for_budget` applies the one shared rule (the same on every framework);
 * **maps** — resize, per-sample min-max and per-sample sums, in torch (shared, not overridden).
 
-Rows: methods run many rows per sample (path points, noisy copies, perturbations). ``samples``
-``(rows,)`` names the sample of each row (``None``: row ``i`` is sample ``i``); a frozen class tensor
-is indexed by it before scoring, so every row keeps its own sample's class. dtype and device are the
-prepared tensor's: float32 or float64 as given; Keras tensors come to the CPU.
+Rows: methods run many rows per sample (path points, noisy copies, perturbations). A model call
+takes the rows ``x`` and **the target of those rows** (the caller indexes a frozen per-sample target
+with :meth:`Backend.rows_target`); ``samples`` ``(rows,)`` names the sample of each row (``None``: row
+``i`` is sample ``i``) and only serves per-sample model arguments (PyTorch's
+``additional_forward_args``). dtype and device are the prepared tensor's: float32 or float64 as
+given; Keras tensors come to the CPU.
 
 Layer-space pieces (layer activations and gradients for CAMs, bias gradients for FullGrad) are not
 part of this protocol: they live beside it in ``backends/layers_*.py``.
@@ -86,6 +88,16 @@ class Backend(abc.ABC):
     def from_framework(self, value: Any) -> torch.Tensor:
         """The inverse of :meth:`to_framework` (a wrapped explainer's result as a channel-first tensor)."""
 
+    def user_array(self, value: Any, rank: int) -> Any:
+        """A user's array that broadcasts to the inputs (a baseline, a feature mask, a reference set) in
+        the channel-first layout of inputs with ``rank`` dims; numbers, ``None`` and names unchanged."""
+        return value
+
+    def user_shape(self, value: Any, rank: int) -> Any:
+        """A per-dim size (a window, strides) given over every non-batch dim of inputs with ``rank``
+        dims, in the channel-first order; an int or a spatial-only tuple unchanged."""
+        return value
+
     def user_target(self, target: Any) -> TargetLike:
         """The user's ``target`` in the shared form (``None``, int, torch class tensor, callable)."""
         return as_target(target)
@@ -106,8 +118,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def target_scores(self, x: torch.Tensor, target: FrozenTarget, samples: Samples = None) -> torch.Tensor:
-        """One score per row ``(rows,)`` without gradients. ``target``: a frozen target (its class tensor
-        indexed by ``samples``) or a callable applied to the framework's output. Inside :meth:`session`."""
+        """One score per row ``(rows,)`` without gradients. ``target``: the rows' target (a class tensor
+        ``(rows,)``, an int, or a callable applied to the framework's output). Inside :meth:`session`."""
 
     @abc.abstractmethod
     def input_gradient(
@@ -115,13 +127,16 @@ class Backend(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``d sum(scores) / d x`` shaped like ``x`` and the scores ``(rows,)`` (detached), from one
         forward+backward; no parameter gradient is computed. ``target`` is any target of the rows
-        (a frozen one is indexed by ``samples``). Call inside :meth:`session`."""
+        (``None``, an int, a class sequence ``(rows,)``, a callable). Call inside :meth:`session`."""
 
     # -- targets, from the pieces above ----------------------------------------------------------
     def freeze(self, x: torch.Tensor, target: TargetLike, samples: Samples = None) -> FrozenTarget:
         """``target`` frozen on the clean rows ``x``: ``None`` -> their arg-max classes, an int or a class
         sequence -> a checked long tensor ``(rows,)``; callables are kept. Call inside :meth:`session`."""
-        return self.evaluate(x, target, samples)[1]
+        target = as_target(target)
+        if is_callable_target(target):
+            return target
+        return resolve_classes(self.logits(x, samples), target, x.shape[0])
 
     def evaluate(
         self, x: torch.Tensor, target: TargetLike, samples: Samples = None, *, softmax: bool = False
