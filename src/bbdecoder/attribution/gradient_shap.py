@@ -131,5 +131,5 @@ class GradientSHAP(Explainer):
         return self.make_baseline(baselines, x[:1])
 
     def make_baseline(self, baseline: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
-        """One baseline for the prepared ``x`` (see :func:`~bbdecoder.attribution.baselines.make_baseline`)."""
+        """One baseline for the prepared ``x``; see :func:`~bbdecoder.attribution.baselines.make_baseline`."""
         return make_baseline(baseline, x)

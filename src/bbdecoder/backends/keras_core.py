@@ -202,7 +202,8 @@ def check_keras_inputs(inputs: Any, min_dim: int = 2) -> Any:
     x = tf.convert_to_tensor(inputs)
     if not x.dtype.is_floating:
         raise TypeError(
-            f"inputs must be floating point (gradients need it), got {x.dtype.name}; use tf.cast(x, 'float32')"
+            f"inputs must be floating point (gradients need it), got {x.dtype.name}; "
+            "use tf.cast(x, 'float32')"
         )
     if x.shape.rank < min_dim:
         raise ValueError(

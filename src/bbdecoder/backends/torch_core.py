@@ -28,7 +28,7 @@ class TorchBackend(Backend):
         self.explainer = explainer
 
     @property
-    def model(self) -> Any:  # type: ignore[override]
+    def model(self) -> Any:
         return self.explainer.model
 
     # -- layout ----------------------------------------------------------------------------------

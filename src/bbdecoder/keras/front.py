@@ -1,8 +1,8 @@
 """The Keras front end of the shared methods: the same classes, on the Keras backend.
 
 ``bbdecoder.keras.IntegratedGradients`` *is* :class:`bbdecoder.IntegratedGradients` (a subclass
-that only swaps the backend, :class:`~bbdecoder.backends.keras_core.KerasBackend`): one algorithm,
-one set of numbers. :func:`keras_method` makes such a class. What differs is only at the boundary:
+that only swaps the backend, :class:`~bbdecoder.backends.keras_core.KerasBackend`; see
+:mod:`bbdecoder.keras.methods`): one algorithm, one set of numbers. What differs is only at the boundary:
 
 * inputs are channels-last ``(N, *spatial, C)`` ``tf.Tensor`` or NumPy arrays (float32/float64);
   results are channels-last ``tf.Tensor`` (maps ``(N, *spatial, 1)``, per-sample values ``(N,)``);
@@ -17,12 +17,10 @@ one set of numbers. :func:`keras_method` makes such a class. What differs is onl
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from bbdecoder.backends.keras_core import KerasBackend
 from bbdecoder.keras.layers import check_model
-
-T = TypeVar("T", bound=type)
 
 
 class KerasMethod:
@@ -58,19 +56,4 @@ class KerasMethod:
         return self.backend.output(inputs)  # type: ignore[attr-defined]
 
 
-def keras_method(shared: T, doc: str | None = None) -> T:
-    """The Keras class of a shared method class: same name, same signature, Keras backend."""
-    cls = type(
-        shared.__name__,
-        (KerasMethod, shared),
-        {
-            "__module__": "bbdecoder.keras",
-            "__qualname__": shared.__name__,
-            "__doc__": (doc or shared.__doc__ or "")
-            + "\n\n    Keras: channels-last inputs and results; see :mod:`bbdecoder.keras.front`.",
-        },
-    )
-    return cls  # type: ignore[return-value]
-
-
-__all__ = ["KerasMethod", "keras_method"]
+__all__ = ["KerasMethod"]
