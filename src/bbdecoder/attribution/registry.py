@@ -210,6 +210,12 @@ def _torch(path: str) -> dict[str, str]:
     return {"torch": f"bbdecoder.attribution.{path}"}
 
 
+def _both(path: str) -> dict[str, str]:
+    """A shared method (written once over :mod:`bbdecoder.backends`): the PyTorch class and its Keras
+    twin of the same name in :mod:`bbdecoder.keras` (the same class on the Keras backend)."""
+    return {**_torch(path), "keras": f"bbdecoder.keras:{path.partition(':')[2]}"}
+
+
 _STEPS = Option("n_steps", int, 50, "path steps", stage="call", flag="--steps", minimum=1, maximum=MAX_COUNT)
 _NOISE = Option("noise_level", float, 0.15, "noise sigma as a fraction of each sample's value range")
 _CHUNK = Option("internal_batch_size", int, None, "rows per forward pass (default: a memory budget)")
@@ -274,7 +280,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "dScore/dInput, signed",
-        _torch("gradient:Gradient"),
+        _both("gradient:Gradient"),
     ),
     MethodSpec(
         "inputxgradient",
@@ -282,7 +288,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "input times dScore/dInput, signed",
-        _torch("gradient:InputXGradient"),
+        _both("gradient:InputXGradient"),
         aliases=("input_x_gradient",),
     ),
     MethodSpec(
@@ -291,7 +297,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "(x - baseline) times the mean gradient on the straight path; sums to F(x) - F(baseline)",
-        _torch("integrated_gradients:IntegratedGradients"),
+        _both("integrated_gradients:IntegratedGradients"),
         options=(
             _STEPS,
             Option(
@@ -326,7 +332,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         False,
         "|gradient| averaged over noisy copies of the input",
-        _torch("smoothgrad:SmoothGrad"),
+        _both("smoothgrad:SmoothGrad"),
         options=(
             _samples(25, "noisy copies per input"),
             _NOISE,
@@ -348,7 +354,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "expected gradients: IG from random baselines at random path points (Captum's GradientShap)",
-        _torch("gradient_shap:GradientSHAP"),
+        _both("gradient_shap:GradientSHAP"),
         options=(
             _samples(5, "random (baseline, path point) draws per input", stage="call"),
             Option("stdevs", float, 0.0, "Gaussian noise added to each draw's input", stage="call"),
@@ -419,7 +425,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "score drop when a sliding window is set to the baseline (Captum's Occlusion)",
-        _torch("occlusion:Occlusion"),
+        _both("occlusion:Occlusion"),
         options=(
             Option(
                 "sliding_window_shapes",
@@ -451,7 +457,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "score drop when each feature (element, or feature_mask group) is set to the baseline",
-        _torch("feature_ablation:FeatureAblation"),
+        _both("feature_ablation:FeatureAblation"),
         options=(_FEATURE_MASK, _BASELINE, _PERTURBATION_ROWS),
         aliases=("featureablation",),
     ),
@@ -461,7 +467,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         False,
         "mean of random masks weighted by the masked inputs' target probability",
-        _torch("rise:RISE"),
+        _both("rise:RISE"),
         options=(
             Option(
                 "n_masks", int, 4000, "random masks per input", flag="--masks", minimum=1, maximum=MAX_COUNT
@@ -478,7 +484,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "Shapley values of the features by weighted regression (exact by enumeration for few features)",
-        _torch("kernel_shap:KernelSHAP"),
+        _both("kernel_shap:KernelSHAP"),
         options=(
             _samples(None, "coalitions per input (default 2 M + 2048)", stage="call"),
             _FEATURE_MASK,
