@@ -151,15 +151,9 @@ class _FullGradFamily(Explainer):
         eval_mode: bool = True,
         scores_from: str = "logits",
     ) -> None:
-        self._init_framework(
-            model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from
-        )
-        self.bias_layers = [(ref.name, ref.layer) for ref in self.layer_backend.bias_layers()]
-
-    def _init_framework(self, model: Any, *, input_transform: Any, eval_mode: bool, scores_from: str) -> None:
-        """The framework half of the constructor (PyTorch here; the Keras classes override it)."""
         super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
-        self.layer_backend: LayerBackend = resolve_layer_backend(self, model)
+        self.layer_backend: LayerBackend = resolve_layer_backend(self, self.model)
+        self.bias_layers = [(ref.name, ref.layer) for ref in self.layer_backend.bias_layers()]
 
     def _model_input(self, inputs: torch.Tensor) -> torch.Tensor:
         # The decomposition lives in the model's input space: a normalisation's constant offset is not

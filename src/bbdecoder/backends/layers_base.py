@@ -126,7 +126,9 @@ class LayerBackend(Protocol):
         replacement: Replacement | None = None,
     ) -> torch.Tensor:
         """Scores ``(rows,)`` of one forward pass of ``batch`` without gradients, optionally with one
-        layer's output replaced; ``samples`` names the sample of each row (for per-sample targets)."""
+        layer's output replaced; ``samples`` names the sample of each row (for per-sample targets).
+        ``batch`` may have fewer rows than ``samples`` when the replacement has all ``rows`` (the layers
+        below it run on those inputs once); a model that cannot take that raises."""
         ...
 
     def progress_session(self) -> Any:

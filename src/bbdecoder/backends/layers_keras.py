@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from bbdecoder.attribution.bias_layers import UnreachableBiasError
+from bbdecoder.backends.base import channels_first
 from bbdecoder.backends.layers_base import BiasHandler, LayerCapture, LayerRef, Replacement
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.keras.base import check_inputs as check_keras_inputs
 from bbdecoder.keras.layers import (
     LayerCall,
     all_layers,
@@ -70,16 +70,6 @@ def to_torch(value: Any) -> torch.Tensor:
 def to_tf(value: torch.Tensor) -> Any:
     """A torch tensor as a tf.Tensor, same layout and dtype."""
     return tf.convert_to_tensor(value.detach().cpu().numpy())
-
-
-def channels_last(value: torch.Tensor) -> torch.Tensor:
-    """``(N, C, *spatial)`` -> ``(N, *spatial, C)``; tensors of fewer than 3 dims as they are."""
-    return value.movedim(1, -1) if value.dim() >= 3 else value
-
-
-def channels_first(value: torch.Tensor) -> torch.Tensor:
-    """``(N, *spatial, C)`` -> ``(N, C, *spatial)``; tensors of fewer than 3 dims as they are."""
-    return value.movedim(-1, 1) if value.dim() >= 3 else value
 
 
 # -- bias layers -----------------------------------------------------------------------------------
@@ -202,18 +192,21 @@ class KerasLayers:
     def model(self) -> Any:
         return self.explainer.model
 
+    @property
+    def core(self) -> Any:
+        """The explainer's Keras core backend (:class:`~bbdecoder.backends.keras_core.KerasBackend`)."""
+        return self.explainer.backend
+
     # -- boundary ---------------------------------------------------------------------------------
     def check_inputs(self, inputs: Any, min_dim: int) -> torch.Tensor:
-        x = check_keras_inputs(inputs, min_dim=min_dim)
-        if not bool(tf.reduce_all(tf.math.is_finite(x))):
-            raise ValueError("inputs contain NaN or infinite values; maps of such inputs mean nothing")
-        return channels_first(to_torch(x))
+        result: torch.Tensor = self.core.prepare(inputs, min_dim)
+        return result
 
     def to_native_map(self, maps: torch.Tensor) -> Any:
-        return to_tf(channels_last(maps))
+        return self.core.to_framework(maps)
 
     def to_native_input(self, inputs: torch.Tensor) -> Any:
-        return to_tf(channels_last(inputs))
+        return self.core.to_framework(inputs)
 
     def sample_shape(self, native: Sequence[int]) -> tuple[int, ...]:
         shape = tuple(int(s) for s in native)
@@ -231,10 +224,26 @@ class KerasLayers:
         return torch.empty(0, dtype=getattr(torch, dtype, torch.float32))
 
     def forward(self, x: Any) -> Any:
-        """The model's output for channels-last ``x`` (the input transform applied), inference mode."""
-        transform = self.explainer.input_transform
-        x = transform(x) if transform is not None else x
-        return self.model(x, training=False)
+        """The model's output for channels-last ``x``: the input transform applied, inference mode, a
+        final softmax/sigmoid looked through (``scores_from="logits"``; see the core backend)."""
+        return self.core.output(x)
+
+    def model_call(self, x: Any) -> Any:
+        """As :meth:`forward` for ``x`` that is already the model's input (no input transform)."""
+        core = self.core
+        transform = core.input_transform
+        core.input_transform = None
+        try:
+            return core.output(x)
+        finally:
+            core.input_transform = transform
+
+    def select(self, output: Any, target: TargetLike, rows: int) -> Any:
+        """One differentiable score per row from the Keras output (torch class tensors converted)."""
+        shared: Any = self.core.user_target(target)
+        if isinstance(shared, torch.Tensor):
+            shared = shared.detach().cpu().numpy()
+        return select_scores(output, shared, rows)
 
     # -- layers -----------------------------------------------------------------------------------
     def find_layers(self, selection: Any) -> list[LayerRef]:
@@ -354,7 +363,7 @@ class KerasLayers:
             intercepted_calls([r.layer for r in layers], record),
         ):
             output = self.forward(x)
-            scores = select_scores(output, target, n) if gradients else None
+            scores = self.select(output, target, n) if gradients else None
             total = tf.reduce_sum(scores) if scores is not None else None
         for i, ref in enumerate(layers):
             if calls[i] == 0:
@@ -362,7 +371,7 @@ class KerasLayers:
                     f"the {method} layer {ref.name!r} did not run in the forward pass; choose a layer that "
                     "the model calls"
                 )
-        frozen = _frozen(output, target, n)
+        frozen = _frozen(output, self.core.user_target(target), n)
         grads: list[Any] = [None] * len(layers)
         if gradients:
             grads = tape.gradient(total, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -400,10 +409,13 @@ class KerasLayers:
                 seen[0] += 1
                 return tf.cast(value, output.dtype) if seen[0] == replacement.call else output
 
-            with intercepted_calls([replacement.layer], replace):
-                output = self.forward(x)
+            try:
+                with intercepted_calls([replacement.layer], replace):
+                    output = self.forward(x)
+            except tf.errors.OpError as err:  # a replacement with more rows than the layers below
+                raise RuntimeError(f"the forward pass with a replaced layer output failed: {err}") from err
         row_target = target_rows(target, samples)
-        return to_torch(select_scores(output, row_target, int(batch.shape[0])))
+        return to_torch(self.select(output, row_target, int(samples.shape[0])))
 
     # -- bias layers ------------------------------------------------------------------------------
     def bias_layers(self) -> list[LayerRef]:
@@ -413,7 +425,7 @@ class KerasLayers:
         transform = self.explainer.input_transform
         if transform is None:
             return inputs
-        return channels_first(to_torch(tf.stop_gradient(transform(self.to_native_input(inputs)))))
+        return self.core.from_framework(tf.stop_gradient(transform(self.to_native_input(inputs))))
 
     def backward_through_biases(
         self, x: torch.Tensor, target: TargetLike, handler: BiasHandler, *, strict: bool
@@ -452,7 +464,7 @@ class KerasLayers:
         n = int(x.shape[0])
         with tape, intercepted_calls(layers, record), stock_calls_captured(subclassed, keep):
             tape.watch(native)
-            scores = select_scores(self.model(native, training=False), target, n)
+            scores = self.select(self.model_call(native), target, n)
             total = tf.reduce_sum(scores)
         if unreachable:
             raise KerasUnreachableBiasError(unreachable[0].name, unreachable[0])
@@ -473,7 +485,8 @@ def _plausible(tensor: torch.Tensor, inputs: torch.Tensor) -> bool:
 
 
 def _frozen(output: Any, target: TargetLike, n: int) -> TargetLike:
-    frozen: Any = fixed_target(output, target, n)
+    native: Any = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else target
+    frozen: Any = fixed_target(output, native, n)
     result: TargetLike = to_torch(frozen) if isinstance(frozen, tf.Tensor) else frozen
     return result
 

@@ -178,13 +178,13 @@ class TorchLayers:
 
                 with HookManager() as row_hooks:
                     row_hooks.forward_hook(replacement.layer, hook)
-                    output = self.explainer.forward(batch, samples)
+                    output = self.explainer.forward(batch, samples[: batch.shape[0]])
             else:
-                output = self.explainer.forward(batch, samples)
+                output = self.explainer.forward(batch, samples[: batch.shape[0]])
             # frozen classes or target objects, one per sample
             on = target.device if isinstance(target, torch.Tensor) else samples.device
             row_target = target_rows(target, samples.to(on))
-            return select_scores(output, row_target, batch.shape[0]).detach()
+            return select_scores(output, row_target, samples.shape[0]).detach()
 
     # -- bias layers ------------------------------------------------------------------------------
     def bias_layers(self) -> list[LayerRef]:

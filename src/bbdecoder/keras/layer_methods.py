@@ -1,9 +1,10 @@
 """The CAM family and the FullGrad family for Keras 3 models: the PyTorch classes over the Keras backend.
 
 Each method is written once (:mod:`bbdecoder.attribution.cam`, :mod:`bbdecoder.attribution.fullgrad`);
-the classes here only swap the framework half of the constructor for
-:class:`~bbdecoder.backends.layers_keras.KerasLayers`, which runs the model under a ``GradientTape``
-with its layer calls intercepted. Same constructors and calls as on PyTorch
+the classes here put :class:`~bbdecoder.keras.front.KerasMethod` first, which gives them the Keras core
+backend (:mod:`bbdecoder.backends.keras_core`: layouts, targets, the softmax head looked through), and
+the Keras model gives them the Keras layer backend (:mod:`bbdecoder.backends.layers_keras`: layer
+calls intercepted under a ``GradientTape``). Same constructors and calls as on PyTorch
 (``GradCAM(model, layer=None)``, ``saliency(x, target)``, ``layer_map(x, target)``,
 ``FullGrad(model, im_size)``, ``checkCompleteness()``, ...), with Keras' layouts: inputs
 ``(N, *spatial, C)``, maps tf.Tensors ``(N, *spatial, 1)``, ``im_size`` channels last.
@@ -11,88 +12,60 @@ with its layer calls intercepted. Same constructors and calls as on PyTorch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bbdecoder.attribution import cam as _cam
 from bbdecoder.attribution import fullgrad as _fullgrad
 from bbdecoder.attribution import gradcam as _gradcam
-from bbdecoder.attribution.outputs import check_scores_from
-from bbdecoder.backends.layers_keras import KerasLayers, channels_last, to_tf
-from bbdecoder.keras.base import KerasExplainer
-from bbdecoder.keras.layers import check_model
-from bbdecoder.keras.smoothgrad import SmoothGrad
+from bbdecoder.attribution import smooth_fullgrad as _smooth_fullgrad
+from bbdecoder.backends.base import channels_last
+from bbdecoder.backends.layers_keras import to_tf
+from bbdecoder.keras.front import KerasMethod
+from bbdecoder.keras.methods import SmoothGrad
 
 
-class KerasLayerMethod:
-    """The framework half of a layer method for a Keras model (put first among the bases).
+class GradCAM(KerasMethod, _gradcam.GradCAM):
+    """Grad-CAM for Keras 3 models: :class:`bbdecoder.GradCAM` over the Keras backend.
 
-    ``eval_mode``: Keras models are always explained in inference mode (``training=False``); only
-    ``True`` is accepted. ``input_transform`` is a function on channels-last inputs.
+    Same constructor and calls (``GradCAM(model, layer=None, reshape=None)``, ``saliency(x, target)``,
+    ``layer_map(x, target)``, ``layer_maps``, the pytorch-grad-cam call); inputs channels last
+    ``(N, *spatial, C)``, maps tf.Tensors ``(N, *spatial, 1)``. ``layer``: a Keras layer of the model,
+    its name, a glob over layer names, a leaf ID, a layer type, or a list of these; ``None``: the
+    trunk's last feature map (the last layer call, in order of completion, with a spatial output; a
+    nested block's output after its branches). ``reshape``: for token outputs ``(N, L, C)``
+    (``tokens(prefix=1)``); channels-last maps need none.
     """
 
-    def _init_framework(
-        self, model: Any, *, input_transform: Any = None, eval_mode: bool = True, scores_from: str = "logits"
-    ) -> None:
-        if eval_mode is not True:
-            raise ValueError(
-                "Keras models are explained in inference mode (training=False: BatchNormalization's "
-                "moving statistics, no dropout); eval_mode=False is not supported on Keras"
-            )
-        self.model = check_model(model)
-        self.input_transform = input_transform
-        self.eval_mode = True
-        self.scores_from = check_scores_from(scores_from)
-        self.attribution_layer = None
-        self.layer_backend = KerasLayers(self)
 
-    # The Keras explainer's model calls (used by SmoothGrad around these methods).
-    forward = KerasExplainer.forward
-    scores = KerasExplainer.scores
-    freeze_target = KerasExplainer.freeze_target
-    input_gradient = KerasExplainer.input_gradient
+class GradCAMPlusPlus(KerasMethod, _cam.GradCAMPlusPlus):
+    """Grad-CAM++ for Keras 3 models (:class:`bbdecoder.GradCAMPlusPlus`); as :class:`GradCAM`."""
 
 
-def _keras_doc(cls: type) -> str:
-    return (
-        f"{cls.__name__} for Keras 3 models: :class:`bbdecoder.{cls.__name__}` over the Keras backend.\n\n"
-        "    Same constructor and calls; inputs channels last ``(N, *spatial, C)``, maps tf.Tensors\n"
-        "    ``(N, *spatial, 1)``; ``layer`` is a Keras layer, its name, a glob, a leaf ID, a layer type\n"
-        "    or a list of these (default: the trunk's last feature map).\n"
-    )
+class HiResCAM(KerasMethod, _cam.HiResCAM):
+    """HiResCAM for Keras 3 models (:class:`bbdecoder.HiResCAM`); as :class:`GradCAM`."""
 
 
-class GradCAM(KerasLayerMethod, _gradcam.GradCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_gradcam.GradCAM)
+class XGradCAM(KerasMethod, _cam.XGradCAM):
+    """XGrad-CAM for Keras 3 models (:class:`bbdecoder.XGradCAM`); as :class:`GradCAM`."""
 
 
-class GradCAMPlusPlus(KerasLayerMethod, _cam.GradCAMPlusPlus, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.GradCAMPlusPlus)
+class LayerCAM(KerasMethod, _cam.LayerCAM):
+    """LayerCAM for Keras 3 models (:class:`bbdecoder.LayerCAM`); as :class:`GradCAM`."""
 
 
-class HiResCAM(KerasLayerMethod, _cam.HiResCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.HiResCAM)
+class EigenCAM(KerasMethod, _cam.EigenCAM):
+    """EigenCAM for Keras 3 models (:class:`bbdecoder.EigenCAM`); as :class:`GradCAM`."""
 
 
-class XGradCAM(KerasLayerMethod, _cam.XGradCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.XGradCAM)
+class ScoreCAM(KerasMethod, _cam.ScoreCAM):
+    """Score-CAM for Keras 3 models (:class:`bbdecoder.ScoreCAM`); as :class:`GradCAM`, plus
+    ``batch_size`` and ``progress``."""
 
 
-class LayerCAM(KerasLayerMethod, _cam.LayerCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.LayerCAM)
-
-
-class EigenCAM(KerasLayerMethod, _cam.EigenCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.EigenCAM)
-
-
-class ScoreCAM(KerasLayerMethod, _cam.ScoreCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.ScoreCAM)
-
-
-class AblationCAM(KerasLayerMethod, _cam.AblationCAM, KerasExplainer):  # type: ignore[misc]
-    __doc__ = _keras_doc(_cam.AblationCAM)
+class AblationCAM(KerasMethod, _cam.AblationCAM):
+    """Ablation-CAM for Keras 3 models (:class:`bbdecoder.AblationCAM`); as :class:`GradCAM`, plus
+    ``batch_size``, ``ablation_value`` and ``progress``."""
 
 
 @dataclass
@@ -124,7 +97,7 @@ class FullGradDecomposition:
         return to_tf(self.source.relative_error())
 
 
-class _KerasFullGradFamily(KerasLayerMethod):
+class _KerasFullGradFamily(KerasMethod):
     def _native_decomposition(self, decomposition: _fullgrad.FullGradDecomposition) -> FullGradDecomposition:
         return FullGradDecomposition(
             to_tf(channels_last(decomposition.inputs)),
@@ -142,7 +115,7 @@ class _KerasFullGradFamily(KerasLayerMethod):
         return im_size
 
 
-class FullGrad(_KerasFullGradFamily, _fullgrad.FullGrad, KerasExplainer):  # type: ignore[misc]
+class FullGrad(_KerasFullGradFamily, _fullgrad.FullGrad):
     """FullGrad for Keras 3 models: :class:`bbdecoder.FullGrad` over the Keras backend.
 
     ``FullGrad(model, im_size=(224, 224, 3))`` (channels last) checks completeness on construction;
@@ -154,39 +127,17 @@ class FullGrad(_KerasFullGradFamily, _fullgrad.FullGrad, KerasExplainer):  # typ
     """
 
 
-class SimpleFullGrad(_KerasFullGradFamily, _fullgrad.SimpleFullGrad, KerasExplainer):  # type: ignore[misc]
+class SimpleFullGrad(_KerasFullGradFamily, _fullgrad.SimpleFullGrad):
     """Simple FullGrad for Keras 3 models: :class:`bbdecoder.SimpleFullGrad` over the Keras backend."""
 
 
-class SmoothFullGrad(SmoothGrad):
-    """``SmoothGrad`` over Keras :class:`FullGrad`'s saliency (the reference's "smooth" variant).
+class SmoothFullGrad(KerasMethod, _smooth_fullgrad.SmoothFullGrad):
+    """SmoothFullGrad for Keras 3 models: :class:`bbdecoder.SmoothFullGrad` (SmoothGrad over Keras
+    :class:`FullGrad`'s saliency); the same seed gives PyTorch's noise, transposed.
+    ``saliency(inputs, target) -> tf.Tensor (N, *spatial, 1)``."""
 
-    ``saliency(inputs, target) -> tf.Tensor (N, *spatial, 1)``: the mean of FullGrad maps of
-    ``n_samples`` noisy copies (noise sigma = ``noise_level`` x each sample's value range; the same
-    seed gives PyTorch's noise, transposed). Completeness is checked once, on the clean model.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        im_size: Sequence[int] | None = None,
-        *,
-        n_samples: int = 25,
-        noise_level: float = 0.15,
-        seed: int = 0,
-        input_transform: Any = None,
-        internal_batch_size: int | None = None,
-        check: bool = True,
-    ) -> None:
-        fullgrad = FullGrad(model, im_size, input_transform=input_transform, check=check)
-        super().__init__(
-            fullgrad,
-            n_samples=n_samples,
-            noise_level=noise_level,
-            seed=seed,
-            internal_batch_size=internal_batch_size,
-        )
-        self.fullgrad = fullgrad
+    fullgrad_class = FullGrad
+    _inner = staticmethod(SmoothGrad._inner)
 
 
 CompletenessError = _fullgrad.CompletenessError
@@ -200,7 +151,6 @@ __all__ = [
     "GradCAM",
     "GradCAMPlusPlus",
     "HiResCAM",
-    "KerasLayerMethod",
     "LayerCAM",
     "ScoreCAM",
     "SimpleFullGrad",

@@ -99,7 +99,13 @@ class BaseCAM(Explainer):
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
     ) -> None:
-        self._init_framework(model, input_transform=input_transform, eval_mode=eval_mode)
+        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            # torch.compile: hooks added after compilation are not seen by the compiled graph, so the
+            # maps are taken on the eager modules (same weights, same outputs).
+            self.model = inner
+        self.layer_backend: LayerBackend = resolve_layer_backend(self, self.model)
         if layer is not None and target_layers is not None:
             raise TypeError("give `layer=` or `target_layers=` (its pytorch-grad-cam name), not both")
         if reshape is not None and reshape_transform is not None:
@@ -112,16 +118,6 @@ class BaseCAM(Explainer):
             if isinstance(layer, Sequence) and not isinstance(layer, str) and len(layer) == 0:
                 raise ValueError("`layer` is an empty list; give at least one layer, or None for the default")
             self._layers = [(ref.name, ref.layer) for ref in self.layer_backend.find_layers(layer)]
-
-    def _init_framework(self, model: Any, *, input_transform: Any, eval_mode: bool) -> None:
-        """The framework half of the constructor (PyTorch here; the Keras classes override it)."""
-        super().__init__(model, input_transform=input_transform, eval_mode=eval_mode)
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            # torch.compile: hooks added after compilation are not seen by the compiled graph, so the
-            # maps are taken on the eager modules (same weights, same outputs).
-            self.model = inner
-        self.layer_backend: LayerBackend = resolve_layer_backend(self, self.model)
 
     # -- layers ----------------------------------------------------------------------------------
     @property
@@ -324,21 +320,24 @@ class BaseCAM(Explainer):
         batch_size: int,
         progress: bool | None,
         replace: Callable[[int, int], Replacement] | None = None,
+        bounds: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Scores of ``rows`` perturbed inputs, forwarded ``batch_size`` at a time, ``(rows,)``.
 
-        ``make_batch(start, stop)`` gives the channel-first inputs and the sample index of each row;
+        ``make_batch(start, stop)`` gives the channel-first inputs and the sample index of each row
+        (the inputs may have fewer rows than ``stop - start``, when the replacement makes the layer's
+        output the full chunk: the layers below then run on those inputs only);
         ``replace(start, stop)``, when given, the layer output that replaces the layer's for those rows.
+        ``bounds``: the ``(start, stop)`` chunks, in order (default: ``batch_size`` rows each).
         """
         from tqdm.auto import tqdm
 
         show = progress if progress is not None else sys.stderr.isatty()
         out: list[torch.Tensor] = []
-        starts = range(0, rows, batch_size)
+        chunks = bounds or [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
         backend = self.layer_backend
         with backend.progress_session():
-            for start in tqdm(starts, desc=type(self).__name__, disable=not show, leave=False):
-                stop = min(start + batch_size, rows)
+            for start, stop in tqdm(chunks, desc=type(self).__name__, disable=not show, leave=False):
                 batch, samples = make_batch(start, stop)
                 replacement = replace(start, stop) if replace is not None else None
                 out.append(backend.row_scores(batch, samples, target, replacement))

@@ -1,0 +1,234 @@
+"""A shared zoo of small PyTorch nets, built in the tests, with the patterns of the real model zoos.
+
+Every builder is ``builder(seed: int = 0, *, float64: bool = False) -> nn.Module`` and returns a
+model in eval mode whose weights (and BatchNorm running statistics, randomised so that BN's effective
+bias is not zero) depend only on ``seed``. Every model takes ``(N, 3, 16, 16)`` images (:data:`INPUT_SHAPE`,
+:func:`zoo_input`) and scores :data:`NUM_CLASSES` classes. The names, signatures and module names
+(``state_dict`` keys) are stable: the Keras twins in ``tests/zoo_keras.py`` copy weights by them.
+
+=================  ==========================================================================
+``plain_cnn``      Conv-BN-ReLU x2 with a max-pool, Flatten, Linear: a VGG-style plain CNN.
+``fused_bn_act``   Conv + ``BatchNormAct2d`` (a ``BatchNorm2d`` subclass with ``drop``/``act``
+                   children whose forward also applies the ReLU: timm's pattern), GAP, Linear.
+``residual_net``   A ResNet: stem, an identity block and a strided block with a 1x1 conv
+                   shortcut, GAP, Linear.
+``softmax_head``   ``plain_cnn``'s layers followed by ``nn.Softmax(dim=1)``: returns probabilities.
+``model_output``   ``plain_cnn`` inside a wrapper returning a ``ClassifierOutput`` (a dataclass
+                   that is an ``OrderedDict``, like transformers' ``ModelOutput``) with ``logits``.
+``linear_head``    Conv-ReLU trunk, then global average pool + Linear (``LinearHead``): the
+                   premise of the CAM closed forms, dScore_k/dA_cij = W_kc / (H W).
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .nets import randomize_batchnorm
+
+INPUT_SHAPE: tuple[int, int, int] = (3, 16, 16)
+NUM_CLASSES = 4
+WIDTH = 6
+
+
+def zoo_input(n: int = 2, seed: int = 0, *, float64: bool = False) -> torch.Tensor:
+    """``(n, 3, 16, 16)`` uniform noise in [0, 1) from its own generator (the global RNG is untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *INPUT_SHAPE), generator=generator, dtype=torch.float64)
+    return x if float64 else x.float()
+
+
+def _build(make: Callable[[], nn.Module], seed: int, float64: bool) -> nn.Module:
+    """``make()`` under ``torch.manual_seed(seed)`` in a forked RNG (the caller's global RNG is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make()
+    randomize_batchnorm(model, seed)
+    return model.to(torch.float64 if float64 else torch.float32).eval()
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``, trimmed: a BN that owns parameters, has children and applies its act."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            0.0 if self.momentum is None else self.momentum,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn + shortcut, relu (``shortcut`` is a 1x1 conv + BN when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, WIDTH, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(WIDTH)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = BasicBlock(WIDTH, WIDTH)
+        self.layer2 = BasicBlock(WIDTH, 2 * WIDTH, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * WIDTH, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.stem(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class LinearHead(nn.Module):
+    """Global average pool + Linear."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+@dataclass
+class ClassifierOutput(OrderedDict):  # type: ignore[type-arg]
+    """Shaped like transformers' ``ModelOutput``: a dataclass that is an OrderedDict of its set fields."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                self[field.name] = value
+
+
+class ModelOutputNet(nn.Module):
+    """``self.net`` is a ``plain_cnn``; forward returns ``ClassifierOutput(logits=, hidden_states=)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _plain_layers()
+
+    def forward(self, x: torch.Tensor) -> ClassifierOutput:
+        logits = self.net(x)
+        return ClassifierOutput(logits=logits, hidden_states=x.mean(dim=(1, 2, 3)))
+
+
+def _plain_layers() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, WIDTH, 3, padding=1),
+        nn.BatchNorm2d(WIDTH),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(WIDTH, 2 * WIDTH, 3, padding=1),
+        nn.BatchNorm2d(2 * WIDTH),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * WIDTH * 4 * 4, NUM_CLASSES),
+    )
+
+
+def plain_cnn(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """Sequential: Conv(3->6)-BN-ReLU-MaxPool, Conv(6->12)-BN-ReLU-MaxPool, Flatten, Linear(192->4)."""
+    return _build(_plain_layers, seed, float64)
+
+
+def fused_bn_act(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """Sequential: Conv-BatchNormAct2d, Conv(stride 2)-BatchNormAct2d, LinearHead (GAP + Linear)."""
+    return _build(
+        lambda: nn.Sequential(
+            nn.Conv2d(3, WIDTH, 3, padding=1),
+            BatchNormAct2d(WIDTH),
+            nn.Conv2d(WIDTH, WIDTH, 3, stride=2, padding=1),
+            BatchNormAct2d(WIDTH),
+            LinearHead(WIDTH, NUM_CLASSES),
+        ),
+        seed,
+        float64,
+    )
+
+
+def residual_net(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """:class:`ResidualNet`: stem conv-BN-ReLU, ``layer1`` (identity shortcut), ``layer2`` (stride 2)."""
+    return _build(ResidualNet, seed, float64)
+
+
+def softmax_head(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """``plain_cnn``'s layers (same weights for the same seed) + ``nn.Softmax(dim=1)`` as module ``10``."""
+    return _build(lambda: _plain_layers().append(nn.Softmax(dim=1)), seed, float64)
+
+
+def model_output(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """:class:`ModelOutputNet`: ``plain_cnn`` (same weights for the same seed) as ``net``."""
+    return _build(ModelOutputNet, seed, float64)
+
+
+def linear_head(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """Sequential(trunk, LinearHead): trunk = Conv(3->6)-ReLU, Conv(6->6, stride 2)-ReLU (layer ``0``)."""
+
+    def make() -> nn.Module:
+        trunk = nn.Sequential(
+            nn.Conv2d(3, WIDTH, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(WIDTH, WIDTH, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        return nn.Sequential(trunk, LinearHead(WIDTH, NUM_CLASSES))
+
+    return _build(make, seed, float64)
+
+
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "plain_cnn": plain_cnn,
+    "fused_bn_act": fused_bn_act,
+    "residual_net": residual_net,
+    "softmax_head": softmax_head,
+    "model_output": model_output,
+    "linear_head": linear_head,
+}
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The scores of a zoo model's output (``.logits`` of a ModelOutput); not the softmax head's logits."""
+    if isinstance(output, ClassifierOutput):
+        assert output.logits is not None
+        return output.logits
+    assert isinstance(output, torch.Tensor)
+    return output
