@@ -27,6 +27,7 @@ import keras  # noqa: E402
 
 import bbdecoder  # noqa: E402
 import bbdecoder.keras as bk  # noqa: E402
+from bbdecoder.attribution.registry import get_method, list_methods  # noqa: E402
 
 from .zoo_keras_layers import (  # noqa: E402
     KerasBatchNormAct,
@@ -38,16 +39,8 @@ from .zoo_keras_layers import (  # noqa: E402
 )
 
 TOL = {"rtol": 1e-4, "atol": 1e-6}
-CAMS = [
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "HiResCAM",
-    "XGradCAM",
-    "LayerCAM",
-    "EigenCAM",
-    "ScoreCAM",
-    "AblationCAM",
-]
+# Every CAM of the registry: a new CAM is one file plus its registry entry, and is tested here.
+CAMS = [spec.name for spec in list_methods(family="cam")]
 LAYERS = {"resnet": ["b_conv2", ["stem_bn", "block_out"]], "plain": ["conv2", "relu1"]}
 
 
@@ -56,6 +49,20 @@ def pair(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, Any, tor
     torch_model, keras_model, shape = twin(request.param, seed=1)
     x = torch.randn((3, *shape), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     return request.param, torch_model, keras_model, x, to_keras_input(x)
+
+
+def test_every_layer_method_is_registered_for_keras_as_the_shared_class() -> None:
+    layer_methods = [spec for spec in list_methods() if spec.family in ("cam", "fullgrad")]
+    assert len(CAMS) >= 8 and {"fullgrad", "simple_fullgrad", "smooth_fullgrad"} <= {
+        s.name for s in layer_methods
+    }
+    for spec in layer_methods:
+        keras_class, torch_class = spec.load("keras"), spec.load("torch")
+        assert issubclass(keras_class, torch_class), (
+            spec.name
+        )  # written once: the Keras class only adds the backend
+        assert getattr(bk, keras_class.__name__) is keras_class
+        assert getattr(bbdecoder, torch_class.__name__) is torch_class
 
 
 def test_the_twins_compute_the_same_function(pair: Any) -> None:
@@ -68,8 +75,8 @@ def test_the_twins_compute_the_same_function(pair: Any) -> None:
 @pytest.mark.parametrize("name", CAMS)
 def test_every_cam_equals_pytorch_on_the_default_layer(pair: Any, name: str) -> None:
     _, torch_model, keras_model, x, x_tf = pair
-    torch_cam = getattr(bbdecoder, name)(torch_model)
-    keras_cam = getattr(bk, name)(keras_model)
+    torch_cam = get_method(name).load("torch")(torch_model)
+    keras_cam = get_method(name).load("keras")(keras_model)
     target = [0, 2, 1]
     expected = torch_cam.saliency(x, target)
     got = keras_cam.saliency(x_tf, target)
@@ -87,8 +94,8 @@ def test_every_cam_equals_pytorch_on_the_default_layer(pair: Any, name: str) -> 
 def test_every_cam_equals_pytorch_on_named_layers(pair: Any, name: str) -> None:
     net, torch_model, keras_model, x, x_tf = pair
     for layer in LAYERS[net]:
-        torch_cam = getattr(bbdecoder, name)(torch_model, layer)
-        keras_cam = getattr(bk, name)(keras_model, layer=layer)
+        torch_cam = get_method(name).load("torch")(torch_model, layer)
+        keras_cam = get_method(name).load("keras")(keras_model, layer=layer)
         np.testing.assert_allclose(
             keras_cam.saliency(x_tf, 1).numpy(), nhwc(torch_cam.saliency(x, 1)), **TOL, err_msg=str(layer)
         )
@@ -98,14 +105,11 @@ def test_every_cam_equals_pytorch_on_named_layers(pair: Any, name: str) -> None:
 
 def test_perturbation_cams_batch_in_chunks_with_per_sample_targets(pair: Any) -> None:
     _, _, keras_model, _, x_tf = pair
-    for name in ("ScoreCAM", "AblationCAM"):
-        whole = getattr(bk, name)(keras_model, batch_size=64).saliency(x_tf, [2, 0, 1])
-        chunked = getattr(bk, name)(keras_model, batch_size=5).saliency(x_tf, [2, 0, 1])
+    for cls in (bk.ScoreCAM, bk.AblationCAM):
+        whole = cls(keras_model, batch_size=64).saliency(x_tf, [2, 0, 1])
+        chunked = cls(keras_model, batch_size=5).saliency(x_tf, [2, 0, 1])
         one_by_one = np.concatenate(
-            [
-                getattr(bk, name)(keras_model).saliency(x_tf[i : i + 1], [c]).numpy()
-                for i, c in enumerate([2, 0, 1])
-            ]
+            [cls(keras_model).saliency(x_tf[i : i + 1], [c]).numpy() for i, c in enumerate([2, 0, 1])]
         )
         np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(one_by_one, whole.numpy(), rtol=1e-10, atol=1e-12)
@@ -181,6 +185,24 @@ def test_a_subclass_that_never_reaches_the_stock_call_is_refused_by_name() -> No
     assert not any("call" in vars(layer) for layer in model._flatten_layers())
 
 
+# -- softmax heads ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["fullgrad", "simple_fullgrad", "gradcam", "scorecam", "ablationcam"])
+def test_a_softmax_head_is_looked_through_and_the_logits_explained(name: str) -> None:
+    """``keras.applications`` ends in Dense(activation="softmax"): the maps are the logits' maps."""
+    torch_model, keras_model, _ = twin("resnet", seed=7)
+    head = keras_resnet(head_activation="softmax")
+    head.set_weights(keras_model.get_weights())
+    x = torch.randn((2, 3, 12, 12), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x_tf = to_keras_input(x)
+    assert np.allclose(head(x_tf).numpy().sum(axis=1), 1.0)  # it does output probabilities
+    cls = get_method(name).load("keras")
+    expected = get_method(name).load("torch")(torch_model).saliency(x, [3, 1])
+    np.testing.assert_allclose(cls(head).saliency(x_tf, [3, 1]).numpy(), nhwc(expected), **TOL)
+    assert head.get_layer("fc").activation.__name__ == "softmax"  # restored
+    if name == "fullgrad":
+        assert bk.FullGrad(head).checkCompleteness(x_tf) < 1e-10
+
+
 # -- no trace left ----------------------------------------------------------------------------------
 def test_the_keras_model_is_left_exactly_as_it_was_also_on_errors() -> None:
     _, model, _ = twin("resnet", seed=6)
@@ -189,9 +211,10 @@ def test_the_keras_model_is_left_exactly_as_it_was_also_on_errors() -> None:
     output = model(x_tf, training=False).numpy()
     stock_call = vars(keras.layers.BatchNormalization)["call"]
     for name in CAMS:
-        getattr(bk, name)(model).saliency(x_tf, 1)
+        cls = get_method(name).load("keras")
+        cls(model).saliency(x_tf, 1)
         with pytest.raises(bk.TargetError):
-            getattr(bk, name)(model).saliency(x_tf, 99)
+            cls(model).saliency(x_tf, 99)
     bk.FullGrad(model).saliency(x_tf)
     with pytest.raises(Exception, match=r"(?i)shape|incompatible|expected"):
         bk.FullGrad(model, check=False).saliency(tf.zeros((1, 12, 12, 5), tf.float64))

@@ -80,7 +80,7 @@ class TorchResNet(nn.Module):
         return self.fc(self.block_out(r + h).mean(dim=(2, 3)))
 
 
-def keras_resnet(norm: type = KerasBatchNormAct) -> Any:
+def keras_resnet(norm: type = KerasBatchNormAct, head_activation: str | None = None) -> Any:
     inputs = keras.Input((12, 12, 3), dtype=DTYPE)
     kw: dict[str, Any] = {"padding": "same", "dtype": DTYPE}
     h = L.Conv2D(6, 3, name="stem_conv", **kw)(inputs)
@@ -91,7 +91,7 @@ def keras_resnet(norm: type = KerasBatchNormAct) -> Any:
     r = L.BatchNormalization(epsilon=1e-5, name="b_bn2", dtype=DTYPE)(r)
     h = L.ReLU(name="block_out", dtype=DTYPE)(L.Add(dtype=DTYPE)([r, h]))
     h = L.GlobalAveragePooling2D(dtype=DTYPE)(h)
-    return keras.Model(inputs, L.Dense(5, name="fc", dtype=DTYPE)(h))
+    return keras.Model(inputs, L.Dense(5, activation=head_activation, name="fc", dtype=DTYPE)(h))
 
 
 class TorchPlain(nn.Module):
