@@ -86,6 +86,10 @@ class MethodSpec:
         aliases: other accepted names (``"integrated_gradients"`` for ``"ig"``).
         needs_hooks: the method registers forward hooks on the model's modules (TorchScript models
             cannot run it).
+        batch_invariant: a sample's map does not depend on the other samples of its batch. ``False``
+            for the methods that draw their noise or path points for the whole batch at once
+            (SmoothGrad, SmoothFullGrad, GradientSHAP): the same seed and batch give the same maps,
+            but a sample explained alone gets other draws.
         factory: builds the explainer from ``(model, **kwargs)`` where the class alone does not
             (SmoothGrad wraps a :class:`~bbdecoder.Gradient`); ``None``: the class itself.
     """
@@ -100,6 +104,7 @@ class MethodSpec:
     layer: LayerUse = "none"
     aliases: tuple[str, ...] = ()
     needs_hooks: bool = False
+    batch_invariant: bool = True
     factory: Callable[..., Any] | None = field(default=None, compare=False)
 
     @property
@@ -346,6 +351,7 @@ METHODS: tuple[MethodSpec, ...] = (
             _SEED,
             _CHUNK,
         ),
+        batch_invariant=False,
         factory=_smoothgrad,
     ),
     MethodSpec(
@@ -362,6 +368,7 @@ METHODS: tuple[MethodSpec, ...] = (
             replace(_CHUNK, stage="call"),
         ),
         aliases=("gradientshap",),
+        batch_invariant=False,
     ),
     MethodSpec(
         "fullgrad",
@@ -391,6 +398,7 @@ METHODS: tuple[MethodSpec, ...] = (
         _both("smooth_fullgrad:SmoothFullGrad"),
         options=(_samples(25, "noisy copies per input"), _NOISE, _SEED, _CHUNK),
         needs_hooks=True,
+        batch_invariant=False,
     ),
     _cam("gradcam", "Grad-CAM", "gradcam:GradCAM", "ReLU of the layer's channels weighted by mean gradients"),
     _cam(

@@ -67,7 +67,7 @@ class KerasBackend(Backend):
         return channels_first(torch.from_numpy(np.array(check_keras_inputs(inputs, min_dim).numpy())))
 
     def to_framework(self, value: torch.Tensor) -> Any:
-        return tf.constant(np.ascontiguousarray(channels_last(value.detach().cpu()).numpy()))
+        return _tf_tensor(channels_last(value))
 
     def from_framework(self, value: Any) -> torch.Tensor:
         if not isinstance(value, (tf.Tensor, np.ndarray)):
@@ -153,7 +153,7 @@ class KerasBackend(Backend):
             yield
 
     def _native(self, x: torch.Tensor) -> Any:
-        return tf.constant(np.ascontiguousarray(channels_last(x.detach().cpu()).numpy()))
+        return _tf_tensor(channels_last(x))
 
     def logits(self, x: torch.Tensor, samples: Samples = None) -> torch.Tensor:
         output = self.output(self._native(x))
@@ -269,6 +269,12 @@ def _activation_name(activation: Any) -> str | None:
     if name is None:
         return None
     return str(name)
+
+
+def _tf_tensor(value: torch.Tensor) -> Any:
+    """A ``tf.Tensor`` with a copy of ``value`` (``tf.constant`` may keep using a NumPy buffer, and the
+    torch tensor's memory may be written later)."""
+    return tf.constant(np.array(value.detach().cpu().numpy(), copy=True, order="C"))
 
 
 def _to_torch(value: Any) -> torch.Tensor:

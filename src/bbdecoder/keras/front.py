@@ -17,10 +17,12 @@ that only swaps the backend, :class:`~bbdecoder.backends.keras_core.KerasBackend
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bbdecoder.backends.keras_core import KerasBackend
 from bbdecoder.keras.layers import check_model
+
+if TYPE_CHECKING:
+    from bbdecoder.backends.keras_core import KerasBackend
 
 
 class KerasMethod:
@@ -42,6 +44,8 @@ class KerasMethod:
         )
 
     def _make_backend(self) -> KerasBackend:
+        from bbdecoder.backends.keras_core import KerasBackend  # imports bbdecoder.keras first
+
         if not self.eval_mode:
             raise ValueError(
                 "eval_mode=False is not supported on Keras: the model always runs with training=False"
