@@ -29,6 +29,7 @@ import bbdecoder  # noqa: E402
 import bbdecoder.keras as bk  # noqa: E402
 from bbdecoder.attribution.registry import get_method, list_methods  # noqa: E402
 
+from . import zoo, zoo_keras  # noqa: E402
 from .zoo_keras_layers import (  # noqa: E402
     KerasBatchNormAct,
     KerasHandRolledBatchNormAct,
@@ -238,3 +239,41 @@ def test_layer_selection_errors_name_the_problem() -> None:
     flat = keras.Sequential([keras.Input((4, 2)), keras.layers.Flatten(), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no layer with a spatial output"):
         bk.GradCAM(flat).saliency(tf.zeros((1, 4, 2)))
+
+
+# -- the shared zoo (tests/zoo.py) and its Keras twins (tests/zoo_keras.py) ---------------------------
+LAYER_METHODS = [spec.name for spec in list_methods(framework="keras") if spec.family in ("cam", "fullgrad")]
+ZOO_TWINS = [*sorted(zoo.ZOO), "softmax_layer"]
+FAST = {
+    "smooth_fullgrad": {"n_samples": 2, "seed": 3},
+    "scorecam": {"batch_size": 7},
+    "ablationcam": {"batch_size": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def zoo_twins() -> dict[str, tuple[torch.nn.Module, Any, torch.Tensor, Any]]:
+    pairs = {}
+    x = zoo.zoo_input(3, seed=1, float64=True)
+    for name in ZOO_TWINS:
+        source = "softmax_head" if name == "softmax_layer" else name
+        torch_model = zoo.ZOO[source](0, float64=True)
+        keras_model = zoo_keras.twin(source, torch_model, float64=True, variant=name)
+        pairs[name] = (torch_model, keras_model, x, tf.constant(zoo_keras.nhwc(x)))
+    return pairs
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+@pytest.mark.parametrize("name", ZOO_TWINS)
+def test_every_layer_method_equals_pytorch_on_the_zoo_twins(zoo_twins: Any, method: str, name: str) -> None:
+    torch_model, keras_model, x, x_tf = zoo_twins[name]
+    target: Any = (lambda out: out["logits"][:, 2]) if name == "model_output" else [0, 3, 1]
+    spec = get_method(method)
+    options = FAST.get(method, {})
+    expected = spec.load("torch")(torch_model, **options).saliency(x, target)
+    got = spec.load("keras")(keras_model, **options).saliency(x_tf, target)
+    assert isinstance(got, tf.Tensor) and got.dtype == tf.float64
+    assert float(expected.abs().max()) > 0, "a comparison of zeros proves nothing"
+    np.testing.assert_allclose(
+        got.numpy(), nhwc(expected), rtol=1e-8, atol=1e-10, err_msg=f"{method} on {name}"
+    )
