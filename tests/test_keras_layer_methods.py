@@ -277,3 +277,25 @@ def test_every_layer_method_equals_pytorch_on_the_zoo_twins(zoo_twins: Any, meth
     np.testing.assert_allclose(
         got.numpy(), nhwc(expected), rtol=1e-8, atol=1e-10, err_msg=f"{method} on {name}"
     )
+
+
+def test_a_token_layer_with_reshape_tokens_gives_the_map_of_the_channels_last_layer() -> None:
+    """(N, H*W, C) tokens of a conv map, laid back on the grid by ``tokens()``: the same map."""
+    from bbdecoder import tokens
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3), dtype="float64")
+    h = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="conv", dtype="float64")(inputs)
+    t = keras.layers.Reshape((64, 5), name="tokens", dtype="float64")(h)
+    t = keras.layers.Dense(5, activation="tanh", dtype="float64")(t)
+    model = keras.Model(
+        inputs, keras.layers.Dense(3, dtype="float64")(keras.layers.Flatten(dtype="float64")(t))
+    )
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 8, 8, 3)))
+    for name in ("GradCAM", "HiResCAM", "ScoreCAM", "AblationCAM"):
+        cls = getattr(bk, name)
+        expected = cls(model, layer="conv").saliency(x, 1).numpy()
+        got = cls(model, layer="tokens", reshape=tokens()).saliency(x, 1).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12, err_msg=name)
+    with pytest.raises(ValueError, match="reshape"):
+        bk.GradCAM(model, layer="tokens").saliency(x, 1)
