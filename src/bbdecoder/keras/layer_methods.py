@@ -19,8 +19,7 @@ from bbdecoder.attribution import cam as _cam
 from bbdecoder.attribution import fullgrad as _fullgrad
 from bbdecoder.attribution import gradcam as _gradcam
 from bbdecoder.attribution import smooth_fullgrad as _smooth_fullgrad
-from bbdecoder.backends.base import channels_last
-from bbdecoder.backends.layers_keras import to_tf
+from bbdecoder.keras._backend import tf
 from bbdecoder.keras.front import KerasMethod
 from bbdecoder.keras.methods import SmoothGrad
 
@@ -90,21 +89,22 @@ class FullGradDecomposition:
 
     def totals(self) -> Any:
         """sum(x * dF/dx) + sum of all bias gradients, per sample (N,)."""
-        return to_tf(self.source.totals())
+        return tf.constant(self.source.totals().detach().cpu().numpy())
 
     def relative_error(self) -> Any:
         """|totals - scores| / max(|scores|, |totals|), per sample (N,)."""
-        return to_tf(self.source.relative_error())
+        return tf.constant(self.source.relative_error().detach().cpu().numpy())
 
 
 class _KerasFullGradFamily(KerasMethod):
     def _native_decomposition(self, decomposition: _fullgrad.FullGradDecomposition) -> FullGradDecomposition:
+        native = self.backend.to_framework  # type: ignore[attr-defined]  # channels last, a tf.Tensor
         return FullGradDecomposition(
-            to_tf(channels_last(decomposition.inputs)),
-            to_tf(channels_last(decomposition.input_gradient)),
-            [to_tf(channels_last(g)) for g in decomposition.bias_gradients],
+            native(decomposition.inputs),
+            native(decomposition.input_gradient),
+            [native(g) for g in decomposition.bias_gradients],
             list(decomposition.layer_names),
-            to_tf(decomposition.scores),
+            native(decomposition.scores),
             decomposition,
         )
 
