@@ -17,6 +17,8 @@ import pandas as pd
 from bbdecoder.report import charts, html
 from bbdecoder.report.blobs import IMAGE_KIND, TABLE_KIND, latest_records, read_table
 from bbdecoder.report.html import Section
+from bbdecoder.report.section_probes import transformer_probes
+from bbdecoder.report.section_tokens import token_maps
 from bbdecoder.store.reader import RunReader
 
 MAX_WEIGHT_HISTOGRAMS = 24
@@ -481,6 +483,7 @@ SECTIONS: list[SectionBuilder] = [
     gradient_norms,
     weight_histograms,
     activations,
+    transformer_probes,
     alerts,
     nonfinite_events,
     blob_section(
@@ -488,6 +491,7 @@ SECTIONS: list[SectionBuilder] = [
         "Saliency maps",
         "Attribution maps of several methods for a handful of test images (overlaid on the input).",
     ),
+    token_maps,
     blob_section("metrics", "Evaluation metrics"),
     blob_section(
         "bias",
