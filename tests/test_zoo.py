@@ -9,10 +9,10 @@ from torch import nn
 from . import zoo
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("name", sorted({**zoo.ZOO, **zoo.VIT_ZOO}))
 @pytest.mark.parametrize("float64", [False, True])
 def test_builder_shape_dtype_seed(name: str, float64: bool) -> None:
-    build = zoo.ZOO[name]
+    build = {**zoo.ZOO, **zoo.VIT_ZOO}[name]
     model = build(0, float64=float64)
     x = zoo.zoo_input(3, float64=float64)
     assert not model.training and all(not m.training for m in model.modules())
@@ -61,6 +61,6 @@ def test_builders_leave_global_rng_alone() -> None:
     torch.manual_seed(5)
     expected = torch.rand(1)
     torch.manual_seed(5)
-    for build in zoo.ZOO.values():
+    for build in [*zoo.ZOO.values(), *zoo.VIT_ZOO.values()]:
         build(7)
     assert torch.equal(torch.rand(1), expected)

@@ -18,6 +18,10 @@ bias is not zero) depend only on ``seed``. Every model takes ``(N, 3, 16, 16)`` 
 ``linear_head``    Conv-ReLU trunk, then global average pool + Linear (``LinearHead``): the
                    premise of the CAM closed forms, dScore_k/dA_cij = W_kc / (H W).
 =================  ==========================================================================
+
+:data:`ZOO` holds those six CNNs; :data:`VIT_ZOO` holds ``tiny_vit``, a timm-layout ViT (a class token
+and position embedding as parameters on the container, attention blocks with a ``qkv`` Linear and
+``num_heads``, LayerNorm, GELU) for the attention-rollout methods.
 """
 
 from __future__ import annotations
@@ -215,6 +219,60 @@ def linear_head(seed: int = 0, *, float64: bool = False) -> nn.Module:
     return _build(make, seed, float64)
 
 
+class Attention(nn.Module):
+    """timm's ``Attention`` layout: ``qkv`` Linear, ``num_heads``, ``scale``, ``proj``; fused SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """4 x 4 patches of a 16 x 16 image (16 tokens + the class token), width 12, 2 blocks of 2 heads."""
+
+    def __init__(self, dim: int = 12, patch: int = 4) -> None:
+        super().__init__()
+        tokens = (INPUT_SHAPE[1] // patch) * (INPUT_SHAPE[2] // patch)
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.5)
+        self.blocks = nn.Sequential(Block(dim, 2), Block(dim, 2))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+def tiny_vit(seed: int = 0, *, float64: bool = False) -> nn.Module:
+    """:class:`TinyViT`: a timm-layout ViT (class token on the container, ``blocks.i.attn.qkv``)."""
+    return _build(TinyViT, seed, float64)
+
+
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "plain_cnn": plain_cnn,
     "fused_bn_act": fused_bn_act,
@@ -223,6 +281,8 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "model_output": model_output,
     "linear_head": linear_head,
 }
+
+VIT_ZOO: dict[str, Callable[..., nn.Module]] = {"tiny_vit": tiny_vit}
 
 
 def logits_of(output: object) -> torch.Tensor:

@@ -53,6 +53,9 @@ class Option:
             shared by several methods has the same type and bounds in each.
         choices: the allowed values of a ``str`` option.
         minimum, maximum: bounds of a number given on the command line.
+        from_flag: turns the flag's value into the option's, given the ``(C, H, W)`` of one input
+            (``--patch 16`` -> a feature mask of 16 x 16 patches); ``None``: the value as it is.
+        flag_help: the flag's help where it differs from ``help``.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    from_flag: Callable[[Any, tuple[int, ...]], Any] | None = field(default=None, compare=False)
+    flag_help: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class MethodSpec:
         aliases: other accepted names (``"integrated_gradients"`` for ``"ig"``).
         needs_hooks: the method registers forward hooks on the model's modules (TorchScript models
             cannot run it).
+        batch_invariant: a sample's map does not depend on the other samples of its batch. ``False``
+            for the methods that draw their noise or path points for the whole batch at once
+            (SmoothGrad, SmoothFullGrad, GradientSHAP): the same seed and batch give the same maps,
+            but a sample explained alone gets other draws.
         factory: builds the explainer from ``(model, **kwargs)`` where the class alone does not
             (SmoothGrad wraps a :class:`~bbdecoder.Gradient`); ``None``: the class itself.
     """
@@ -100,6 +109,7 @@ class MethodSpec:
     layer: LayerUse = "none"
     aliases: tuple[str, ...] = ()
     needs_hooks: bool = False
+    batch_invariant: bool = True
     factory: Callable[..., Any] | None = field(default=None, compare=False)
 
     @property
@@ -135,6 +145,7 @@ class MethodSpec:
         layer: Any = None,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         im_size: tuple[int, ...] | None = None,
+        framework: str = "torch",
         **options: Any,
     ) -> BoundMethod:
         """The explainer built on ``model`` with ``options``, as a map function ``f(x, target)``.
@@ -145,6 +156,7 @@ class MethodSpec:
                 the method's default). Refused by methods that use no layer.
             input_transform: applied inside every forward pass (e.g. :class:`~bbdecoder.Normalize`).
             im_size: ``(C, H, W)`` of one input, for FullGrad's completeness check at construction.
+            framework: whose class to build (``"torch"``, or ``"keras"`` with a Keras model).
             options: any of :attr:`options` by name; the others keep their defaults.
 
         Returns:
@@ -165,7 +177,7 @@ class MethodSpec:
             raise TypeError(f"method {self.name!r} needs a layer: pass layer=")
         init = {k: v for k, v in options.items() if valid[k].stage == "init"}
         call = {k: v for k, v in options.items() if valid[k].stage == "call"}
-        build = self.factory or self.cls
+        build = (self.factory or self.cls) if framework == "torch" else self.load(framework)
         accepted = inspect.signature(build).parameters
         if layer is not None:
             init["layer"] = layer
@@ -173,7 +185,7 @@ class MethodSpec:
             init["input_transform"] = input_transform
         if im_size is not None and "im_size" in accepted:
             init["im_size"] = tuple(im_size)
-        return BoundMethod(self, build(model, **init), call)
+        return BoundMethod(self, build(model, **init), call, framework)
 
 
 @dataclass
@@ -189,14 +201,19 @@ class BoundMethod:
     spec: MethodSpec
     explainer: Any
     call_options: dict[str, Any]
+    framework: str = "torch"
 
-    def __call__(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
-        """The map ``(N, 1, *spatial)``: ``saliency`` (non-negative), or for signed methods
-        ``attribute`` summed over the channel dimension."""
-        if self.spec.signed:
-            result = self.explainer.attribute(inputs, target, **self.call_options)
+    def __call__(self, inputs: Any, target: TargetLike = None) -> Any:
+        """The map ``(N, 1, *spatial)`` (Keras: ``(N, *spatial, 1)``): ``saliency`` (non-negative), or
+        for signed methods ``attribute`` summed over the channel dimension."""
+        if not self.spec.signed:
+            return self.explainer.saliency(inputs, target, **self.call_options)
+        result = self.explainer.attribute(inputs, target, **self.call_options)
+        if self.framework == "torch":
             return result.sum(dim=1, keepdim=True)
-        return self.explainer.saliency(inputs, target, **self.call_options)
+        import tensorflow as tf  # the Keras port's channels-last maps
+
+        return tf.reduce_sum(result, axis=-1, keepdims=True)
 
 
 def _smoothgrad(model: nn.Module, *, input_transform: Any = None, **options: Any) -> Any:
@@ -241,12 +258,28 @@ _PERTURBATION_ROWS = Option(
 _BASELINE = Option(
     "baselines", float, 0.0, "the value that replaces removed input (pixel space)", stage="call"
 )
+
+
+def patch_mask(patch: int, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """A feature mask ``(1, 1, H, W)`` of ``patch x patch`` squares (the last ones cut at the border),
+    numbered row by row: the features of ``--patch`` on the command line."""
+    h, w = sample_shape[-2:]
+    rows = torch.arange(h).div(patch, rounding_mode="floor").view(-1, 1)
+    cols = torch.arange(w).div(patch, rounding_mode="floor").view(1, -1)
+    return (rows * -(-w // patch) + cols).view(1, 1, h, w)
+
+
 _FEATURE_MASK = Option(
     "feature_mask",
     torch.Tensor,
     None,
     "integer feature ids (N or 1, C or 1, H, W), e.g. superpixels (default: every element)",
     stage="call",
+    flag_help="features are P x P pixel squares (default: every element)",
+    flag="--patch",
+    minimum=1,
+    maximum=MAX_COUNT,
+    from_flag=patch_mask,
 )
 
 
@@ -273,7 +306,20 @@ def _cam(
     )
 
 
-METHODS: tuple[MethodSpec, ...] = (
+KERAS_CLASSES: dict[str, str] = {
+    "gradient": "bbdecoder.keras:Gradient",
+    "inputxgradient": "bbdecoder.keras:InputXGradient",
+    "ig": "bbdecoder.keras:IntegratedGradients",
+    "smoothgrad": "bbdecoder.keras:SmoothGrad",
+    "fullgrad": "bbdecoder.keras:FullGrad",
+    "simple_fullgrad": "bbdecoder.keras:SimpleFullGrad",
+    "gradcam": "bbdecoder.keras:GradCAM",
+}
+"""Method name -> ``"module:Class"`` of its Keras port (``bbdecoder.keras``); add a method here when
+the port gains it, and the CLI listing, the docs table and the contract test (with a Keras adapter in
+``tests/contract_frameworks.py``) pick it up."""
+
+_TORCH_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec(
         "gradient",
         "Gradient",
@@ -346,6 +392,7 @@ METHODS: tuple[MethodSpec, ...] = (
             _SEED,
             _CHUNK,
         ),
+        batch_invariant=False,
         factory=_smoothgrad,
     ),
     MethodSpec(
@@ -362,6 +409,7 @@ METHODS: tuple[MethodSpec, ...] = (
             replace(_CHUNK, stage="call"),
         ),
         aliases=("gradientshap",),
+        batch_invariant=False,
     ),
     MethodSpec(
         "fullgrad",
@@ -391,6 +439,7 @@ METHODS: tuple[MethodSpec, ...] = (
         _torch("smooth_fullgrad:SmoothFullGrad"),
         options=(_samples(25, "noisy copies per input"), _NOISE, _SEED, _CHUNK),
         needs_hooks=True,
+        batch_invariant=False,
     ),
     _cam("gradcam", "Grad-CAM", "gradcam:GradCAM", "ReLU of the layer's channels weighted by mean gradients"),
     _cam(
@@ -519,6 +568,15 @@ METHODS: tuple[MethodSpec, ...] = (
 )
 
 
+METHODS: tuple[MethodSpec, ...] = tuple(
+    replace(spec, frameworks={**spec.frameworks, "keras": KERAS_CLASSES[spec.name]})
+    if spec.name in KERAS_CLASSES
+    else spec
+    for spec in _TORCH_METHODS
+)
+"""Every registered method, in the order of the CLI, the docs and ``list_methods``."""
+
+
 def _index() -> dict[str, MethodSpec]:
     names: dict[str, MethodSpec] = {}
     for spec in METHODS:
@@ -571,7 +629,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 def _cli_shape(option: Option) -> tuple[Any, ...]:
-    return (option.type, option.minimum, option.maximum)
+    return (option.type if option.from_flag is None else option.from_flag, option.minimum, option.maximum)
 
 
 def option_flags(framework: str | None = None) -> dict[str, list[tuple[MethodSpec, Option]]]:
