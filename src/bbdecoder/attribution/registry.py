@@ -227,12 +227,6 @@ def _torch(path: str) -> dict[str, str]:
     return {"torch": f"bbdecoder.attribution.{path}"}
 
 
-def _both(path: str) -> dict[str, str]:
-    """A shared method (written once over :mod:`bbdecoder.backends`): the PyTorch class and its Keras
-    twin of the same name in :mod:`bbdecoder.keras` (the same class on the Keras backend)."""
-    return {**_torch(path), "keras": f"bbdecoder.keras:{path.partition(':')[2]}"}
-
-
 _STEPS = Option("n_steps", int, 50, "path steps", stage="call", flag="--steps", minimum=1, maximum=MAX_COUNT)
 _NOISE = Option("noise_level", float, 0.15, "noise sigma as a fraction of each sample's value range")
 _CHUNK = Option("internal_batch_size", int, None, "rows per forward pass (default: a memory budget)")
@@ -311,6 +305,11 @@ KERAS_CLASSES: dict[str, str] = {
     "inputxgradient": "bbdecoder.keras:InputXGradient",
     "ig": "bbdecoder.keras:IntegratedGradients",
     "smoothgrad": "bbdecoder.keras:SmoothGrad",
+    "gradient_shap": "bbdecoder.keras:GradientSHAP",
+    "occlusion": "bbdecoder.keras:Occlusion",
+    "feature_ablation": "bbdecoder.keras:FeatureAblation",
+    "rise": "bbdecoder.keras:RISE",
+    "kernel_shap": "bbdecoder.keras:KernelSHAP",
     "fullgrad": "bbdecoder.keras:FullGrad",
     "simple_fullgrad": "bbdecoder.keras:SimpleFullGrad",
     "gradcam": "bbdecoder.keras:GradCAM",
@@ -326,7 +325,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "dScore/dInput, signed",
-        _both("gradient:Gradient"),
+        _torch("gradient:Gradient"),
     ),
     MethodSpec(
         "inputxgradient",
@@ -334,7 +333,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "input times dScore/dInput, signed",
-        _both("gradient:InputXGradient"),
+        _torch("gradient:InputXGradient"),
         aliases=("input_x_gradient",),
     ),
     MethodSpec(
@@ -343,7 +342,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "(x - baseline) times the mean gradient on the straight path; sums to F(x) - F(baseline)",
-        _both("integrated_gradients:IntegratedGradients"),
+        _torch("integrated_gradients:IntegratedGradients"),
         options=(
             _STEPS,
             Option(
@@ -378,7 +377,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         False,
         "|gradient| averaged over noisy copies of the input",
-        _both("smoothgrad:SmoothGrad"),
+        _torch("smoothgrad:SmoothGrad"),
         options=(
             _samples(25, "noisy copies per input"),
             _NOISE,
@@ -401,7 +400,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "expected gradients: IG from random baselines at random path points (Captum's GradientShap)",
-        _both("gradient_shap:GradientSHAP"),
+        _torch("gradient_shap:GradientSHAP"),
         options=(
             _samples(5, "random (baseline, path point) draws per input", stage="call"),
             Option("stdevs", float, 0.0, "Gaussian noise added to each draw's input", stage="call"),
@@ -474,7 +473,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "score drop when a sliding window is set to the baseline (Captum's Occlusion)",
-        _both("occlusion:Occlusion"),
+        _torch("occlusion:Occlusion"),
         options=(
             Option(
                 "sliding_window_shapes",
@@ -506,7 +505,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "score drop when each feature (element, or feature_mask group) is set to the baseline",
-        _both("feature_ablation:FeatureAblation"),
+        _torch("feature_ablation:FeatureAblation"),
         options=(_FEATURE_MASK, _BASELINE, _PERTURBATION_ROWS),
         aliases=("featureablation",),
     ),
@@ -516,7 +515,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         False,
         "mean of random masks weighted by the masked inputs' target probability",
-        _both("rise:RISE"),
+        _torch("rise:RISE"),
         options=(
             Option(
                 "n_masks", int, 4000, "random masks per input", flag="--masks", minimum=1, maximum=MAX_COUNT
@@ -533,7 +532,7 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "Shapley values of the features by weighted regression (exact by enumeration for few features)",
-        _both("kernel_shap:KernelSHAP"),
+        _torch("kernel_shap:KernelSHAP"),
         options=(
             _samples(None, "coalitions per input (default 2 M + 2048)", stage="call"),
             _FEATURE_MASK,
