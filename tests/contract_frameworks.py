@@ -42,6 +42,16 @@ class TorchAdapter:
     def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return x[start:stop]
 
+    def map_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of a method's map of ``n`` inputs: ``(N, 1, H, W)``."""
+        _, h, w = self.input_shape
+        return (n, 1, h, w)
+
+    def check_layer_map(self, shape: tuple[int, ...], n: int) -> None:
+        """A CAM's ``layer_map`` / a rollout's patch grid: ``(N, 1, h, w)`` with h <= H, w <= W."""
+        _, h, w = self.input_shape
+        assert len(shape) == 4 and shape[:2] == (n, 1) and shape[2] <= h and shape[3] <= w, shape
+
     def patch_mask(self, patch: int = 4) -> torch.Tensor:
         """Integer feature ids ``(1, 1, H, W)``: one feature per ``patch x patch`` square."""
         _, h, w = self.input_shape

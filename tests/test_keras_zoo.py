@@ -142,20 +142,12 @@ def test_the_twins_compute_the_same_function(twins: dict[str, Any]) -> None:
 
 
 def test_every_ported_method_is_registered_for_keras() -> None:
-    # the layer methods (CAMs, FullGrad) are compared in tests/test_keras_layer_methods.py
-    keras_methods = {
-        spec.name
-        for spec in list_methods()
-        if "keras" in spec.frameworks and spec.family not in ("cam", "fullgrad")
-    }
-    assert keras_methods == set(CASES)
-    for spec in list_methods():
-        if "keras" in spec.frameworks:
-            cls = spec.load("keras")
-            assert issubclass(cls, spec.load("torch")), (
-                "the Keras class is the shared class on the Keras backend"
-            )
-            assert getattr(bk, cls.__name__) is cls
+    specs = {spec.name: spec for spec in list_methods(framework="keras")}
+    assert set(CASES) <= set(specs)
+    for name in CASES:
+        cls = specs[name].load("keras")
+        assert issubclass(cls, specs[name].load("torch")), "the Keras class is the shared class on Keras"
+        assert getattr(bk, cls.__name__) is cls
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

@@ -63,7 +63,7 @@ def cases() -> list[Any]:
 
 
 def options_for(spec: MethodSpec, adapter: Any) -> dict[str, Any]:
-    options = dict(FAST.get(spec.name, {}))
+    options: dict[str, Any] = {"framework": adapter.name, **FAST.get(spec.name, {})}
     if spec.name in MASKED:
         options["feature_mask"] = adapter.patch_mask()
     return options
@@ -81,12 +81,11 @@ def test_contract(framework: str, method: str, model_name: str) -> None:
     model = adapter.build(model_name)
     before = adapter.snapshot(model)
     x = adapter.inputs(len(TARGETS))
-    _, h, w = adapter.input_shape
     bound = spec.bind(model, **options_for(spec, adapter))
     maps = adapter.to_numpy(bound(x, TARGETS))
     adapter.assert_untouched(model, before)
 
-    assert maps.shape == (len(TARGETS), 1, h, w)
+    assert maps.shape == adapter.map_shape(len(TARGETS))
     assert np.isfinite(maps).all()
     if not spec.signed:
         assert (maps >= 0).all(), "an unsigned method's map has negative values"
@@ -105,12 +104,9 @@ def test_contract(framework: str, method: str, model_name: str) -> None:
 
     explainer = bound.explainer
     if spec.family == "cam":
-        layer_map = adapter.to_numpy(explainer.layer_map(x, TARGETS))
-        assert layer_map.shape[:2] == (len(TARGETS), 1) and layer_map.ndim == 4
-        assert layer_map.shape[2] <= h and layer_map.shape[3] <= w
+        adapter.check_layer_map(adapter.to_numpy(explainer.layer_map(x, TARGETS)).shape, len(TARGETS))
     elif spec.family == "rollout":
-        patches = adapter.to_numpy(explainer.attribute(x, TARGETS))
-        assert patches.shape[:2] == (len(TARGETS), 1) and patches.ndim == 4
+        adapter.check_layer_map(adapter.to_numpy(explainer.attribute(x, TARGETS)).shape, len(TARGETS))
     else:
         attribution = explainer.attribute(x, TARGETS, **bound.call_options)
         assert tuple(attribution.shape) == tuple(x.shape)

@@ -40,8 +40,8 @@ MAX_STEPS = MAX_COUNT
 METHODS = method_names("torch")
 """``--method`` names: the method registry's (``bbdecoder methods`` lists them with their options)."""
 CHUNK = 16
-"""Rows per forward pass for IG steps and SmoothGrad samples (a fixed chunk needs no memory probe,
-which TorchScript models could not run)."""
+"""Rows per forward pass for IG steps, SmoothGrad samples and the perturbation methods' perturbed
+inputs, where not given (a fixed chunk needs no memory probe, which TorchScript models could not run)."""
 HOOK_METHODS = {spec.name for spec in list_methods("torch") if spec.needs_hooks}
 
 
@@ -625,9 +625,9 @@ def make_explainer(
     for option in spec.options:
         value = getattr(args, _dest(option.flag), None) if option.flag else None
         if value is not None:
-            options[option.name] = value
-        elif option.name == "internal_batch_size":
-            options[option.name] = CHUNK
+            options[option.name] = value if option.from_flag is None else option.from_flag(value, im_size)
+        elif option.name in ("internal_batch_size", "batch_size") and option.default is None:
+            options[option.name] = CHUNK  # a fixed chunk: no memory probe (TorchScript cannot run one)
     return spec.bind(model, layer=layer, input_transform=norm, im_size=im_size, **options)
 
 
@@ -866,10 +866,13 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
         bounds = f"{first.minimum:g}..{first.maximum:g}; " if first.maximum is not None else ""
         groups: dict[str, list[str]] = {}  # the same help and default: one entry naming every method
         for spec, option in uses:
-            text = option.help + ("" if option.default is None else f" (default {option.default})")
+            text = (option.flag_help or option.help) + (
+                "" if option.default is None else f" (default {option.default})"
+            )
             groups.setdefault(text, []).append(spec.name)
         parts = [f"{', '.join(names)}: {text}" for text, names in groups.items()]
-        parser.add_argument(flag, type=first.type, default=None, help=bounds + "; ".join(parts))
+        kind = int if first.from_flag is not None else first.type  # --patch: a size, made a mask
+        parser.add_argument(flag, type=kind, default=None, help=bounds + "; ".join(parts))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,9 @@ class Option:
             shared by several methods has the same type and bounds in each.
         choices: the allowed values of a ``str`` option.
         minimum, maximum: bounds of a number given on the command line.
+        from_flag: turns the flag's value into the option's, given the ``(C, H, W)`` of one input
+            (``--patch 16`` -> a feature mask of 16 x 16 patches); ``None``: the value as it is.
+        flag_help: the flag's help where it differs from ``help``.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    from_flag: Callable[[Any, tuple[int, ...]], Any] | None = field(default=None, compare=False)
+    flag_help: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class MethodSpec:
         layer: Any = None,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         im_size: tuple[int, ...] | None = None,
+        framework: str = "torch",
         **options: Any,
     ) -> BoundMethod:
         """The explainer built on ``model`` with ``options``, as a map function ``f(x, target)``.
@@ -150,6 +156,7 @@ class MethodSpec:
                 the method's default). Refused by methods that use no layer.
             input_transform: applied inside every forward pass (e.g. :class:`~bbdecoder.Normalize`).
             im_size: ``(C, H, W)`` of one input, for FullGrad's completeness check at construction.
+            framework: whose class to build (``"torch"``, or ``"keras"`` with a Keras model).
             options: any of :attr:`options` by name; the others keep their defaults.
 
         Returns:
@@ -170,7 +177,7 @@ class MethodSpec:
             raise TypeError(f"method {self.name!r} needs a layer: pass layer=")
         init = {k: v for k, v in options.items() if valid[k].stage == "init"}
         call = {k: v for k, v in options.items() if valid[k].stage == "call"}
-        build = self.factory or self.cls
+        build = (self.factory or self.cls) if framework == "torch" else self.load(framework)
         accepted = inspect.signature(build).parameters
         if layer is not None:
             init["layer"] = layer
@@ -178,7 +185,7 @@ class MethodSpec:
             init["input_transform"] = input_transform
         if im_size is not None and "im_size" in accepted:
             init["im_size"] = tuple(im_size)
-        return BoundMethod(self, build(model, **init), call)
+        return BoundMethod(self, build(model, **init), call, framework)
 
 
 @dataclass
@@ -194,14 +201,19 @@ class BoundMethod:
     spec: MethodSpec
     explainer: Any
     call_options: dict[str, Any]
+    framework: str = "torch"
 
-    def __call__(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
-        """The map ``(N, 1, *spatial)``: ``saliency`` (non-negative), or for signed methods
-        ``attribute`` summed over the channel dimension."""
-        if self.spec.signed:
-            result = self.explainer.attribute(inputs, target, **self.call_options)
+    def __call__(self, inputs: Any, target: TargetLike = None) -> Any:
+        """The map ``(N, 1, *spatial)`` (Keras: ``(N, *spatial, 1)``): ``saliency`` (non-negative), or
+        for signed methods ``attribute`` summed over the channel dimension."""
+        if not self.spec.signed:
+            return self.explainer.saliency(inputs, target, **self.call_options)
+        result = self.explainer.attribute(inputs, target, **self.call_options)
+        if self.framework == "torch":
             return result.sum(dim=1, keepdim=True)
-        return self.explainer.saliency(inputs, target, **self.call_options)
+        import tensorflow as tf  # the Keras port's channels-last maps
+
+        return tf.reduce_sum(result, axis=-1, keepdims=True)
 
 
 def _smoothgrad(model: nn.Module, *, input_transform: Any = None, **options: Any) -> Any:
@@ -213,12 +225,6 @@ def _smoothgrad(model: nn.Module, *, input_transform: Any = None, **options: Any
 
 def _torch(path: str) -> dict[str, str]:
     return {"torch": f"bbdecoder.attribution.{path}"}
-
-
-def _both(path: str) -> dict[str, str]:
-    """A shared method (written once over :mod:`bbdecoder.backends`): the PyTorch class and its Keras
-    twin of the same name in :mod:`bbdecoder.keras` (the same class on the Keras backend)."""
-    return {**_torch(path), "keras": f"bbdecoder.keras:{path.partition(':')[2]}"}
 
 
 _STEPS = Option("n_steps", int, 50, "path steps", stage="call", flag="--steps", minimum=1, maximum=MAX_COUNT)
@@ -246,12 +252,28 @@ _PERTURBATION_ROWS = Option(
 _BASELINE = Option(
     "baselines", float, 0.0, "the value that replaces removed input (pixel space)", stage="call"
 )
+
+
+def patch_mask(patch: int, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """A feature mask ``(1, 1, H, W)`` of ``patch x patch`` squares (the last ones cut at the border),
+    numbered row by row: the features of ``--patch`` on the command line."""
+    h, w = sample_shape[-2:]
+    rows = torch.arange(h).div(patch, rounding_mode="floor").view(-1, 1)
+    cols = torch.arange(w).div(patch, rounding_mode="floor").view(1, -1)
+    return (rows * -(-w // patch) + cols).view(1, 1, h, w)
+
+
 _FEATURE_MASK = Option(
     "feature_mask",
     torch.Tensor,
     None,
     "integer feature ids (N or 1, C or 1, H, W), e.g. superpixels (default: every element)",
     stage="call",
+    flag_help="features are P x P pixel squares (default: every element)",
+    flag="--patch",
+    minimum=1,
+    maximum=MAX_COUNT,
+    from_flag=patch_mask,
 )
 
 
@@ -278,14 +300,32 @@ def _cam(
     )
 
 
-METHODS: tuple[MethodSpec, ...] = (
+KERAS_CLASSES: dict[str, str] = {
+    "gradient": "bbdecoder.keras:Gradient",
+    "inputxgradient": "bbdecoder.keras:InputXGradient",
+    "ig": "bbdecoder.keras:IntegratedGradients",
+    "smoothgrad": "bbdecoder.keras:SmoothGrad",
+    "gradient_shap": "bbdecoder.keras:GradientSHAP",
+    "occlusion": "bbdecoder.keras:Occlusion",
+    "feature_ablation": "bbdecoder.keras:FeatureAblation",
+    "rise": "bbdecoder.keras:RISE",
+    "kernel_shap": "bbdecoder.keras:KernelSHAP",
+    "fullgrad": "bbdecoder.keras:FullGrad",
+    "simple_fullgrad": "bbdecoder.keras:SimpleFullGrad",
+    "gradcam": "bbdecoder.keras:GradCAM",
+}
+"""Method name -> ``"module:Class"`` of its Keras port (``bbdecoder.keras``); add a method here when
+the port gains it, and the CLI listing, the docs table and the contract test (with a Keras adapter in
+``tests/contract_frameworks.py``) pick it up."""
+
+_TORCH_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec(
         "gradient",
         "Gradient",
         "gradient",
         True,
         "dScore/dInput, signed",
-        _both("gradient:Gradient"),
+        _torch("gradient:Gradient"),
     ),
     MethodSpec(
         "inputxgradient",
@@ -293,7 +333,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "input times dScore/dInput, signed",
-        _both("gradient:InputXGradient"),
+        _torch("gradient:InputXGradient"),
         aliases=("input_x_gradient",),
     ),
     MethodSpec(
@@ -302,7 +342,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "(x - baseline) times the mean gradient on the straight path; sums to F(x) - F(baseline)",
-        _both("integrated_gradients:IntegratedGradients"),
+        _torch("integrated_gradients:IntegratedGradients"),
         options=(
             _STEPS,
             Option(
@@ -337,7 +377,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         False,
         "|gradient| averaged over noisy copies of the input",
-        _both("smoothgrad:SmoothGrad"),
+        _torch("smoothgrad:SmoothGrad"),
         options=(
             _samples(25, "noisy copies per input"),
             _NOISE,
@@ -360,7 +400,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "gradient",
         True,
         "expected gradients: IG from random baselines at random path points (Captum's GradientShap)",
-        _both("gradient_shap:GradientSHAP"),
+        _torch("gradient_shap:GradientSHAP"),
         options=(
             _samples(5, "random (baseline, path point) draws per input", stage="call"),
             Option("stdevs", float, 0.0, "Gaussian noise added to each draw's input", stage="call"),
@@ -433,7 +473,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "score drop when a sliding window is set to the baseline (Captum's Occlusion)",
-        _both("occlusion:Occlusion"),
+        _torch("occlusion:Occlusion"),
         options=(
             Option(
                 "sliding_window_shapes",
@@ -465,7 +505,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "score drop when each feature (element, or feature_mask group) is set to the baseline",
-        _both("feature_ablation:FeatureAblation"),
+        _torch("feature_ablation:FeatureAblation"),
         options=(_FEATURE_MASK, _BASELINE, _PERTURBATION_ROWS),
         aliases=("featureablation",),
     ),
@@ -475,7 +515,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         False,
         "mean of random masks weighted by the masked inputs' target probability",
-        _both("rise:RISE"),
+        _torch("rise:RISE"),
         options=(
             Option(
                 "n_masks", int, 4000, "random masks per input", flag="--masks", minimum=1, maximum=MAX_COUNT
@@ -492,7 +532,7 @@ METHODS: tuple[MethodSpec, ...] = (
         "perturbation",
         True,
         "Shapley values of the features by weighted regression (exact by enumeration for few features)",
-        _both("kernel_shap:KernelSHAP"),
+        _torch("kernel_shap:KernelSHAP"),
         options=(
             _samples(None, "coalitions per input (default 2 M + 2048)", stage="call"),
             _FEATURE_MASK,
@@ -525,6 +565,15 @@ METHODS: tuple[MethodSpec, ...] = (
         needs_hooks=True,
     ),
 )
+
+
+METHODS: tuple[MethodSpec, ...] = tuple(
+    replace(spec, frameworks={**spec.frameworks, "keras": KERAS_CLASSES[spec.name]})
+    if spec.name in KERAS_CLASSES
+    else spec
+    for spec in _TORCH_METHODS
+)
+"""Every registered method, in the order of the CLI, the docs and ``list_methods``."""
 
 
 def _index() -> dict[str, MethodSpec]:
@@ -579,7 +628,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 def _cli_shape(option: Option) -> tuple[Any, ...]:
-    return (option.type, option.minimum, option.maximum)
+    return (option.type if option.from_flag is None else option.from_flag, option.minimum, option.maximum)
 
 
 def option_flags(framework: str | None = None) -> dict[str, list[tuple[MethodSpec, Option]]]:
