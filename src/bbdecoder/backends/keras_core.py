@@ -24,7 +24,7 @@ log-softmax's); ``scores_from="output"`` explains what the model returns, as it 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -117,12 +117,13 @@ class KerasBackend(Backend):
         inputs = self.input_transform(x) if self.input_transform is not None else x
         with self.logits_view():
             output = self.model(inputs, training=False)
-        if self.scores_from == "logits" and self.head is None and isinstance(output, tf.Tensor):
-            kind = probability_kind(torch.from_numpy(np.array(tf.stop_gradient(output).numpy())))
+        scores = logits_entry(output)
+        if self.scores_from == "logits" and self.head is None and scores is not None:
+            kind = probability_kind(torch.from_numpy(np.array(tf.stop_gradient(scores).numpy())))
             if kind is not None:
                 raise ProbabilityOutputError(
                     f"the Keras model's output looks like {kind} probabilities (every row sums to 1 over "
-                    f"{output.shape[1]} classes) but no final softmax layer produced it (a tf.nn.softmax "
+                    f"{scores.shape[-1]} classes) but no final softmax layer produced it (a tf.nn.softmax "
                     "inside call?), so the logits beneath cannot be reached. Explanations of probabilities "
                     "couple every class; return the logits (or end the model in a Dense(..., "
                     "activation='softmax') or Softmax layer, whose logits are then explained), or pass "
@@ -157,7 +158,7 @@ class KerasBackend(Backend):
 
     def logits(self, x: torch.Tensor, samples: Samples = None) -> torch.Tensor:
         output = self.output(self._native(x))
-        return _to_torch(_as_logits(output, x.shape[0]))
+        return _to_torch(_as_logits(_scores_of(output), x.shape[0]))
 
     def target_scores(self, x: torch.Tensor, target: FrozenTarget, samples: Samples = None) -> torch.Tensor:
         output = self.output(self._native(x))
@@ -177,7 +178,9 @@ class KerasBackend(Backend):
     def _select(self, output: Any, target: Any, samples: Samples, rows: int) -> Any:
         if isinstance(target, torch.Tensor):
             target = target.numpy()
-        return select_scores(output, target, rows)
+        if callable(target) and not isinstance(target, np.ndarray):
+            return select_scores(output, target, rows)  # a callable sees the whole output
+        return select_scores(_scores_of(output), target, rows)
 
     # -- memory ----------------------------------------------------------------------------------
     def activation_bytes_per_row(self, x: torch.Tensor) -> int:
@@ -269,6 +272,23 @@ def _activation_name(activation: Any) -> str | None:
     if name is None:
         return None
     return str(name)
+
+
+def logits_entry(output: Any) -> Any:
+    """The class-score tensor of a Keras output: the tensor itself, or the ``logits`` entry of a dict
+    (PyTorch's ``ModelOutput`` convention); ``None`` otherwise."""
+    if isinstance(output, tf.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), tf.Tensor):
+        return output["logits"]
+    return None
+
+
+def _scores_of(output: Any) -> Any:
+    """What class targets index: :func:`logits_entry`, or the output itself (which then fails
+    :func:`~bbdecoder.keras.targets.select_scores`' check with the fix: a callable target)."""
+    scores = logits_entry(output)
+    return output if scores is None else scores
 
 
 def _tf_tensor(value: torch.Tensor) -> Any:
