@@ -40,7 +40,7 @@ from bbdecoder.keras.layers import (
     leaf_layers,
     without_activation,
 )
-from bbdecoder.keras.targets import fixed_target, select_scores
+from bbdecoder.keras.targets import fixed_target, is_callable_target
 from bbdecoder.targets import TargetLike, target_rows
 
 _CONV_TYPES: tuple[type, ...] = tuple(
@@ -240,10 +240,7 @@ class KerasLayers:
 
     def select(self, output: Any, target: TargetLike, rows: int) -> Any:
         """One differentiable score per row from the Keras output (torch class tensors converted)."""
-        shared: Any = self.core.user_target(target)
-        if isinstance(shared, torch.Tensor):
-            shared = shared.detach().cpu().numpy()
-        return select_scores(output, shared, rows)
+        return self.core._select(output, self.core.user_target(target), None, rows)
 
     # -- layers -----------------------------------------------------------------------------------
     def find_layers(self, selection: Any) -> list[LayerRef]:
@@ -486,6 +483,11 @@ def _plausible(tensor: torch.Tensor, inputs: torch.Tensor) -> bool:
 
 def _frozen(output: Any, target: TargetLike, n: int) -> TargetLike:
     native: Any = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else target
+    if not is_callable_target(native):
+        from bbdecoder.backends.keras_core import logits_entry
+
+        scores = logits_entry(output)  # a dict output's logits, as for the input-space methods
+        output = output if scores is None else scores
     frozen: Any = fixed_target(output, native, n)
     result: TargetLike = to_torch(frozen) if isinstance(frozen, tf.Tensor) else frozen
     return result
