@@ -88,10 +88,6 @@ class LayerBackend(Protocol):
         """One sample's shape as the user gives it (``im_size``) in channel-first order."""
         ...
 
-    def native_sample_shape(self, channel_first: Sequence[int]) -> tuple[int, ...]:
-        """The inverse of :meth:`sample_shape`."""
-        ...
-
     def native_to_channel_first(self, tensor: torch.Tensor, input_dims: int) -> torch.Tensor:
         """A layer's output (own layout) in channel-first layout when it is a feature map."""
         ...

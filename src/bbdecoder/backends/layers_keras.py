@@ -212,10 +212,6 @@ class KerasLayers:
         shape = tuple(int(s) for s in native)
         return (shape[-1], *shape[:-1]) if len(shape) >= 2 else shape
 
-    def native_sample_shape(self, channel_first: Sequence[int]) -> tuple[int, ...]:
-        shape = tuple(int(s) for s in channel_first)
-        return (*shape[1:], shape[0]) if len(shape) >= 2 else shape
-
     def native_to_channel_first(self, tensor: torch.Tensor, input_dims: int) -> torch.Tensor:
         return tensor.movedim(-1, 1) if tensor.dim() == input_dims else tensor
 

@@ -61,9 +61,6 @@ class TorchLayers:
     def sample_shape(self, native: Sequence[int]) -> tuple[int, ...]:
         return tuple(int(s) for s in native)
 
-    def native_sample_shape(self, channel_first: Sequence[int]) -> tuple[int, ...]:
-        return tuple(int(s) for s in channel_first)
-
     def native_to_channel_first(self, tensor: torch.Tensor, input_dims: int) -> torch.Tensor:
         return tensor
 
