@@ -139,7 +139,7 @@ class KerasUnreachableBiasError(UnreachableBiasError):
         self.layer = name
 
 
-_STOCK_LOCK = threading.Lock()
+_STOCK_LOCK = threading.RLock()  # held for the pass: one wrapped class call at a time
 
 
 @contextlib.contextmanager
