@@ -158,7 +158,7 @@ class KerasBackend(Backend):
 
     def logits(self, x: torch.Tensor, samples: Samples = None) -> torch.Tensor:
         output = self.output(self._native(x))
-        return _to_torch(_as_logits(_scores_of(output), x.shape[0]))
+        return _to_torch(_as_logits(output, x.shape[0]))
 
     def target_scores(self, x: torch.Tensor, target: FrozenTarget, samples: Samples = None) -> torch.Tensor:
         output = self.output(self._native(x))
@@ -178,9 +178,7 @@ class KerasBackend(Backend):
     def _select(self, output: Any, target: Any, samples: Samples, rows: int) -> Any:
         if isinstance(target, torch.Tensor):
             target = target.numpy()
-        if callable(target) and not isinstance(target, np.ndarray):
-            return select_scores(output, target, rows)  # a callable sees the whole output
-        return select_scores(_scores_of(output), target, rows)
+        return select_scores(output, target, rows)  # a dict's ``logits`` for class targets
 
     # -- memory ----------------------------------------------------------------------------------
     def activation_bytes_per_row(self, x: torch.Tensor) -> int:
@@ -282,13 +280,6 @@ def logits_entry(output: Any) -> Any:
     if isinstance(output, Mapping) and isinstance(output.get("logits"), tf.Tensor):
         return output["logits"]
     return None
-
-
-def _scores_of(output: Any) -> Any:
-    """What class targets index: :func:`logits_entry`, or the output itself (which then fails
-    :func:`~bbdecoder.keras.targets.select_scores`' check with the fix: a callable target)."""
-    scores = logits_entry(output)
-    return output if scores is None else scores
 
 
 def _tf_tensor(value: torch.Tensor) -> Any:
