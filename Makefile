@@ -60,6 +60,7 @@ test-all: $(STAMP) system-tools
 
 demo: $(STAMP)
 	$(VENV)/bin/bbdecoder demo --out runs/demo
+	$(VENV)/bin/bbdecoder demo --text --out runs/demo-text
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples tools

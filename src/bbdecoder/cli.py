@@ -430,6 +430,10 @@ def _demo(args: argparse.Namespace) -> int:
     from bbdecoder.demo.run import DemoSettings, run_demo
     from bbdecoder.store import StoreError
 
+    if args.out is None:
+        args.out = "runs/demo-text" if args.text else "runs/demo"
+    if args.text:
+        return _text_demo(args)
     if args.epochs is not None:
         bounded_int(args.epochs, "--epochs", 1, 1000)
     if args.images is not None:
@@ -452,6 +456,34 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as err:  # the demo extra or --tensorboard's package missing
         raise CLIError(str(err), EXIT_DEPENDENCY) from err
     except (OSError, StoreError) as err:  # the output folder or its store cannot be written
+        raise CLIError(f"cannot write the demo into {args.out}: {err}", EXIT_UNWRITABLE) from err
+    print(f"test accuracy {result.accuracy:.3f}")
+    for key, value in result.metrics.items():
+        print(f"  {key}: {value:.4g}")
+    print(f"wrote {len(result.files)} files to {result.out_dir}/; open {result.report}")
+    return EXIT_OK
+
+
+def _text_demo(args: argparse.Namespace) -> int:
+    from bbdecoder.demo.text_run import TextSettings, run_text_demo
+    from bbdecoder.store import StoreError
+
+    for flag, given in (
+        ("--no-bias", args.no_bias),
+        ("--no-shapes", args.no_shapes),
+        ("--tensorboard", args.tensorboard),
+    ):
+        if given:
+            raise CLIError(f"{flag} applies to the image demo, not to demo --text; leave it out", EXIT_USAGE)
+    settings = TextSettings.quick() if args.quick else TextSettings()
+    if args.epochs is not None:
+        settings.epochs = bounded_int(args.epochs, "--epochs", 1, 1000)
+    if args.images is not None:
+        settings.n_show = bounded_int(args.images, "--images", 1, 100)
+    output_folder(args.out, "--out")
+    try:
+        result = run_text_demo(args.out, settings=settings, progress=not args.no_progress)
+    except (OSError, StoreError) as err:
         raise CLIError(f"cannot write the demo into {args.out}: {err}", EXIT_UNWRITABLE) from err
     print(f"test accuracy {result.accuracy:.3f}")
     for key, value in result.metrics.items():
@@ -859,9 +891,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="train the digits CNN with the analyzer, explain it, write a report"
     )
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--epochs", type=int, help="training epochs (default 4)")
-    demo.add_argument("--images", type=int, help="test images in the saliency grid (default 6)")
+    demo.add_argument(
+        "--out", default=None, help="output folder (default: runs/demo; with --text runs/demo-text)"
+    )
+    demo.add_argument(
+        "--text",
+        action="store_true",
+        help="the text demo instead: a small transformer on a planted-keyword task, token attributions",
+    )
+    demo.add_argument("--epochs", type=int, help="training epochs (default 4; with --text 3)")
+    demo.add_argument(
+        "--images",
+        type=int,
+        help="test images in the saliency grid (default 6; with --text sentences shown, 8)",
+    )
     demo.add_argument("--quick", action="store_true", help="the reduced setting of the tests (seconds)")
     demo.add_argument("--no-bias", action="store_true", help="skip the planted-bias study")
     demo.add_argument("--no-shapes", action="store_true", help="skip the generated 64x64 shapes part")

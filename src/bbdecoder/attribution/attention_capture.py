@@ -6,6 +6,13 @@ Two kinds of models are understood:
   ``_can_record_outputs["attentions"]``; they return ``(output, weights)``, but fused kernels
   (``attn_implementation="sdpa"``, flash, flex) return no weights. For the duration of the capture
   every ``config._attn_implementation`` of the model is set to ``"eager"`` and then restored.
+* **torch's** ``nn.MultiheadAttention`` (``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and any
+  model calling it): each call is left as it is (its ``need_weights`` / ``average_attn_weights``,
+  its kernel); a forward hook reads the call's arguments and :func:`mha_attention_weights`
+  recomputes the per-head weights from its query, key and masks, and ``V`` from its value. The
+  gradient of a map comes from the gradient of the call's output ``O = concat_h(A_h V_h) W_o^T + b``:
+  ``dS/dA_h = (dS/dO W_o)_h V_h^T``. torch's fused fast paths (``torch.backends.mha``), which skip
+  the module inside ``nn.TransformerEncoderLayer``, are switched off for the capture and restored.
 * **timm-style / plain-torch** attention blocks: a module with a ``qkv`` ``nn.Linear`` and an int
   ``num_heads`` (timm's ``Attention``). The weights are recomputed from the ``qkv`` output as
   ``softmax(q k^T * scale)`` (``q_norm``/``k_norm`` applied when the block has them), whatever kernel
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder.hooks import HookManager
@@ -42,15 +50,26 @@ class _QKVRecord:
 
 
 @dataclass
+class _MHARecord:
+    module: nn.MultiheadAttention
+    weights: torch.Tensor  # (N, H, L, S), recomputed, detached
+    values: torch.Tensor  # (N, H, S, d), detached
+    output: torch.Tensor  # the call's attention output, in the graph ((N, L, E) or (L, N, E))
+
+
+@dataclass
 class CapturedAttention:
     """What one forward pass left: one entry per attention call, in execution order."""
 
     weights: list[torch.Tensor] = field(default_factory=list)  # (N, H, T, T) each
     _graph: list[torch.Tensor] = field(default_factory=list)  # HF path: weights in the graph
     _qkv: list[_QKVRecord] = field(default_factory=list)
+    _mha: list[_MHARecord] = field(default_factory=list)
 
     def gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
         """``d score / d A`` for every captured attention map (N, H, T, T), in execution order."""
+        if self._mha:
+            return self._mha_gradients(score)
         if self._graph:
             grads = torch.autograd.grad(score, self._graph, allow_unused=True)
             return [
@@ -72,6 +91,25 @@ class CapturedAttention:
                 continue
             d_o = grad.detach().reshape(n, t, h, d).transpose(1, 2)  # (N, H, T, d)
             out.append(d_o.to(record.values.dtype) @ record.values.transpose(-1, -2))
+        return out
+
+    def _mha_gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
+        """``O = concat_h(A_h V_h) W_o^T + b``, so ``dS/dA_h = (dS/dO W_o)_h V_h^T``."""
+        grads = torch.autograd.grad(score, [r.output for r in self._mha], allow_unused=True)
+        out = []
+        for record, grad in zip(self._mha, grads, strict=True):
+            if grad is None:
+                out.append(torch.zeros_like(record.weights))
+                continue
+            n, heads, length, _ = record.weights.shape
+            g = grad.detach().float()
+            if g.dim() == 2:
+                g = g.unsqueeze(0)
+            elif not record.module.batch_first:
+                g = g.transpose(0, 1)  # (N, L, E)
+            d_concat = g @ record.module.out_proj.weight.detach().float()
+            d_heads = d_concat.reshape(n, length, heads, -1).transpose(1, 2)  # (N, H, L, d)
+            out.append(d_heads @ record.values.transpose(-1, -2))
         return out
 
 
@@ -146,6 +184,143 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
             config._attn_implementation_internal = value
 
 
+_MHA_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+
+
+def mha_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    """``(name, module)`` of every ``nn.MultiheadAttention`` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def mha_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of one ``nn.MultiheadAttention`` call by name (positional ones named)."""
+    named = dict(zip(_MHA_ARGS, args, strict=False))
+    named.update(kwargs)
+    return named
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = not allowed) as 0 / -inf, a float mask as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_attention_weights(module: nn.MultiheadAttention, call: dict[str, Any]) -> torch.Tensor:
+    """The per-head attention weights ``(N, H, L, S)`` of one ``nn.MultiheadAttention`` call, recomputed
+    from its query, key and masks as ``softmax(q k^T / sqrt(d) + masks)`` (before dropout).
+
+    ``call``: the call's arguments by name (:func:`mha_call`). Raises :class:`AttentionCaptureError`
+    for ``add_bias_kv`` / ``add_zero_attn`` modules (extra key columns not supported here).
+    """
+    if module.bias_k is not None or module.add_zero_attn:
+        raise AttentionCaptureError(
+            "recomputing nn.MultiheadAttention weights does not support add_bias_kv or add_zero_attn; "
+            "pass attention=False"
+        )
+    query, key = call["query"], call["key"]
+    batched = query.dim() == 3
+    if not batched:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, E) -> (L, 1, E)
+    elif module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    length, n, embed = query.shape
+    source = key.shape[0]
+    heads = module.num_heads
+    d = embed // heads
+    if module._qkv_same_embed_dim:
+        assert module.in_proj_weight is not None
+        w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]
+    else:
+        assert module.q_proj_weight is not None and module.k_proj_weight is not None
+        w_q, w_k = module.q_proj_weight, module.k_proj_weight
+    b_q = b_k = None
+    if module.in_proj_bias is not None:
+        b_q, b_k = module.in_proj_bias[:embed], module.in_proj_bias[embed : 2 * embed]
+    q = F.linear(query, w_q, b_q).reshape(length, n * heads, d).transpose(0, 1)
+    k = F.linear(key, w_k, b_k).reshape(source, n * heads, d).transpose(0, 1)
+    logits = (q.float() @ k.float().transpose(1, 2)) * d**-0.5  # (N*H, L, S)
+    logits = logits.view(n, heads, length, source)
+    attn_mask = call.get("attn_mask")
+    if call.get("is_causal") and attn_mask is None:
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=logits.device).triu(1)
+    extra = _additive(attn_mask, logits.dtype)
+    if extra is not None:
+        logits = logits + (extra.view(n, heads, length, source) if extra.dim() == 3 else extra)
+    padding = _additive(call.get("key_padding_mask"), logits.dtype)
+    if padding is not None:
+        logits = logits + padding.reshape(n, 1, 1, source)
+    return torch.softmax(logits, dim=-1)
+
+
+@contextlib.contextmanager
+def mha_fastpath_disabled() -> Iterator[None]:
+    """``torch.backends.mha`` fast paths off (they bypass ``nn.MultiheadAttention.forward`` and its
+    hooks inside ``nn.TransformerEncoderLayer``); the previous setting restored on exit."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _mha_values(module: nn.MultiheadAttention, call: dict[str, Any]) -> torch.Tensor:
+    """The value projection ``V`` (N, H, S, d) of one call, detached."""
+    value = call["value"]
+    if value.dim() == 2:
+        value = value.unsqueeze(1)
+    elif module.batch_first:
+        value = value.transpose(0, 1)
+    source, n, embed = value.shape
+    heads = module.num_heads
+    if module._qkv_same_embed_dim:
+        assert module.in_proj_weight is not None
+        weight = module.in_proj_weight[2 * embed :]
+    else:
+        assert module.v_proj_weight is not None
+        weight = module.v_proj_weight
+    bias = module.in_proj_bias[2 * embed :] if module.in_proj_bias is not None else None
+    v = F.linear(value.detach(), weight.detach(), None if bias is None else bias.detach())
+    return v.float().reshape(source, n, heads, embed // heads).permute(1, 2, 0, 3)
+
+
+def _capture_mha(
+    modules: list[tuple[str, nn.MultiheadAttention]], hooks: HookManager, captured: CapturedAttention
+) -> None:
+    """Per call, the weights and ``V`` recomputed from the call's inputs; the call itself untouched."""
+
+    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        assert isinstance(module, nn.MultiheadAttention)
+        call = mha_call(args, kwargs)
+        with torch.no_grad():
+            weights = mha_attention_weights(module, call)
+            values = _mha_values(module, call)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        captured._mha.append(_MHARecord(module, weights, values, out))
+        captured.weights.append(weights)
+
+    for name, module in modules:
+        if module.bias_k is not None or module.add_zero_attn:
+            raise AttentionCaptureError(
+                f"nn.MultiheadAttention {name!r} was built with add_bias_kv or add_zero_attn, which add key "
+                "columns without a token: its attention is not a token-to-token matrix and cannot be rolled "
+                "out; explain this model with a gradient method (IntegratedGradients, GradCAM) instead"
+            )
+        hooks.forward_hook(module, after, with_kwargs=True)
+
+
 def qkv_blocks(model: nn.Module) -> list[nn.Module]:
     """The timm-style attention blocks of ``model``: a ``qkv`` Linear and an int ``num_heads``."""
     return [
@@ -210,13 +385,20 @@ def capture_attention(model: nn.Module, hooks: HookManager) -> Iterator[Captured
             with eager_attention(model):
                 yield captured
             return
+    mha = mha_modules(model)
+    if mha:
+        _capture_mha(mha, hooks, captured)
+        with mha_fastpath_disabled():
+            yield captured
+        return
     blocks = qkv_blocks(model)
     if not blocks:
         raise AttentionCaptureError(
             f"found no attention weights to capture in {type(model).__name__}: it is neither a Hugging Face "
-            "transformers model (attention modules listed in `_can_record_outputs['attentions']`) nor has "
-            "timm-style attention blocks (a `qkv` nn.Linear and an int `num_heads`); for "
-            "nn.MultiheadAttention or other layouts compute the maps yourself"
+            "transformers model (attention modules listed in `_can_record_outputs['attentions']`), nor uses "
+            "torch's nn.MultiheadAttention, nor has timm-style attention blocks (a `qkv` nn.Linear and an "
+            "int `num_heads`); for other layouts have the attention module return its weights or compute "
+            "the maps yourself"
         )
     for block in blocks:
         pending: list[_QKVRecord] = []
@@ -251,6 +433,9 @@ __all__ = [
     "capture_attention",
     "eager_attention",
     "hf_attention_modules",
+    "mha_attention_weights",
+    "mha_call",
+    "mha_modules",
     "qkv_blocks",
     "recompute_attention",
 ]

@@ -2,7 +2,8 @@
 
 The CLI (``bbdecoder explain --method``, ``bbdecoder methods``), the demo, the documentation's method
 table (``docs/methods.md``) and the contract test (``tests/test_method_contract.py``) read it, so a new
-method is its file, one :class:`MethodSpec` in :data:`METHODS` below, and its test::
+method is its file, one :class:`MethodSpec` in the registry's list below (its Keras class, once
+ported, in :data:`KERAS_CLASSES`), and its test::
 
     from bbdecoder import get_method, list_methods
 
@@ -196,6 +197,7 @@ class BoundMethod:
         spec: the :class:`MethodSpec`.
         explainer: the explainer instance (its full API: ``attribute``, ``saliency``, ...).
         call_options: the call-stage options passed to every call.
+        framework: ``"torch"`` or ``"keras"`` (where the channel dimension of a signed map is).
     """
 
     spec: MethodSpec

@@ -195,8 +195,10 @@ class AttentionRollout(_Rollout):
     (a class out of range raises :class:`~bbdecoder.TargetError`).
 
     Attention weights: Hugging Face models run with eager attention for the call (restored after),
-    timm-style blocks (``qkv`` Linear + ``num_heads``) have them recomputed from ``qkv``; other models
-    get an :class:`~bbdecoder.attribution.attention_capture.AttentionCaptureError`.
+    torch's ``nn.MultiheadAttention`` (``nn.TransformerEncoder``) has them recomputed from each call's
+    query, key and masks (the call itself unchanged; torch's MHA fast path off for the call), and
+    timm-style blocks (``qkv`` Linear + ``num_heads``) from ``qkv``; other models get an
+    :class:`~bbdecoder.attribution.attention_capture.AttentionCaptureError`.
 
     Args:
         model: the vision transformer (never modified); inputs ``(N, C, H, W)``.

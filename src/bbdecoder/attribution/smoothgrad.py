@@ -8,6 +8,7 @@ The attribution (or saliency) of ``n_samples`` noisy copies ``x + N(0, sigma^2)`
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import copy as shallow_copy
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from bbdecoder.attribution.base import Explainer
 from bbdecoder.attribution.gradient import Gradient
 from bbdecoder.attribution.keywords import forwards_keywords
-from bbdecoder.attribution.layer_attribution import layer_smoothgrad, uses_layer
+from bbdecoder.attribution.layer_attribution import LayerSpec, layer_smoothgrad, resolve_layer, uses_layer
 from bbdecoder.targets import PerSampleTargets, TargetLike
 from bbdecoder.validation import check_smoothgrad_settings
 
@@ -38,6 +39,12 @@ class SmoothGrad(Explainer):
             copy per call. Default: as many copies as the memory budget allows (estimated with one
             no-grad probe forward), or one copy at a time when the inner explainer does not run the
             model in eval mode (train-mode BatchNorm would mix the copies).
+        layer: add the noise at this layer's output and attribute there (embedding space for token
+            models: ``attribute`` gives ``(N, L, D)``, ``token_scores`` ``(N, L)``, padding exactly 0).
+            With a bare model it is ``Gradient(model, layer=layer)``; with an explainer, a copy of it
+            at that layer (the explainer passed in is not changed). Token ids and dict inputs default
+            to the inner explainer's layer, else the input embeddings. The noise's ``sigma`` is
+            ``noise_level`` times each sample's range of the layer's output.
 
     The target is frozen on the clean input first, so ``None`` means the clean arg-max class for every
     noisy copy. Copies are concatenated along the batch dimension; tensors passed through ``kwargs``
@@ -53,13 +60,16 @@ class SmoothGrad(Explainer):
         kind: str = "smoothgrad",
         seed: int = 0,
         internal_batch_size: int | None = None,
+        *,
+        layer: LayerSpec = None,
     ) -> None:
-        inner = self._inner(explainer_or_model)
+        inner = self._inner(explainer_or_model, layer)
         super().__init__(
             inner.model,
             input_transform=inner.input_transform,
             eval_mode=getattr(inner, "eval_mode", True),
             scores_from=getattr(inner, "scores_from", "logits"),
+            layer=getattr(inner, "attribution_layer", None),
         )
         check_smoothgrad_settings(n_samples, noise_level, kind, internal_batch_size)
         self.explainer = inner
@@ -90,12 +100,12 @@ class SmoothGrad(Explainer):
 
     # -- internals --------------------------------------------------------------------------------
     @staticmethod
-    def _inner(explainer_or_model: Any) -> Any:
+    def _inner(explainer_or_model: Any, layer: LayerSpec = None) -> Any:
         """The explainer to smooth (the Keras front end accepts Keras explainers and models)."""
         if isinstance(explainer_or_model, Explainer):
-            return explainer_or_model
+            return explainer_or_model if layer is None else _at_layer(explainer_or_model, layer)
         if isinstance(explainer_or_model, nn.Module):
-            return Gradient(explainer_or_model)
+            return Gradient(explainer_or_model, layer=layer)
         raise TypeError(
             f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
         )
@@ -152,6 +162,20 @@ class SmoothGrad(Explainer):
             with self.backend.session():
                 rows = self.backend.rows_for_budget(x)
         return max(1, min(self.n_samples, rows // n))
+
+
+def _at_layer(explainer: Explainer, layer: LayerSpec) -> Explainer:
+    """A shallow copy of ``explainer`` attributing at ``layer`` (refused when it has another layer)."""
+    own = getattr(explainer, "attribution_layer", None)
+    _, wanted = resolve_layer(explainer.model, layer)
+    if own is not None and resolve_layer(explainer.model, own)[1] is not wanted:
+        raise ValueError(
+            f"SmoothGrad(layer={layer!r}) wraps a {type(explainer).__name__} at another layer ({own!r}); "
+            "give the layer once, to SmoothGrad or to the inner explainer"
+        )
+    moved = shallow_copy(explainer)
+    moved.attribution_layer = layer
+    return moved
 
 
 def _repeat_target(target: TargetLike, copies: int) -> TargetLike:

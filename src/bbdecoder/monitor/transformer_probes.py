@@ -10,6 +10,13 @@ What people watch when a transformer trains, beside the gradients:
   attention row, averaged over queries and samples (from eager attention weights);
 - the model's output logits: ``logit_mean`` and ``logit_max``.
 
+Padding is left out: with an ``attention_mask`` (``N, L``, nonzero = a real token) passed to the
+model, or a ``src_key_padding_mask`` / ``key_padding_mask`` (True or ``-inf`` = padding) passed to a
+torch ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``, the activation statistics are over
+the non-pad positions only, and the attention entropy over the non-pad query rows, each row
+restricted to the non-pad keys (renormalised to sum 1; a model that masks its keys puts no weight
+there anyway).
+
 Rows are scalar rows of the run store, on the series ``(layer_id=-1, param=<module name>)``
 (``<attention module>.head<h>`` per head, ``logits`` for the output), at the step number the
 analyzer gives the iteration. Only forward passes in training mode with grad enabled are recorded;
@@ -18,6 +25,7 @@ several forwards in one step (gradient accumulation) are averaged (maxima: the m
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +36,9 @@ from bbdecoder.attribution.attention_capture import (
     AttentionCaptureError,
     attention_implementations,
     hf_attention_modules,
+    mha_attention_weights,
+    mha_call,
+    mha_modules,
     qkv_blocks,
     recompute_attention,
 )
@@ -44,9 +55,17 @@ PROBE_STATS: tuple[str, ...] = (
 _MAX_STATS = {"act_max_abs", "logit_max"}
 
 
-def activation_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rms, max |a|, kurtosis over the last dim averaged over the other dims)`` of ``a``, 0-d each."""
+def activation_stats(
+    a: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rms, max |a|, kurtosis over the last dim averaged over the other dims)`` of ``a``, 0-d each.
+
+    ``keep``: a boolean mask over ``a``'s leading dims (``(N, L)`` for ``(N, L, D)``): only those
+    positions (the non-pad tokens) count.
+    """
     a = a.detach().float()
+    if keep is not None:
+        a = a[keep.to(a.device)]
     rms = a.pow(2).mean().sqrt()
     max_abs = a.abs().amax()
     centered = a - a.mean(dim=-1, keepdim=True)
@@ -56,10 +75,58 @@ def activation_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return rms, max_abs, kurtosis
 
 
-def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Entropy per head (H,) of attention ``(N, H, Lq, Lk)``, averaged over samples and queries."""
+def attention_entropy(
+    weights: torch.Tensor, query_keep: torch.Tensor | None = None, key_keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Entropy per head (H,) of attention ``(N, H, Lq, Lk)``, averaged over samples and queries.
+
+    ``key_keep`` ``(N, Lk)``: each row restricted to those keys and renormalised; ``query_keep``
+    ``(N, Lq)``: the average over those query rows only (both boolean, True = a real token).
+    """
     p = weights.detach().float()
-    return -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=(0, 2))
+    if key_keep is not None:
+        p = p * key_keep.to(p.device, p.dtype)[:, None, None, :]
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # (N, H, Lq)
+    if query_keep is None:
+        return entropy.mean(dim=(0, 2))
+    rows = query_keep.to(p.device, p.dtype)[:, None, :]
+    return (entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp_min(1.0)
+
+
+def attention_mask_of(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The ``attention_mask`` (``N, L``) a model call received, as booleans (True = a real token)."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and args:
+        try:
+            names = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            names = []
+        if "attention_mask" in names and names.index("attention_mask") < len(args):
+            mask = args[names.index("attention_mask")]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask != 0
+    return None
+
+
+def padding_keep(mask: Any) -> torch.Tensor | None:
+    """A torch key-padding mask (True or ``-inf`` = padding) as booleans True = a real token."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    return torch.isfinite(mask) if mask.dtype.is_floating_point else mask == 0
+
+
+def _positions(keep: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """``keep`` (N, L) laid out like the leading dims of a hidden state: (N, L), or (L, N) (seq-first)."""
+    if keep is None or len(shape) < 3:
+        return None
+    if tuple(shape[:2]) == tuple(keep.shape):
+        return keep
+    if tuple(shape[:2]) == tuple(keep.shape[::-1]):
+        return keep.transpose(0, 1)
+    return None
 
 
 def _hidden(output: Any) -> torch.Tensor | None:
@@ -89,7 +156,13 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     named: list[tuple[str, nn.Module]] = list(model.named_modules())
     if classes:
         return [(n, m) for n, m in named if isinstance(m, tuple(classes))]
-    return [(n, m) for n, m in named if isinstance(getattr(m, "attn", None), nn.Module) and hasattr(m, "mlp")]
+    torch_layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return [
+        (n, m)
+        for n, m in named
+        if isinstance(m, torch_layers)
+        or (isinstance(getattr(m, "attn", None), nn.Module) and hasattr(m, "mlp"))
+    ]
 
 
 class TransformerProbes:
@@ -134,6 +207,7 @@ class TransformerProbes:
         self._hooks = HookManager()
         self._pending: dict[tuple[str, str], list[torch.Tensor]] = {}
         self._label: tuple[int, int] | None = None
+        self._mask: torch.Tensor | None = None  # the running call's attention_mask (True = token)
         self.closed = False
         names = {m: n for n, m in self.model.named_modules()}
         if activations:
@@ -148,11 +222,15 @@ class TransformerProbes:
                     "or activations=False"
                 )
             for name, block in chosen:
-                self._hooks.forward_hook(block, self._block_hook(name))
+                self._hooks.forward_hook(block, self._block_hook(name), with_kwargs=True)
         if attention:
             self._hook_attention()
         if logits:
             self._hooks.forward_hook(self.model, self._logit_hook)
+        self._hooks.add(self.model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
+
+    def _read_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._mask = attention_mask_of(module, args, kwargs) if self._recording(module) else None
 
     # -- hooks --------------------------------------------------------------------------------
     def _recording(self, module: nn.Module) -> bool:
@@ -166,20 +244,61 @@ class TransformerProbes:
         self._pending.setdefault((param, stat), []).append(value.detach().reshape(()))
 
     def _block_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        def hook(module: nn.Module, _inputs: Any, kwargs: dict[str, Any], output: Any) -> None:
             hidden = _hidden(output)
             if hidden is None or not self._recording(module):
                 return
-            rms, max_abs, kurtosis = activation_stats(hidden)
+            given = kwargs.get("src_key_padding_mask", kwargs.get("tgt_key_padding_mask"))
+            keep = _positions(padding_keep(given) if given is not None else self._mask, hidden.shape)
+            if keep is not None and not bool(keep.any()):
+                return
+            rms, max_abs, kurtosis = activation_stats(hidden, keep)
             self._add(name, "act_rms", rms)
             self._add(name, "act_max_abs", max_abs)
             self._add(name, "act_kurtosis", kurtosis)
 
         return hook
 
-    def _heads(self, name: str, weights: torch.Tensor) -> None:
-        for h, value in enumerate(attention_entropy(weights)):
+    def _heads(
+        self,
+        name: str,
+        weights: torch.Tensor,
+        query_keep: torch.Tensor | None = None,
+        key_keep: torch.Tensor | None = None,
+    ) -> None:
+        n, _, lq, lk = weights.shape
+        if query_keep is None and self._mask is not None and tuple(self._mask.shape) == (n, lq):
+            query_keep = self._mask
+        if key_keep is None and self._mask is not None and tuple(self._mask.shape) == (n, lk):
+            key_keep = self._mask
+        for h, value in enumerate(attention_entropy(weights, query_keep, key_keep)):
             self._add(f"{name}.head{h}", "attn_entropy", value)
+
+    def _hook_mha(self, modules: list[tuple[str, nn.MultiheadAttention]]) -> None:
+        """torch's nn.MultiheadAttention: weights recomputed from each call's query and key (the call,
+        its kernel and its dropout are left as they are)."""
+
+        def make(name: str) -> Callable[..., None]:
+            def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:
+                if not self._recording(m):
+                    return
+                assert isinstance(m, nn.MultiheadAttention)
+                call = mha_call(args, kwargs)
+                with torch.no_grad():
+                    weights = mha_attention_weights(m, call)
+                key_keep = padding_keep(call.get("key_padding_mask"))
+                query_keep = key_keep if call.get("query") is call.get("key") else None
+                self._heads(name, weights, query_keep, key_keep)
+
+            return hook
+
+        for name, module in modules:
+            if module.bias_k is not None or module.add_zero_attn:
+                raise AttentionCaptureError(
+                    f"attention entropy cannot be recomputed for {name!r} (add_bias_kv / add_zero_attn); "
+                    "pass attention=False"
+                )
+            self._hooks.forward_hook(module, make(name), with_kwargs=True)
 
     def _hook_attention(self) -> None:
         hf = hf_attention_modules(self.model)
@@ -201,11 +320,15 @@ class TransformerProbes:
 
                 self._hooks.forward_hook(module, hook)
             return
+        mha = mha_modules(self.model)
+        if mha:
+            self._hook_mha(mha)
+            return
         blocks = qkv_blocks(self.model)
         if not blocks:
             raise AttentionCaptureError(
                 f"found no attention weights in {type(self.model).__name__} (no Hugging Face attention "
-                "modules, no timm-style qkv blocks); pass attention=False"
+                "modules, no nn.MultiheadAttention, no timm-style qkv blocks); pass attention=False"
             )
         names = {m: n for n, m in self.model.named_modules()}
         for block in blocks:
@@ -269,4 +392,12 @@ class TransformerProbes:
         self.close()
 
 
-__all__ = ["PROBE_STATS", "TransformerProbes", "activation_stats", "attention_entropy", "transformer_blocks"]
+__all__ = [
+    "PROBE_STATS",
+    "TransformerProbes",
+    "activation_stats",
+    "attention_entropy",
+    "attention_mask_of",
+    "padding_keep",
+    "transformer_blocks",
+]

@@ -8,6 +8,8 @@ through :func:`store_image` and :func:`store_table`, tagged with the section tha
 from bbdecoder.report.blobs import figure_png, latest_records, read_table, store_image, store_table
 from bbdecoder.report.builder import REPORT_FILENAME, ReportSectionWarning, build_report
 from bbdecoder.report.html import Section
+from bbdecoder.report.overlays import store_overlays
+from bbdecoder.report.section_tokens import store_token_maps
 from bbdecoder.report.sections import SECTIONS, BlobSection, ReportContext, blob_section
 
 __all__ = [
@@ -23,5 +25,7 @@ __all__ = [
     "latest_records",
     "read_table",
     "store_image",
+    "store_overlays",
     "store_table",
+    "store_token_maps",
 ]

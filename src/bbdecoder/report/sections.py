@@ -17,6 +17,9 @@ import pandas as pd
 from bbdecoder.report import charts, html
 from bbdecoder.report.blobs import IMAGE_KIND, TABLE_KIND, latest_records, read_table
 from bbdecoder.report.html import Section
+from bbdecoder.report.section_noise import gradient_noise
+from bbdecoder.report.section_probes import transformer_probes
+from bbdecoder.report.section_tokens import token_maps
 from bbdecoder.store.reader import RunReader
 
 MAX_WEIGHT_HISTOGRAMS = 24
@@ -479,8 +482,10 @@ SECTIONS: list[SectionBuilder] = [
     layer_table,
     gradient_flow,
     gradient_norms,
+    gradient_noise,
     weight_histograms,
     activations,
+    transformer_probes,
     alerts,
     nonfinite_events,
     blob_section(
@@ -488,6 +493,7 @@ SECTIONS: list[SectionBuilder] = [
         "Saliency maps",
         "Attribution maps of several methods for a handful of test images (overlaid on the input).",
     ),
+    token_maps,
     blob_section("metrics", "Evaluation metrics"),
     blob_section(
         "bias",
