@@ -63,12 +63,7 @@ class SmoothGrad(Explainer):
         *,
         layer: LayerSpec = None,
     ) -> None:
-        if layer is not None and isinstance(explainer_or_model, nn.Module):
-            inner: Any = Gradient(explainer_or_model, layer=layer)
-        else:
-            inner = self._inner(explainer_or_model)
-            if layer is not None:
-                inner = _at_layer(inner, layer)
+        inner = self._inner(explainer_or_model, layer)
         super().__init__(
             inner.model,
             input_transform=inner.input_transform,
@@ -105,12 +100,12 @@ class SmoothGrad(Explainer):
 
     # -- internals --------------------------------------------------------------------------------
     @staticmethod
-    def _inner(explainer_or_model: Any) -> Any:
+    def _inner(explainer_or_model: Any, layer: LayerSpec = None) -> Any:
         """The explainer to smooth (the Keras front end accepts Keras explainers and models)."""
         if isinstance(explainer_or_model, Explainer):
-            return explainer_or_model
+            return explainer_or_model if layer is None else _at_layer(explainer_or_model, layer)
         if isinstance(explainer_or_model, nn.Module):
-            return Gradient(explainer_or_model)
+            return Gradient(explainer_or_model, layer=layer)
         raise TypeError(
             f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
         )

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -213,12 +213,9 @@ def nothing() -> Iterator[None]:
     yield
 
 
-RowScorer = Callable[[torch.Tensor, Samples], torch.Tensor]
-
 __all__ = [
     "Backend",
     "FrozenTarget",
-    "RowScorer",
     "Samples",
     "channels_first",
     "channels_last",

@@ -63,7 +63,9 @@ class SmoothGrad(KerasMethod, _SmoothGrad):
     same noise as :class:`bbdecoder.SmoothGrad`, transposed."""
 
     @staticmethod
-    def _inner(explainer_or_model: Any) -> Any:
+    def _inner(explainer_or_model: Any, layer: Any = None) -> Any:
+        if layer is not None:
+            raise NotImplementedError("layer= is PyTorch-only: the Keras SmoothGrad adds noise at the input")
         if isinstance(explainer_or_model, (KerasMethod, KerasExplainer)):
             return explainer_or_model
         if isinstance(explainer_or_model, keras.layers.Layer):
