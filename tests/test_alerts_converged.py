@@ -95,3 +95,27 @@ def test_a_bias_is_out_of_band_only_with_its_weight() -> None:
         ("update_ratio_out_of_band", 1, "norm.bias"),  # the whole layer jumped
         ("update_ratio_out_of_band", 2, "scale"),  # no weight beside it: its own ratio decides
     ]
+
+
+def test_a_loss_given_with_log_is_judged_live_as_on_replay(tmp_path: Path) -> None:
+    """The attach(optimizer) + log(loss=...) loop of the demos: the loss reaches the writer through
+    set_loss, and the live loss rule must see it (a planted spike at step 30)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Analyzer(net, tmp_path) as analyzer:
+            analyzer.attach(optimizer)
+            for step in range(40):
+                x, y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+                loss = F.cross_entropy(net(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                analyzer.log(loss=loss.detach() * (50.0 if step == 30 else 1.0))
+    assert analyzer.alerts is not None
+    live = [(a.kind, a.step) for a in analyzer.alerts.alerts if a.kind == "loss_spike"]
+    assert live == [("loss_spike", 30)]
+    assert [(a.kind, a.step) for a in evaluate_run(tmp_path) if a.kind == "loss_spike"] == live

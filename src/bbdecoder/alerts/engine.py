@@ -69,6 +69,7 @@ class AlertEngine:
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
         self._loss_peak = 0.0
+        self._last_loss_step: int | None = None
         self._first_step: int | None = None
         self._layer_names: dict[int, str] | None = None
         self._series_names: dict[int, tuple[int, str]] = {}
@@ -78,12 +79,15 @@ class AlertEngine:
     def attach(self, writer: RunWriter) -> AlertEngine:
         """Evaluate every row ``writer`` receives from now on and store alerts as its events.
 
-        Wraps the writer's ``add_scalars`` and ``add_step`` (this writer object only). Returns self.
+        Wraps the writer's ``add_scalars``, ``add_step`` and ``set_loss`` (this writer object only; a
+        loss given with ``analyzer.log(loss=...)`` reaches the writer through ``set_loss``), so the
+        live rules see the losses a replay of the store sees. Returns self.
         """
         if self._writer is not None:
             raise RuntimeError("this AlertEngine is already attached to a writer")
         self._writer = writer
-        add_scalars, add_step = writer.add_scalars, writer.add_step
+        add_scalars, add_step, set_loss = writer.add_scalars, writer.add_step, writer.set_loss
+        epochs: dict[str, int] = {"last": 0}
 
         def scalars_then_alerts(rows: list[ScalarRow]) -> None:
             add_scalars(rows)
@@ -91,12 +95,24 @@ class AlertEngine:
 
         def step_then_alerts(step: int, epoch: int, loss: float | None) -> None:
             add_step(step, epoch, loss)
+            epochs["last"] = epoch
             if loss is not None:
-                self.observe_loss(step, epoch, loss)
+                self._loss_once(step, epoch, loss)
+
+        def loss_then_alerts(step: int, loss: float) -> None:
+            set_loss(step, loss)
+            self._loss_once(step, epochs["last"], loss)
 
         writer.add_scalars = scalars_then_alerts  # type: ignore[method-assign]
         writer.add_step = step_then_alerts  # type: ignore[method-assign]
+        writer.set_loss = loss_then_alerts  # type: ignore[method-assign]
         return self
+
+    def _loss_once(self, step: int, epoch: int, loss: float) -> None:
+        # a step's loss can come twice (backward_propagation(loss) and log(loss=...)): judged once
+        if self._last_loss_step is None or step > self._last_loss_step:
+            self._last_loss_step = step
+            self.observe_loss(step, epoch, float(loss))
 
     def _named(self, writer: RunWriter, rows: Iterable[ScalarRow]) -> list[Row]:
         # ids are only ever added, so the inverse maps are rebuilt only when they grew
