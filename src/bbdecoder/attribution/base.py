@@ -18,6 +18,8 @@ from bbdecoder.attribution.keywords import checked_keywords, expand_forward_args
 from bbdecoder.attribution.layer_attribution import LayerSpec, resolve_layer, uses_layer
 from bbdecoder.attribution.outputs import check_scores_from, model_output
 from bbdecoder.attribution.token_inputs import explain_continuation, token_sum
+from bbdecoder.backends.base import Backend
+from bbdecoder.backends.torch_core import TorchBackend
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.targets import TargetLike, fixed_target, select_scores
 from bbdecoder.validation import check_batch
@@ -80,16 +82,28 @@ class Explainer:
         scores_from: str = "logits",
         layer: LayerSpec = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = self._check_model(model)
         self.input_transform = input_transform
         self.eval_mode = eval_mode
         self.scores_from = check_scores_from(scores_from)
         # Not ``self.layer``: the CAM family has its own ``layer`` property (the map's layer).
         self.attribution_layer = layer
         if layer is not None:
-            resolve_layer(model, layer)
+            self._check_layer(layer)
+        self.backend: Backend = self._make_backend()
+
+    # -- the framework (overridden by the Keras front end, bbdecoder.keras.front) -----------------
+    def _check_model(self, model: Any) -> Any:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        return model
+
+    def _check_layer(self, layer: LayerSpec) -> None:
+        resolve_layer(self.model, layer)
+
+    def _make_backend(self) -> Backend:
+        """The backend the shared method code runs on (:mod:`bbdecoder.backends`)."""
+        return TorchBackend(self)
 
     # -- pieces subclasses use -------------------------------------------------------------------
     def validate_inputs(self, inputs: Any, min_dim: int = 2) -> torch.Tensor:
@@ -172,7 +186,9 @@ class Explainer:
         """
         if uses_layer(self, inputs):
             return self.token_scores(inputs, target, **kwargs).abs()
-        return self.attribute(inputs, target, **kwargs).abs().sum(dim=1, keepdim=True)
+        backend = self.backend
+        attribution = backend.from_framework(self.attribute(inputs, target, **kwargs))
+        return backend.to_framework(backend.channel_sum(attribution))
 
     def token_scores(self, inputs: Any, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """One signed score per token ``(N, L)``: :meth:`attribute` at the layer summed over ``D``.

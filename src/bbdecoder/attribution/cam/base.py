@@ -374,27 +374,31 @@ class BaseCAM(Explainer):
         progress: bool | None,
         replace: Callable[[int, int], Callable[..., Any]] | None = None,
         module: nn.Module | None = None,
+        bounds: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Scores of ``rows`` perturbed inputs, forwarded ``batch_size`` at a time, ``(rows,)``.
 
-        ``make_batch(start, stop)`` gives the inputs and the sample index of each row; ``replace``, when
+        ``make_batch(start, stop)`` gives the inputs and the sample index of each row (the inputs may
+        have fewer rows than ``stop - start``, when ``replace`` makes the module's output the full
+        chunk: then the forward gets the first ``len(inputs)`` sample indices); ``replace``, when
         given, builds a forward hook for ``module`` that replaces its output for those rows.
+        ``bounds``: the ``(start, stop)`` chunks, in order (default: ``batch_size`` rows each).
         """
         from tqdm.auto import tqdm
 
         show = progress if progress is not None else sys.stderr.isatty()
         out: list[torch.Tensor] = []
-        starts = range(0, rows, batch_size)
+        chunks = bounds or [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
         with self._session(), torch.no_grad():
-            for start in tqdm(starts, desc=type(self).__name__, disable=not show, leave=False):
-                stop = min(start + batch_size, rows)
+            for start, stop in tqdm(chunks, desc=type(self).__name__, disable=not show, leave=False):
                 batch, samples = make_batch(start, stop)
+                forward_samples = samples[: batch.shape[0]]
                 if replace is not None and module is not None:
                     with HookManager() as row_hooks:
                         row_hooks.forward_hook(module, replace(start, stop))
-                        output = self.forward(batch, samples)
+                        output = self.forward(batch, forward_samples)
                 else:
-                    output = self.forward(batch, samples)
+                    output = self.forward(batch, forward_samples)
                 # frozen classes or target objects, one per sample
                 on = target.device if isinstance(target, torch.Tensor) else samples.device
                 row_target = target_rows(target, samples.to(on))
