@@ -69,3 +69,28 @@ def test_flags_are_restored_on_lazy_parameters_materialised_or_not() -> None:
         assert not model.training
     assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
     assert not any(is_lazy(p) for p in model.parameters()) and model.training
+
+
+@pytest.mark.parametrize("method", ["gradient", "gradcam"])
+def test_eval_mode_false_on_a_fresh_lazy_batchnorm(method: str) -> None:
+    """With eval_mode=False a LazyBatchNorm2d is materialised by the explainer's train-mode forward;
+    its statistics are then those of a fresh layer (zeros, ones, 0 batches), not the explained batch's."""
+    from bbdecoder import GradCAM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    x = torch.randn(2, 1, 6, 6) * 3 + 1
+    if method == "gradient":
+        Gradient(model, eval_mode=False)(x, target=1)
+    else:
+        GradCAM(model, "0", eval_mode=False).saliency(x, 1)
+    bn = model[1]
+    assert not any(is_lazy(b) for b in bn.buffers())
+    fresh = nn.BatchNorm2d(4)
+    assert torch.equal(bn.running_mean, fresh.running_mean)
+    assert torch.equal(bn.running_var, fresh.running_var)
+    assert int(bn.num_batches_tracked) == 0
+    assert model.training

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import is_lazy
 
-from bbdecoder.attribution.base import leaf_input
+from bbdecoder.attribution.base import has_lazy_buffers, leaf_input, reset_materialised_lazy_norms
 from bbdecoder.attribution.bias_layers import (
     PrimitiveCapture,
     UnreachableBiasError,
@@ -82,10 +84,15 @@ class TorchLayers:
         """The explainer's session, and with ``eval_mode=False`` every buffer of a module in train mode
         restored (BatchNorm's running statistics), so explaining never changes the model."""
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        lazy: list[_NormBase] = []
         if not self.explainer.eval_mode:
             for module in self.model.modules():
-                if module.training:
-                    saved.extend((b, b.detach().clone()) for b in module.buffers(recurse=False))
+                if not module.training:
+                    continue
+                if isinstance(module, _NormBase) and has_lazy_buffers(module):
+                    lazy.append(module)
+                    continue
+                saved.extend((b, b.detach().clone()) for b in module.buffers(recurse=False) if not is_lazy(b))
         try:
             with self.explainer.session() as hooks:
                 yield hooks
@@ -93,6 +100,7 @@ class TorchLayers:
             with torch.no_grad():
                 for buffer, value in saved:
                     buffer.copy_(value)
+            reset_materialised_lazy_norms(lazy)
 
     progress_session = session
 
