@@ -18,7 +18,12 @@ sign (theirs is whatever LAPACK returns; ours is fixed, see ``EigenCAM``), and f
 Runs in the bench venv (``make bench-venv``: torch + torchvision + grad-cam). ``--torchvision-stub``
 runs it without torchvision: pytorch-grad-cam imports torchvision's transforms at import time but never
 calls them on the CAM path, so empty stand-ins are enough (nothing is installed; only this process sees
-them). Usage: ``python bench/bench_cams.py [--quick] [--threads N] [--torchvision-stub]``.
+them).
+
+Peak memory (``--memory``): each method and library in a fresh process (``--memory-case NAME:LIB``),
+the resident-set high-water mark of one call above the resident set before it (after a warm-up call;
+``bench/common.py:peak_rss_of_call``). Usage: ``python bench/bench_cams.py [--quick] [--threads N]
+[--torchvision-stub] [--memory] [--only NAME ...]``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, interleaved, paired_ratio, pin_threads, save_results, thread_arg
+from common import (
+    environment,
+    interleaved,
+    paired_ratio,
+    pin_threads,
+    report_memory_case,
+    run_memory_case,
+    save_results,
+    thread_arg,
+)
 from models import calibrated_resnet18, smooth_images
 
 import bbdecoder
@@ -155,6 +169,18 @@ def run(name: str, batch: int, size: int, repeats: int, rows: int) -> dict[str, 
     }
 
 
+def shape_of(name: str, size: int) -> tuple[int, int]:
+    return (1, size) if name in PERTURBATION_METHODS else (8, 224)
+
+
+def memory_case(case: str, perturbation_size: int) -> None:
+    name, library = case.split(":")
+    batch, size = shape_of(name, perturbation_size)
+    model, x, targets = setup(batch, size)
+    ours, theirs = pair(name, model, x, targets, rows=32)
+    report_memory_case(ours if library == "ours" else theirs, case=case)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +189,8 @@ def main() -> None:
     parser.add_argument("--torchvision-stub", action="store_true", help="run without torchvision installed")
     parser.add_argument("--perturbation-size", type=int, default=112, help="px for ScoreCAM/AblationCAM")
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    parser.add_argument("--memory", action="store_true", help="peak memory per call (fresh processes)")
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     thread_arg(parser)
     args = parser.parse_args()
     if args.torchvision_stub:
@@ -170,6 +198,9 @@ def main() -> None:
     import pytorch_grad_cam
 
     threads = pin_threads(args.threads)
+    if args.memory_case:
+        memory_case(args.memory_case, args.perturbation_size)
+        return
     result: dict[str, Any] = {
         "environment": {
             **environment(),
@@ -184,14 +215,26 @@ def main() -> None:
         "methods": {},
     }
     chosen = args.only or [*GRADIENT_METHODS, *PERTURBATION_METHODS]
+    stem = f"cams_t{threads}" + ("_memory" if args.memory else "")
     for name in chosen:
-        if name in PERTURBATION_METHODS:
-            entry = run(name, 1, args.perturbation_size, 2 if args.quick else 5, rows=32)
+        batch, size = shape_of(name, args.perturbation_size)
+        if args.memory:
+            script = Path(__file__).resolve()
+            extra = ["--torchvision-stub"] if args.torchvision_stub else []
+            entry = {
+                library: run_memory_case(
+                    script, f"{name}:{library}", threads, extra=[*extra, "--perturbation-size", str(size)]
+                )
+                for library in ("ours", "theirs")
+            }
+            peaks = {library: f"{entry[library]['peak_mib']:.0f}" for library in entry}
+            print(f"{name}: peak MiB above the resident set before the call: {peaks}", flush=True)
         else:
-            entry = run(name, 8, 224, 3 if args.quick else 9, rows=32)
+            repeats = (2 if args.quick else 5) if name in PERTURBATION_METHODS else (3 if args.quick else 9)
+            entry = run(name, batch, size, repeats, rows=32)
         result["methods"][name] = entry
-        save_results(f"cams_t{threads}", result)  # partial results survive a later failure
-    path = save_results(f"cams_t{threads}", result)
+        save_results(stem, result)  # partial results survive a later failure
+    path = save_results(stem, result)
     print(f"wrote {path}")
 
 

@@ -3,8 +3,10 @@
 Each rank builds two copies of the same model, sharded the same way: ``plain`` (forward, backward,
 optimizer step) and ``monitored`` (the same plus ``analyzer.step()``: the six gradient statistics and
 update ratios of every tensor from the local shards, one ``all_gather`` per step, rank 0 writes the
-store). Steps of the two alternate (order swapped every round); rank 0 reports the medians and the
-median of the per-round ratios. Writes ``bench/results/fsdp_monitor_tN.json``. Run::
+store), and ``per_sample`` (the monitored step with ``per_sample=True``: per-sample statistics and the
+noise scale of the global batch, merged across the ranks). Steps of the three alternate (order
+rotated every round); rank 0 reports the medians, the median of the per-round ratios and the load
+average. Writes ``bench/results/fsdp_monitor_tN_flushF.json``. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_fsdp_monitor.py --rounds 20 --threads 1
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -55,17 +58,23 @@ def _worker(rank: int, world: int, init: str, store: str, args: argparse.Namespa
             torch.randn(args.batch, args.width, generator=gen),
             torch.randint(0, 10, (args.batch,), generator=gen),
         )
-        models = {"plain": _sharded(args.width), "monitored": _sharded(args.width)}
+        models = {n: _sharded(args.width) for n in ("plain", "monitored", "per_sample")}
         opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3) for n, m in models.items()}
-        analyzer = DistributedAnalyzer(models["monitored"], store, flush_every=args.flush_every)
+        analyzers = {
+            "monitored": DistributedAnalyzer(models["monitored"], f"{store}_m", flush_every=args.flush_every),
+            "per_sample": DistributedAnalyzer(
+                models["per_sample"], f"{store}_p", flush_every=args.flush_every, per_sample=True
+            ),
+        }
+        load_before = os.getloadavg()
 
         def step(name: str) -> float:
             dist.barrier()
             start = time.perf_counter()
             opts[name].zero_grad()
             F.cross_entropy(models[name](x), y).backward()
-            if name == "monitored":
-                analyzer.step()
+            if name in analyzers:
+                analyzers[name].step()
             opts[name].step()
             dist.barrier()
             return time.perf_counter() - start
@@ -73,10 +82,12 @@ def _worker(rank: int, world: int, init: str, store: str, args: argparse.Namespa
         for name in models:  # warm-up
             step(name)
         times: dict[str, list[float]] = {n: [] for n in models}
+        names = list(models)
         for r in range(args.rounds):
-            for name in ["plain", "monitored"] if r % 2 == 0 else ["monitored", "plain"]:
+            for name in names[r % 3 :] + names[: r % 3]:
                 times[name].append(step(name))
-        analyzer.close()
+        for analyzer in analyzers.values():
+            analyzer.close()
         if rank == 0:
             result = {
                 "ranks": world,
@@ -86,12 +97,15 @@ def _worker(rank: int, world: int, init: str, store: str, args: argparse.Namespa
                 "rounds": args.rounds,
                 "flush_every": args.flush_every,
                 "median_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
-                "ratio_monitored_to_plain": statistics.median(
-                    a / b for a, b in zip(times["monitored"], times["plain"], strict=True)
-                ),
+                "ratio_to_plain": {
+                    n: statistics.median(a / b for a, b in zip(times[n], times["plain"], strict=True))
+                    for n in analyzers
+                },
+                "load_average_before_after": [load_before, os.getloadavg()],
             }
             print(json.dumps(result, indent=2))
-            out = Path(__file__).resolve().parent / "results" / f"fsdp_monitor_t{args.threads}.json"
+            name = f"fsdp_monitor_t{args.threads}_flush{args.flush_every}.json"
+            out = Path(__file__).resolve().parent / "results" / name
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
         dist.barrier()

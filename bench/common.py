@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,11 +167,13 @@ def peak_rss_of_call(fn: Callable[[], object], reset: Callable[[], object] | Non
     return {"peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024, "method": method}
 
 
-def run_memory_case(script: Path, case: str, threads: int, timeout: float = 600) -> dict[str, Any]:
-    """Run ``python SCRIPT --memory-case CASE`` in a fresh process; it prints one JSON line last."""
+def run_memory_case(
+    script: Path, case: str, threads: int, timeout: float = 600, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run ``python SCRIPT --memory-case CASE [EXTRA]`` in a fresh process; it prints one JSON line last."""
     env = {**os.environ, **MEMORY_ENV}
     done = subprocess.run(
-        [sys.executable, str(script), "--memory-case", case, "--threads", str(threads)],
+        [sys.executable, str(script), "--memory-case", case, "--threads", str(threads), *extra],
         capture_output=True,
         text=True,
         env=env,

@@ -157,7 +157,7 @@ def test_bad_explain_values_are_usage_errors(digits, tmp_path: Path, capsys) -> 
         (["--scale", "-1"], "--scale must be a positive number"),
         (["--scale", "nan"], "--scale must be a positive number"),
         (["--scale", "inf"], "--scale must be a positive number"),
-        (["--layer", "1", "--method", "ig"], "--layer is used by --method gradcam only"),
+        (["--layer", "1", "--method", "ig"], "--layer is used by the layer methods (gradcam, gradcam++"),
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
     ]
     for extra, message in cases:

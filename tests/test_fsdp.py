@@ -179,3 +179,16 @@ def test_partial_sums_combine_exactly() -> None:
         flat.norm(),
     ]
     torch.testing.assert_close(combined, torch.stack(expected), rtol=1e-12, atol=0)
+
+
+def test_fsdp1_model_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    # FSDP1 cannot be built on CPU in torch 2.13 ("FSDP needs a non-CPU accelerator device"), so an
+    # instance is made without its __init__: what is checked is the type, before any collective
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapper)
+    model = nn.Sequential(wrapper, nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"FSDP1.*FlatParameter.*fully_shard"):
+        DistributedAnalyzer(model, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -142,3 +142,37 @@ def test_analyzer_option_forms(tmp_path: Path) -> None:
         assert analyzer.tensorboard is None
     with pytest.raises(TypeError, match="tensorboard= takes"):
         Analyzer(net, tmp_path / "c", tensorboard=3)
+
+
+def test_per_sample_statistics_and_noise_scale_live_and_exported(tmp_path: Path) -> None:
+    """With per_sample=k, the live event files hold every stored per-sample and noise-scale value
+    under the exporter's tags (``noise_scale/model`` for the whole model)."""
+    from bbdecoder.monitor.per_sample_recorder import NOISE_STATS, PER_SAMPLE_STATS
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    logger = TensorBoardLogger(tmp_path / "live", histogram_every=0)
+    with Analyzer(net, tmp_path / "run", tensorboard=logger, per_sample=2) as analyzer:
+        for _ in range(5):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            analyzer.step(loss=loss)
+            optimizer.step()
+    frame = open_run(tmp_path / "run").scalars()
+    frame = frame[frame.stat.isin(PER_SAMPLE_STATS + NOISE_STATS)]
+    assert sorted(set(frame.step)) == [0, 2, 4] and "noise_scale" in set(frame.stat)
+    export_tensorboard(tmp_path / "run", tmp_path / "exported")
+    for folder in ("live", "exported"):
+        acc = read_events(tmp_path / folder)
+        for (stat, param, layer), group in frame.groupby(["stat", "param", "layer"]):
+            tag = scalar_tag(stat, param, layer)
+            assert tag.endswith("/model") == (param == "*")
+            events = {e.step: e.value for e in acc.Scalars(tag)}
+            stored = dict(zip(group["step"], group["value"], strict=True))
+            assert events.keys() == stored.keys(), (folder, tag)
+            for step, value in stored.items():
+                assert events[step] == pytest.approx(value, rel=1e-6, abs=1e-30), (folder, tag)

@@ -36,6 +36,7 @@ from bbdecoder.attribution import (
     make_baseline,
     tokens,
 )
+from bbdecoder.attribution.registry import BoundMethod, MethodSpec, Option, get_method, list_methods
 from bbdecoder.attribution.rollout import AttentionRollout, GradientRollout
 from bbdecoder.bias import attention_iou, heatmap_score, mask_score
 from bbdecoder.hooks import HookManager, preserved_state
@@ -80,6 +81,7 @@ __all__ = [
     "Analyzer",
     "AttentionRollout",
     "BaseCAM",
+    "BoundMethod",
     "CompletenessError",
     "DatasetMaps",
     "DatasetMapsError",
@@ -107,10 +109,12 @@ __all__ = [
     "LayerInfo",
     "MLflowSink",
     "Master_analyzer",
+    "MethodSpec",
     "NoiseScaleEMA",
     "NonFiniteGradientWarning",
     "Normalize",
     "Occlusion",
+    "Option",
     "PerSampleError",
     "PerSampleGradients",
     "PerSampleTargets",
@@ -138,9 +142,11 @@ __all__ = [
     "deletion",
     "explain_dataset",
     "export_tensorboard",
+    "get_method",
     "heatmap_score",
     "insertion",
     "layer_costs",
+    "list_methods",
     "make_baseline",
     "mask_score",
     "open_maps",

@@ -1,4 +1,4 @@
-"""Command line: ``bbdecoder demo | report | explain | layers | export``.
+"""Command line: ``bbdecoder demo | report | explain | methods | layers | export``.
 
 Exit codes (stable, for scripts): 0 success; 2 bad arguments (argparse and malformed values);
 3 a named file or folder does not exist; 4 a file exists but cannot be read as what it should be
@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bbdecoder.attribution.registry import MAX_COUNT, get_method, list_methods, method_names, option_flags
+
 EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATIBLE, EXIT_DEPENDENCY = 0, 2, 3, 4, 5, 6
 EXIT_UNWRITABLE = 7
 EXIT_CODES = (EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATIBLE, EXIT_DEPENDENCY,
@@ -33,14 +35,14 @@ EXIT_CODES = (EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNREADABLE, EXIT_INCOMPATI
 MAX_INPUT_ELEMENTS = 2**25
 """The largest input tensor (values) ``explain`` and ``layers`` build: 128 MiB as float32, e.g.
 3 x 3000 x 3000; checked before anything is allocated (IG and SmoothGrad hold 16 copies)."""
-MAX_STEPS = 10_000
-"""Upper bound of ``--steps`` (IG) and ``--samples`` (SmoothGrad)."""
-METHODS = ("fullgrad", "simple_fullgrad", "smooth_fullgrad", "ig", "smoothgrad", "gradcam", "gradient",
-           "inputxgradient")  # fmt: skip
+MAX_STEPS = MAX_COUNT
+"""Upper bound of the count options (``--steps``, ``--samples``, ...; the registry's ``MAX_COUNT``)."""
+METHODS = method_names("torch")
+"""``--method`` names: the method registry's (``bbdecoder methods`` lists them with their options)."""
 CHUNK = 16
-"""Rows per forward pass for IG steps and SmoothGrad samples (a fixed chunk needs no memory probe,
-which TorchScript models could not run)."""
-HOOK_METHODS = {"fullgrad", "simple_fullgrad", "smooth_fullgrad", "gradcam"}
+"""Rows per forward pass for IG steps, SmoothGrad samples and the perturbation methods' perturbed
+inputs, where not given (a fixed chunk needs no memory probe, which TorchScript models could not run)."""
+HOOK_METHODS = {spec.name for spec in list_methods("torch") if spec.needs_hooks}
 
 
 class CLIError(Exception):
@@ -155,6 +157,20 @@ def is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
+def load_torchscript(path: Path) -> Any:
+    """``torch.jit.load(path, map_location="cpu")`` without the DeprecationWarning torch 2.13 raises on
+    every call ("torch.jit.load is deprecated. Please switch to torch.export"): it deprecates
+    TorchScript as a whole, says nothing about the user's file, and a TorchScript file has no other
+    loader. Only that warning is silenced; any other warning of the load still shows."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.load` is (deprecated|not supported)", category=DeprecationWarning
+        )
+        return torch.jit.load(str(path), map_location="cpu")
+
+
 def import_class(spec: str) -> Any:
     """``"package.module:Class"`` or ``"path/to/file.py:Class"`` -> the class."""
     module_name, sep, class_name = spec.partition(":")
@@ -237,17 +253,13 @@ def load_model(
     Files are read with ``torch.load(weights_only=True)``, which runs no code from the file; a file it
     refuses (a whole pickled model, or a pickle naming other Python objects) raises a
     :class:`CLIError` naming ``--trust-pickle`` instead of falling back to the full unpickler."""
-    import torch
     from torch import nn
 
     file = existing(path, "model file")
     if file.is_dir():
         raise CLIError(f"{path} is a folder; pass the model file", EXIT_UNREADABLE)
     try:
-        if is_torchscript(file):
-            model = torch.jit.load(str(file), map_location="cpu")
-        else:
-            model = _torch_load(file, path, trust_pickle)
+        model = load_torchscript(file) if is_torchscript(file) else _torch_load(file, path, trust_pickle)
     except CLIError:
         raise
     except Exception as err:
@@ -614,39 +626,57 @@ def make_explainer(
     norm: Any = None,
     layer: Any = None,
 ) -> Any:
-    """``f(x, target) -> (N, 1, H, W)`` for ``method``; ``norm`` is the input transform, ``layer`` the
-    Grad-CAM module (see :func:`resolve_layer`; default: Grad-CAM's own choice)."""
-    from bbdecoder.attribution import (
-        FullGrad,
-        GradCAM,
-        Gradient,
-        InputXGradient,
-        IntegratedGradients,
-        SimpleFullGrad,
-        SmoothFullGrad,
-        SmoothGrad,
-    )
+    """``f(x, target) -> (N, 1, H, W)`` for ``method`` (its registry entry; signed methods: the
+    attribution summed over channels); ``norm`` is the input transform, ``layer`` the map's module
+    (see :func:`resolve_layer`; default: the method's own choice). The option flags given in ``args``
+    go to the methods that take them."""
+    spec = get_method(method)
+    options: dict[str, Any] = {}
+    for option in spec.options:
+        value = getattr(args, _dest(option.flag), None) if option.flag else None
+        if value is not None:
+            options[option.name] = value if option.from_flag is None else option.from_flag(value, im_size)
+        elif option.name in ("internal_batch_size", "batch_size") and option.default is None:
+            options[option.name] = CHUNK  # a fixed chunk: no memory probe (TorchScript cannot run one)
+    return spec.bind(model, layer=layer, input_transform=norm, im_size=im_size, **options)
 
-    if method == "fullgrad":
-        return FullGrad(model, im_size=im_size, input_transform=norm).saliency
-    if method == "simple_fullgrad":
-        return SimpleFullGrad(model, input_transform=norm).saliency
-    if method == "smooth_fullgrad":
-        return SmoothFullGrad(model, input_transform=norm).saliency
-    if method == "gradcam":
-        return GradCAM(model, layer, input_transform=norm).saliency
-    if method == "ig":
-        ig = IntegratedGradients(model, input_transform=norm)
-        return lambda x, t: ig.attribute(x, t, n_steps=args.steps, internal_batch_size=CHUNK).sum(
-            dim=1, keepdim=True
-        )
-    if method == "smoothgrad":
-        inner = Gradient(model, input_transform=norm)
-        return SmoothGrad(inner, n_samples=args.samples, internal_batch_size=CHUNK).saliency
-    if method == "gradient":
-        return lambda x, t: Gradient(model, input_transform=norm).attribute(x, t).sum(dim=1, keepdim=True)
-    inputxgradient = InputXGradient(model, input_transform=norm)
-    return lambda x, t: inputxgradient.attribute(x, t).sum(dim=1, keepdim=True)
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from bbdecoder.attribution.registry import text_listing
+
+    if args.json:
+        listing = [
+            {
+                "name": spec.name,
+                "title": spec.title,
+                "family": spec.family,
+                "signed": spec.signed,
+                "layer": spec.layer,
+                "frameworks": sorted(spec.frameworks),
+                "aliases": list(spec.aliases),
+                "summary": spec.summary,
+                "options": [
+                    {
+                        "name": o.name,
+                        "type": o.type.__name__,
+                        "default": o.default,
+                        "flag": o.flag,
+                        "help": o.help,
+                        "stage": o.stage,
+                    }
+                    for o in spec.options
+                ],
+            }
+            for spec in list_methods(args.framework)
+        ]
+        print(json.dumps(listing, indent=2))
+    else:
+        print(text_listing(args.framework))
+    return EXIT_OK
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -664,10 +694,18 @@ def _explain(args: argparse.Namespace) -> int:
         check_budget((args.channels, *size), "--size", args.size)
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise CLIError(f"--scale must be a positive number (pixels are divided by it), got {args.scale}", 2)
-    bounded_int(args.steps, "--steps", 1, MAX_STEPS)
-    bounded_int(args.samples, "--samples", 1, MAX_STEPS)
-    if args.layer is not None and args.method != "gradcam":
-        raise CLIError(f"--layer is used by --method gradcam only, not by {args.method}", EXIT_USAGE)
+    for flag, uses in option_flags().items():
+        value = getattr(args, _dest(flag))
+        first = uses[0][1]
+        if value is not None and first.minimum is not None and first.maximum is not None:
+            bounded_int(value, flag, int(first.minimum), int(first.maximum))
+    spec = get_method(args.method)
+    if args.layer is not None and spec.layer == "none":
+        takers = ", ".join(s.name for s in list_methods("torch") if s.layer != "none")
+        raise CLIError(
+            f"--layer is used by the layer methods ({takers}) only, not by --method {args.method}",
+            EXIT_USAGE,
+        )
     norm = normalization(args, args.channels)
     out = output_file(
         args.out or str(Path(args.image).with_name(f"{Path(args.image).stem}_{args.method}.png")),
@@ -684,7 +722,8 @@ def _explain(args: argparse.Namespace) -> int:
     if scripted and args.method in HOOK_METHODS:
         raise CLIError(
             f"--method {args.method} needs forward hooks, which a TorchScript model does not support; use "
-            "gradient, inputxgradient, ig or smoothgrad, or pass a state_dict with --model-class",
+            f"{', '.join(m for m in METHODS if m not in HOOK_METHODS)}, or pass a state_dict with "
+            "--model-class",
             EXIT_INCOMPATIBLE,
         )
     norm_input = x if norm is None else norm(x)
@@ -719,7 +758,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.method} failed on this model: {type(err).__name__}: {err}", EXIT_INCOMPATIBLE
         ) from err
-    signed = args.method in {"ig", "gradient", "inputxgradient"}
+    signed = spec.signed
     picture = overlay(x[0], saliency[0], signed=signed)
     scale = max(1, 256 // max(picture.shape[:2]))
     for path in [out] if save_map is None else [out, save_map]:
@@ -822,6 +861,30 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", help="for a state_dict: the constructor's arguments as JSON")
 
 
+def _method_name(text: str) -> str:
+    """``--method``: a registered name or alias, any case (an unknown one is left to ``choices``)."""
+    try:
+        return get_method(text).name
+    except KeyError:
+        return text
+
+
+def _option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per registry option that has one; its help names the methods and their defaults."""
+    for flag, uses in option_flags("torch").items():
+        first = uses[0][1]
+        bounds = f"{first.minimum:g}..{first.maximum:g}; " if first.maximum is not None else ""
+        groups: dict[str, list[str]] = {}  # the same help and default: one entry naming every method
+        for spec, option in uses:
+            text = (option.flag_help or option.help) + (
+                "" if option.default is None else f" (default {option.default})"
+            )
+            groups.setdefault(text, []).append(spec.name)
+        parts = [f"{', '.join(names)}: {text}" for text, names in groups.items()]
+        kind = int if first.from_flag is not None else first.type  # --patch: a size, made a mask
+        parser.add_argument(flag, type=kind, default=None, help=bounds + "; ".join(parts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bbdecoder import __version__
 
@@ -868,7 +931,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="saliency map of one image, written as an overlay PNG")
     _model_args(explain)
     explain.add_argument("--image", required=True, help="any image Pillow reads")
-    explain.add_argument("--method", choices=METHODS, default="fullgrad")
+    explain.add_argument(
+        "--method",
+        choices=METHODS,
+        default="fullgrad",
+        type=_method_name,
+        help="attribution method (default fullgrad; `bbdecoder methods` lists them with their options)",
+    )
     explain.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     explain.add_argument("--out", help="overlay PNG (default IMAGE_STEM_METHOD.png next to the image)")
     explain.add_argument("--save-map", help="also save the raw (H, W) map as .npy")
@@ -886,14 +955,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--std", help="normalisation std per channel, e.g. 0.229,0.224,0.225")
     explain.add_argument(
         "--layer",
-        help="Grad-CAM layer: a leaf ID as `bbdecoder layers` shows it (all digits), else a module's "
-        "qualified name (default: the last layer with a 4-D output)",
+        help="the layer of a CAM method: a leaf ID as `bbdecoder layers` shows it (all digits), else a "
+        "module's qualified name (default: the last feature map of the trunk)",
     )
-    explain.add_argument("--steps", type=int, default=50, help=f"IG steps, 1..{MAX_STEPS} (default 50)")
-    explain.add_argument(
-        "--samples", type=int, default=25, help=f"SmoothGrad samples, 1..{MAX_STEPS} (default 25)"
-    )
+    _option_flags(explain)
     explain.set_defaults(handler=_explain, subparser=explain)
+
+    methods = commands.add_parser("methods", help="list the attribution methods and their options")
+    methods.add_argument("--framework", choices=("torch", "keras"), help="only this framework's methods")
+    methods.add_argument("--json", action="store_true", help="machine-readable listing")
+    methods.set_defaults(handler=_methods, subparser=methods)
 
     layers = commands.add_parser("layers", help="the layer table: IDs, names, types, parameters, shapes")
     _model_args(layers)

@@ -90,7 +90,7 @@ class CapturedAttention:
                 out.append(torch.zeros_like(record.weights))
                 continue
             d_o = grad.detach().reshape(n, t, h, d).transpose(1, 2)  # (N, H, T, d)
-            out.append(d_o @ record.values.transpose(-1, -2))
+            out.append(d_o.to(record.values.dtype) @ record.values.transpose(-1, -2))
         return out
 
     def _mha_gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
@@ -345,8 +345,13 @@ def _recompute(module: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torc
                 k = norm(tensor)
     scale = getattr(module, "scale", None)
     scale = float(scale) if isinstance(scale, (int, float)) else d**-0.5
-    weights = torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1)
-    return weights, v.float()
+    wide = _at_least_float32(q.dtype)  # half precision is widened; float64 models stay float64
+    weights = torch.softmax((q.to(wide) * scale) @ k.to(wide).transpose(-1, -2), dim=-1)
+    return weights, v.to(wide)
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 @contextlib.contextmanager
@@ -368,7 +373,7 @@ def capture_attention(model: nn.Module, hooks: HookManager) -> Iterator[Captured
                         "attention cannot be captured"
                     )
                 captured._graph.append(weights)
-                captured.weights.append(weights.detach().float())
+                captured.weights.append(weights.detach().to(_at_least_float32(weights.dtype)))
 
             return hook
 

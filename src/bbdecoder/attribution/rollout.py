@@ -163,8 +163,9 @@ class _Rollout(Explainer):
                     f"no attention module of {type(self.model).__name__} ran in the forward pass"
                 )
             grads: list[torch.Tensor] = []
-            if need_grad:
+            if need_grad or target is not None:  # a target the map ignores is still checked
                 scores = select_scores(output if callable(target) else _logits(output), target, x.shape[0])
+            if need_grad:
                 grads = captured.gradients(scores.sum())
         return captured.weights, grads
 
@@ -190,7 +191,8 @@ class AttentionRollout(_Rollout):
     ``"max"``, ``"min"``), optionally thinned (``discard_ratio``: in every row that fraction of the
     lowest entries is set to 0, the class-token column always kept), the residual added as
     ``0.5 A + 0.5 I`` and the rows renormalised; the layers are multiplied first to last. ``target``
-    is ignored (rollout does not depend on the class).
+    does not change the map (rollout does not depend on the class); a given one is still checked
+    (a class out of range raises :class:`~bbdecoder.TargetError`).
 
     Attention weights: Hugging Face models run with eager attention for the call (restored after),
     torch's ``nn.MultiheadAttention`` (``nn.TransformerEncoder``) has them recomputed from each call's

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bbdecoder.attribution import FullGrad, GradCAM, Gradient, IntegratedGradients, SmoothGrad
+from bbdecoder.attribution import FullGrad, IntegratedGradients
+from bbdecoder.attribution.registry import get_method
 from bbdecoder.demo.deps import require_demo_dependencies
 from bbdecoder.demo.digits import DigitsCNN, DigitsData, evaluate_accuracy, load_digits_data
 from bbdecoder.metrics.completeness import CompletenessResult
@@ -31,7 +33,8 @@ from bbdecoder.store.schema import DB_FILENAME
 from bbdecoder.store.writer import RunWriter
 from bbdecoder.viz import comparison_grid, overlay
 
-SIGNED_METHODS = ("Integrated Gradients", "Gradient")
+SIGNED_METHODS = tuple(get_method(name).title for name in ("ig", "gradient"))
+"""The grid's signed maps (the registry's ``signed``), drawn red/blue."""
 FEATURE_LAYER = "conv2"  # whose output the demo records once per epoch
 
 
@@ -219,17 +222,23 @@ def _train_with_analyzer(
     return model, evaluate_accuracy(model, data.x_test, data.y_test), [f for f in files if f.exists()]
 
 
-def _explainers(model: nn.Module, s: DemoSettings, im_size: tuple[int, ...]) -> dict[str, Callable]:
-    """Method name -> ``f(images, labels) -> (N, 1, H, W)`` (signed for IG and the gradient)."""
-    integrated = IntegratedGradients(model)
+def demo_methods(s: DemoSettings) -> dict[str, dict[str, Any]]:
+    """The registry names of the saliency grid's methods and their options (the rest: defaults)."""
     return {
-        "FullGrad": FullGrad(model, im_size=im_size).saliency,
-        "Integrated Gradients": lambda x, y: integrated.attribute(
-            x, y, n_steps=64, method="gausslegendre"
-        ).sum(dim=1, keepdim=True),
-        "SmoothGrad": SmoothGrad(model, n_samples=32, seed=s.seed).saliency,
-        "Grad-CAM": GradCAM(model).saliency,
-        "Gradient": lambda x, y: Gradient(model).attribute(x, y).sum(dim=1, keepdim=True),
+        "fullgrad": {},
+        "ig": {"n_steps": 64, "method": "gausslegendre"},
+        "smoothgrad": {"n_samples": 32, "seed": s.seed},
+        "gradcam": {},
+        "gradient": {},
+    }
+
+
+def _explainers(model: nn.Module, s: DemoSettings, im_size: tuple[int, ...]) -> dict[str, Callable]:
+    """Method title -> ``f(images, labels) -> (N, 1, H, W)`` (signed for IG and the gradient), built from
+    the method registry (:func:`demo_methods`)."""
+    return {
+        get_method(name).title: get_method(name).bind(model, im_size=im_size, **options)
+        for name, options in demo_methods(s).items()
     }
 
 

@@ -13,13 +13,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from bbdecoder.attribution import FullGrad, GradCAM, IntegratedGradients, SimpleFullGrad
+from bbdecoder.attribution.registry import get_method
 from bbdecoder.demo.localization import localization_scores, random_maps, sobel_edges
 from bbdecoder.demo.shapes import CLASSES, ShapesData, make_shapes_data, shapes_accuracy, train_shapes_cnn
 from bbdecoder.progress import progress_bar, stage
@@ -75,18 +76,20 @@ def _slug(name: str) -> str:
 
 
 def shapes_explainers(model: nn.Module, ig_steps: int = 32) -> dict[str, Callable]:
-    """Method name -> ``f(images, labels) -> (N, 1, H, W)`` non-negative maps (IG: |sum over colours|)."""
-    integrated = IntegratedGradients(model)
-    return {
-        "FullGrad": FullGrad(model, im_size=(3, 64, 64)).saliency,
-        "SimpleFullGrad": SimpleFullGrad(model).saliency,
-        "Integrated Gradients": lambda x, y: (
-            integrated.attribute(x, y, n_steps=ig_steps, method="gausslegendre")
-            .sum(dim=1, keepdim=True)
-            .abs()
-        ),
-        "Grad-CAM": GradCAM(model).saliency,
+    """Method title -> ``f(images, labels) -> (N, 1, H, W)`` non-negative maps (IG: |sum over colours|),
+    built from the method registry."""
+    chosen: dict[str, dict[str, Any]] = {
+        "fullgrad": {},
+        "simple_fullgrad": {},
+        "ig": {"n_steps": ig_steps, "method": "gausslegendre"},
+        "gradcam": {},
     }
+    out: dict[str, Callable] = {}
+    for name, options in chosen.items():
+        spec = get_method(name)
+        bound = spec.bind(model, im_size=(3, 64, 64), **options)
+        out[spec.title] = (lambda x, y, bound=bound: bound(x, y).abs()) if spec.signed else bound
+    return out
 
 
 def explain_and_score(

@@ -173,9 +173,12 @@ class DistributedAnalyzer(Analyzer):
     wrapper (DDP needs its own forward to synchronise gradients). Only ``writer_rank`` writes the
     store in ``save_path`` (give every rank the same path). Recording calls are collective: every
     rank must make them. A model sharded with FSDP2's ``fully_shard`` gets a
-    :class:`~bbdecoder.integrations.sharded.ShardSync`: the statistics of the unsharded tensors.
+    :class:`~bbdecoder.integrations.sharded.ShardSync`: the statistics of the unsharded tensors; an
+    FSDP1 (``FullyShardedDataParallel``) model is refused with ``TypeError``.
     ``noise_scale=True`` (DDP wrapper only) stores the two-batch gradient noise scale across ranks
-    (:mod:`bbdecoder.integrations.ddp_noise`). Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
+    (:mod:`bbdecoder.integrations.ddp_noise`). ``per_sample=True | k`` (DDP and FSDP2) stores the
+    per-sample statistics and noise scale of the global batch, merged exactly across ranks
+    (:mod:`bbdecoder.monitor.per_sample_merge`). Other arguments as for :class:`~bbdecoder.monitor.Analyzer`.
     """
 
     def __init__(
@@ -190,14 +193,17 @@ class DistributedAnalyzer(Analyzer):
         noise_scale: bool = False,
         **kwargs: Any,
     ) -> None:
-        from bbdecoder.integrations.sharded import rank_sync_for
+        from bbdecoder.integrations.sharded import rank_sync_for, refuse_fsdp1
 
+        refuse_fsdp1(model)
         sync = rank_sync_for(model, process_group, writer_rank)  # ShardSync for FSDP2 (DTensor) models
         super().__init__(model, save_path, input_size, layers=layers, sync=sync, **kwargs)
         if noise_scale:  # the two-batch gradient noise scale across ranks (see ddp_noise)
             from bbdecoder.integrations.ddp_noise import RankNoiseScale
 
-            self._row_sources.append(RankNoiseScale(model, self.writer, self._hooks, process_group))
+            self._row_sources.append(
+                RankNoiseScale(model, self.writer, self._hooks, process_group, tensorboard=self.tensorboard)
+            )
 
     @property
     def is_writer(self) -> bool:

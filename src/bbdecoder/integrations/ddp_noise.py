@@ -53,6 +53,7 @@ class RankNoiseScale:
         hooks: where the sample-counting forward pre-hook is registered.
         process_group: the DDP process group (``None``: the default group).
         ema: decay of the smoothed value.
+        tensorboard: a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` that gets the rows live.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class RankNoiseScale:
         hooks: HookManager,
         process_group: Any = None,
         ema: float = 0.9,
+        tensorboard: Any = None,
     ) -> None:
         if not isinstance(ddp, nn.parallel.DistributedDataParallel):
             raise TypeError(
@@ -76,6 +78,7 @@ class RankNoiseScale:
         self._series = writer.series_id(-1, "*")
         self._stats = [writer.stat_id(s) for s in RANK_NOISE_STATS]
         self.ema = NoiseScaleEMA(ema)
+        self.tensorboard = tensorboard
         ddp.register_comm_hook(self, _noise_comm_hook)
         hooks.forward_pre_hook(ddp.module, self._count)
 
@@ -105,6 +108,12 @@ class RankNoiseScale:
             values = [estimate.trace, estimate.grad_sq, estimate.noise_scale, self.ema.update(estimate)]
         else:
             values = [math.nan] * 3 + [self.ema.value]
+        if self.tensorboard is not None:
+            from bbdecoder.monitor.tensorboard import stat_tag
+
+            self.tensorboard.record_scalars(
+                step, {stat_tag(s, "*"): float(v) for s, v in zip(RANK_NOISE_STATS, values, strict=True)}
+            )
         return [
             (step, epoch, self._series, sid, float(v)) for sid, v in zip(self._stats, values, strict=True)
         ]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bbdecoder.integrations.ddp import RankSync
+from bbdecoder.integrations.sharded import rank_sync_for
 from bbdecoder.layers import LayerSelection
 from bbdecoder.monitor.analyzer import Analyzer, EmptyEpochError
 
@@ -31,8 +31,9 @@ except ImportError:  # pragma: no cover - depends on which Lightning package is 
 class BBDecoderCallback(Callback):
     """Record the :class:`~bbdecoder.monitor.Analyzer` statistics of the ``LightningModule`` during fit.
 
-    - The analyzer is built in ``setup("fit")`` on the LightningModule itself, so layer and
-      parameter names are those of ``pl_module.state_dict()`` (e.g. ``net.0.weight``).
+    - The analyzer is built in ``on_fit_start`` on the LightningModule itself (after
+      ``configure_model`` and the strategy's set-up), so layer and parameter names are those of
+      ``pl_module.state_dict()`` (e.g. ``net.0.weight``).
     - Each optimizer step is recorded in ``on_before_optimizer_step``: after the backward passes of
       all accumulated micro-batches and after AMP unscaling, **before** gradient clipping, so the
       stored norms are those the clipping saw. The step's loss is the mean of its micro-batch losses.
@@ -42,6 +43,10 @@ class BBDecoderCallback(Callback):
       left exactly as it was.
     - Multi-process strategies (DDP): statistics are reduced across ranks once per step and only
       global rank 0 writes the store (see :mod:`bbdecoder.integrations.ddp`).
+    - FSDP2 through ``ModelParallelStrategy`` (``fully_shard`` applied in ``configure_model``): the
+      statistics of the full, unsharded tensors (:mod:`bbdecoder.integrations.sharded`). Lightning's
+      ``FSDPStrategy`` (FSDP1, flat parameters) is refused in ``setup`` with the reason; use
+      ``ModelParallelStrategy`` and ``fully_shard`` instead.
 
     Args:
         save_path: folder of the run store.
@@ -75,6 +80,12 @@ class BBDecoderCallback(Callback):
         if stage != "fit":
             return
         self._close()
+        refuse_fsdp1(trainer.strategy)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # after configure_model and the strategy's setup: FSDP2's fully_shard has replaced the
+        # parameters by their sharded DTensors, and layers built in configure_model exist
+        self._close()
         multi = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         self.analyzer = Analyzer(
             pl_module,
@@ -83,7 +94,7 @@ class BBDecoderCallback(Callback):
             weights=self.weights,
             activations=self.activations,
             scaler=getattr(trainer.precision_plugin, "scaler", None),
-            sync=RankSync() if multi else None,
+            sync=rank_sync_for(pl_module) if multi else None,
             **self.analyzer_kwargs,
         )
 
@@ -123,4 +134,12 @@ class BBDecoderCallback(Callback):
             self.analyzer.end_epoch(trainer.current_epoch)
 
 
-__all__ = ["BBDecoderCallback"]
+def refuse_fsdp1(strategy: Any) -> None:
+    """Raise ``TypeError`` for Lightning's ``FSDPStrategy`` (FSDP1), saying what to use instead."""
+    from bbdecoder.integrations.sharded import FSDP1_MESSAGE
+
+    if type(strategy).__name__ == "FSDPStrategy":
+        raise TypeError(f"BBDecoderCallback: {FSDP1_MESSAGE}")
+
+
+__all__ = ["BBDecoderCallback", "refuse_fsdp1"]

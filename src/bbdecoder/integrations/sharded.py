@@ -163,10 +163,37 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+FSDP1_MESSAGE = (
+    "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, Lightning's FSDPStrategy) is not supported: "
+    "it flattens each wrapped module's parameters into one FlatParameter, so neither the state_dict names "
+    "nor per-tensor gradients exist on a rank (and in torch 2.13 it needs an accelerator: it does not run "
+    "on CPU). Use FSDP2: torch.distributed.fsdp.fully_shard (in Lightning: "
+    "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard applied in "
+    "LightningModule.configure_model, mesh=self.device_mesh['data_parallel'])"
+)
+
+
+def refuse_fsdp1(model: nn.Module) -> None:
+    """Raise ``TypeError`` (:data:`FSDP1_MESSAGE`) when ``model`` holds an FSDP1 wrapper."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise TypeError(FSDP1_MESSAGE)
+
+
 def rank_sync_for(model: nn.Module, process_group: Any = None, writer_rank: int = 0) -> RankSync:
     """:class:`ShardSync` for a model with sharded (``DTensor``) parameters, else ``RankSync``."""
     cls = ShardSync if is_sharded_model(model) else RankSync
     return cls(process_group, writer_rank)
 
 
-__all__ = ["ShardSync", "combine_partials", "is_sharded_model", "local_part", "partial_sums", "rank_sync_for"]
+__all__ = [
+    "FSDP1_MESSAGE",
+    "ShardSync",
+    "combine_partials",
+    "is_sharded_model",
+    "local_part",
+    "partial_sums",
+    "rank_sync_for",
+    "refuse_fsdp1",
+]

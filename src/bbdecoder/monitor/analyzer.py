@@ -120,7 +120,10 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         tensorboard: also log live to TensorBoard: ``True`` (``<save_path>/tensorboard``), a log
             folder, or a :class:`~bbdecoder.monitor.tensorboard.TensorBoardLogger` (needs ``tensorboard``).
         per_sample: per-sample gradient statistics and the gradient noise scale every step (``True``)
-            or every ``k`` steps (``k``); single process; see :mod:`bbdecoder.monitor.per_sample_recorder`.
+            or every ``k`` steps (``k``); under ``sync`` over the global batch of all ranks; see
+            :mod:`bbdecoder.monitor.per_sample_recorder`.
+        micro_noise_scale: the two-batch gradient noise scale from the micro-batches of accumulated
+            steps (single process; see :mod:`bbdecoder.monitor.noise_micro`).
         alerts: the alert rules of :mod:`bbdecoder.alerts` evaluated as steps are recorded, stored as
             events and raised once per kind as an ``AlertWarning``: ``True`` (default thresholds), an
             :class:`~bbdecoder.alerts.AlertConfig`, or ``False``; the engine is :attr:`alerts`.
@@ -153,6 +156,7 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         sync: Any = None,
         tensorboard: Any = None,
         per_sample: bool | int = False,
+        micro_noise_scale: bool = False,
         alerts: Any = True,
         resume: bool = False,
     ) -> None:
@@ -194,6 +198,10 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
         self.alerts = _alert_engine(alerts, self.writer)
         try:
             self._set_up(watch, dead_threshold, saturation_eps, channel_dim, tensorboard, per_sample)
+            if micro_noise_scale:
+                from bbdecoder.monitor.noise_micro import micro_noise_source
+
+                self._row_sources.append(micro_noise_source(self))
         except BaseException:
             _release(self._hooks, self.writer, self.tensorboard)
             raise
@@ -290,7 +298,8 @@ class Analyzer(SeedInterface, ActivationsMixin, InspectionMixin):
             self._step,
             hooks=self._hooks,
             pause=self.paused,
-            distributed=self.sync is not None,
+            sync=self.sync,
+            tensorboard=self.tensorboard,
         )
         if self._per_sample is not None:
             self._row_sources.append(self._per_sample)

@@ -73,16 +73,26 @@ class PerSampleStats:
     table: torch.Tensor
     sample_sq_norms: torch.Tensor
     skipped: dict[str, str] = field(default_factory=dict)
+    sums: torch.Tensor | None = None
+    """``(n, 2)``: per tensor ``sum_i ||g_i||`` and ``sum_i ||g_i||^2`` (what merges across ranks)."""
+    grad_sums: list[torch.Tensor] = field(default_factory=list)
+    """Per tensor ``sum_i g_i`` (float64, the parameter's full shape)."""
+    merged: tuple[int, float] | None = None
+    """Set on statistics merged across ranks (:mod:`bbdecoder.monitor.per_sample_merge`): the global
+    batch size and the whole model's ``mean_i ||g_i||``; ``sample_sq_norms`` is then this rank's."""
 
     @property
     def batch_size(self) -> int:
-        return int(self.sample_sq_norms.numel())
+        return self.merged[0] if self.merged is not None else int(self.sample_sq_norms.numel())
 
     def model_row(self) -> torch.Tensor:
         """``(3,)``: the whole model's ``sample_norm_mean``, ``sample_var``, ``sample_grad_sq``."""
-        return torch.stack(
-            [self.sample_sq_norms.sqrt().mean(), self.table[:, 1].sum(), self.table[:, 2].sum()]
+        norm_mean = (
+            self.table.new_tensor(self.merged[1])
+            if self.merged is not None
+            else self.sample_sq_norms.sqrt().mean()
         )
+        return torch.stack([norm_mean, self.table[:, 1].sum(), self.table[:, 2].sum()])
 
 
 def batchnorm_in_training(model: nn.Module) -> list[str]:
@@ -245,6 +255,8 @@ class PerSampleGradients:
         total = sum(batch[p] for p in passes)
         scale = float(total) if self.loss_reduction == "mean" else 1.0
         rows, sq_all, names = [], None, []
+        sums: list[torch.Tensor] = []
+        grad_sums: list[torch.Tensor] = []
         for row, owners in self._owners.items():
             if any(id(module) in failed for module, _ in owners):
                 continue
@@ -275,6 +287,8 @@ class PerSampleGradients:
             mean_grad_sq = (grad_sum * (scale / total)).pow(2).sum()
             var = (sq.mean() - mean_grad_sq).clamp_min(0.0)
             rows.append(torch.stack([sq.sqrt().mean(), var, mean_grad_sq]))
+            sums.append(torch.stack([sq.sqrt().sum(), sq.sum()]))
+            grad_sums.append(grad_sum * scale)
             sq_all = sq if sq_all is None else sq_all + sq
             names.append(self.names[row])
         for what, why in skipped.items():
@@ -283,7 +297,7 @@ class PerSampleGradients:
                 warnings.warn(f"per-sample statistics leave out {what}: {why}", RuntimeWarning, stacklevel=3)
         if sq_all is None:
             raise PerSampleError("none of the covered parameters got per-sample gradients in this step")
-        return PerSampleStats(names, torch.stack(rows), sq_all, skipped)
+        return PerSampleStats(names, torch.stack(rows), sq_all, skipped, torch.stack(sums), grad_sums)
 
     def close(self) -> None:
         """Remove the hooks (when this object registered them itself) and drop captured data."""

@@ -10,6 +10,10 @@ Stored every ``k`` recorded steps (``per_sample=k``; ``True`` means every step),
   ``tr(Sigma)`` and ``|G|^2`` of :func:`bbdecoder.monitor.noise_scale.from_samples`),
   ``noise_scale`` (``B_simple`` of this step) and ``noise_scale_ema`` (smoothed over the per-sample
   steps, :class:`~bbdecoder.monitor.noise_scale.NoiseScaleEMA`).
+
+Under ``torch.distributed`` (``DistributedAnalyzer``, DDP or FSDP2) ``B`` is the global batch (every
+rank's samples) and the statistics are merged exactly across ranks on the per-sample steps
+(:mod:`bbdecoder.monitor.per_sample_merge`). With ``tensorboard=`` the same values are logged live.
 """
 
 from __future__ import annotations
@@ -78,8 +82,12 @@ class PerSampleRecorder:
         pause: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         loss_reduction: str = "mean",
         ema: float = 0.9,
+        sync: Any = None,
+        tensorboard: Any = None,
     ) -> None:
         self.every = every
+        self.sync = sync
+        self.tensorboard = tensorboard
         self.grads = PerSampleGradients(
             model, [(n, p) for n, p, _ in params], loss_reduction=loss_reduction, hooks=hooks, pause=pause
         )
@@ -101,6 +109,12 @@ class PerSampleRecorder:
             return []
         try:
             stats = self.grads.compute()
+            if self.sync is not None and getattr(self.sync, "world_size", 1) > 1:
+                from bbdecoder.monitor.per_sample_merge import merge_across_ranks
+
+                stats = merge_across_ranks(
+                    stats, self.sync.group, nccl=bool(getattr(self.sync, "_nccl", False))
+                )
         finally:
             self.arm_for(step + 1)
         self.last = stats
@@ -124,6 +138,10 @@ class PerSampleRecorder:
                 "noise_scale_ema": self.ema.update(estimate),
             }
         out += [(step, epoch, self._model_series, self._stat[s], float(v)) for s, v in extra.items()]
+        if self.tensorboard is not None:
+            from bbdecoder.monitor.tensorboard import per_sample_scalars
+
+            self.tensorboard.record_scalars(step, per_sample_scalars(stats.names, table, extra))
         return out
 
     def close(self) -> None:
@@ -139,22 +157,24 @@ def per_sample_recorder(
     *,
     hooks: HookManager | None = None,
     pause: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-    distributed: bool = False,
+    sync: Any = None,
     **kwargs: Any,
 ) -> PerSampleRecorder | None:
     """The Analyzer's hook-up: a :class:`PerSampleRecorder` for ``per_sample`` (``None`` when off).
     ``params`` are objects with ``name``, ``tensor`` and ``series_id`` (the Analyzer's tracked
-    tensors). ``distributed`` runs are refused (per-sample statistics are single-process for now)."""
+    tensors). With a rank ``sync`` (DDP, FSDP2) the statistics are those of the global batch, merged
+    exactly across ranks (:mod:`bbdecoder.monitor.per_sample_merge`)."""
     every = per_sample_every(per_sample)
     if not every:
         return None
-    if distributed:
-        raise ValueError(
-            "per_sample is single-process for now: under torch.distributed each rank sees only its "
-            "samples; use per_sample=False with DistributedAnalyzer"
+    if sync is not None and not hasattr(sync, "group"):
+        raise TypeError(
+            f"per_sample needs a RankSync-like sync (with .group and .world_size), got {type(sync).__name__}"
         )
     triples = [(p.name, p.tensor, p.series_id) for p in params if p.tensor.requires_grad]
-    return PerSampleRecorder(every, model, triples, writer, first_step, hooks=hooks, pause=pause, **kwargs)
+    return PerSampleRecorder(
+        every, model, triples, writer, first_step, hooks=hooks, pause=pause, sync=sync, **kwargs
+    )
 
 
 __all__ = ["NOISE_STATS", "PER_SAMPLE_STATS", "PerSampleRecorder", "per_sample_every", "per_sample_recorder"]

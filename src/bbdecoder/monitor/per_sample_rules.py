@@ -201,7 +201,13 @@ def functional_rule(
     from torch.func import vjp, vmap
     from torch.nn.utils.stateless import _reparametrize_module
 
-    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in names}
+    # a sharded (FSDP2) parameter is gathered: a collective, made by every rank for the same calls
+    # in the same order, since every rank reduces the same modules' captured calls
+    params = {
+        n: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach()  # type: ignore[attr-defined]
+        for n, p in module.named_parameters(recurse=False)
+        if n in names
+    }
     batch = g.shape[0]
     batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch for a in args]
 

@@ -1,10 +1,13 @@
 """Live TensorBoard logging for the :class:`~bbdecoder.monitor.Analyzer` (``tensorboard=`` option).
 
 Per recorded step: the loss (``loss``) and every gradient statistic of every tracked parameter
-(``grad_<stat>/<param>``, e.g. ``grad_l2/conv1.weight``). Every ``histogram_every`` steps: the
-histograms of each parameter's weights (``weights/<param>``) and gradients (``grads/<param>``) and a
-gradient-flow bar chart image (``gradient_flow``). The exporter of finished runs
-(:func:`bbdecoder.store.export.export_tensorboard`) uses the same tag names for what both write.
+(``grad_<stat>/<param>``, e.g. ``grad_l2/conv1.weight``); with ``per_sample=`` on its steps the
+per-sample statistics and the noise scale (``sample_var/<param>``, ``noise_scale/model``, see
+:func:`stat_tag`), and under DDP with ``noise_scale=True`` the ranks' estimate. Every
+``histogram_every`` steps: the histograms of each parameter's weights (``weights/<param>``) and
+gradients (``grads/<param>``) and a gradient-flow bar chart image (``gradient_flow``). The exporter
+of finished runs (:func:`bbdecoder.store.export.export_tensorboard`) uses the same tag names for what
+both write.
 """
 
 from __future__ import annotations
@@ -41,6 +44,28 @@ def summary_writer(log_dir: str | Path) -> Any:
 def grad_tag(stat: str, param: str) -> str:
     """The TensorBoard tag of a gradient statistic: ``grad_<stat>/<param>``."""
     return f"grad_{stat}/{param}"
+
+
+def stat_tag(stat: str, param: str) -> str:
+    """The tag of any other stored statistic: ``<stat>/<param>``, ``<stat>/model`` for the whole
+    model (``param`` ``"*"``), e.g. ``sample_var/fc.weight``, ``noise_scale/model``."""
+    return f"{stat}/{'model' if param in ('*', '') else param}"
+
+
+def per_sample_scalars(
+    names: Sequence[str], table: Sequence[Sequence[float]], model_values: Mapping[str, float]
+) -> dict[str, float]:
+    """The tags and values of one per-sample step: ``table`` holds a row of (``sample_norm_mean``,
+    ``sample_var``, ``sample_grad_sq``) per tensor of ``names`` and a last row for the whole model;
+    ``model_values`` the whole model's ``batch_size``, ``noise_scale``, ... ."""
+    from bbdecoder.monitor.per_sample_recorder import PER_SAMPLE_STATS
+
+    out: dict[str, float] = {}
+    for name, row in zip([*names, "*"], table, strict=True):
+        for stat, value in zip(PER_SAMPLE_STATS, row, strict=True):
+            out[stat_tag(stat, name)] = float(value)
+    out.update({stat_tag(stat, "*"): float(v) for stat, v in model_values.items()})
+    return out
 
 
 def gradient_flow_image(names: Sequence[str], mean_abs: np.ndarray, max_abs: np.ndarray) -> np.ndarray:
@@ -115,6 +140,13 @@ class TensorBoardLogger:
             columns = {stat: i for i, stat in enumerate(GRAD_STATS)}
             image = gradient_flow_image(names, values[:, columns["mean_abs"]], values[:, columns["max_abs"]])
             self.writer.add_image("gradient_flow", image, step, dataformats="HWC")
+
+    def record_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Log ``{tag: value}`` at ``step`` (per-sample statistics, the noise scale)."""
+        if self.closed:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
 
     def flush(self) -> None:
         if not self.closed:

@@ -17,6 +17,7 @@ import pandas as pd
 from bbdecoder.report import charts, html
 from bbdecoder.report.blobs import IMAGE_KIND, TABLE_KIND, latest_records, read_table
 from bbdecoder.report.html import Section
+from bbdecoder.report.section_noise import gradient_noise
 from bbdecoder.report.section_probes import transformer_probes
 from bbdecoder.report.section_tokens import token_maps
 from bbdecoder.store.reader import RunReader
@@ -481,6 +482,7 @@ SECTIONS: list[SectionBuilder] = [
     layer_table,
     gradient_flow,
     gradient_norms,
+    gradient_noise,
     weight_histograms,
     activations,
     transformer_probes,

@@ -30,7 +30,7 @@ GRAD_STAT_NAMES = ("mean", "mean_abs", "max_abs", "var", "l1", "l2")
 
 def scalar_tag(stat: str, param: str, layer: str) -> str:
     """The TensorBoard tag of one stored per-step statistic."""
-    owner = param or layer or "model"
+    owner = "model" if param == "*" else (param or layer or "model")  # "*": the whole model
     return f"grad_{stat}/{owner}" if stat in GRAD_STAT_NAMES else f"{stat}/{owner}"
 
 

@@ -5,7 +5,7 @@
   gradient's squared norm over the expected squared norm of its noise (about 1 when the batch
   gradient is noise only, large when the samples agree).
 - :func:`plot_noise_scale`: ``B_simple`` per step and smoothed (per-sample and, under DDP, the
-  ranks' two-batch estimate) against the batch size in use.
+  ranks' or the micro-batches' two-batch estimate) against the batch size in use.
 """
 
 from __future__ import annotations
@@ -71,13 +71,15 @@ def plot_noise_scale(run: RunLike, folder: str | Path) -> Path:
         "noise_scale_ema": ("B_simple (per-sample, smoothed)", {"linewidth": 2.0}),
         "noise_scale_ranks": ("B_simple (ranks, this step)", {"linestyle": "none", "marker": "x"}),
         "noise_scale_ranks_ema": ("B_simple (ranks, smoothed)", {"linewidth": 2.0, "linestyle": "--"}),
+        "noise_scale_micro": ("B_simple (micro-batches, this step)", {"linestyle": "none", "marker": "+"}),
+        "noise_scale_micro_ema": ("B_simple (micro-batches, smoothed)", {"linewidth": 2.0, "linestyle": ":"}),
         "batch_size": ("batch size in use", {"color": "black", "drawstyle": "steps-post"}),
     }
     present = [s for s in series if (model.stat == s).any()]
     if not any(s.startswith("noise_scale") for s in present):
         raise ValueError(
-            "the run has no noise scale: record with Analyzer(..., per_sample=True) or "
-            "DistributedAnalyzer(..., noise_scale=True)"
+            "the run has no noise scale: record with Analyzer(..., per_sample=True), "
+            "Analyzer(..., micro_noise_scale=True) or DistributedAnalyzer(..., noise_scale=True)"
         )
     fig, ax = plt.subplots(figsize=(8, 4.5))
     values = []
