@@ -85,3 +85,75 @@ class TorchAdapter:
 
 
 ADAPTERS: dict[str, Any] = {"torch": TorchAdapter()}
+
+
+class KerasAdapter:
+    """Keras: the twins of ``tests/zoo_keras.py`` (PyTorch weights copied) in float64, channels last."""
+
+    name = "keras"
+    cnn_models: tuple[str, ...] = tuple(zoo.ZOO)
+    vit_models: tuple[str, ...] = ()
+    input_shape: tuple[int, int, int] = zoo.INPUT_SHAPE  # (C, H, W) of the PyTorch twin
+    num_classes = zoo.NUM_CLASSES
+
+    def build(self, name: str, seed: int = 0) -> Any:
+        from . import zoo_keras
+
+        return zoo_keras.twin(name, zoo.ZOO[name](seed, float64=True), float64=True)
+
+    def inputs(self, n: int, seed: int = 0) -> np.ndarray:
+        from . import zoo_keras
+
+        return zoo_keras.nhwc(zoo.zoo_input(n, seed, float64=True))
+
+    def rows(self, x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return x[start:stop]
+
+    def map_shape(self, n: int) -> tuple[int, ...]:
+        """``(N, H, W, 1)``: channels last."""
+        _, h, w = self.input_shape
+        return (n, h, w, 1)
+
+    def check_layer_map(self, shape: tuple[int, ...], n: int) -> None:
+        _, h, w = self.input_shape
+        assert len(shape) == 4 and shape[0] == n and shape[3] == 1 and shape[1] <= h and shape[2] <= w, shape
+
+    def patch_mask(self, patch: int = 4) -> np.ndarray:
+        """Feature ids ``(1, H, W, 1)``, the PyTorch adapter's mask channels last."""
+        return np.ascontiguousarray(TorchAdapter().patch_mask(patch).permute(0, 2, 3, 1).numpy())
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def snapshot(self, model: Any) -> dict[str, Any]:
+        from bbdecoder.keras.layers import all_layers
+
+        layers = all_layers(model)
+        return {
+            "layers": [(layer.name, type(layer)) for layer in layers],
+            "shadowed": [layer.name for layer in layers if "call" in vars(layer)],
+            "activations": [(layer.name, vars(layer).get("activation")) for layer in layers],
+            "trainable": [(layer.name, layer.trainable) for layer in layers],
+            "weights": [(w.path, np.array(w.numpy())) for w in model.weights],
+        }
+
+    def assert_untouched(self, model: Any, before: dict[str, Any]) -> None:
+        after = self.snapshot(model)
+        assert after["shadowed"] == before["shadowed"] == [], "a layer's call was left intercepted"
+        assert after["layers"] == before["layers"], "a layer was replaced"
+        assert after["activations"] == before["activations"], "a layer's activation was not restored"
+        assert after["trainable"] == before["trainable"], "trainable flags changed"
+        assert [p for p, _ in after["weights"]] == [p for p, _ in before["weights"]], "weights changed"
+        for (path, value), (_, old) in zip(after["weights"], before["weights"], strict=True):
+            assert np.array_equal(value, old), f"weight {path} changed"
+
+
+def _keras_adapter() -> dict[str, Any]:
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:  # the Keras port is optional
+        return {}
+    return {"keras": KerasAdapter()}
+
+
+ADAPTERS.update(_keras_adapter())

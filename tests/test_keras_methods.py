@@ -86,15 +86,17 @@ def test_bad_targets_are_rejected_with_the_fix(
         bk.Gradient(linear[0]).attribute(_x((3, 4, 4, 2)), target)
 
 
-def test_dict_output_needs_a_callable_target() -> None:
+def test_dict_outputs_class_targets_read_logits_others_need_a_callable() -> None:
     inputs = keras.Input((3,))
-    model = keras.Model(inputs, {"logits": L.Dense(2)(inputs)})
-    with pytest.raises(bk.TargetError, match="callable"):
-        bk.Gradient(model).attribute(_x((2, 3)))
+    dense = L.Dense(2)
+    model = keras.Model(inputs, {"logits": dense(inputs)})  # PyTorch's ModelOutput convention
+    expected = np.tile(dense.kernel.numpy()[:, 1], (2, 1))
+    np.testing.assert_allclose(bk.Gradient(model).attribute(_x((2, 3)), 1).numpy(), expected, rtol=1e-6)
     grad = bk.Gradient(model).attribute(_x((2, 3)), target=lambda out: out["logits"][:, 1])
-    np.testing.assert_allclose(
-        grad.numpy(), np.tile(model.layers[-1].kernel.numpy()[:, 1], (2, 1)), rtol=1e-6
-    )
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-6)
+    other = keras.Model(inputs, {"scores": dense(inputs)})
+    with pytest.raises(bk.TargetError, match="callable"):
+        bk.Gradient(other).attribute(_x((2, 3)))
 
 
 # -- Gradient, InputXGradient, Integrated Gradients ---------------------------------------------------

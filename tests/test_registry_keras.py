@@ -39,5 +39,7 @@ def test_keras_methods_bind_through_the_registry(name: str) -> None:
 
 
 def test_a_method_without_a_keras_port_says_so() -> None:
-    with pytest.raises(ValueError, match=r"'rise' is not available for 'keras' \(available: torch\)"):
-        get_method("rise").load("keras")
+    with pytest.raises(
+        ValueError, match=r"'attention_rollout' is not available for 'keras' \(available: torch\)"
+    ):
+        get_method("attention_rollout").load("keras")

@@ -13,11 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import is_lazy
 
 from bbdecoder.attribution.keywords import checked_keywords, expand_forward_args, forwards_keywords
 from bbdecoder.attribution.layer_attribution import LayerSpec, resolve_layer, uses_layer
 from bbdecoder.attribution.outputs import check_scores_from, model_output
 from bbdecoder.attribution.token_inputs import explain_continuation, token_sum
+from bbdecoder.backends.base import Backend
+from bbdecoder.backends.torch_core import TorchBackend
 from bbdecoder.hooks import HookManager, preserved_state
 from bbdecoder.targets import TargetLike, fixed_target, select_scores
 from bbdecoder.validation import check_batch
@@ -80,16 +83,28 @@ class Explainer:
         scores_from: str = "logits",
         layer: LayerSpec = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = self._check_model(model)
         self.input_transform = input_transform
         self.eval_mode = eval_mode
         self.scores_from = check_scores_from(scores_from)
         # Not ``self.layer``: the CAM family has its own ``layer`` property (the map's layer).
         self.attribution_layer = layer
         if layer is not None:
-            resolve_layer(model, layer)
+            self._check_layer(layer)
+        self.backend: Backend = self._make_backend()
+
+    # -- the framework (overridden by the Keras front end, bbdecoder.keras.front) -----------------
+    def _check_model(self, model: Any) -> Any:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        return model
+
+    def _check_layer(self, layer: LayerSpec) -> None:
+        resolve_layer(self.model, layer)
+
+    def _make_backend(self) -> Backend:
+        """The backend the shared method code runs on (:mod:`bbdecoder.backends`)."""
+        return TorchBackend(self)
 
     # -- pieces subclasses use -------------------------------------------------------------------
     def validate_inputs(self, inputs: Any, min_dim: int = 2) -> torch.Tensor:
@@ -172,7 +187,9 @@ class Explainer:
         """
         if uses_layer(self, inputs):
             return self.token_scores(inputs, target, **kwargs).abs()
-        return self.attribute(inputs, target, **kwargs).abs().sum(dim=1, keepdim=True)
+        backend = self.backend
+        attribution = backend.from_framework(self.attribute(inputs, target, **kwargs))
+        return backend.to_framework(backend.channel_sum(attribution))
 
     def token_scores(self, inputs: Any, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
         """One signed score per token ``(N, L)``: :meth:`attribute` at the layer summed over ``D``.
@@ -215,9 +232,13 @@ def preserved_running_stats(model: nn.Module, *, active: bool = True) -> Iterato
     valid), also when the body raises. ``active=False`` does nothing (eval mode never updates them).
     """
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    lazy: list[_NormBase] = []
     if active:
         for module in model.modules():
             if isinstance(module, _NormBase) and module.track_running_stats:
+                if has_lazy_buffers(module):
+                    lazy.append(module)
+                    continue
                 for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
                     if isinstance(buffer, torch.Tensor):
                         saved.append((buffer, buffer.detach().clone()))
@@ -227,6 +248,20 @@ def preserved_running_stats(model: nn.Module, *, active: bool = True) -> Iterato
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+        reset_materialised_lazy_norms(lazy)
+
+
+def has_lazy_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` (a ``LazyBatchNorm2d`` before its first forward) holds uninitialised buffers."""
+    return any(is_lazy(b) for b in module.buffers(recurse=False))
+
+
+def reset_materialised_lazy_norms(modules: list[_NormBase]) -> None:
+    """A lazy norm layer that had no statistics before the call and was materialised by it gets the
+    statistics of a fresh layer (``reset_running_stats``): what its first real forward would have found."""
+    for module in modules:
+        if not has_lazy_buffers(module):
+            module.reset_running_stats()
 
 
 def leaf_input(inputs: torch.Tensor) -> torch.Tensor:

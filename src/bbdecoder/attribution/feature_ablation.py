@@ -29,10 +29,10 @@ class FeatureAblation(PerturbationExplainer):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Attribution shaped like ``inputs``: each element holds its feature's score drop."""
-        self.validate_inputs(inputs)
-        x = inputs.detach()
-        mask, n_features = check_feature_mask(feature_mask, x)
-        background = broadcast_to_inputs(baselines, x, "baselines")
+        backend = self.backend
+        x = backend.prepare(inputs)
+        mask, n_features = check_feature_mask(backend.user_array(feature_mask, x.dim()), x)
+        background = broadcast_to_inputs(backend.user_array(baselines, x.dim()), x, "baselines")
         n = x.shape[0]
         with self.session():
             base_scores, frozen = self.clean_scores(x, target)
@@ -46,4 +46,4 @@ class FeatureAblation(PerturbationExplainer):
             scores = self.score_rows(x, make, n * n_features, frozen, what="features")
         drops = base_scores.to(torch.float64).repeat(n_features) - scores
         per_feature = drops.view(n_features, n).t()  # (N, M)
-        return per_feature.gather(1, mask.flatten(1)).view(x.shape).to(x.dtype)
+        return backend.to_framework(per_feature.gather(1, mask.flatten(1)).view(x.shape).to(x.dtype))

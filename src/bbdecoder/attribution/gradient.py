@@ -1,4 +1,4 @@
-"""Gradient and Input x Gradient."""
+"""Gradient and Input x Gradient, written once over the backend (:mod:`bbdecoder.backends`)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ class Gradient(Explainer):
         """dScore/dInput, shaped like ``inputs`` (N, C, *spatial); at a layer, shaped like its output."""
         if uses_layer(self, inputs):
             return layer_gradient(self, inputs, target, times_activation=False, **kwargs)
-        self.validate_inputs(inputs)
-        with self.session():
-            grad, _ = self.input_gradient(inputs, target)
-        return grad
+        backend = self.backend
+        x = backend.prepare(inputs)
+        with backend.session():
+            grad, _ = backend.input_gradient(x, backend.user_target(target))
+        return backend.to_framework(grad)
 
 
 class InputXGradient(Explainer):
@@ -31,7 +32,8 @@ class InputXGradient(Explainer):
         """``inputs * gradient``, shaped like ``inputs`` (N, C, *spatial); at a layer ``A * dScore/dA``."""
         if uses_layer(self, inputs):
             return layer_gradient(self, inputs, target, times_activation=True, **kwargs)
-        self.validate_inputs(inputs)
-        with self.session():
-            grad, _ = self.input_gradient(inputs, target)
-        return inputs.detach() * grad
+        backend = self.backend
+        x = backend.prepare(inputs)
+        with backend.session():
+            grad, _ = backend.input_gradient(x, backend.user_target(target))
+        return backend.to_framework(x * grad)

@@ -17,8 +17,7 @@ from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.integrated_gradients import _per_sample_target, _rows_of
 from bbdecoder.attribution.layer_attribution import LayerSpec, layer_gradient_shap, uses_layer
-from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
-from bbdecoder.targets import TargetLike, select_scores
+from bbdecoder.targets import TargetLike
 from bbdecoder.validation import check_positive_int
 
 
@@ -77,29 +76,32 @@ class GradientSHAP(Explainer):
             return layer_gradient_shap(
                 self, inputs, target, baselines, n_samples, stdevs, internal_batch_size, **kwargs
             )
-        self.validate_inputs(inputs)
+        backend = self.backend
+        x = backend.prepare(inputs)
         check_positive_int(n_samples, "n_samples")
         if not stdevs >= 0:
             raise ValueError(f"stdevs must be >= 0, got {stdevs}")
-        x = inputs.detach()
         n = x.shape[0]
-        references = self._references(baselines, x)
+        references = self.references(baselines, x)
         generator = torch.Generator().manual_seed(self.seed)
         total_rows = n * n_samples
         # All draws up front (small: indices, alphas; the noise per pass from the same generator order).
         choice = torch.randint(references.shape[0], (total_rows,), generator=generator)
         alphas = torch.rand(total_rows, generator=generator, dtype=torch.float64)
-        frozen = _per_sample_target(target, n) if target is not None else self.freeze_target(x, None)
+        target = backend.user_target(target)
         accumulated = torch.zeros_like(x, dtype=torch.float64)
         broadcast = (-1,) + (1,) * (x.dim() - 1)
-        with self.session():
+        with backend.session():
+            if target is not None:
+                frozen = _per_sample_target(target, n)
+            else:
+                with torch.no_grad():
+                    frozen = backend.freeze(x, None)
             if internal_batch_size is not None:
                 check_positive_int(internal_batch_size, "internal_batch_size")
                 rows_per_pass = internal_batch_size
             else:
-                rows_per_pass = rows_for_budget(
-                    self, x, self.memory_budget_bytes or default_memory_budget(x.device)
-                )
+                rows_per_pass = backend.rows_for_budget(x, self.memory_budget_bytes)
             for start in range(0, total_rows, rows_per_pass):
                 stop = min(start + rows_per_pass, total_rows)
                 samples = torch.arange(start, stop) % n
@@ -112,20 +114,22 @@ class GradientSHAP(Explainer):
                 alpha = alphas[start:stop].to(device=x.device, dtype=x.dtype).view(broadcast)
                 with torch.no_grad():
                     point = base + alpha * (noisy - base)
-                point.requires_grad_(True)
-                scores = select_scores(
-                    self.forward(point, samples), _rows_of(frozen, samples.to(x.device)), stop - start
-                )
-                (grad,) = torch.autograd.grad(scores.sum(), point)
+                grad, _ = backend.input_gradient(point, _rows_of(frozen, samples.to(x.device)), samples)
                 accumulated.index_add_(0, samples.to(x.device), ((noisy - base) * grad).to(torch.float64))
-        return (accumulated / n_samples).to(x.dtype)
+        return backend.to_framework((accumulated / n_samples).to(x.dtype))
 
-    @staticmethod
-    def _references(baselines: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
+    def references(self, baselines: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
+        """The reference set ``(B, *sample_shape)`` for the prepared ``x``: ``baselines`` itself when it
+        is a batch of samples, else the one baseline :func:`make_baseline` makes for the first sample."""
+        baselines = self.backend.user_array(baselines, x.dim())
         if (
             isinstance(baselines, torch.Tensor)
             and baselines.dim() == x.dim()
             and baselines.shape[1:] == x.shape[1:]
         ):
             return baselines.detach().to(device=x.device, dtype=x.dtype)
-        return make_baseline(baselines, x[:1])
+        return self.make_baseline(baselines, x[:1])
+
+    def make_baseline(self, baseline: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
+        """One baseline for the prepared ``x``; see :func:`~bbdecoder.attribution.baselines.make_baseline`."""
+        return make_baseline(baseline, x)

@@ -16,17 +16,10 @@ from torch import nn
 from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.baselines import BaselineSpec, make_baseline
 from bbdecoder.attribution.layer_attribution import LayerSpec, layer_integrated_gradients, uses_layer
-from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.attribution.path_chunks import add_weighted, path_chunks
 from bbdecoder.attribution.quadrature import check_quadrature
-from bbdecoder.targets import (
-    TargetError,
-    TargetLike,
-    class_scores,
-    resolve_classes,
-    select_scores,
-    target_rows,
-)
+from bbdecoder.backends.base import is_callable_target
+from bbdecoder.targets import TargetError, TargetLike, target_rows
 from bbdecoder.validation import check_positive_int
 
 
@@ -152,14 +145,13 @@ class IntegratedGradients(Explainer):
             )
         if token_options:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(token_options))}")
-        self.validate_inputs(inputs)
+        backend = self.backend
+        x = backend.prepare(inputs)
         n_steps = check_quadrature(method, n_steps)
-        x = inputs.detach()
-        if x.is_inference():
-            x = x.clone()
-        base = make_baseline(baseline, x)
+        base = self.make_baseline(baseline, x)
         n = x.shape[0]
-        with self.session():
+        target = backend.user_target(target)
+        with backend.session():
             rows = self._rows_per_pass(x, internal_batch_size)
             frozen: TargetLike
             scores_x: torch.Tensor | None = None
@@ -170,12 +162,18 @@ class IntegratedGradients(Explainer):
             grads = self._integrated_gradient(x, base, frozen, method, n_steps, rows)
             attribution = (x - base) * grads
             if not return_convergence_delta:
-                return attribution
+                return backend.to_framework(attribution)
             if scores_x is None:
                 scores_x, _ = self._clean_scores(x, frozen, rows)
             scores_base, _ = self._clean_scores(base, frozen, rows)
-        delta = attribution.reshape(n, -1).sum(dim=1) - (scores_x - scores_base).to(attribution.dtype)
-        return attribution, delta
+        delta = backend.sum_per_sample(attribution) - (scores_x - scores_base).to(attribution.dtype)
+        return backend.to_framework(attribution), backend.to_framework(delta)
+
+    def make_baseline(self, baseline: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
+        """The baseline for the prepared (channel-first) ``x``; see
+        :func:`~bbdecoder.attribution.baselines.make_baseline` (the Keras front end also takes
+        channels-last arrays and callables on channels-last tensors)."""
+        return make_baseline(baseline, x)
 
     # -- steps ------------------------------------------------------------------------------------
     def _integrated_gradient(
@@ -194,10 +192,7 @@ class IntegratedGradients(Explainer):
         """
         accumulated = torch.zeros_like(x)
         for chunk in path_chunks(base, x - base, method, n_steps, rows_per_pass):
-            path = chunk.path.requires_grad_(True)
-            row_target = _rows_of(target, chunk.sample)
-            scores = select_scores(self.forward(path, chunk.sample), row_target, chunk.stop - chunk.start)
-            (grad,) = torch.autograd.grad(scores.sum(), path)
+            grad, _ = self.backend.input_gradient(chunk.path, _rows_of(target, chunk.sample), chunk.sample)
             add_weighted(accumulated, grad, chunk)
         return accumulated
 
@@ -208,17 +203,17 @@ class IntegratedGradients(Explainer):
         n = x.shape[0]
         scores: list[torch.Tensor] = []
         classes: list[torch.Tensor] = []
-        is_callable = callable(target) and not isinstance(target, torch.Tensor)
+        is_callable = is_callable_target(target)
         with torch.no_grad():
             for start in range(0, n, rows_per_pass):
                 stop = min(start + rows_per_pass, n)
-                output = self.forward(x[start:stop], torch.arange(start, stop))
-                if is_callable:
-                    scores.append(select_scores(output, _rows_of(target, slice(start, stop)), stop - start))
-                    continue
-                chunk_classes = resolve_classes(output, _rows_of(target, slice(start, stop)), stop - start)
-                classes.append(chunk_classes)
-                scores.append(class_scores(output, chunk_classes))
+                samples = torch.arange(start, stop)
+                chunk_scores, chunk_classes = self.backend.evaluate(
+                    x[start:stop], _rows_of(target, slice(start, stop)), samples
+                )
+                scores.append(chunk_scores)
+                if not is_callable:
+                    classes.append(chunk_classes)
         frozen: TargetLike = target if is_callable else torch.cat(classes)
         return torch.cat(scores), frozen
 
@@ -227,11 +222,11 @@ class IntegratedGradients(Explainer):
         if internal_batch_size is not None:
             check_positive_int(internal_batch_size, "internal_batch_size")
             return internal_batch_size
-        budget = self.memory_budget_bytes or default_memory_budget(x.device)
+        budget = self.memory_budget_bytes or self.backend.default_memory_budget(x)
         # The probe forward is cached per sample shape: repeated calls (a dataset loop) skip it.
         key = (tuple(x.shape[1:]), x.dtype, x.device, budget)
         if key not in self._rows_cache:
-            self._rows_cache[key] = rows_for_budget(self, x, budget)
+            self._rows_cache[key] = self.backend.rows_for_budget(x, budget)
         return self._rows_cache[key]
 
 
@@ -242,7 +237,7 @@ def _rows_of(target: TargetLike, rows: slice | torch.Tensor) -> TargetLike:
 
 def _per_sample_target(target: TargetLike, n: int) -> TargetLike:
     """Check a class-sequence target's length up front (chunks only ever see slices of it)."""
-    is_callable = callable(target) and not isinstance(target, torch.Tensor)
+    is_callable = is_callable_target(target)
     if target is None or isinstance(target, int) or is_callable:
         return target
     classes = torch.as_tensor(target)

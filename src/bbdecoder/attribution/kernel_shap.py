@@ -73,9 +73,9 @@ class KernelSHAP(PerturbationExplainer):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Shapley values per element, shaped like ``inputs``; ``last_exact`` says if they were enumerated."""
-        self.validate_inputs(inputs)
-        x = inputs.detach()
-        mask, m = check_feature_mask(feature_mask, x)
+        backend = self.backend
+        x = backend.prepare(inputs)
+        mask, m = check_feature_mask(backend.user_array(feature_mask, x.dim()), x)
         if m > MAX_FEATURES:
             raise ValueError(
                 f"KernelSHAP over {m} features needs an {m} x {m} regression; group the elements with a "
@@ -85,7 +85,7 @@ class KernelSHAP(PerturbationExplainer):
         samples_wanted = 2 * m + 2048 if n_samples is None else n_samples
         coalitions, weights, exact = self._coalitions(m, samples_wanted, x.device)
         self.last_exact = exact
-        background = broadcast_to_inputs(baselines, x, "baselines")
+        background = broadcast_to_inputs(backend.user_array(baselines, x.dim()), x, "baselines")
         n, k = x.shape[0], coalitions.shape[0] - 1  # the last coalition is the empty one
         with self.session():
             full_scores, frozen = self.clean_scores(x, target)
@@ -101,7 +101,7 @@ class KernelSHAP(PerturbationExplainer):
         empty, y = values[k], values[:k]  # the last row block is the empty coalition (all baseline)
         delta = full_scores.to(torch.float64) - empty
         phi = _constrained_regression(coalitions[:k].double(), weights, y - empty, delta)  # (N, M)
-        return phi.gather(1, mask.flatten(1)).view(x.shape).to(x.dtype)
+        return backend.to_framework(phi.gather(1, mask.flatten(1)).view(x.shape).to(x.dtype))
 
     def _coalitions(
         self, m: int, wanted: int, device: torch.device

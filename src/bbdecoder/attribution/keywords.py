@@ -170,7 +170,9 @@ def checked_keywords(method: F, *, torch_conventions: bool = True) -> F:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if torch_conventions and len(args) > 1:
+        # A shared method on the Keras backend keeps the Keras conventions (``_torch_conventions``).
+        conventions = torch_conventions and getattr(self, "_torch_conventions", True)
+        if conventions and len(args) > 1:
             args = (args[0], as_target(args[1]), *args[2:])
         if not kwargs:
             return method(self, *args)
@@ -183,8 +185,8 @@ def checked_keywords(method: F, *, torch_conventions: bool = True) -> F:
             read_by_method(inputs) if callable(read_by_method) else getattr(type(self), "extra_keywords", ())
         )
         names = names + [name for name in extra if name not in names]
-        _check(owner, kwargs, names, torch_conventions)
-        if not torch_conventions:
+        _check(owner, kwargs, names, conventions)
+        if not conventions:
             return method(self, *args, **kwargs)
         for key in target_keys:
             if key in kwargs:

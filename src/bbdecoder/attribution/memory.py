@@ -58,9 +58,16 @@ def activation_bytes_per_row(explainer: Explainer, inputs: torch.Tensor) -> int:
 def rows_for_budget(explainer: Explainer, inputs: torch.Tensor, budget_bytes: int) -> int:
     """Rows per forward+backward pass: as many as fit ``budget_bytes`` (at least 1), and on CPU no more
     than make :data:`CPU_PASS_TARGET_BYTES` of new activations, where passes are fastest per row."""
-    leaf_bytes = max(1, activation_bytes_per_row(explainer, inputs))
+    return rows_from_bytes(
+        activation_bytes_per_row(explainer, inputs), budget_bytes, cpu=inputs.device.type == "cpu"
+    )
+
+
+def rows_from_bytes(bytes_per_row: int, budget_bytes: int, *, cpu: bool) -> int:
+    """The rule of :func:`rows_for_budget` from a measured ``bytes_per_row`` (shared by every backend)."""
+    leaf_bytes = max(1, int(bytes_per_row))
     rows = max(1, budget_bytes // int(leaf_bytes * GRAD_MEMORY_FACTOR))
-    if inputs.device.type == "cpu":
+    if cpu:
         rows = min(rows, max(1, math.ceil(CPU_PASS_TARGET_BYTES / leaf_bytes)))
     return int(rows)
 

@@ -41,16 +41,17 @@ class Occlusion(PerturbationExplainer):
             strides: steps of the window, same forms; default the window itself (no overlap).
             baselines: the occluding value: a number or a tensor broadcastable to ``inputs``.
         """
-        self.validate_inputs(inputs)
-        x = inputs.detach()
-        window = _full_shape(sliding_window_shapes, x, "sliding_window_shapes")
-        step = window if strides is None else _full_shape(strides, x, "strides")
+        backend = self.backend
+        x = backend.prepare(inputs)
+        rank = x.dim()
+        window = _full_shape(backend.user_shape(sliding_window_shapes, rank), x, "sliding_window_shapes")
+        step = window if strides is None else _full_shape(backend.user_shape(strides, rank), x, "strides")
         for size, dim, stride in zip(window, x.shape[1:], step, strict=True):
             if not 1 <= size <= dim:
                 raise ValueError(f"window {window} does not fit the sample shape {tuple(x.shape[1:])}")
             if stride < 1:
                 raise ValueError(f"strides must be >= 1, got {step}")
-        background = broadcast_to_inputs(baselines, x, "baselines")
+        background = broadcast_to_inputs(backend.user_array(baselines, rank), x, "baselines")
         starts = [
             [k * stride for k in range(math.ceil((dim - size) / stride) + 1)]
             for dim, size, stride in zip(x.shape[1:], window, step, strict=True)
@@ -78,7 +79,7 @@ class Occlusion(PerturbationExplainer):
             region = _region(position, window)
             total[(slice(None), *region)] += drops[index].view(shape)
             counts[region] += 1
-        return (total / counts).to(x.dtype)
+        return backend.to_framework((total / counts).to(x.dtype))
 
 
 def _region(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:

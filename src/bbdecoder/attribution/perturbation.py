@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from bbdecoder.attribution.base import Explainer, InputTransform
-from bbdecoder.attribution.memory import activation_bytes_per_row, default_memory_budget
-from bbdecoder.targets import TargetLike, as_logits, select_scores, target_rows
+from bbdecoder.backends.base import is_callable_target
+from bbdecoder.targets import TargetLike, target_rows
 from bbdecoder.validation import check_positive_int
 
 RowMaker = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -70,14 +70,9 @@ class PerturbationExplainer(Explainer):
 
         Call inside :meth:`session`.
         """
+        backend = self.backend
         with torch.no_grad():
-            output = self.forward(x)
-        frozen = target if _is_callable(target) else None
-        if frozen is None:
-            from bbdecoder.targets import resolve_classes
-
-            frozen = resolve_classes(output, target, x.shape[0])
-        return self._row_scores(output, frozen, torch.arange(x.shape[0], device=x.device)), frozen
+            return backend.evaluate(x, backend.user_target(target), softmax=self.score == "probability")
 
     def score_rows(
         self, x: torch.Tensor, make: RowMaker, n_rows: int, target: TargetLike, *, what: str = "perturbations"
@@ -93,30 +88,30 @@ class PerturbationExplainer(Explainer):
         for start in self._progress(starts, len(starts), what):
             stop = min(start + rows_per_pass, n_rows)
             rows, samples = make(start, stop)
-            with torch.no_grad():
-                output = self.forward(rows, samples)
-                scores[start:stop] = self._row_scores(output, target, samples).to(torch.float64)
+            scores[start:stop] = self.row_scores(rows, target, samples).to(torch.float64)
         return scores
 
     def rows_per_pass(self, x: torch.Tensor) -> int:
         if self.batch_size is not None:
             return self.batch_size
         with torch.no_grad():
-            per_row = max(1, activation_bytes_per_row(self, x))
-        return max(1, min(MAX_DEFAULT_BATCH, default_memory_budget(x.device) // per_row))
+            per_row = max(1, self.backend.activation_bytes_per_row(x))
+        return max(1, min(MAX_DEFAULT_BATCH, self.backend.default_memory_budget(x) // per_row))
+
+    def row_scores(self, rows: torch.Tensor, target: TargetLike, samples: torch.Tensor) -> torch.Tensor:
+        """The score of each perturbed row (rows,) without gradients; ``target`` frozen per sample."""
+        backend = self.backend
+        with torch.no_grad():
+            if _is_callable(target):
+                return backend.target_scores(rows, target_rows(target, samples), samples).detach()
+            assert isinstance(target, torch.Tensor)
+            classes = target.to(samples.device)[samples]
+            logits = backend.logits(rows, samples)
+            if self.score == "probability":
+                logits = logits.softmax(dim=1)
+            return logits.gather(1, classes[:, None].to(logits.device)).squeeze(1).detach()
 
     # -- internals ----------------------------------------------------------------------------------
-    def _row_scores(self, output: Any, target: TargetLike, samples: torch.Tensor) -> torch.Tensor:
-        n = samples.shape[0]
-        if _is_callable(target):
-            return select_scores(output, target_rows(target, samples), n).detach()
-        assert isinstance(target, torch.Tensor)
-        classes = target.to(samples.device)[samples]
-        logits = as_logits(output, n)
-        if self.score == "probability":
-            logits = logits.softmax(dim=1)
-        return logits.gather(1, classes[:, None].to(logits.device)).squeeze(1).detach()
-
     def _progress(self, items: Iterable[int], total: int, what: str) -> Iterable[int]:
         show = self.progress if self.progress is not None else (total > 1 and sys.stderr.isatty())
         if not show:
@@ -127,7 +122,7 @@ class PerturbationExplainer(Explainer):
 
 
 def _is_callable(target: TargetLike) -> bool:
-    return callable(target) and not isinstance(target, torch.Tensor)
+    return is_callable_target(target)
 
 
 def broadcast_to_inputs(value: Any, x: torch.Tensor, what: str) -> torch.Tensor:

@@ -307,9 +307,22 @@ KERAS_CLASSES: dict[str, str] = {
     "inputxgradient": "bbdecoder.keras:InputXGradient",
     "ig": "bbdecoder.keras:IntegratedGradients",
     "smoothgrad": "bbdecoder.keras:SmoothGrad",
+    "gradient_shap": "bbdecoder.keras:GradientSHAP",
+    "occlusion": "bbdecoder.keras:Occlusion",
+    "feature_ablation": "bbdecoder.keras:FeatureAblation",
+    "rise": "bbdecoder.keras:RISE",
+    "kernel_shap": "bbdecoder.keras:KernelSHAP",
     "fullgrad": "bbdecoder.keras:FullGrad",
     "simple_fullgrad": "bbdecoder.keras:SimpleFullGrad",
+    "smooth_fullgrad": "bbdecoder.keras:SmoothFullGrad",
     "gradcam": "bbdecoder.keras:GradCAM",
+    "gradcam++": "bbdecoder.keras:GradCAMPlusPlus",
+    "hirescam": "bbdecoder.keras:HiResCAM",
+    "xgradcam": "bbdecoder.keras:XGradCAM",
+    "layercam": "bbdecoder.keras:LayerCAM",
+    "eigencam": "bbdecoder.keras:EigenCAM",
+    "scorecam": "bbdecoder.keras:ScoreCAM",
+    "ablationcam": "bbdecoder.keras:AblationCAM",
 }
 """Method name -> ``"module:Class"`` of its Keras port (``bbdecoder.keras``); add a method here when
 the port gains it, and the CLI listing, the docs table and the contract test (with a Keras adapter in

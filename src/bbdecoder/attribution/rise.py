@@ -92,7 +92,8 @@ class RISE(PerturbationExplainer):
         **kwargs: Any,
     ) -> torch.Tensor:
         """The RISE map broadcast to the inputs' shape (N, C, H, W) (the same map in every channel)."""
-        return self.saliency(inputs, target, baselines=baselines).expand_as(inputs).clone()
+        x = self.backend.prepare(inputs, min_dim=4)
+        return self.backend.to_framework(self._map(x, target, baselines).expand_as(x).clone())
 
     def saliency(
         self,
@@ -102,12 +103,14 @@ class RISE(PerturbationExplainer):
         **kwargs: Any,
     ) -> torch.Tensor:
         """The RISE map (N, 1, H, W); non-negative with the default probability score."""
-        self.validate_inputs(inputs, min_dim=4)
-        x = inputs.detach()
+        x = self.backend.prepare(inputs, min_dim=4)
+        return self.backend.to_framework(self._map(x, target, baselines))
+
+    def _map(self, x: torch.Tensor, target: TargetLike, baselines: Any) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"RISE takes images (N, C, H, W), got shape {tuple(x.shape)}")
         n, spatial = x.shape[0], (x.shape[2], x.shape[3])
-        background = broadcast_to_inputs(baselines, x, "baselines")
+        background = broadcast_to_inputs(self.backend.user_array(baselines, x.dim()), x, "baselines")
         accumulated = torch.zeros((n, 1, *spatial), dtype=torch.float64, device=x.device)
         with self.session():
             _, frozen = self.clean_scores(x, target)
@@ -121,8 +124,7 @@ class RISE(PerturbationExplainer):
                 kept = masks.to(x.dtype).repeat_interleave(n, dim=0)  # mask-major rows
                 samples = torch.arange(n, device=x.device).repeat(last - first)
                 rows = x[samples] * kept + background[samples] * (1 - kept)
-                with torch.no_grad():
-                    scores = self._row_scores(self.forward(rows, samples), frozen, samples).to(torch.float64)
+                scores = self.row_scores(rows, frozen, samples).to(torch.float64)
                 weighted = scores.view(last - first, n, 1, 1, 1) * masks.view(last - first, 1, 1, *spatial)
                 accumulated += weighted.sum(dim=0)
         return (accumulated / (self.p * self.n_masks)).to(x.dtype)

@@ -18,7 +18,6 @@ from bbdecoder.attribution.base import Explainer
 from bbdecoder.attribution.gradient import Gradient
 from bbdecoder.attribution.keywords import forwards_keywords
 from bbdecoder.attribution.layer_attribution import LayerSpec, layer_smoothgrad, resolve_layer, uses_layer
-from bbdecoder.attribution.memory import default_memory_budget, rows_for_budget
 from bbdecoder.targets import PerSampleTargets, TargetLike
 from bbdecoder.validation import check_smoothgrad_settings
 
@@ -64,21 +63,12 @@ class SmoothGrad(Explainer):
         *,
         layer: LayerSpec = None,
     ) -> None:
-        if isinstance(explainer_or_model, Explainer):
-            inner = explainer_or_model
-            if layer is not None:
-                inner = _at_layer(inner, layer)
-        elif isinstance(explainer_or_model, nn.Module):
-            inner = Gradient(explainer_or_model, layer=layer)
-        else:
-            raise TypeError(
-                f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
-            )
+        inner = self._inner(explainer_or_model, layer)
         super().__init__(
             inner.model,
             input_transform=inner.input_transform,
-            eval_mode=inner.eval_mode,
-            scores_from=inner.scores_from,
+            eval_mode=getattr(inner, "eval_mode", True),
+            scores_from=getattr(inner, "scores_from", "logits"),
             layer=getattr(inner, "attribution_layer", None),
         )
         check_smoothgrad_settings(n_samples, noise_level, kind, internal_batch_size)
@@ -104,11 +94,22 @@ class SmoothGrad(Explainer):
 
     def noisy_copies(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """All ``n_samples`` noisy copies, in the order they are drawn (for inspection and tests)."""
-        x = inputs.detach()
-        draw = self._noise_source(x)
-        return [draw() for _ in range(self.n_samples)]
+        backend = self.backend
+        draw = self._noise_source(backend.prepare(inputs))
+        return [backend.to_framework(draw()) for _ in range(self.n_samples)]
 
     # -- internals --------------------------------------------------------------------------------
+    @staticmethod
+    def _inner(explainer_or_model: Any, layer: LayerSpec = None) -> Any:
+        """The explainer to smooth (the Keras front end accepts Keras explainers and models)."""
+        if isinstance(explainer_or_model, Explainer):
+            return explainer_or_model if layer is None else _at_layer(explainer_or_model, layer)
+        if isinstance(explainer_or_model, nn.Module):
+            return Gradient(explainer_or_model, layer=layer)
+        raise TypeError(
+            f"SmoothGrad wraps an Explainer or an nn.Module, got {type(explainer_or_model).__name__}"
+        )
+
     def _noise_source(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         flat = x.reshape(x.shape[0], -1)
@@ -127,10 +128,11 @@ class SmoothGrad(Explainer):
     ) -> torch.Tensor:
         if uses_layer(self.explainer, inputs):
             return layer_smoothgrad(self, explain, inputs, target, kwargs)
-        self.validate_inputs(inputs)
-        x = inputs.detach()
+        backend = self.backend
+        x = backend.prepare(inputs)
         n = x.shape[0]
-        frozen = self.explainer.freeze_target(x, target)
+        with backend.session(), torch.no_grad():
+            frozen = backend.freeze(x, backend.user_target(target))
         draw = self._noise_source(x)
         copies_per_call = self._copies_per_call(x)
         reduction = _Reduction(self.kind)
@@ -138,26 +140,27 @@ class SmoothGrad(Explainer):
         while done < self.n_samples:
             copies = min(copies_per_call, self.n_samples - done)
             noisy = torch.cat([draw() for _ in range(copies)])
-            result = explain(noisy, _repeat_target(frozen, copies), **kwargs)
-            if not isinstance(result, torch.Tensor):
+            row_target = backend.target_to_framework(_repeat_target(frozen, copies))
+            result = explain(backend.to_framework(noisy), row_target, **kwargs)
+            if isinstance(result, (tuple, list, dict)):
                 raise TypeError(
                     f"SmoothGrad needs one tensor from the inner explainer, got {type(result).__name__}; "
                     "do not pass return_convergence_delta=True through SmoothGrad"
                 )
-            for copy in result.detach().split(n):
+            for copy in backend.from_framework(result).detach().split(n):
                 reduction.add(copy)
             done += copies
-        return reduction.result()
+        return backend.to_framework(reduction.result())
 
     def _copies_per_call(self, x: torch.Tensor) -> int:
         n = x.shape[0]
-        if not self.explainer.eval_mode:
+        if not getattr(self.explainer, "eval_mode", True):
             return 1
         if self.internal_batch_size is not None:
             rows = self.internal_batch_size
         else:
-            with self.explainer.session():
-                rows = rows_for_budget(self.explainer, x, default_memory_budget(x.device))
+            with self.backend.session():
+                rows = self.backend.rows_for_budget(x)
         return max(1, min(self.n_samples, rows // n))
 
 

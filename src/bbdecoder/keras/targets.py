@@ -4,11 +4,13 @@
 * an ``int``: that class for every sample;
 * a sequence, NumPy array or 1-D tensor of length N: one class per sample (length and range checked);
 * a callable ``f(output) -> Tensor (N,)``: any scalar per sample (regression, multi-label, dict outputs).
+
+A dict output with a ``logits`` entry is understood (class targets index it), as on PyTorch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,10 +27,14 @@ def is_callable_target(target: Any) -> bool:
 
 
 def _as_logits(output: Any, batch_size: int) -> Any:
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), tf.Tensor):
+        output = output["logits"]  # PyTorch's ModelOutput convention: class targets index the logits
     if not isinstance(output, tf.Tensor):
+        keys = f" (keys: {', '.join(map(str, output.keys()))})" if isinstance(output, Mapping) else ""
         raise TargetError(
-            f"the model returned a {type(output).__name__}, not a tensor; pass `target` as a callable that "
-            "picks one score per sample, e.g. target=lambda out: out['logits'][:, 3]"
+            f"the model returned a {type(output).__name__}{keys} with no `logits` entry, not a tensor; "
+            "pass `target` as a callable that picks one score per sample, "
+            "e.g. target=lambda out: out['scores'][:, 3]"
         )
     if output.shape.rank == 0 or output.shape[0] != batch_size:
         raise TargetError(
@@ -84,7 +90,7 @@ def select_scores(output: Any, target: KerasTargetLike, batch_size: int) -> Any:
             raise TargetError(f"a callable target must return a tensor of shape ({batch_size},), got {shape}")
         return scores
     classes = resolve_classes(output, target, batch_size)
-    return tf.gather(output, classes, axis=1, batch_dims=1)
+    return tf.gather(_as_logits(output, batch_size), classes, axis=1, batch_dims=1)
 
 
 def fixed_target(output: Any, target: KerasTargetLike, batch_size: int) -> KerasTargetLike:
