@@ -210,14 +210,21 @@ def test_gradient_shap_converges_to_mean_ig_and_agrees_with_captum() -> None:
 
 
 def _gradient_shap_loop(
-    model: nn.Module, x: torch.Tensor, targets: list[int], refs: torch.Tensor, n_samples: int, stdevs: float, seed: int
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: list[int],
+    refs: torch.Tensor,
+    n_samples: int,
+    stdevs: float,
+    seed: int,
 ) -> torch.Tensor:
     """Sample by sample, draw by draw: draw j's reference index, path point and noise (1, *sample_shape)
     from one generator in the documented order (indices, path points, then the noise of draw 0, 1, ...)."""
     generator = torch.Generator().manual_seed(seed)
     choice = torch.randint(refs.shape[0], (n_samples,), generator=generator)
     alphas = torch.rand(n_samples, generator=generator, dtype=torch.float64)
-    noise = [torch.randn((1, *x.shape[1:]), generator=generator, dtype=torch.float64) for _ in range(n_samples)]
+    shape = (1, *x.shape[1:])
+    noise = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(n_samples)]
     out = torch.zeros_like(x)
     for i, target in enumerate(targets):
         for j in range(n_samples):
@@ -236,12 +243,8 @@ def test_gradient_shap_equals_the_loop_over_its_draws_and_a_batch_its_samples(cn
     ours = explainer.attribute(x, [0, 1, 2], baselines=refs, n_samples=6, stdevs=0.2, internal_batch_size=4)
     expected = _gradient_shap_loop(cnn.eval(), x, [0, 1, 2], refs, 6, 0.2, 4)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
-    alone = torch.cat(
-        [
-            explainer.attribute(x[i : i + 1], [t], baselines=refs, n_samples=6, stdevs=0.2, internal_batch_size=5)
-            for i, t in enumerate([0, 1, 2])
-        ]
-    )
+    options = {"baselines": refs, "n_samples": 6, "stdevs": 0.2, "internal_batch_size": 5}
+    alone = torch.cat([explainer.attribute(x[i : i + 1], [t], **options) for i, t in enumerate([0, 1, 2])])
     torch.testing.assert_close(ours, alone, rtol=1e-12, atol=1e-14)
 
 

@@ -113,8 +113,9 @@ def test_gradient_shap_at_a_named_layer_equals_the_closed_form(stdevs: float) ->
     draw = torch.arange(n * n_samples) // n
     x = model.embed(batch["input_ids"]).detach()[sample]
     if stdevs > 0:
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=generator, dtype=torch.float64) for _ in range(n_samples)])
-        x = x + stdevs * noise[draw]
+        shape = (1, *x.shape[1:])
+        noise = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(n_samples)]
+        x = x + stdevs * torch.cat(noise)[draw]
     base = model.embed(references).detach()[choice[draw]]
     grad = (model.head.weight[target] / 5).detach()
     closed = torch.zeros(n, 5, 6, dtype=torch.float64).index_add_(0, sample, (x - base) * grad) / n_samples

@@ -157,7 +157,8 @@ class SharedDraws:
         self.next = 0
 
     def noise(self, draw: torch.Tensor) -> torch.Tensor:
-        """The noise of the rows whose draws are ``draw`` (non-decreasing ints): ``(len(draw), *sample_shape)``."""
+        """The noise of rows whose draws are ``draw`` (ints, from the current pass on):
+        ``(len(draw), *sample_shape)``."""
         first, last = int(draw.min()), int(draw.max())
         if first < min(self.held, default=first):
             raise RuntimeError("GradientSHAP's draws must be asked for in increasing order")

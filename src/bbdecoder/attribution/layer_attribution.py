@@ -459,8 +459,9 @@ def layer_gradient_shap(
     ``B`` reference sequences, each run with every sample's other inputs) or a float tensor
     ``(B, *layer_output_sample_shape)`` (a set of references at the layer). The noise ``eps`` has
     standard deviation ``stdevs`` at the layer. Draws are those of the input-space
-    :class:`~bbdecoder.attribution.gradient_shap.GradientSHAP` (:class:`~bbdecoder.attribution.gradient_shap.SharedDraws`,
-    seeded with its seed): draw ``j`` is the same for every sample, so a batch equals its rows one by one.
+    :class:`~bbdecoder.attribution.gradient_shap.GradientSHAP`
+    (:class:`~bbdecoder.attribution.gradient_shap.SharedDraws`, seeded with its seed): draw ``j`` is
+    the same for every sample, so a batch equals its rows one by one.
     """
     pad_id, mask_id, position, values = _options(kwargs)
     check_positive_int(n_samples, "n_samples")
