@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import bbdecoder.attribution.fullgrad as fullgrad_module
+import bbdecoder.backends.layers_torch as fullgrad_module  # where the torch hooks read the biases
 from bbdecoder.attribution import CompletenessError, FullGrad, Normalize, SimpleFullGrad, SmoothFullGrad
 from bbdecoder.attribution.bias_layers import effective_bias
 from bbdecoder.hooks import count_hooks

@@ -116,7 +116,7 @@ def test_fused_and_split_nets_give_the_same_decomposition_and_map() -> None:
 
 def test_taking_the_bias_gradient_after_the_activation_is_incomplete(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bug this guards against: treating the fused module like a stock layer (hooking its output)."""
-    import bbdecoder.attribution.fullgrad as fullgrad_module
+    import bbdecoder.backends.layers_torch as fullgrad_module
 
     monkeypatch.setattr(fullgrad_module, "is_stock_layer", lambda module: True)
     with pytest.raises(CompletenessError):

@@ -30,8 +30,12 @@ def smooth_mlp() -> nn.Module:
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.Softplus(), nn.Conv2d(6, 4, 3, padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.Softplus(),
+        nn.Conv2d(6, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
     )
 
 
@@ -165,7 +169,12 @@ def test_affine_model_exact_for_every_rule(method: str, baseline: object) -> Non
     x = torch.randn(4, 8, dtype=torch.float64)
     x_ref = make_baseline(baseline, x)  # type: ignore[arg-type]
     attr, delta = IntegratedGradients(model).attribute(
-        x, [0, 2, 1, 1], baseline=baseline, n_steps=7, method=method, return_convergence_delta=True  # type: ignore[arg-type]
+        x,
+        [0, 2, 1, 1],
+        baseline=baseline,
+        n_steps=7,
+        method=method,
+        return_convergence_delta=True,  # type: ignore[arg-type]
     )
     expected = (x - x_ref) * model.weight.detach()[[0, 2, 1, 1]]
     torch.testing.assert_close(attr, expected, rtol=0, atol=1e-12)
@@ -363,8 +372,9 @@ def test_saliency_is_abs_sum_over_channels() -> None:
 
 # -- the model is left as it was --------------------------------------------------------------------
 def test_model_untouched() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
-                          nn.Flatten(), nn.Linear(16, 3)).train()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(16, 3)
+    ).train()
     model[0].bias.requires_grad_(False)
     modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]

@@ -158,7 +158,9 @@ def test_gradient_gradcam_and_smoothgrad_match(pair: tuple[TorchNet, Any, torch.
     cam = bk.GradCAM(keras_model, layer="relu3").saliency(x_tf, target=[1, 1, 2]).numpy()
     torch_cam = TorchGradCAM(torch_model, layer=torch_model.relu3).saliency(x, target=[1, 1, 2])
     np.testing.assert_allclose(cam, _nhwc(torch_cam), **TOL)
-    assert bk.GradCAM(keras_model)._default_layer(x_tf).name == "relu3"
+    default = bk.GradCAM(keras_model)
+    default.layer_map(x_tf)
+    assert default.layer_names == ["relu3"]
     smooth = bk.SmoothGrad(keras_model, n_samples=3, noise_level=0.1, seed=4).attribute(x_tf, target=None)
     torch_smooth = TorchSmoothGrad(torch_model, n_samples=3, noise_level=0.1, seed=4).attribute(
         x, target=None

@@ -23,8 +23,8 @@ tf = pytest.importorskip(
 
 import keras  # noqa: E402
 
+from bbdecoder.backends.layers_keras import effective_bias, is_bias_layer  # noqa: E402
 from bbdecoder.keras import CompletenessError, FullGrad, SimpleFullGrad, TargetError  # noqa: E402
-from bbdecoder.keras.bias_layers import effective_bias, is_bias_layer  # noqa: E402
 
 L = keras.layers
 

@@ -21,8 +21,14 @@ from bbdecoder.hooks import count_hooks
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Softplus(), nn.Conv2d(6, 4, 3, padding=1),
-        nn.Tanh(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 6 * 6, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.Softplus(),
+        nn.Conv2d(6, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(4 * 6 * 6, 5),
     ).double()
 
 

@@ -157,6 +157,20 @@ def is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
+def load_torchscript(path: Path) -> Any:
+    """``torch.jit.load(path, map_location="cpu")`` without the DeprecationWarning torch 2.13 raises on
+    every call ("torch.jit.load is deprecated. Please switch to torch.export"): it deprecates
+    TorchScript as a whole, says nothing about the user's file, and a TorchScript file has no other
+    loader. Only that warning is silenced; any other warning of the load still shows."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.load` is (deprecated|not supported)", category=DeprecationWarning
+        )
+        return torch.jit.load(str(path), map_location="cpu")
+
+
 def import_class(spec: str) -> Any:
     """``"package.module:Class"`` or ``"path/to/file.py:Class"`` -> the class."""
     module_name, sep, class_name = spec.partition(":")
@@ -239,17 +253,13 @@ def load_model(
     Files are read with ``torch.load(weights_only=True)``, which runs no code from the file; a file it
     refuses (a whole pickled model, or a pickle naming other Python objects) raises a
     :class:`CLIError` naming ``--trust-pickle`` instead of falling back to the full unpickler."""
-    import torch
     from torch import nn
 
     file = existing(path, "model file")
     if file.is_dir():
         raise CLIError(f"{path} is a folder; pass the model file", EXIT_UNREADABLE)
     try:
-        if is_torchscript(file):
-            model = torch.jit.load(str(file), map_location="cpu")
-        else:
-            model = _torch_load(file, path, trust_pickle)
+        model = load_torchscript(file) if is_torchscript(file) else _torch_load(file, path, trust_pickle)
     except CLIError:
         raise
     except Exception as err:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 
@@ -54,6 +55,13 @@ def preserved_state(model: nn.Module, *, eval_mode: bool | None = None) -> Itera
 
     ``eval_mode=True`` puts the whole model in eval mode for the duration (``False``: train mode,
     ``None``: as it is).
+
+    Lazy modules (``nn.LazyLinear`` before its first forward): a forward inside the block materialises
+    their parameters in place (the same parameter objects, the module turning into its regular
+    class, PyTorch removing its own initialisation hooks). That is kept, as after any forward of the
+    model, and the flags are restored on the materialised parameters. A parameter still uninitialised
+    on exit (the block failed before reaching it) has its flag restored without touching its data, so
+    the block's own exception is the one raised.
     """
     modes = [(module, module.training) for module in model.modules()]
     grads = [(param, param.requires_grad) for param in model.parameters()]
@@ -65,7 +73,10 @@ def preserved_state(model: nn.Module, *, eval_mode: bool | None = None) -> Itera
         for module, training in modes:
             module.training = training
         for param, requires_grad in grads:
-            param.requires_grad_(requires_grad)
+            if is_lazy(param):
+                param.requires_grad = requires_grad  # requires_grad_() refuses uninitialised data
+            else:
+                param.requires_grad_(requires_grad)
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -61,12 +61,15 @@ class AlertEngine:
         self._writer: RunWriter | None = None
         self._warned: set[str] = set()
         self._norms: dict[tuple[int, str], deque[float]] = {}
+        self._peak_median: dict[tuple[int, str], float] = {}
         self._active: set[tuple[str, int, str]] = set()
         self._low_norm: dict[tuple[int, str], int] = {}
         self._had_gradient: set[tuple[int, str]] = set()
         self._low_ratio: dict[tuple[int, str], int] = {}
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
+        self._loss_peak = 0.0
+        self._last_loss_step: int | None = None
         self._first_step: int | None = None
         self._layer_names: dict[int, str] | None = None
         self._series_names: dict[int, tuple[int, str]] = {}
@@ -76,12 +79,15 @@ class AlertEngine:
     def attach(self, writer: RunWriter) -> AlertEngine:
         """Evaluate every row ``writer`` receives from now on and store alerts as its events.
 
-        Wraps the writer's ``add_scalars`` and ``add_step`` (this writer object only). Returns self.
+        Wraps the writer's ``add_scalars``, ``add_step`` and ``set_loss`` (this writer object only; a
+        loss given with ``analyzer.log(loss=...)`` reaches the writer through ``set_loss``), so the
+        live rules see the losses a replay of the store sees. Returns self.
         """
         if self._writer is not None:
             raise RuntimeError("this AlertEngine is already attached to a writer")
         self._writer = writer
-        add_scalars, add_step = writer.add_scalars, writer.add_step
+        add_scalars, add_step, set_loss = writer.add_scalars, writer.add_step, writer.set_loss
+        epochs: dict[str, int] = {"last": 0}
 
         def scalars_then_alerts(rows: list[ScalarRow]) -> None:
             add_scalars(rows)
@@ -89,12 +95,24 @@ class AlertEngine:
 
         def step_then_alerts(step: int, epoch: int, loss: float | None) -> None:
             add_step(step, epoch, loss)
+            epochs["last"] = epoch
             if loss is not None:
-                self.observe_loss(step, epoch, loss)
+                self._loss_once(step, epoch, loss)
+
+        def loss_then_alerts(step: int, loss: float) -> None:
+            set_loss(step, loss)
+            self._loss_once(step, epochs["last"], loss)
 
         writer.add_scalars = scalars_then_alerts  # type: ignore[method-assign]
         writer.add_step = step_then_alerts  # type: ignore[method-assign]
+        writer.set_loss = loss_then_alerts  # type: ignore[method-assign]
         return self
+
+    def _loss_once(self, step: int, epoch: int, loss: float) -> None:
+        # a step's loss can come twice (backward_propagation(loss) and log(loss=...)): judged once
+        if self._last_loss_step is None or step > self._last_loss_step:
+            self._last_loss_step = step
+            self.observe_loss(step, epoch, float(loss))
 
     def _named(self, writer: RunWriter, rows: Iterable[ScalarRow]) -> list[Row]:
         # ids are only ever added, so the inverse maps are rebuilt only when they grew
@@ -139,8 +157,12 @@ class AlertEngine:
             if len(history) >= c.loss_min_history:
                 values = np.asarray(history)
                 median = float(np.median(values))
+                self._loss_peak = max(self._loss_peak, abs(median))
                 scale = max(
-                    1.4826 * float(np.median(np.abs(values - median))), c.loss_min_scale * abs(median), 1e-12
+                    1.4826 * float(np.median(np.abs(values - median))),
+                    c.loss_min_scale * abs(median),
+                    c.loss_floor * self._loss_peak,
+                    1e-12,
                 )
                 limit = median + c.loss_factor * scale
                 if loss > limit:
@@ -187,13 +209,19 @@ class AlertEngine:
                 continue
             if c.exploding and len(history) >= c.explode_min_history:
                 median = float(np.median(history))
-                limit = c.explode_factor * median
+                peak = max(self._peak_median.get(key, 0.0), median)
+                self._peak_median[key] = peak
+                # the floor: a converged model's gradients are orders of magnitude below those it
+                # learned with, and one harder batch brings them back up by 10x without any danger
+                limit = max(c.explode_factor * median, c.explode_floor * peak)
                 if self._onset(R.EXPLODING, layer_id, param, median > 0 and value > limit):
                     message = (
                         f"exploding gradient at step {step}: [{layer_id}] {layer} ({param}) has L2 norm "
                         f"{value:.4g}, {value / median:.3g}x the median {median:.4g} of its last "
                         f"{len(history)} steps"
                     )
+                    if c.explode_floor * peak > c.explode_factor * median:
+                        message += f" and {value / peak:.3g}x its largest median {peak:.4g}"
                     new.append(Alert(R.EXPLODING, step, epoch, layer_id, layer, param, value, limit, message))
             history.append(value)
             if c.vanishing:
@@ -223,6 +251,7 @@ class AlertEngine:
         c, new = self.config, list[Alert]()
         if not c.update_ratio:
             return new
+        weights = {(r[2], r[4].rpartition(".")[0]): r[6] for r in rows if r[4].endswith("weight")}
         for step, epoch, layer_id, layer, param, _stat, value in rows:
             if (
                 not math.isfinite(value)
@@ -234,6 +263,12 @@ class AlertEngine:
             low = self._low_ratio.get(key, 0) + 1 if value < c.ratio_low else 0
             self._low_ratio[key] = low
             high = value > c.ratio_high
+            if high and param.endswith("bias"):
+                # a bias near zero (zero-initialised, as in LayerNorm and most transformers) is as small
+                # as one step, so its own ratio is large while its layer barely moves: the layer's
+                # weight decides
+                weight = weights.get((layer_id, param.rpartition(".")[0]))
+                high = weight is None or not math.isfinite(weight) or weight > c.ratio_high
             if self._onset(R.RATIO_BAND, layer_id, param, high or low >= c.ratio_patience):
                 side = f"above {c.ratio_high:g}" if high else f"below {c.ratio_low:g} for {low} steps"
                 message = (

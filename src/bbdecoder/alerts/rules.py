@@ -12,7 +12,13 @@ only after the series was healthy once more. Events are stored with these kinds:
     a parameter's gradient L2 norm exceeds ``explode_factor`` times the median of its previous
     ``explode_window`` steps. The median of the layer's own history, not a global threshold: norms
     differ by orders of magnitude between layers, and a jump of 10x within a few steps is what a
-    learning-rate spike or a bad batch looks like before the loss diverges.
+    learning-rate spike or a bad batch looks like before the loss diverges. The norm must also exceed
+    ``explode_floor`` times the largest such median the parameter ever had (the scale of its
+    gradients while the model learned): a converged model's gradients shrink by orders of magnitude,
+    and one harder batch then lifts them 10x above their recent median while they stay far below
+    anything training survived, which is no danger (TensorBoard or W&B curves show a blip). The floor
+    binds only once the median has fallen ``explode_factor / explode_floor`` times below its peak, so
+    early in training the rule is the plain median rule.
 ``vanishing_grad``
     a parameter's gradient L2 norm stays below ``vanish_relative`` times the largest norm of that
     step (or below ``vanish_absolute``) for ``vanish_patience`` consecutive steps. Relative, because
@@ -31,12 +37,18 @@ only after the series was healthy once more. Events are stored with these kinds:
     once (one step that moves weights by a large fraction of their size undoes training), below it
     for ``ratio_patience`` consecutive steps (the layer has stopped learning). The first
     ``ratio_warmup`` steps are skipped: zero-initialised biases have ratios near 1 while they grow.
-    Infinite ratios (weight exactly zero) are undefined and skipped.
+    Infinite ratios (weight exactly zero) are undefined and skipped. A bias above the band is reported
+    only when the weight of its layer is above it too (or the layer has no weight): a bias that starts
+    at zero (LayerNorm, transformer projections) or settles near zero has a norm of the order of one
+    optimizer step (Adam moves every element by about the learning rate), so its own ratio stays near
+    1 while the layer's output barely moves; a learning rate that is really too high moves the weight
+    too.
 ``loss_spike``
     the loss exceeds the median of its previous ``loss_window`` values by more than ``loss_factor``
     robust standard deviations (1.4826 x the median absolute deviation, floored at
-    ``loss_min_scale`` x |median| so a flat loss does not make every wiggle a spike). Sign-agnostic,
-    so negative log-likelihoods work too.
+    ``loss_min_scale`` x |median| so a flat loss does not make every wiggle a spike, and at
+    ``loss_floor`` x the largest |median| it had, so a converged loss of 0.002 that one harder batch
+    lifts to 0.003 is not a spike either). Sign-agnostic, so negative log-likelihoods work too.
 """
 
 from __future__ import annotations
@@ -66,6 +78,7 @@ class AlertConfig:
     explode_factor: float = 10.0
     explode_window: int = 20
     explode_min_history: int = 5
+    explode_floor: float = 1.0
     vanishing: bool = True
     vanish_relative: float = 1e-6
     vanish_absolute: float = 1e-12
@@ -82,12 +95,14 @@ class AlertConfig:
     loss_window: int = 20
     loss_min_history: int = 5
     loss_min_scale: float = 0.05
+    loss_floor: float = 0.02
 
     def __post_init__(self) -> None:
         checks = {
             "explode_factor": self.explode_factor > 1,
             "explode_window": self.explode_window >= 1,
             "explode_min_history": 1 <= self.explode_min_history <= self.explode_window,
+            "explode_floor": self.explode_floor >= 0,
             "vanish_relative": 0 <= self.vanish_relative < 1,
             "vanish_patience": self.vanish_patience >= 1,
             "dead_rise": 0 < self.dead_rise <= 1,
@@ -95,6 +110,7 @@ class AlertConfig:
             "ratio_patience": self.ratio_patience >= 1,
             "loss_factor": self.loss_factor > 0,
             "loss_min_history": 1 <= self.loss_min_history <= self.loss_window,
+            "loss_floor": self.loss_floor >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import is_lazy
 
 from bbdecoder.attribution.keywords import checked_keywords, expand_forward_args, forwards_keywords
 from bbdecoder.attribution.layer_attribution import LayerSpec, resolve_layer, uses_layer
@@ -231,9 +232,13 @@ def preserved_running_stats(model: nn.Module, *, active: bool = True) -> Iterato
     valid), also when the body raises. ``active=False`` does nothing (eval mode never updates them).
     """
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    lazy: list[_NormBase] = []
     if active:
         for module in model.modules():
             if isinstance(module, _NormBase) and module.track_running_stats:
+                if has_lazy_buffers(module):
+                    lazy.append(module)
+                    continue
                 for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
                     if isinstance(buffer, torch.Tensor):
                         saved.append((buffer, buffer.detach().clone()))
@@ -243,6 +248,20 @@ def preserved_running_stats(model: nn.Module, *, active: bool = True) -> Iterato
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+        reset_materialised_lazy_norms(lazy)
+
+
+def has_lazy_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` (a ``LazyBatchNorm2d`` before its first forward) holds uninitialised buffers."""
+    return any(is_lazy(b) for b in module.buffers(recurse=False))
+
+
+def reset_materialised_lazy_norms(modules: list[_NormBase]) -> None:
+    """A lazy norm layer that had no statistics before the call and was materialised by it gets the
+    statistics of a fresh layer (``reset_running_stats``): what its first real forward would have found."""
+    for module in modules:
+        if not has_lazy_buffers(module):
+            module.reset_running_stats()
 
 
 def leaf_input(inputs: torch.Tensor) -> torch.Tensor:

@@ -21,20 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, InputTransform, leaf_input
-from bbdecoder.attribution.bias_layers import (
-    PrimitiveCapture,
-    UnreachableBiasError,
-    broadcast_bias,
-    effective_bias,
-    is_bias_layer,
-    is_stock_layer,
-)
-from bbdecoder.attribution.keywords import expand_forward_args
-from bbdecoder.attribution.outputs import model_output
+from bbdecoder.attribution.base import Explainer, InputTransform
+from bbdecoder.attribution.bias_layers import UnreachableBiasError
 from bbdecoder.attribution.postprocess import channel_sum_minmax, resize_to
-from bbdecoder.hooks import HookManager
-from bbdecoder.targets import PerSampleTargets, TargetError, TargetLike, select_scores
+from bbdecoder.backends.layers_base import LayerBackend, resolve_layer_backend
+from bbdecoder.targets import PerSampleTargets, TargetError, TargetLike
 
 LayerGradHandler = Callable[[str, torch.Tensor, torch.Tensor], None]
 """Called during backward with (layer name, broadcast bias, dF/d output) for each bias-layer call."""
@@ -69,20 +60,34 @@ _CONSTANT_KINDS: tuple[tuple[str, tuple[type[nn.Module], ...], tuple[str, ...]],
 )
 
 
-def non_bias_constants(model: nn.Module) -> list[str]:
+_KERAS_ACTIVATIONS = {"gelu": "GELU", "softmax": "attention/softmax", "relu6": "ReLU6", "hard_swish": "ReLU6"}
+
+
+def non_bias_constants(model: Any) -> list[str]:
     """The kinds of layer in ``model`` whose constants are not Conv/Linear/BatchNorm biases, by
-    module type: ``LayerNorm`` (also RMSNorm, GroupNorm), ``GELU``, ``attention/softmax``, ``ReLU6``."""
+    module type: ``LayerNorm`` (also RMSNorm, GroupNorm), ``GELU``, ``attention/softmax``, ``ReLU6``.
+
+    A Keras model's layers are matched by type name and by their ``activation=``."""
+    if isinstance(model, nn.Module):
+        modules: list[Any] = list(model.modules())
+    else:
+        flatten = getattr(model, "_flatten_layers", None)
+        modules = list(flatten(include_self=True, recursive=True)) if callable(flatten) else []
     found: list[str] = []
     for label, types, names in _CONSTANT_KINDS:
-        for module in model.modules():
+        for module in modules:
             type_name = type(module).__name__
             if isinstance(module, types) or any(n.lower() in type_name.lower() for n in names):
+                found.append(label)
+                break
+            activation = getattr(getattr(module, "activation", None), "__name__", "")
+            if _KERAS_ACTIVATIONS.get(activation) == label:
                 found.append(label)
                 break
     return found
 
 
-def non_bias_constants_detail(model: nn.Module) -> str:
+def non_bias_constants_detail(model: Any) -> str:
     """The sentence naming :func:`non_bias_constants` for :class:`CompletenessError`, or ``""``."""
     found = non_bias_constants(model)
     if not found:
@@ -135,26 +140,25 @@ def relative_error(totals: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 class _FullGradFamily(Explainer):
-    """Hooks bias layers, runs one forward+backward, hands each layer's output gradient to a handler."""
+    """Runs one forward+backward through the layer backend, handing each bias-layer call's output
+    gradient to a handler (channel-first torch tensors on either framework)."""
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         *,
         input_transform: InputTransform | None = None,
         eval_mode: bool = True,
         scores_from: str = "logits",
     ) -> None:
         super().__init__(model, input_transform=input_transform, eval_mode=eval_mode, scores_from=scores_from)
-        self.bias_layers = [(name, module) for name, module in model.named_modules() if is_bias_layer(module)]
+        self.layer_backend: LayerBackend = resolve_layer_backend(self, self.model)
+        self.bias_layers = [(ref.name, ref.layer) for ref in self.layer_backend.bias_layers()]
 
     def _model_input(self, inputs: torch.Tensor) -> torch.Tensor:
         # The decomposition lives in the model's input space: a normalisation's constant offset is not
         # a bias of any layer, so the transform is applied outside the differentiated graph.
-        if self.input_transform is None:
-            return inputs
-        with torch.no_grad():
-            return self.input_transform(inputs)
+        return self.layer_backend.model_input(inputs)
 
     # SimpleFullGrad needs no exact bias: where a fused layer's biased tensor cannot be found it falls
     # back to the layer's output. FullGrad refuses such a layer by name.
@@ -163,80 +167,19 @@ class _FullGradFamily(Explainer):
     def _backward_through_layers(
         self, inputs: torch.Tensor, target: TargetLike, handler: LayerGradHandler
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(model input, dF/d input, scores), calling ``handler`` for every bias-layer call."""
-        self.validate_inputs(inputs, min_dim=3)
-        x = leaf_input(self._model_input(inputs))
-        captures: list[PrimitiveCapture] = []
-        try:
-            with self.session() as hooks:
-                for name, module in self.bias_layers:
-                    if is_stock_layer(module):
-                        hooks.forward_hook(module, self._make_forward_hook(name, hooks, handler))
-                    else:
-                        pre_hook, hook = self._make_capture_hooks(name, hooks, handler, captures)
-                        hooks.forward_pre_hook(module, pre_hook)
-                        hooks.forward_hook(module, hook)
-                scores = self._scores_of_model_input(x, target)
-                (input_gradient,) = torch.autograd.grad(scores.sum(), x)
-        finally:
-            # A forward that raised inside a fused layer leaves its capture mode on the stack.
-            while captures:
-                captures.pop().__exit__(None, None, None)
-        return x.detach(), input_gradient, scores.detach()
+        """(model input, dF/d input, scores), calling ``handler`` for every bias-layer call.
 
-    def _scores_of_model_input(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-        output = model_output(self.model, x, self.scores_from, args=expand_forward_args(x.shape[0]))
-        return select_scores(output, target, x.shape[0])
+        ``inputs`` is a checked channel-first batch (see :meth:`_checked`).
+        """
+        x = self._model_input(inputs).detach()
+        input_gradient, scores = self.layer_backend.backward_through_biases(
+            x, target, handler, strict=self._strict_bias_location
+        )
+        return x, input_gradient, scores
 
-    @staticmethod
-    def _hook_biased_tensor(
-        name: str, module: nn.Module, output: torch.Tensor, hooks: HookManager, handler: LayerGradHandler
-    ) -> None:
-        bias = effective_bias(module)
-        if bias is None or not output.requires_grad:
-            return
-        bias = broadcast_bias(module, bias.to(output.dtype), output)
-
-        def on_gradient(grad: torch.Tensor) -> None:
-            handler(name, bias, grad)
-
-        hooks.tensor_hook(output, on_gradient)
-
-    @classmethod
-    def _make_forward_hook(
-        cls, name: str, hooks: HookManager, handler: LayerGradHandler
-    ) -> Callable[..., None]:
-        def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                cls._hook_biased_tensor(name, module, output, hooks, handler)
-
-        return forward_hook
-
-    def _make_capture_hooks(
-        self, name: str, hooks: HookManager, handler: LayerGradHandler, captures: list[PrimitiveCapture]
-    ) -> tuple[Callable[..., None], Callable[..., None]]:
-        """Hooks for a bias layer with its own forward: the bias is read where the primitive added it."""
-        strict = self._strict_bias_location
-
-        def pre_hook(module: nn.Module, _inputs: Any) -> None:
-            def on_output(biased: torch.Tensor) -> None:
-                self._hook_biased_tensor(name, module, biased, hooks, handler)
-
-            capture = PrimitiveCapture(module, on_output)
-            capture.__enter__()
-            captures.append(capture)
-
-        def forward_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            capture = captures.pop()
-            capture.__exit__(None, None, None)
-            if capture.count or effective_bias(module) is None:
-                return
-            if strict:
-                raise UnreachableBiasError(name, module)
-            if isinstance(output, torch.Tensor):
-                self._hook_biased_tensor(name, module, output, hooks, handler)
-
-        return pre_hook, forward_hook
+    def _checked(self, inputs: Any) -> torch.Tensor:
+        """The user's batch, validated, as a channel-first torch tensor."""
+        return self.layer_backend.check_inputs(inputs, 3)
 
     def _aggregate(
         self, inputs: torch.Tensor, target: TargetLike, *, use_bias: bool
@@ -308,7 +251,7 @@ class FullGrad(_FullGradFamily):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         im_size: Sequence[int] | None = None,
         *,
         input_transform: InputTransform | None = None,
@@ -320,7 +263,7 @@ class FullGrad(_FullGradFamily):
         self.im_size = tuple(int(s) for s in im_size) if im_size is not None else None
         self.check = check
         self._checked_shapes: set[tuple[int, ...]] = set()
-        self.last_relative_error: torch.Tensor | None = None
+        self.last_relative_error: Any = None
         if check and self.im_size is not None:
             # An output that needs a target (a callable, a tuple without logits) is checked at the
             # first call instead, with that call's target.
@@ -328,9 +271,15 @@ class FullGrad(_FullGradFamily):
                 self.checkCompleteness()
 
     # -- decomposition ---------------------------------------------------------------------------
-    def decompose(self, inputs: torch.Tensor, target: TargetLike = None) -> FullGradDecomposition:
-        """The full-gradient decomposition of the target scores of ``inputs`` (N, C, *spatial)."""
-        self._check_batch(inputs)
+    def decompose(self, inputs: Any, target: TargetLike = None) -> FullGradDecomposition:
+        """The full-gradient decomposition of the target scores of ``inputs`` (N, C, *spatial).
+
+        On Keras the inputs are channels last and the decomposition's tensors are tf.Tensors in the
+        model's own layout.
+        """
+        return self._native_decomposition(self._decompose(self._check_batch(inputs), target))
+
+    def _decompose(self, x: torch.Tensor, target: TargetLike) -> FullGradDecomposition:
         gradients: list[torch.Tensor] = []
         names: list[str] = []
 
@@ -338,12 +287,14 @@ class FullGrad(_FullGradFamily):
             gradients.append(grad * bias)
             names.append(name)
 
-        x, input_gradient, scores = self._backward_through_layers(inputs, target, keep)
-        return FullGradDecomposition(x, input_gradient, gradients, names, scores)
+        model_x, input_gradient, scores = self._backward_through_layers(x, target, keep)
+        return FullGradDecomposition(model_x, input_gradient, gradients, names, scores)
 
-    def fullGradientDecompose(
-        self, image: torch.Tensor, target_class: TargetLike = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _native_decomposition(self, decomposition: FullGradDecomposition) -> Any:
+        """The decomposition in the framework's own tensors (PyTorch: as it is)."""
+        return decomposition
+
+    def fullGradientDecompose(self, image: Any, target_class: TargetLike = None) -> tuple[Any, list[Any]]:
         """(input gradient shaped like ``image``, list of bias gradients shaped like each layer's output)."""
         decomposition = self.decompose(image, target_class)
         return decomposition.input_gradient, decomposition.bias_gradients
@@ -353,7 +304,7 @@ class FullGrad(_FullGradFamily):
     # -- completeness ----------------------------------------------------------------------------
     def checkCompleteness(
         self,
-        inputs: torch.Tensor | None = None,
+        inputs: Any = None,
         *,
         target: TargetLike = None,
         tolerance: float | None = None,
@@ -368,46 +319,55 @@ class FullGrad(_FullGradFamily):
         float32, 1e-8 in float64).
         """
         if inputs is None:
-            inputs = self._random_input(self._require_im_size(), seed, batch=_target_batch(target))
-        rel = self.decompose(inputs, target).relative_error()
-        worst = float(rel.max())
-        bound = default_tolerance(inputs.dtype) if tolerance is None else tolerance
-        if not worst <= bound:  # also catches NaN
-            raise CompletenessError(worst, bound, non_bias_constants_detail(self.model))
-        self._checked_shapes.add(tuple(inputs.shape[1:]))
-        return worst
+            sample = self.layer_backend.sample_shape(self._require_im_size())
+            x = self._random_input(sample, seed, batch=_target_batch(target))
+        else:
+            x = self._check_batch(inputs)
+        return self._check_completeness(x, target, tolerance)
 
     check_completeness = checkCompleteness
+
+    def _check_completeness(self, x: torch.Tensor, target: TargetLike, tolerance: float | None) -> float:
+        decomposition = self._decompose(x, target)
+        worst = float(decomposition.relative_error().max())
+        # float64 inputs to a float32 model (Keras casts them) are checked at the model's precision
+        dtype = x.dtype if decomposition.scores.dtype == torch.float64 else decomposition.scores.dtype
+        bound = default_tolerance(dtype) if tolerance is None else tolerance
+        if not worst <= bound:  # also catches NaN
+            raise CompletenessError(worst, bound, non_bias_constants_detail(self.model))
+        self._checked_shapes.add(tuple(x.shape[1:]))
+        return worst
 
     # -- saliency --------------------------------------------------------------------------------
     def saliency(
         self,
-        inputs: torch.Tensor,
+        inputs: Any,
         target: TargetLike = None,
         *,
         target_class: TargetLike = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> Any:
         """FullGrad saliency, non-negative, shape (N, 1, *spatial) at input resolution.
 
-        ``target_class`` is accepted as the reference's name for ``target``. The per-sample relative
-        completeness error of this very batch is left in ``last_relative_error`` (N,) at no extra cost.
+        (Keras: a tf.Tensor ``(N, *spatial, 1)``.) ``target_class`` is accepted as the reference's
+        name for ``target``. The per-sample relative completeness error of this very batch is left in
+        ``last_relative_error`` (N,) at no extra cost.
         """
         target = target_class if target is None else target
-        self._check_batch(inputs)
-        if self.check and tuple(inputs.shape[1:]) not in self._checked_shapes:
+        x = self._check_batch(inputs)
+        if self.check and tuple(x.shape[1:]) not in self._checked_shapes:
             # A callable or per-sample target may assume this call's batch size: the probe has it too.
-            batch = 1 if target is None or isinstance(target, int) else inputs.shape[0]
-            probe = self._random_input(tuple(inputs.shape[1:]), 0, like=inputs, batch=batch)
-            self.checkCompleteness(probe, target=target)
-        result, totals, scores = self._aggregate(inputs, target, use_bias=True)
-        self.last_relative_error = relative_error(totals, scores)
-        return result
+            batch = 1 if target is None or isinstance(target, int) else x.shape[0]
+            probe = self._random_input(tuple(x.shape[1:]), 0, like=x, batch=batch)
+            self._check_completeness(probe, target, None)
+        result, totals, scores = self._aggregate(x, target, use_bias=True)
+        self.last_relative_error = self.layer_backend.to_native_map(relative_error(totals, scores))
+        return self.layer_backend.to_native_map(result)
 
-    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+    def attribute(self, inputs: Any, target: TargetLike = None, **kwargs: Any) -> Any:
         """The input part of the decomposition, ``x * dF/dx``, shaped like ``inputs``."""
-        decomposition = self.decompose(inputs, target)
-        return decomposition.inputs * decomposition.input_gradient
+        decomposition = self._decompose(self._check_batch(inputs), target)
+        return self.layer_backend.to_native_map(decomposition.inputs * decomposition.input_gradient)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require_im_size(self) -> tuple[int, ...]:
@@ -415,18 +375,22 @@ class FullGrad(_FullGradFamily):
             raise ValueError("no im_size: pass `im_size=(C, H, W)` to FullGrad or give `inputs` to check")
         return self.im_size
 
-    def _check_batch(self, inputs: torch.Tensor) -> None:
-        self.validate_inputs(inputs, min_dim=3)
-        if self.im_size is not None and tuple(inputs.shape) == self.im_size:
+    def _check_batch(self, inputs: Any) -> torch.Tensor:
+        """The checked channel-first batch; one sample without its batch dimension is refused."""
+        x = self._checked(inputs)
+        if self.im_size is not None and tuple(int(s) for s in inputs.shape) == self.im_size:
+            fix = "x.unsqueeze(0)" if self.layer_backend.framework == "torch" else "x[None]"
             raise ValueError(
                 f"inputs of shape {tuple(inputs.shape)} look like one sample without its batch dimension "
-                f"(im_size={self.im_size}); use x.unsqueeze(0)"
+                f"(im_size={self.im_size}); use {fix}"
             )
+        return x
 
     def _random_input(
         self, sample_shape: tuple[int, ...], seed: int, like: torch.Tensor | None = None, batch: int = 1
     ) -> torch.Tensor:
-        reference = like if like is not None else next(self.model.parameters(), torch.empty(0))
+        """A seeded standard-normal batch ``(batch, *sample_shape)`` (channel-first) in the model's dtype."""
+        reference = like if like is not None else self.layer_backend.reference_tensor()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         sample = torch.randn((batch, *sample_shape), generator=generator, dtype=torch.float64)
         return sample.to(device=reference.device, dtype=reference.dtype)
@@ -455,21 +419,21 @@ class SimpleFullGrad(_FullGradFamily):
 
     def saliency(
         self,
-        inputs: torch.Tensor,
+        inputs: Any,
         target: TargetLike = None,
         *,
         target_class: TargetLike = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Non-negative map (N, 1, *spatial) at input resolution."""
+    ) -> Any:
+        """Non-negative map (N, 1, *spatial) at input resolution (Keras: ``(N, *spatial, 1)``)."""
         target = target_class if target is None else target
-        result, _, _ = self._aggregate(inputs, target, use_bias=False)
-        return result
+        result, _, _ = self._aggregate(self._checked(inputs), target, use_bias=False)
+        return self.layer_backend.to_native_map(result)
 
-    def attribute(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+    def attribute(self, inputs: Any, target: TargetLike = None, **kwargs: Any) -> Any:
         """``x * dF/dx`` shaped like ``inputs`` (the input part of the map)."""
-        x, input_gradient, _ = self._backward_through_layers(inputs, target, lambda *_: None)
-        return x * input_gradient
+        x, input_gradient, _ = self._backward_through_layers(self._checked(inputs), target, lambda *_: None)
+        return self.layer_backend.to_native_map(x * input_gradient)
 
 
 __all__ = [

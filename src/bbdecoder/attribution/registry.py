@@ -315,7 +315,15 @@ KERAS_CLASSES: dict[str, str] = {
     "kernel_shap": "bbdecoder.keras:KernelSHAP",
     "fullgrad": "bbdecoder.keras:FullGrad",
     "simple_fullgrad": "bbdecoder.keras:SimpleFullGrad",
+    "smooth_fullgrad": "bbdecoder.keras:SmoothFullGrad",
     "gradcam": "bbdecoder.keras:GradCAM",
+    "gradcam++": "bbdecoder.keras:GradCAMPlusPlus",
+    "hirescam": "bbdecoder.keras:HiResCAM",
+    "xgradcam": "bbdecoder.keras:XGradCAM",
+    "layercam": "bbdecoder.keras:LayerCAM",
+    "eigencam": "bbdecoder.keras:EigenCAM",
+    "scorecam": "bbdecoder.keras:ScoreCAM",
+    "ablationcam": "bbdecoder.keras:AblationCAM",
 }
 """Method name -> ``"module:Class"`` of its Keras port (``bbdecoder.keras``); add a method here when
 the port gains it, and the CLI listing, the docs table and the contract test (with a Keras adapter in

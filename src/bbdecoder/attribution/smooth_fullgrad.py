@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from torch import nn
+from typing import Any, ClassVar
 
 from bbdecoder.attribution.base import InputTransform
 from bbdecoder.attribution.fullgrad import FullGrad
@@ -20,9 +19,12 @@ class SmoothFullGrad(SmoothGrad):
     sample the same noise draws, so a batch equals its samples one by one.
     """
 
+    fullgrad_class: ClassVar[type[FullGrad]] = FullGrad
+    """The FullGrad smoothed (the Keras front end puts its own here)."""
+
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         im_size: Sequence[int] | None = None,
         *,
         n_samples: int = 25,
@@ -32,7 +34,7 @@ class SmoothFullGrad(SmoothGrad):
         internal_batch_size: int | None = None,
         check: bool = True,
     ) -> None:
-        fullgrad = FullGrad(model, im_size, input_transform=input_transform, check=check)
+        fullgrad = self.fullgrad_class(model, im_size, input_transform=input_transform, check=check)
         super().__init__(
             fullgrad,
             n_samples=n_samples,

@@ -13,8 +13,21 @@ from bbdecoder.attribution.outputs import ProbabilityOutputError
 from bbdecoder.keras._backend import keras, tf  # noqa: F401  (sets the environment first)
 from bbdecoder.keras.base import KerasExplainer
 from bbdecoder.keras.baselines import keras_baseline
-from bbdecoder.keras.fullgrad import CompletenessError, FullGrad, FullGradDecomposition, SimpleFullGrad
-from bbdecoder.keras.gradcam import GradCAM
+from bbdecoder.keras.layer_methods import (
+    AblationCAM,
+    CompletenessError,
+    EigenCAM,
+    FullGrad,
+    FullGradDecomposition,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    SimpleFullGrad,
+    SmoothFullGrad,
+    XGradCAM,
+)
 from bbdecoder.keras.methods import (
     RISE,
     FeatureAblation,
@@ -31,22 +44,30 @@ from bbdecoder.targets import TargetError
 
 __all__ = [
     "RISE",
+    "AblationCAM",
     "CompletenessError",
+    "EigenCAM",
     "FeatureAblation",
     "FullGrad",
     "FullGradDecomposition",
     "GradCAM",
+    "GradCAMPlusPlus",
     "Gradient",
     "GradientSHAP",
+    "HiResCAM",
     "InputXGradient",
     "IntegratedGradients",
     "KerasExplainer",
     "KernelSHAP",
+    "LayerCAM",
     "MonitorCallback",
     "Occlusion",
     "ProbabilityOutputError",
+    "ScoreCAM",
     "SimpleFullGrad",
+    "SmoothFullGrad",
     "SmoothGrad",
     "TargetError",
+    "XGradCAM",
     "keras_baseline",
 ]

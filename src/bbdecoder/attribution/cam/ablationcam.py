@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from bbdecoder.attribution.base import InputTransform
 from bbdecoder.attribution.cam.base import BaseCAM, CAMContext, check_batch_size
 from bbdecoder.attribution.cam.reshape import ReshapeLike
+from bbdecoder.backends.layers_base import Replacement
 from bbdecoder.layers import LayerSelection
 
 
@@ -19,12 +19,12 @@ class AblationCAM(BaseCAM):
     channel c of the layer's output is set to ``ablation_value`` (0, as in the paper); map
     ``ReLU(sum_c w_c A_c)``.
 
-    The channel is replaced through a forward hook that returns the ablated output (the model is
-    never modified). One row per sample and channel, ``batch_size`` rows per forward pass; a chunk's
-    rows are one sample's, so the layers below the ablated one run once per chunk on that sample and
-    the hook returns the chunk's ablated outputs (checked once per call against the one-row-per-input
-    way on two channels, which is used instead where they differ: a model that reuses an input-sized
-    tensor after the layer).
+    The channel is replaced by the layer backend (PyTorch: a forward hook that returns the ablated
+    output; Keras: the layer's call intercepted; the model is never modified). One row per sample and
+    channel, ``batch_size`` rows per forward pass; a chunk's rows are one sample's, so the layers below
+    the ablated one run once per chunk on that sample and the replacement is the chunk's ablated
+    outputs (checked once per call against the one-row-per-input way on two channels, which is used
+    instead where they differ: a model that reuses an input-sized tensor after the layer).
     pytorch-grad-cam 1.5.7 ablates with 0 when the layer's minimum is 0 and with ``min - 1e7``
     otherwise; both agree on ReLU outputs. With a custom ``reshape`` callable, it must only move
     elements (permute, reshape, slice) so that each channel's positions in the raw output are known.
@@ -36,7 +36,7 @@ class AblationCAM(BaseCAM):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         layer: LayerSelection = None,
         reshape: ReshapeLike = None,
         *,
@@ -82,11 +82,9 @@ class AblationCAM(BaseCAM):
         n, c = activations.shape[:2]
         positions = self._channel_positions(ctx)
         target = ctx.target
-        with self._session(), torch.no_grad():
-            output = self.forward(inputs)
-        from bbdecoder.targets import select_scores
-
-        original = select_scores(output, target, n).detach()
+        backend = self.layer_backend
+        with backend.progress_session():
+            original = backend.row_scores(inputs, torch.arange(n, device=inputs.device), target)
         current: dict[str, torch.Tensor] = {}
 
         def make_batch(start: int, stop: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,14 +99,8 @@ class AblationCAM(BaseCAM):
                 return inputs[start // c : start // c + 1], samples
             return inputs[samples], samples
 
-        def replace(_start: int, _stop: int) -> Any:
-            seen = [0]
-
-            def hook(_module: nn.Module, _args: Any, _output: Any) -> torch.Tensor | None:
-                seen[0] += 1
-                return current["output"] if seen[0] == record.calls else None
-
-            return hook
+        def replace(_start: int, _stop: int) -> Replacement:
+            return Replacement(record.module, record.calls, current["output"])
 
         def scores_of(bounds: list[tuple[int, int]], shared: bool) -> torch.Tensor:
             return self.row_scores(
@@ -118,7 +110,6 @@ class AblationCAM(BaseCAM):
                 self.batch_size,
                 self.progress if len(bounds) > 1 else False,
                 replace=replace,
-                module=record.module,
                 bounds=bounds,
             )
 

@@ -1,4 +1,4 @@
-"""The template of every CAM: hooks, targets, reshape, resizing, per-image min-max.
+"""The template of every CAM: layers, targets, reshape, resizing, per-image min-max.
 
 A method is a small subclass that overrides one step (pytorch-grad-cam's template method):
 
@@ -7,16 +7,16 @@ A method is a small subclass that overrides one step (pytorch-grad-cam's templat
 * or :meth:`BaseCAM.cam_image` -- the whole map (HiResCAM, LayerCAM, EigenCAM).
 
 The base then applies ReLU; :meth:`BaseCAM.saliency` resizes to the input and min-max scales per image.
-Activations are read with a forward hook; gradients with ``output.register_hook`` tensor hooks
-attached in that forward hook (never module backward hooks, which break in-place ReLU).
+Every step is torch code on channel-first tensors; what touches the model (hooks on PyTorch, calls
+intercepted under a ``GradientTape`` on Keras) is the layer backend's
+(:mod:`bbdecoder.backends.layers_base`), so each method is written once for both frameworks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,24 +24,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from bbdecoder.attribution.base import Explainer, InputTransform, check_inputs, leaf_input
+from bbdecoder.attribution.base import Explainer, InputTransform
 from bbdecoder.attribution.cam.reshape import ReshapeLike, resolve_reshape
 from bbdecoder.attribution.postprocess import minmax_per_sample, resize_to
-from bbdecoder.hooks import HookManager
-from bbdecoder.layers import LayerSelection, find_modules
-from bbdecoder.targets import TargetLike, fixed_target, select_scores, target_rows
+from bbdecoder.backends.layers_base import LayerBackend, LayerRef, Replacement, resolve_layer_backend
+from bbdecoder.layers import LayerSelection
+from bbdecoder.targets import TargetLike
 
 
 @dataclass
 class LayerRecord:
     """What one forward(+backward) saw at one layer (its last call), in channel-first layout.
 
-    ``activation`` and ``gradient`` are ``(N, C, *spatial)`` after ``reshape``; ``raw`` is the layer's
-    output as the model produced it (kept for methods that replace it, such as AblationCAM).
+    ``activation`` and ``gradient`` are ``(N, C, *spatial)`` torch tensors after ``reshape``; ``raw`` is
+    the layer's output as the model produced it, in the layer's own layout (channels last for a Keras
+    conv map; kept for methods that replace it, such as AblationCAM). ``module`` is the layer object
+    (an ``nn.Module`` or a Keras layer).
     """
 
     name: str
-    module: nn.Module
+    module: Any
     activation: torch.Tensor
     gradient: torch.Tensor | None
     raw: torch.Tensor
@@ -50,7 +52,10 @@ class LayerRecord:
 
 @dataclass
 class CAMContext:
-    """Everything a step may need besides the activations: the batch, its frozen target, the layer."""
+    """Everything a step may need besides the activations: the batch, its frozen target, the layer.
+
+    ``inputs`` is the batch as a channel-first torch tensor ``(N, C, *spatial)`` on either framework.
+    """
 
     inputs: torch.Tensor
     target: TargetLike
@@ -85,7 +90,7 @@ class BaseCAM(Explainer):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         layer: LayerSelection = None,
         reshape: ReshapeLike = None,
         *,
@@ -99,7 +104,8 @@ class BaseCAM(Explainer):
         if isinstance(inner, nn.Module):
             # torch.compile: hooks added after compilation are not seen by the compiled graph, so the
             # maps are taken on the eager modules (same weights, same outputs).
-            self.model = model = inner
+            self.model = inner
+        self.layer_backend: LayerBackend = resolve_layer_backend(self, self.model)
         if layer is not None and target_layers is not None:
             raise TypeError("give `layer=` or `target_layers=` (its pytorch-grad-cam name), not both")
         if reshape is not None and reshape_transform is not None:
@@ -107,20 +113,20 @@ class BaseCAM(Explainer):
         layer = layer if layer is not None else target_layers
         self.reshape = reshape if reshape is not None else reshape_transform
         self._reshape = resolve_reshape(self.reshape)
-        self._layers: list[tuple[str, nn.Module]] | None = None
+        self._layers: list[tuple[str, Any]] | None = None
         if layer is not None:
             if isinstance(layer, Sequence) and not isinstance(layer, str) and len(layer) == 0:
                 raise ValueError("`layer` is an empty list; give at least one layer, or None for the default")
-            self._layers = find_modules(model, layer)
+            self._layers = [(ref.name, ref.layer) for ref in self.layer_backend.find_layers(layer)]
 
     # -- layers ----------------------------------------------------------------------------------
     @property
-    def layer(self) -> nn.Module | None:
+    def layer(self) -> Any:
         """The (first) layer, or ``None`` while the default has not been chosen by a first call."""
         return self._layers[0][1] if self._layers else None
 
     @property
-    def layers(self) -> list[nn.Module]:
+    def layers(self) -> list[Any]:
         """Every layer whose map is used (empty while the default has not been chosen)."""
         return [module for _, module in self._layers or []]
 
@@ -129,7 +135,7 @@ class BaseCAM(Explainer):
         """The qualified names of :attr:`layers` (``""`` is the model itself)."""
         return [name for name, _ in self._layers or []]
 
-    def default_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    def default_layers(self, inputs: torch.Tensor) -> list[tuple[str, Any]]:
         """The default layer for ``inputs``: the trunk's last feature map, as ``[(name, module)]``.
 
         One probe forward (no gradients) on the first sample records every module's output. The
@@ -144,13 +150,11 @@ class BaseCAM(Explainer):
         the input of the last block's first norm, i.e. the previous block's output (the last block's
         own output reaches the head only through the class token, so its patch gradients are zero),
         and, without a user ``reshape``, ``tokens(prefix)`` with ``prefix = tokens - h * w``.
+        ``inputs`` is channel-first (``(N, C, *spatial)``) on either framework.
         """
-        from bbdecoder.attribution.cam.default_layer import find_default_layer
+        return [(ref.name, ref.layer) for ref in self.layer_backend.default_layers(self, inputs)]
 
-        with self._session() as hooks, torch.no_grad():
-            return find_default_layer(self, hooks, inputs)
-
-    def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, Any]]:
         if self._layers is None:
             self._layers = self.default_layers(inputs)
         return self._layers
@@ -170,9 +174,15 @@ class BaseCAM(Explainer):
         return (weights.view(shape) * activation).sum(dim=1)
 
     # -- the public interface --------------------------------------------------------------------
-    def layer_maps(self, inputs: torch.Tensor, target: TargetLike = None) -> list[torch.Tensor]:
-        """One raw map per layer, each ``(N, 1, *layer_spatial)``, non-negative (ReLU applied)."""
-        check_inputs(inputs, min_dim=3, model=self.model)
+    def layer_maps(self, inputs: Any, target: TargetLike = None) -> list[Any]:
+        """One raw map per layer, each ``(N, 1, *layer_spatial)``, non-negative (ReLU applied).
+
+        On Keras: tf.Tensors ``(N, *layer_spatial, 1)``.
+        """
+        x = self.layer_backend.check_inputs(inputs, 3)
+        return [self.layer_backend.to_native_map(m) for m in self._layer_maps(x, target)]
+
+    def _layer_maps(self, inputs: torch.Tensor, target: TargetLike) -> list[torch.Tensor]:
         records, frozen = self.record(inputs, target)
         maps = []
         for record in records:
@@ -180,10 +190,11 @@ class BaseCAM(Explainer):
             maps.append(torch.relu(cam).unsqueeze(1))
         return maps
 
-    def layer_map(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+    def layer_map(self, inputs: Any, target: TargetLike = None) -> Any:
         """The raw map ``(N, 1, *layer_spatial)`` at the layer's resolution, non-negative.
 
-        With several layers use :meth:`layer_maps` (their resolutions may differ) or :meth:`saliency`.
+        On Keras: a tf.Tensor ``(N, *layer_spatial, 1)``. With several layers use :meth:`layer_maps`
+        (their resolutions may differ) or :meth:`saliency`.
         """
         maps = self.layer_maps(inputs, target)
         if len(maps) != 1:
@@ -193,27 +204,24 @@ class BaseCAM(Explainer):
             )
         return maps[0]
 
-    def saliency(self, inputs: torch.Tensor, target: TargetLike = None, **kwargs: Any) -> torch.Tensor:
+    def saliency(self, inputs: Any, target: TargetLike = None, **kwargs: Any) -> Any:
         """The map ``(N, 1, *spatial)`` at input resolution, min-max scaled to [0, 1] per image.
 
-        Each layer's map is resized bilinearly (``align_corners=False``, like an image resize); with
-        several layers each is min-max scaled per image first and the maps are averaged.
+        On Keras: a tf.Tensor ``(N, *spatial, 1)``. Each layer's map is resized bilinearly
+        (``align_corners=False``, like an image resize); with several layers each is min-max scaled per
+        image first and the maps are averaged.
         """
         if kwargs:
             raise TypeError(
                 f"{type(self).__name__}.saliency() got unexpected keyword arguments {sorted(kwargs)}; "
                 "it takes (inputs, target)"
             )
-        size = tuple(inputs.shape[2:])
-        maps = self.layer_maps(inputs, target)
-        if len(maps) == 1:
-            return minmax_per_sample(resize_to(maps[0], size, align_corners=False))
-        resized = [resize_to(minmax_per_sample(m), size, align_corners=False) for m in maps]
-        return minmax_per_sample(torch.stack(resized).mean(dim=0))
+        x = self.layer_backend.check_inputs(inputs, 3)
+        return self.layer_backend.to_native_map(self.saliency_channel_first(x, target))
 
     def __call__(  # type: ignore[override]
         self,
-        input_tensor: torch.Tensor,
+        input_tensor: Any,
         targets: TargetLike = None,
         aug_smooth: bool = False,
         eigen_smooth: bool = False,
@@ -231,28 +239,26 @@ class BaseCAM(Explainer):
                 "aug_smooth and eigen_smooth are pytorch-grad-cam options that are not implemented here; "
                 "leave them False (EigenCAM gives the first principal component of the activations)"
             )
-        maps = self.saliency(input_tensor, targets)
+        x = self.layer_backend.check_inputs(input_tensor, 3)
+        maps = self.saliency_channel_first(x, targets)
         return maps[:, 0].detach().cpu().numpy().astype(np.float32)
 
-    # -- machinery -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _session(self) -> Iterator[HookManager]:
-        """:meth:`session`, and with ``eval_mode=False`` the BatchNorm running statistics restored."""
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if not self.eval_mode:
-            for module in self.model.modules():
-                if module.training:
-                    saved.extend((b, b.detach().clone()) for b in module.buffers(recurse=False))
-        try:
-            with self.session() as hooks:
-                yield hooks
-        finally:
-            with torch.no_grad():
-                for buffer, value in saved:
-                    buffer.copy_(value)
+    def saliency_channel_first(self, inputs: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+        """:meth:`saliency` of a channel-first torch batch, as a torch tensor ``(N, 1, *spatial)``."""
+        size = tuple(inputs.shape[2:])
+        maps = self._layer_maps(inputs, target)
+        if len(maps) == 1:
+            return minmax_per_sample(resize_to(maps[0], size, align_corners=False))
+        resized = [resize_to(minmax_per_sample(m), size, align_corners=False) for m in maps]
+        return minmax_per_sample(torch.stack(resized).mean(dim=0))
 
+    # -- machinery -------------------------------------------------------------------------------
     def to_channel_first(self, name: str, tensor: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """A layer's output (or its gradient) in ``(N, C, *spatial)`` layout, or a clear error."""
+        """A layer's output (or its gradient) in ``(N, C, *spatial)`` layout, or a clear error.
+
+        ``tensor`` is in the layer's own layout; ``inputs`` is the channel-first batch. Without a
+        ``reshape`` the backend's own layout conversion applies (Keras: channels last to first).
+        """
         shape = tuple(tensor.shape)
         spatial = tuple(inputs.shape[2:])
         if self._reshape is not None:
@@ -264,6 +270,8 @@ class BaseCAM(Explainer):
                 ) from err
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"reshape= must return a tensor, got {type(tensor).__name__}")
+        else:
+            tensor = self.layer_backend.native_to_channel_first(tensor, inputs.dim())
         if tensor.dim() != inputs.dim() or tensor.shape[0] != inputs.shape[0]:
             hint = (
                 "pass reshape='channels_last' for (N, H, W, C) outputs, reshape=tokens(prefix=...) for "
@@ -278,91 +286,30 @@ class BaseCAM(Explainer):
         return tensor
 
     def record(self, inputs: torch.Tensor, target: TargetLike) -> tuple[list[LayerRecord], TargetLike]:
-        """One forward (and, for gradient methods, one backward) with every layer hooked.
+        """One forward (and, for gradient methods, one backward) with every layer captured.
 
-        Returns the layers' records and the target frozen on this batch (classes ``(N,)`` or the callable).
+        ``inputs`` is the channel-first batch. Returns the layers' records and the target frozen on
+        this batch (classes ``(N,)`` or the callable).
         """
-        layers = self._resolved_layers(inputs)
-        n = len(layers)
-        raw: list[torch.Tensor | None] = [None] * n
-        live: list[torch.Tensor | None] = [None] * n
-        versions = [0] * n
-        calls = [0] * n
-        grads: list[torch.Tensor | None] = [None] * n
-        x = leaf_input(inputs) if self.uses_gradients else inputs.detach()
-        with self._session() as hooks:
-
-            def make_hook(i: int, name: str) -> Callable[..., None]:
-                def forward_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                    if not isinstance(output, torch.Tensor):
-                        raise TypeError(
-                            f"{self.method_name} needs a layer with a tensor output; layer "
-                            f"{name or '(root)'!r} returned a {type(output).__name__}"
-                        )
-                    calls[i] += 1
-                    call = calls[i]
-                    # A copy: an in-place op after this layer (ReLU(inplace=True)) would change A.
-                    raw[i] = output.detach().clone()
-                    live[i], versions[i] = output, output._version
-                    if self.uses_gradients and output.requires_grad:
-
-                        def grad_hook(grad: torch.Tensor) -> None:
-                            if call == calls[i]:  # only the last call's gradient is kept
-                                grads[i] = grad.detach()
-
-                        hooks.tensor_hook(output, grad_hook)
-
-                return forward_hook
-
-            for i, (name, module) in enumerate(layers):
-                hooks.forward_hook(module, make_hook(i, name))
-            if self.uses_gradients:
-                scores, output = self.scores(x, target)
-            else:
-                with torch.no_grad():
-                    output = self.forward(x)
-                scores = None
-            for i, (name, _module) in enumerate(layers):
-                if calls[i] == 0:
-                    raise RuntimeError(
-                        f"the {self.method_name} layer {name or '(root)'!r} did not run in the forward pass; "
-                        "choose a layer that the model calls"
-                    )
-            frozen = fixed_target(output, target, inputs.shape[0])
-            if scores is not None:
-                self._backward(scores, x, live, versions)
+        layers = [LayerRef(name, module) for name, module in self._resolved_layers(inputs)]
+        captures, frozen = self.layer_backend.capture(inputs, target, layers, gradients=self.uses_gradients)
         records = []
-        for i, (name, module) in enumerate(layers):
-            raw_i = raw[i]
-            assert raw_i is not None
-            activation = self.to_channel_first(name, raw_i, inputs)
-            grad = grads[i]
-            if self.uses_gradients and grad is None:
-                grad = torch.zeros_like(raw_i)  # the score does not depend on this layer's output
-            gradient = self.to_channel_first(name, grad, inputs) if grad is not None else None
+        for capture in captures:
+            activation = self.to_channel_first(capture.name, capture.output, inputs)
+            grad = capture.gradient
+            gradient = self.to_channel_first(capture.name, grad, inputs) if grad is not None else None
             if gradient is not None and bool((gradient == 0).flatten(1).all(dim=1).any()):
                 warnings.warn(
-                    f"the score's gradient at layer {name or '(root)'!r} is zero at every position for some "
-                    f"images: the score does not depend on this map, so {self.method_name} is empty there. "
-                    "(In a ViT's last block only the class token reaches the head; take a layer before the "
-                    "last attention, e.g. blocks[-1].norm1.)",
-                    stacklevel=3,
+                    f"the score's gradient at layer {capture.name or '(root)'!r} is zero at every position "
+                    f"for some images: the score does not depend on this map, so {self.method_name} is "
+                    "empty there. (In a ViT's last block only the class token reaches the head; take a "
+                    "layer before the last attention, e.g. blocks[-1].norm1.)",
+                    stacklevel=4,
                 )
-            records.append(LayerRecord(name, module, activation, gradient, raw_i, calls[i]))
+            records.append(
+                LayerRecord(capture.name, capture.layer, activation, gradient, capture.output, capture.calls)
+            )
         return records, frozen
-
-    @staticmethod
-    def _backward(
-        scores: torch.Tensor, x: torch.Tensor, live: list[torch.Tensor | None], versions: list[int]
-    ) -> None:
-        outputs = [t for t in live if t is not None and t.requires_grad]
-        if outputs and all(t is not None and t._version == v for t, v in zip(live, versions, strict=True)):
-            # The backward stops at the layers: nothing below them is differentiated.
-            torch.autograd.grad(scores.sum(), outputs, allow_unused=True)
-        else:
-            # A layer output was changed in place after the hook; its tensor hook holds the gradient
-            # of the value the hook saw, which only a backward through the in-place op reaches.
-            torch.autograd.grad(scores.sum(), x, allow_unused=True)
 
     # -- helpers for the perturbation CAMs ----------------------------------------------------------
     def row_scores(
@@ -372,16 +319,15 @@ class BaseCAM(Explainer):
         target: TargetLike,
         batch_size: int,
         progress: bool | None,
-        replace: Callable[[int, int], Callable[..., Any]] | None = None,
-        module: nn.Module | None = None,
+        replace: Callable[[int, int], Replacement] | None = None,
         bounds: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Scores of ``rows`` perturbed inputs, forwarded ``batch_size`` at a time, ``(rows,)``.
 
-        ``make_batch(start, stop)`` gives the inputs and the sample index of each row (the inputs may
-        have fewer rows than ``stop - start``, when ``replace`` makes the module's output the full
-        chunk: then the forward gets the first ``len(inputs)`` sample indices); ``replace``, when
-        given, builds a forward hook for ``module`` that replaces its output for those rows.
+        ``make_batch(start, stop)`` gives the channel-first inputs and the sample index of each row
+        (the inputs may have fewer rows than ``stop - start``, when the replacement makes the layer's
+        output the full chunk: the layers below then run on those inputs only);
+        ``replace(start, stop)``, when given, the layer output that replaces the layer's for those rows.
         ``bounds``: the ``(start, stop)`` chunks, in order (default: ``batch_size`` rows each).
         """
         from tqdm.auto import tqdm
@@ -389,20 +335,12 @@ class BaseCAM(Explainer):
         show = progress if progress is not None else sys.stderr.isatty()
         out: list[torch.Tensor] = []
         chunks = bounds or [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
-        with self._session(), torch.no_grad():
+        backend = self.layer_backend
+        with backend.progress_session():
             for start, stop in tqdm(chunks, desc=type(self).__name__, disable=not show, leave=False):
                 batch, samples = make_batch(start, stop)
-                forward_samples = samples[: batch.shape[0]]
-                if replace is not None and module is not None:
-                    with HookManager() as row_hooks:
-                        row_hooks.forward_hook(module, replace(start, stop))
-                        output = self.forward(batch, forward_samples)
-                else:
-                    output = self.forward(batch, forward_samples)
-                # frozen classes or target objects, one per sample
-                on = target.device if isinstance(target, torch.Tensor) else samples.device
-                row_target = target_rows(target, samples.to(on))
-                out.append(select_scores(output, row_target, stop - start).detach())
+                replacement = replace(start, stop) if replace is not None else None
+                out.append(backend.row_scores(batch, samples, target, replacement))
         return torch.cat(out)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from bbdecoder.attribution.base import InputTransform
 from bbdecoder.attribution.cam.base import BaseCAM, CAMContext, check_batch_size
@@ -29,7 +30,7 @@ class ScoreCAM(BaseCAM):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         layer: LayerSelection = None,
         reshape: ReshapeLike = None,
         *,
