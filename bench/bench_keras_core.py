@@ -80,7 +80,8 @@ def tf_smoothgrad(tf: Any, model: Any, x: Any, classes: Any, seed: int) -> np.nd
     sigma = (0.15 * (flat.max(1) - flat.min(1))).reshape(-1, 1, 1, 1)
     noisy = []
     for _ in range(COPIES):
-        noise = torch.randn((array.shape[0], array.shape[3], *array.shape[1:3]), generator=generator).numpy()
+        # one draw of one sample's shape per copy, shared by the samples
+        noise = torch.randn((1, array.shape[3], *array.shape[1:3]), generator=generator).numpy()
         noisy.append(array + sigma * np.moveaxis(noise, 1, -1))
     batch = tf.constant(np.concatenate(noisy))
     with tf.GradientTape() as tape:

@@ -361,12 +361,12 @@ def test_additional_forward_args_gradient_shap_rows() -> None:
         x, [3, 1], baselines=0.0, n_samples=2, internal_batch_size=3, additional_forward_args=(scale,)
     )
     generator = torch.Generator().manual_seed(3)
-    torch.randint(1, (4,), generator=generator)  # the baseline choice (one baseline)
-    alphas = torch.rand(4, generator=generator, dtype=torch.float64)  # rows are draw-major: row % 2 = sample
+    torch.randint(1, (2,), generator=generator)  # the baseline choice per draw (one baseline)
+    alphas = torch.rand(2, generator=generator, dtype=torch.float64)  # one per draw, shared by the samples
     expected = torch.zeros_like(x)
-    for row in range(4):
+    for row in range(4):  # rows are draw-major: row % 2 = sample, row // 2 = draw
         i = row % 2
-        point = alphas[row] * x[i : i + 1]
+        point = alphas[row // 2] * x[i : i + 1]
         expected[i] += (x[i] * Gradient(Bound(model, scale[i : i + 1])).attribute(point, [3, 1][i])[0]) / 2
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
 

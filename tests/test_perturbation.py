@@ -209,6 +209,45 @@ def test_gradient_shap_converges_to_mean_ig_and_agrees_with_captum() -> None:
     )
 
 
+def _gradient_shap_loop(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: list[int],
+    refs: torch.Tensor,
+    n_samples: int,
+    stdevs: float,
+    seed: int,
+) -> torch.Tensor:
+    """Sample by sample, draw by draw: draw j's reference index, path point and noise (1, *sample_shape)
+    from one generator in the documented order (indices, path points, then the noise of draw 0, 1, ...)."""
+    generator = torch.Generator().manual_seed(seed)
+    choice = torch.randint(refs.shape[0], (n_samples,), generator=generator)
+    alphas = torch.rand(n_samples, generator=generator, dtype=torch.float64)
+    shape = (1, *x.shape[1:])
+    noise = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(n_samples)]
+    out = torch.zeros_like(x)
+    for i, target in enumerate(targets):
+        for j in range(n_samples):
+            noisy = x[i : i + 1] + stdevs * noise[j]
+            base = refs[choice[j]][None]
+            point = (base + alphas[j] * (noisy - base)).requires_grad_(True)
+            (grad,) = torch.autograd.grad(model(point)[0, target], point)
+            out[i] += ((noisy - base) * grad)[0] / n_samples
+    return out
+
+
+def test_gradient_shap_equals_the_loop_over_its_draws_and_a_batch_its_samples(cnn: nn.Module) -> None:
+    x = _images(n=3, size=8)
+    refs = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    explainer = GradientSHAP(cnn, seed=4)
+    ours = explainer.attribute(x, [0, 1, 2], baselines=refs, n_samples=6, stdevs=0.2, internal_batch_size=4)
+    expected = _gradient_shap_loop(cnn.eval(), x, [0, 1, 2], refs, 6, 0.2, 4)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    options = {"baselines": refs, "n_samples": 6, "stdevs": 0.2, "internal_batch_size": 5}
+    alone = torch.cat([explainer.attribute(x[i : i + 1], [t], **options) for i, t in enumerate([0, 1, 2])])
+    torch.testing.assert_close(ours, alone, rtol=1e-12, atol=1e-14)
+
+
 def test_gradient_shap_noise_and_chunking_do_not_change_draws(cnn: nn.Module) -> None:
     x = _images(n=2, size=8)
     refs = torch.rand(4, 3, 8, 8, dtype=torch.float64)

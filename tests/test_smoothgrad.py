@@ -49,13 +49,14 @@ def brute_force(
     kind: str,
     **kwargs: object,
 ) -> torch.Tensor:
-    """One noisy copy at a time, drawn from the same generator in the same order; reduced with stack."""
+    """One noisy copy at a time, drawn from the same generator in the same order (one standard normal
+    of one sample's shape per copy, shared by the samples); reduced with stack."""
     generator = torch.Generator().manual_seed(seed)
     value_range = x.flatten(1).max(dim=1).values - x.flatten(1).min(dim=1).values
     sigma = (level * value_range).view(-1, 1, 1, 1)
     results = []
     for _ in range(n):
-        noisy = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        noisy = x + sigma * torch.randn((1, *x.shape[1:]), generator=generator, dtype=x.dtype)
         results.append(explain(noisy, target, **kwargs))
     stacked = torch.stack(results)
     if kind == "smoothgrad":
@@ -142,6 +143,20 @@ def test_seeded_and_reproducible(images: torch.Tensor) -> None:
     other = SmoothGrad(model, n_samples=4, seed=8).attribute(images)
     assert torch.equal(first, again) or torch.allclose(first, again, rtol=0, atol=1e-14)
     assert not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("kind", ["smoothgrad", "vargrad"])
+@pytest.mark.parametrize("batch", [None, 1, 4])
+def test_a_batch_equals_its_samples_one_by_one(images: torch.Tensor, kind: str, batch: int | None) -> None:
+    model = small_cnn()
+    smooth = SmoothGrad(model, n_samples=5, noise_level=0.2, kind=kind, seed=3, internal_batch_size=batch)
+    together = smooth.attribute(images, [0, 1, 4])
+    alone = torch.cat([smooth.attribute(images[i : i + 1], [t]) for i, t in enumerate([0, 1, 4])])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-14)
+    # the last sample in a batch of two gets the noise it gets alone and first in a batch of three
+    pair = smooth.noisy_copies(images[1:])
+    for k, copy in enumerate(smooth.noisy_copies(images[2:])):
+        torch.testing.assert_close(copy[0], pair[k][1], rtol=0, atol=0)
 
 
 def test_noise_is_scaled_by_each_sample_range() -> None:

@@ -417,17 +417,21 @@ def test_gradient_shap_at_the_embeddings_equals_a_hand_loop_over_inputs_embeds(s
         stdevs=stdevs,
         internal_batch_size=n * n_samples,
     )
-    # The same draws, in the same order, through inputs_embeds (no hooks).
+    # The same draws, in the same order, through inputs_embeds (no hooks): draw j (reference, path
+    # point, noise of one sample's shape) is shared by the samples; rows are draw-major.
     generator = torch.Generator().manual_seed(7)
-    choice = torch.randint(2, (n * n_samples,), generator=generator)
-    alphas = torch.rand(n * n_samples, generator=generator, dtype=torch.float64)
+    choice = torch.randint(2, (n_samples,), generator=generator)
+    alphas = torch.rand(n_samples, generator=generator, dtype=torch.float64)
     embed = model.bert.embeddings.word_embeddings
     sample = torch.arange(n * n_samples) % n
+    draw = torch.arange(n * n_samples) // n
     x = embed(batch["input_ids"]).detach()[sample]
     if stdevs > 0:
-        x = x + stdevs * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-    base = embed(references).detach()[choice]
-    point = (base + alphas.view(-1, 1, 1) * (x - base)).requires_grad_(True)
+        shape = (1, *x.shape[1:])
+        noise = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(n_samples)]
+        x = x + stdevs * torch.cat(noise)[draw]
+    base = embed(references).detach()[choice[draw]]
+    point = (base + alphas[draw].view(-1, 1, 1) * (x - base)).requires_grad_(True)
     logits = model(
         inputs_embeds=point,
         attention_mask=batch["attention_mask"][sample],

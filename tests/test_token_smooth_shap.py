@@ -104,15 +104,19 @@ def test_gradient_shap_at_a_named_layer_equals_the_closed_form(stdevs: float) ->
         stdevs=stdevs,
         internal_batch_size=n * n_samples,
     )
-    # The same draws in the same order; the gradient of the linear model is w / 5 everywhere.
+    # The same draws in the same order (draw j is shared by the samples: its reference, its path point,
+    # then its noise of one sample's shape); the gradient of the linear model is w / 5 everywhere.
     generator = torch.Generator().manual_seed(11)
-    choice = torch.randint(2, (n * n_samples,), generator=generator)
-    torch.rand(n * n_samples, generator=generator, dtype=torch.float64)  # the path points (unused: linear)
+    choice = torch.randint(2, (n_samples,), generator=generator)
+    torch.rand(n_samples, generator=generator, dtype=torch.float64)  # the path points (unused: linear)
     sample = torch.arange(n * n_samples) % n
+    draw = torch.arange(n * n_samples) // n
     x = model.embed(batch["input_ids"]).detach()[sample]
     if stdevs > 0:
-        x = x + stdevs * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-    base = model.embed(references).detach()[choice]
+        shape = (1, *x.shape[1:])
+        noise = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(n_samples)]
+        x = x + stdevs * torch.cat(noise)[draw]
+    base = model.embed(references).detach()[choice[draw]]
     grad = (model.head.weight[target] / 5).detach()
     closed = torch.zeros(n, 5, 6, dtype=torch.float64).index_add_(0, sample, (x - base) * grad) / n_samples
     closed = torch.where(mask[..., None] != 0, closed, 0.0)
@@ -141,3 +145,21 @@ def test_gradient_shap_with_one_pad_reference_is_ig_in_expectation_on_the_linear
     )
     torch.testing.assert_close(shap, ig, rtol=1e-12, atol=1e-13)
     assert _pad_is_zero(shap, batch["attention_mask"])
+
+
+def test_token_smoothgrad_and_gradient_shap_of_a_batch_equal_its_rows_one_by_one() -> None:
+    model = bag_model(masked=True)
+    batch = token_batch()
+    targets = [0, 1, 2]
+
+    def rows(i: int) -> dict[str, torch.Tensor]:
+        return {key: value[i : i + 1] for key, value in batch.items()}
+
+    smoother = SmoothGrad(InputXGradient(model), n_samples=4, noise_level=0.3, seed=2, layer="embed")
+    shap = GradientSHAP(model, seed=6, layer="embed")
+    shap_options = {"baselines": torch.tensor([[2] * 5, [6] * 5]), "n_samples": 4, "stdevs": 0.2}
+    for explain in (smoother.attribute, lambda b, t: shap.attribute(b, t, **shap_options)):
+        together = explain(batch, targets)
+        alone = torch.cat([explain(rows(i), [t]) for i, t in enumerate(targets)])
+        torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-14)
+        assert bool((together[batch["attention_mask"] != 0] != 0).all())

@@ -3,7 +3,9 @@
 For each sample, ``n_samples`` draws of a baseline ``b`` (uniformly from the given set), a point
 ``alpha ~ U(0, 1)`` and Gaussian input noise ``eps ~ N(0, stdevs^2)``; the attribution is the mean of
 ``(x + eps - b) * dF/dx (b + alpha (x + eps - b))``. With ``stdevs=0`` its expectation is the mean over
-baselines of Integrated Gradients with that baseline. Draws come from a seeded ``torch.Generator``.
+baselines of Integrated Gradients with that baseline. Draws come from a seeded ``torch.Generator``:
+draw ``j`` (its baseline index, ``alpha`` and one noise ``(1, *sample_shape)``) is the same for every
+sample, so the same seed gives every sample the same draws and a batch equals its samples one by one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ class GradientSHAP(Explainer):
 
     Args:
         model: the classifier; ``input_transform``, ``eval_mode``, ``scores_from`` as everywhere.
-        seed: seeds the baseline choice, the path points and the noise.
+        seed: seeds the baseline choice, the path points and the noise. Draw ``j`` is the same for
+            every sample: the same seed gives every sample the same draws, so a batch equals its
+            samples one by one (each sample's draws are still independent across ``j``, so its
+            estimate is the usual GradientSHAP mean; only the samples of one batch share them).
         memory_budget_bytes: bytes per forward+backward pass when ``internal_batch_size`` is not given.
         layer: attribute at this layer's output (token ids default to the input embeddings); see
             :class:`~bbdecoder.attribution.base.Explainer`.
@@ -83,11 +88,8 @@ class GradientSHAP(Explainer):
             raise ValueError(f"stdevs must be >= 0, got {stdevs}")
         n = x.shape[0]
         references = self.references(baselines, x)
-        generator = torch.Generator().manual_seed(self.seed)
+        draws = SharedDraws(self.seed, references.shape[0], n_samples, tuple(x.shape[1:]))
         total_rows = n * n_samples
-        # All draws up front (small: indices, alphas; the noise per pass from the same generator order).
-        choice = torch.randint(references.shape[0], (total_rows,), generator=generator)
-        alphas = torch.rand(total_rows, generator=generator, dtype=torch.float64)
         target = backend.user_target(target)
         accumulated = torch.zeros_like(x, dtype=torch.float64)
         broadcast = (-1,) + (1,) * (x.dim() - 1)
@@ -105,13 +107,13 @@ class GradientSHAP(Explainer):
             for start in range(0, total_rows, rows_per_pass):
                 stop = min(start + rows_per_pass, total_rows)
                 samples = torch.arange(start, stop) % n
+                draw = torch.arange(start, stop) // n
                 noisy = x[samples.to(x.device)]
                 if stdevs > 0:
-                    shape = (stop - start, *x.shape[1:])
-                    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+                    noise = draws.noise(draw)
                     noisy = noisy + (stdevs * noise).to(device=x.device, dtype=x.dtype)
-                base = references[choice[start:stop].to(x.device)]
-                alpha = alphas[start:stop].to(device=x.device, dtype=x.dtype).view(broadcast)
+                base = references[draws.choice[draw].to(x.device)]
+                alpha = draws.alphas[draw].to(device=x.device, dtype=x.dtype).view(broadcast)
                 with torch.no_grad():
                     point = base + alpha * (noisy - base)
                 grad, _ = backend.input_gradient(point, _rows_of(frozen, samples.to(x.device)), samples)
@@ -133,3 +135,35 @@ class GradientSHAP(Explainer):
     def make_baseline(self, baseline: BaselineSpec, x: torch.Tensor) -> torch.Tensor:
         """One baseline for the prepared ``x``; see :func:`~bbdecoder.attribution.baselines.make_baseline`."""
         return make_baseline(baseline, x)
+
+
+class SharedDraws:
+    """GradientSHAP's random draws for ``n_samples`` draws of one sample, shared by every sample.
+
+    From one generator seeded with ``seed``: the baseline indices ``choice`` ``(n_samples,)``, then the
+    path points ``alphas`` ``(n_samples,)`` (float64), then on demand the noise of draw ``0, 1, ...``,
+    each a standard normal ``(1, *sample_shape)`` (float64). Draw ``j`` of a row does not depend on
+    the batch, and the noise is drawn in the same order however the rows are split into passes.
+    Rows must be asked for in increasing order of their draw (as the passes go); only the draws of
+    the current pass are held.
+    """
+
+    def __init__(self, seed: int, n_references: int, n_samples: int, sample_shape: tuple[int, ...]) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.choice = torch.randint(n_references, (n_samples,), generator=self.generator)
+        self.alphas = torch.rand(n_samples, generator=self.generator, dtype=torch.float64)
+        self.shape = (1, *sample_shape)
+        self.held: dict[int, torch.Tensor] = {}
+        self.next = 0
+
+    def noise(self, draw: torch.Tensor) -> torch.Tensor:
+        """The noise of rows whose draws are ``draw`` (ints, from the current pass on):
+        ``(len(draw), *sample_shape)``."""
+        first, last = int(draw.min()), int(draw.max())
+        if first < min(self.held, default=first):
+            raise RuntimeError("GradientSHAP's draws must be asked for in increasing order")
+        self.held = {j: value for j, value in self.held.items() if j >= first}
+        while self.next <= last:
+            self.held[self.next] = torch.randn(self.shape, generator=self.generator, dtype=torch.float64)
+            self.next += 1
+        return torch.cat([self.held[j] for j in range(first, last + 1)])[draw - first]

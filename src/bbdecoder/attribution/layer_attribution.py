@@ -458,8 +458,10 @@ def layer_gradient_shap(
     ``baselines``: ``"pad"``, ``"mask"`` or ``"zero"`` (one reference), integer ids ``(B, L)`` (a set of
     ``B`` reference sequences, each run with every sample's other inputs) or a float tensor
     ``(B, *layer_output_sample_shape)`` (a set of references at the layer). The noise ``eps`` has
-    standard deviation ``stdevs`` at the layer. Draws are made in the same order as the input-space
-    :class:`~bbdecoder.attribution.gradient_shap.GradientSHAP`, from a generator seeded with its seed.
+    standard deviation ``stdevs`` at the layer. Draws are those of the input-space
+    :class:`~bbdecoder.attribution.gradient_shap.GradientSHAP`
+    (:class:`~bbdecoder.attribution.gradient_shap.SharedDraws`, seeded with its seed): draw ``j`` is
+    the same for every sample, so a batch equals its rows one by one.
     """
     pad_id, mask_id, position, values = _options(kwargs)
     check_positive_int(n_samples, "n_samples")
@@ -477,23 +479,21 @@ def layer_gradient_shap(
         x_layer = clean if values is None else values.detach().to(clean)
         frozen = _freeze_chunks(outputs, target, batch, positions)
         references = _reference_set(run, baselines, x_layer, rows_per_pass, pad_id, mask_id)
-        generator = torch.Generator().manual_seed(explainer.seed)
+        from bbdecoder.attribution.gradient_shap import SharedDraws
+
+        draws = SharedDraws(explainer.seed, references.shape[0], n_samples, tuple(x_layer.shape[1:]))
         total_rows = n * n_samples
-        choice = torch.randint(references.shape[0], (total_rows,), generator=generator)
-        alphas = torch.rand(total_rows, generator=generator, dtype=torch.float64)
         accumulated = torch.zeros_like(x_layer, dtype=torch.float64)
         broadcast = (-1,) + (1,) * (x_layer.dim() - 1)
         for start in range(0, total_rows, rows_per_pass):
             stop = min(start + rows_per_pass, total_rows)
             sample = (torch.arange(start, stop) % n).to(x_layer.device)
+            draw = torch.arange(start, stop) // n
             noisy = x_layer[sample]
             if stdevs > 0:
-                noise = torch.randn(
-                    (stop - start, *x_layer.shape[1:]), generator=generator, dtype=torch.float64
-                )
-                noisy = noisy + (stdevs * noise).to(noisy)
-            base = references[choice[start:stop].to(x_layer.device), sample]
-            alpha = alphas[start:stop].to(noisy).view(broadcast)
+                noisy = noisy + (stdevs * draws.noise(draw)).to(noisy)
+            base = references[draws.choice[draw].to(x_layer.device), sample]
+            alpha = draws.alphas[draw].to(noisy).view(broadcast)
             with torch.no_grad():
                 point = base + alpha * (noisy - base)
 

@@ -92,10 +92,11 @@ class MethodSpec:
         aliases: other accepted names (``"integrated_gradients"`` for ``"ig"``).
         needs_hooks: the method registers forward hooks on the model's modules (TorchScript models
             cannot run it).
-        batch_invariant: a sample's map does not depend on the other samples of its batch. ``False``
-            for the methods that draw their noise or path points for the whole batch at once
-            (SmoothGrad, SmoothFullGrad, GradientSHAP): the same seed and batch give the same maps,
-            but a sample explained alone gets other draws.
+        batch_invariant: a sample's map does not depend on the other samples of its batch (the
+            contract test checks a batch against its samples one by one). Every registered method is:
+            the random ones (SmoothGrad, SmoothFullGrad, GradientSHAP, RISE, KernelSHAP) give every
+            sample the same draws for the same seed. ``False`` only for a method whose draws or
+            passes depend on the batch.
         factory: builds the explainer from ``(model, **kwargs)`` where the class alone does not
             (SmoothGrad wraps a :class:`~bbdecoder.Gradient`); ``None``: the class itself.
     """
@@ -401,7 +402,6 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
             _SEED,
             _CHUNK,
         ),
-        batch_invariant=False,
         factory=_smoothgrad,
     ),
     MethodSpec(
@@ -418,7 +418,6 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
             replace(_CHUNK, stage="call"),
         ),
         aliases=("gradientshap",),
-        batch_invariant=False,
     ),
     MethodSpec(
         "fullgrad",
@@ -448,7 +447,6 @@ _TORCH_METHODS: tuple[MethodSpec, ...] = (
         _torch("smooth_fullgrad:SmoothFullGrad"),
         options=(_samples(25, "noisy copies per input"), _NOISE, _SEED, _CHUNK),
         needs_hooks=True,
-        batch_invariant=False,
     ),
     _cam("gradcam", "Grad-CAM", "gradcam:GradCAM", "ReLU of the layer's channels weighted by mean gradients"),
     _cam(

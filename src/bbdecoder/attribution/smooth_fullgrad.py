@@ -15,7 +15,8 @@ class SmoothFullGrad(SmoothGrad):
 
     ``saliency(inputs, target) -> (N, 1, *spatial)``: the mean of FullGrad maps of ``n_samples`` noisy
     copies (noise sigma = ``noise_level`` x each sample's value range). Completeness is checked once,
-    on the clean model, as FullGrad does.
+    on the clean model, as FullGrad does. The noise is :class:`SmoothGrad`'s: the same seed gives every
+    sample the same noise draws, so a batch equals its samples one by one.
     """
 
     fullgrad_class: ClassVar[type[FullGrad]] = FullGrad

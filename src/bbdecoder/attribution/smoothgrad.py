@@ -2,7 +2,8 @@
 
 The attribution (or saliency) of ``n_samples`` noisy copies ``x + N(0, sigma^2)`` is averaged, with
 ``sigma = noise_level * (max(x) - min(x))`` taken per sample. ``smoothgrad_sq`` averages squares and
-``vargrad`` (Adebayo et al. 2018) takes the population variance across the copies.
+``vargrad`` (Adebayo et al. 2018) takes the population variance across the copies. The same seed gives
+every sample the same noise draws, so a batch equals its samples one by one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class SmoothGrad(Explainer):
         noise_level: noise standard deviation as a fraction of each sample's value range (max - min).
         kind: ``"smoothgrad"`` (mean), ``"smoothgrad_sq"`` (mean of squares) or ``"vargrad"``
             (population variance across the copies).
-        seed: seeds a ``torch.Generator`` on the inputs' device; the same seed gives the same noise.
+        seed: seeds a ``torch.Generator`` on the inputs' device. Copy ``k`` of every sample uses the
+            same standard normal draw ``(1, *sample_shape)`` (times that sample's ``sigma``): the same
+            seed gives every sample the same noise draws, so a batch equals its samples one by one
+            (and the same seed gives the same maps). Each sample's copies are still independent
+            draws, so its estimate is the usual SmoothGrad mean; only the samples of one batch share
+            their draws.
         internal_batch_size: most rows (copies x N) per call of the inner explainer; at least one
             copy per call. Default: as many copies as the memory budget allows (estimated with one
             no-grad probe forward), or one copy at a time when the inner explainer does not run the
@@ -93,7 +99,9 @@ class SmoothGrad(Explainer):
         return self._smooth(self.explainer.saliency, inputs, target, kwargs)
 
     def noisy_copies(self, inputs: torch.Tensor) -> list[torch.Tensor]:
-        """All ``n_samples`` noisy copies, in the order they are drawn (for inspection and tests)."""
+        """All ``n_samples`` noisy copies, in the order they are drawn (for inspection and tests); each
+        is shaped like ``inputs``, copy ``k`` being ``inputs + sigma * z_k`` with one ``z_k`` of shape
+        ``(1, *sample_shape)`` for every sample."""
         backend = self.backend
         draw = self._noise_source(backend.prepare(inputs))
         return [backend.to_framework(draw()) for _ in range(self.n_samples)]
@@ -111,14 +119,19 @@ class SmoothGrad(Explainer):
         )
 
     def _noise_source(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Draws the next noisy copy of the whole batch: one standard normal ``(1, *sample_shape)``
+        per copy, shared by every sample and scaled by each sample's ``sigma``."""
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         flat = x.reshape(x.shape[0], -1)
         value_range = flat.max(dim=1).values - flat.min(dim=1).values
         sigma = (self.noise_level * value_range).view((-1,) + (1,) * (x.dim() - 1))
+        # One draw per copy for one sample, broadcast over the batch: sample i's noise does not depend
+        # on its position or on the batch size, so a batch equals its samples explained one by one.
+        shape = (1, *x.shape[1:])
 
         def draw() -> torch.Tensor:
             with torch.no_grad():
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
                 return x + sigma * noise
 
         return draw
