@@ -142,6 +142,7 @@ def test_close_writes_what_is_buffered_and_stops_the_thread(tmp_path: Path) -> N
 def test_a_reader_in_the_same_process_sees_every_step_handed_to_the_writer(tmp_path: Path) -> None:
     writer = ThreadedRunWriter(tmp_path)
     _fill(writer, range(2))
+    writer.wait()  # the fill's own flush is committed before flushes are held back
     release = threading.Event()
     original = RunWriter.flush
 

@@ -33,6 +33,7 @@ CHILD = textwrap.dedent(
             opt.zero_grad()
             F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 4, (16,))).backward()
             opt.step()
+            an.writer.wait()  # the step's commit, handed to the writer thread, is done
             print("step", an.current_step - 1, flush=True)  # committed (flush_every=1)
 
     for epoch in range(2):
