@@ -33,6 +33,7 @@ import torch
 from bbdecoder.attribution.outputs import ProbabilityOutputError, check_scores_from, probability_kind
 from bbdecoder.backends.base import Backend, FrozenTarget, Samples, channels_first, channels_last, nothing
 from bbdecoder.keras._backend import keras, tf
+from bbdecoder.keras.base import check_inputs
 from bbdecoder.keras.layers import LayerCall, check_model, intercepted_calls, leaf_layers
 from bbdecoder.keras.targets import _as_logits, select_scores
 from bbdecoder.targets import TargetError, TargetLike
@@ -197,22 +198,10 @@ class KerasBackend(Backend):
 
 
 def check_keras_inputs(inputs: Any, min_dim: int = 2) -> Any:
-    """A batch of inputs as a finite floating ``tf.Tensor`` (N, ...); NumPy arrays are converted."""
-    if not isinstance(inputs, (tf.Tensor, np.ndarray)):
-        raise TypeError(f"inputs must be a tf.Tensor or a NumPy array, got {type(inputs).__name__}")
-    x = tf.convert_to_tensor(inputs)
-    if not x.dtype.is_floating:
-        raise TypeError(
-            f"inputs must be floating point (gradients need it), got {x.dtype.name}; "
-            "use tf.cast(x, 'float32')"
-        )
-    if x.shape.rank < min_dim:
-        raise ValueError(
-            f"inputs must be a batch (N, ...) with at least {min_dim} dims, got shape {tuple(x.shape)}; "
-            "add the batch dimension with x[None]"
-        )
-    if x.shape[0] == 0:
-        raise ValueError("inputs is an empty batch (N = 0)")
+    """A batch of inputs as a finite floating ``tf.Tensor`` (N, ...): Keras's
+    :func:`~bbdecoder.keras.base.check_inputs` (NumPy converted, floating, batched, non-empty), then
+    NaN/Inf refused as on the PyTorch side."""
+    x = check_inputs(inputs, min_dim)
     if not bool(tf.reduce_all(tf.math.is_finite(x))):
         raise ValueError(
             f"inputs contain NaN or infinite values (shape {tuple(x.shape)}); attributions of non-finite "
