@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bbdecoder.monitor import grad_stats
+from bbdecoder.monitor import cpu_reductions, grad_stats
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics
 
 
@@ -64,7 +64,7 @@ def _oracle(g: torch.Tensor) -> list[float]:
 
 def _cpu_grads() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    chunk = grad_stats.CHUNK
+    chunk = cpu_reductions.CHUNK
     return [
         1e-3 * torch.randn(128, 9216, generator=gen),  # several chunks and a tail: the one-pass path
         torch.randn(7, generator=gen),  # small ones between large ones: order kept
@@ -98,15 +98,20 @@ def test_cpu_one_pass_path_is_the_one_taken_on_ordinary_gradients(monkeypatch: A
     gen = torch.Generator().manual_seed(2)
     ordinary = [1e-3 * torch.randn(300_000, generator=gen), torch.randn(40_000, generator=gen) - 0.5]
     stats = grad_stats.GradStatistics()
-    calls: list[int] = []
-    exact = grad_stats.GradStatistics()._large
-    monkeypatch.setattr(stats, "_large", lambda gs: calls.append(len(gs)) or exact(gs))
+    two_pass: list[int] = []
+    in_float64: list[int] = []
+    exact, small = grad_stats.GradStatistics()._large, grad_stats._small_numpy
+    monkeypatch.setattr(stats, "_large", lambda gs: two_pass.append(len(gs)) or exact(gs))
+    monkeypatch.setattr(grad_stats, "_small_numpy", lambda gs: in_float64.append(len(gs)) or small(gs))
     got = stats(ordinary).numpy()
-    assert calls == []  # no tensor needed the two-pass fallback
+    assert two_pass == [] and in_float64 == []  # no tensor needed an exact redo
     np.testing.assert_allclose(got, np.array([_oracle(g) for g in ordinary]), rtol=1e-5)
-    offset = [1000 + torch.randn(40_000, generator=gen)]
+    # E[g^2] = 1e6 var: the one-pass formula would cancel, so both are redone exactly, the one up
+    # to a chunk in float64, the larger one by the two-pass path
+    large = 3 * cpu_reductions.CHUNK + 7
+    offset = [1000 + torch.randn(40_000, generator=gen), 1000 + torch.randn(large, generator=gen)]
     got = stats(offset).numpy()
-    assert calls == [1]  # E[g^2] = 1e6 var: the one-pass formula would cancel, so it is redone
+    assert two_pass == [1] and in_float64 == [1]
     np.testing.assert_allclose(got, np.array([_oracle(g) for g in offset]), rtol=1e-5)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bbdecoder.monitor.weights import RATIO_CHUNK, UpdateRatios
+from bbdecoder.monitor.cpu_reductions import CHUNK
+from bbdecoder.monitor.weights import UpdateRatios
 
 
 def _weights() -> list[torch.Tensor]:
@@ -18,7 +19,7 @@ def _weights() -> list[torch.Tensor]:
         torch.randn(64, 32, 3, 3, generator=gen).to(memory_format=torch.channels_last),
         torch.randn(96, 48, 7, 7, generator=gen).to(memory_format=torch.channels_last),  # chunked
         torch.randn(400, 700, generator=gen).t(),  # non-contiguous: grouped
-        torch.randn(RATIO_CHUNK + 3, generator=gen, dtype=torch.float64),
+        torch.randn(CHUNK + 3, generator=gen, dtype=torch.float64),
     ]
 
 

@@ -19,6 +19,8 @@ from bbdecoder.store.writer import RunWriter, ScalarRow
 GRAD_NORM = V.L2
 RATIO = V.UPDATE_RATIO
 DEAD = V.DEAD_FRACTION
+WATCHED = frozenset({GRAD_NORM, RATIO, DEAD})
+"""The statistics the rules read (besides any non-finite value)."""
 
 
 class AlertWarning(RuntimeWarning):
@@ -74,6 +76,8 @@ class AlertEngine:
         self._layer_names: dict[int, str] | None = None
         self._series_names: dict[int, tuple[int, str]] = {}
         self._stat_names: dict[int, str] = {}
+        self._watched: set[int] = set()
+        self._watched_for = -1
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, writer: RunWriter) -> AlertEngine:
@@ -91,7 +95,9 @@ class AlertEngine:
 
         def scalars_then_alerts(rows: list[ScalarRow]) -> None:
             add_scalars(rows)
-            self.observe(self._named(writer, rows))
+            judged = self._judged(writer, rows)
+            if judged:
+                self.observe(self._named(writer, judged))
 
         def step_then_alerts(step: int, epoch: int, loss: float | None) -> None:
             add_step(step, epoch, loss)
@@ -113,6 +119,16 @@ class AlertEngine:
         if self._last_loss_step is None or step > self._last_loss_step:
             self._last_loss_step = step
             self.observe_loss(step, epoch, float(loss))
+
+    def _judged(self, writer: RunWriter, rows: list[ScalarRow]) -> list[ScalarRow]:
+        """The rows some rule reads: the watched statistics, and any non-finite value (a step has
+        six statistics per tensor and the rules read one, so naming every row would cost more
+        than the rules)."""
+        if self._watched_for != len(writer._stats):
+            self._watched_for = len(writer._stats)
+            self._watched = {sid for name, sid in writer._stats.items() if name in WATCHED}
+        watched, finite = self._watched, math.isfinite
+        return [r for r in rows if r[3] in watched or not finite(r[4])]
 
     def _named(self, writer: RunWriter, rows: Iterable[ScalarRow]) -> list[Row]:
         # ids are only ever added, so the inverse maps are rebuilt only when they grew

@@ -77,6 +77,10 @@ class GradientCapture:
         record = self._calls % self.every == 0
         self._calls += 1
         step, epoch = self._step, self._epoch
+        stats = None
+        if record:  # the gradients first, while the backward pass has just left them in cache
+            grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # sharded: ShardSync's
+            stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())
         ratio_label, ratio_n, parts = self._ratio_label, 0, []
         if self.track_weights and (record or ratio_label is not None):
             current = [p.tensor.detach() for p in self._params]
@@ -93,8 +97,7 @@ class GradientCapture:
                     parts[0], _StepMeta(step, epoch, [], ratio_label, ratio_n, False, []), step=False
                 )
             return
-        grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # sharded: ShardSync's
-        stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())
+        assert stats is not None
         extra = [row for source in self._row_sources for row in source.rows(step, epoch)]
         if extra:
             self.writer.add_scalars(extra)

@@ -3,26 +3,28 @@
 For a list of gradient tensors the statistics come back as one ``(n, 6)`` float64 tensor on the
 device, in the order of :data:`GRAD_STATS`; the caller copies it to the host once per step.
 
-Op choice (measured on CPU, 1 thread; see BENCHMARKS.md "Training monitor"): ``Tensor.sum`` and
-``amax`` are vectorised cascade reductions (relative error ~5e-8 on 1M float32 values) that run
-at the speed of one ``_foreach_norm``; ``_foreach_norm``/``linalg.vector_norm`` accumulate float32
-naively (2e-5 to 2e-4 on 1M values), their 1- and inf-norms and ``var_mean`` are 4-60x slower, and
-an out-of-place elementwise op costs about twice a reduction (the write). So, on CPU:
+Op choice (measured on CPU, 1 thread; see BENCHMARKS.md "Training monitor" and
+``bench/bench_grad_ops.py``): ``_foreach_norm``/``linalg.vector_norm`` accumulate float32 naively
+(2e-5 to 2e-4 on 1M values), their 1- and inf-norms and ``var_mean`` are 4-60x slower, an
+out-of-place elementwise op costs about twice a reduction (the write), and a torch op on a small
+chunk costs 3-5 us of dispatch against ~1 us for a NumPy call on a view. So, on CPU:
 
-- **large tensors** (> ``SMALL`` elements) are read from memory once: per chunk of ``CHUNK``
-  elements (chunk and scratch fit in L2; whole tensors with more than one intra-op thread, see
-  :func:`chunk_size`), ``|g|`` goes into a scratch buffer and its ``sum`` (L1),
-  ``amax`` (max |g|), in-place square and ``sum`` (sum of squares), and the chunk's own ``sum``
-  (mean) are read from cache; chunk sums are added in float64. The variance is the one-pass
-  ``E[g^2] - mean^2``, used only where ``E[g^2] <= CONDITION * var`` (``mean^2 <= 3 var``, the
-  common case for gradients): its relative error is then at most ``3 * CONDITION * delta`` with
-  ``delta`` the error of a float32 cascade sum of one chunk (~5e-8 measured; 1e-5 in the tests,
-  1e-7 typical). Elsewhere (``1000 + N(0, 1)``, where the one-pass float32 formula is off by
-  tens of percent), on squares that could overflow or underflow float32, and on NaN/Inf the tensor is redone
-  by the exact two-pass :meth:`GradStatistics._large`;
+- **large tensors** (> :data:`TINY` elements) are read from memory once
+  (:func:`bbdecoder.monitor.cpu_reductions.moments`): per chunk of 64K elements (it, a scratch
+  chunk and a chunk of ones stay in L2) ``|g|`` goes into the scratch chunk, ``sum(g)``,
+  ``sum(|g|)`` and ``sum(g^2)`` are BLAS dot products (``np.dot`` with the ones and with itself)
+  and ``max|g|`` a vectorised ``max``, all from cache; chunk sums are added in float64. The
+  variance is the one-pass ``E[g^2] - mean^2``, used only where ``E[g^2] <= CONDITION * var``
+  (``mean^2 <= 3 var``, the common case for gradients): its relative error is then at most
+  ``3 * CONDITION * delta`` with ``delta`` the relative error of a float32 dot product of one
+  chunk (~3e-8 measured against float64; 1e-5 in the tests). Elsewhere (``1000 + N(0, 1)``, where
+  the one-pass float32 formula is off by tens of percent), on squares that could overflow or
+  underflow float32, and on NaN/Inf the tensor is redone exactly (float64 up to 64K elements,
+  else the two-pass :meth:`GradStatistics._large`);
 - **small tensors** (biases, norms) are concatenated into one float64 vector and reduced per
-  segment (NumPy ``reduceat``; on other devices ``index_add_``/``scatter_reduce_``): a fixed number
-  of ops for all of them, exact to float64 rounding, no overflow.
+  segment (NumPy ``reduceat``; on other devices ``index_add_``/``scatter_reduce_``, up to
+  :data:`SMALL` elements): a fixed number of ops for all of them, exact to float64 rounding, no
+  overflow.
 
 On other devices (CUDA) large tensors take the two-pass path, with no host sync: ``|g|`` into one
 preallocated scratch buffer (L1 by ``sum``, max by ``amax``), then ``(g - mean) * 2^-e`` into it
@@ -40,18 +42,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bbdecoder.monitor.cpu_reductions import CHUNK, Scratch, flat_array, moments
 from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
-__all__ = ["CHUNK", "GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
+__all__ = ["GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
 __all__ += ["update_ratios"]
 
 SMALL = 1 << 15
-"""Tensors up to this many elements are reduced together in float64."""
+"""On devices other than the CPU, tensors up to this many elements are reduced together in float64."""
 
-CHUNK = 1 << 17
-"""Elements per chunk of the one-pass CPU path with one intra-op thread (512 KiB of float32: the
-chunk and the scratch buffer stay in L2); see :func:`chunk_size`."""
+TINY = 1 << 12
+"""On the CPU, tensors up to this many elements (biases, norms) are reduced together in float64;
+larger ones each take one read (NumPy reductions cost ~1 us a call, so a 16K-element tensor is
+cheaper alone than converted to float64)."""
 
 CONDITION = 4.0
 """The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var``, i.e.
@@ -65,7 +69,7 @@ class GradStatistics:
 
     def __init__(self) -> None:
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self._chunk: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._host_scratch = Scratch()
         self._layout: tuple[object, ...] | None = None
         self._small_index: list[int] = []
         self._large_index: list[int] = []
@@ -89,8 +93,8 @@ class GradStatistics:
     def _cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
         """CPU: the same statistics with the per-tensor arithmetic in NumPy (no device to sync with,
         and a NumPy op on a few numbers costs a fraction of a torch op's dispatch)."""
-        small = [i for i, g in enumerate(grads) if g.numel() <= SMALL]
-        large = [i for i, g in enumerate(grads) if g.numel() > SMALL]
+        small = [i for i, g in enumerate(grads) if g.numel() <= TINY]
+        large = [i for i, g in enumerate(grads) if g.numel() > TINY]
         out = np.empty((len(grads), len(GRAD_STATS)))
         if small:
             out[small] = _small_numpy([grads[i] for i in small])
@@ -147,47 +151,31 @@ class GradStatistics:
         return torch.stack([mean, l1 / counts, max_abs, var, l1, l2], dim=1)
 
     def _large_cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
-        """One read of each gradient from memory: per cache-sized chunk, ``|g|`` into a small scratch
-        buffer that stays in cache, then its sum, max, square and sum, and the chunk's own sum; the
-        chunk sums are combined in float64 and the variance is ``E[g^2] - mean^2``. Tensors where
-        that one-pass formula would lose digits (see :data:`CONDITION`), whose squares could leave
-        the float32 range, or that hold NaN/Inf are recomputed by the exact two-pass :meth:`_large`."""
-        partial: list[torch.Tensor] = []
-        owner: list[int] = []
-        step = chunk_size(CHUNK)
-        longest = max(g.numel() for g in grads)
-        for j, g in enumerate(grads):
-            flat = g.reshape(-1)
-            buf = self._chunk_buffer(g.dtype, min(step, longest))
-            for start in range(0, flat.numel(), step):
-                piece = flat[start : start + step]
-                b = buf[: piece.numel()]
-                torch.abs(piece, out=b)
-                magnitude, top, total = b.sum(), b.amax(), piece.sum()
-                b.mul_(b)
-                partial += (total, magnitude, top, b.sum())
-                owner.append(j)
-        chunks = torch.stack(partial).view(-1, 4).double().numpy()
-        starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])
-        sums = np.add.reduceat(chunks, starts, axis=0)
-        max_abs = np.maximum.reduceat(chunks[:, 2], starts)  # NaN propagates
-        n = np.array([g.numel() for g in grads], dtype=np.float64)
-        mean, l1, square_mean = sums[:, 0] / n, sums[:, 1], sums[:, 3] / n
+        """One read of each gradient from memory (:func:`~bbdecoder.monitor.cpu_reductions.moments`),
+        the variance as ``E[g^2] - mean^2``. Tensors where that one-pass formula would lose digits
+        (see :data:`CONDITION`), whose squares could leave the float32 range, or that hold NaN/Inf
+        are recomputed exactly: in float64 up to one chunk, else by the two-pass :meth:`_large`."""
+        arrays = []
+        for g in grads:
+            a = flat_array(g)
+            arrays.append(a if a is not None else g.detach().contiguous().view(-1).numpy())
+        sums = moments(arrays, self._host_scratch)
+        n = np.array([a.size for a in arrays], dtype=np.float64)
+        mean, l1, max_abs, square_mean = sums[:, 0] / n, sums[:, 1], sums[:, 2], sums[:, 3] / n
         with np.errstate(invalid="ignore", over="ignore"):
             var = np.maximum(square_mean - mean * mean, 0.0)
             table = np.stack([mean, l1 / n, max_abs, var, l1, np.sqrt(sums[:, 3])], axis=1)
             exact = (square_mean <= CONDITION * var) | (square_mean == 0)
             fits = (4.0 * n * max_abs * max_abs < 1e36) & ((max_abs > 1e-15) | (max_abs == 0))
-        redo = np.flatnonzero(~(exact & fits & np.isfinite(table).all(axis=1)))
+        redo = np.flatnonzero(~(exact & fits & np.isfinite(sums).all(axis=1)))
         if redo.size:
-            table[redo] = self._large([grads[i] for i in redo]).numpy()
+            in_float64 = [int(i) for i in redo if n[i] <= CHUNK]
+            two_pass = [int(i) for i in redo if n[i] > CHUNK]
+            if in_float64:
+                table[in_float64] = _small_numpy([grads[i] for i in in_float64])
+            if two_pass:
+                table[two_pass] = self._large([grads[i] for i in two_pass]).numpy()
         return table
-
-    def _chunk_buffer(self, dtype: torch.dtype, size: int) -> torch.Tensor:
-        key = (dtype, torch.device("cpu"))
-        if key not in self._chunk or self._chunk[key].numel() < size:
-            self._chunk[key] = torch.empty(size, dtype=dtype)
-        return self._chunk[key]
 
     def _large(self, grads: list[torch.Tensor]) -> torch.Tensor:
         sums, l1s, maxima, bufs = [], [], [], []
@@ -231,30 +219,28 @@ class GradStatistics:
         return torch.stack([mean, l1 / n, max_abs.double(), var, l1, l2], dim=1)
 
 
-def chunk_size(per_thread: int) -> int:
-    """Elements per chunk: ``per_thread`` with one intra-op thread; with more, whole tensors. Each
-    op on a chunk is one fork/join of the thread pool, and many small forks cost more than cache
-    residency saves: on a 2-core machine shared with other jobs every fork waits for a descheduled
-    worker (measured: 50 ms of CPU per ``step()`` on the MNIST CNN with 2 threads, chunked)."""
-    return per_thread if torch.get_num_threads() <= 1 else 1 << 62
-
-
 def _small_numpy(grads: list[torch.Tensor]) -> np.ndarray:
-    """Small CPU tensors together: one float64 vector, per-segment reductions (``reduceat``)."""
-    sizes = np.array([g.numel() for g in grads])
-    flat = np.concatenate([g.detach().reshape(-1).numpy() for g in grads]).astype(np.float64)
+    """Small CPU tensors together: one float64 vector, per-segment reductions (``reduceat``).
+    Few NumPy calls in all: after a backward pass every distinct call starts from cold caches
+    (measured ~5 us each against ~1 us warm), so the count matters more than the sizes here."""
+    sizes = np.fromiter((g.numel() for g in grads), dtype=np.int64, count=len(grads))
     if not sizes.all():  # reduceat cannot express an empty segment
         return torch.stack([_small_reference(g) for g in grads]).numpy()
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
-    mean = np.add.reduceat(flat, starts) / sizes
-    magnitude = np.abs(flat)
-    l1 = np.add.reduceat(magnitude, starts)
-    max_abs = np.maximum.reduceat(magnitude, starts)  # NaN propagates
-    centred = flat - np.repeat(mean, sizes)
+    flat = np.concatenate([g.detach().reshape(-1).numpy() for g in grads], dtype=np.float64)
+    starts = np.cumsum(sizes) - sizes
+    out = np.empty((len(grads), len(GRAD_STATS)))
+    mean, l1, max_abs, var, l1_total, l2 = out.T  # views: each reduction writes its column
     with np.errstate(invalid="ignore", over="ignore"):
-        var = np.add.reduceat(centred * centred, starts) / sizes
-        l2 = np.sqrt(var * sizes + sizes * mean * mean)
-    return np.stack([mean, l1 / sizes, max_abs, var, l1, l2], axis=1)
+        np.divide(np.add.reduceat(flat, starts), sizes, out=mean)
+        magnitude = np.abs(flat)
+        l1_total[:] = np.add.reduceat(magnitude, starts)
+        max_abs[:] = np.maximum.reduceat(magnitude, starts)  # NaN propagates
+        flat -= np.repeat(mean, sizes)
+        np.multiply(flat, flat, out=flat)
+        np.divide(np.add.reduceat(flat, starts), sizes, out=var)
+        np.divide(l1_total, sizes, out=l1)
+        np.sqrt(var * sizes + sizes * mean * mean, out=l2)
+    return out
 
 
 def _small_reference(g: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bbdecoder.monitor.cpu_reductions import flat_array, update_norms
 from bbdecoder.store.vocabulary import QUANTILES, quantile_name, weight_stat_names
 
 __all__ = [
@@ -58,32 +59,18 @@ def weight_statistics(weights: list[torch.Tensor], quantiles: tuple[float, ...] 
     return torch.stack(rows).cpu().numpy()
 
 
-RATIO_CHUNK = 1 << 17
-"""Elements per chunk of the CPU update-ratio pass with one intra-op thread (the difference stays in
-cache); whole tensors with more threads (see :func:`bbdecoder.monitor.grad_stats.chunk_size`)."""
-
-
-def _memory_flat(t: torch.Tensor) -> torch.Tensor | None:
-    """A 1-D view of ``t`` in memory order (also for channels-last weights), or ``None``."""
-    if t.is_contiguous():
-        return t.view(-1)
-    dense = any(
-        t.dim() == d and t.is_contiguous(memory_format=f)
-        for d, f in ((4, torch.channels_last), (5, torch.channels_last_3d))
-    )
-    return t.as_strided((t.numel(),), (1,)) if dense else None
-
-
 class UpdateRatios:
     """``||W_now - W_before|| / ||W_before||`` per tensor against one snapshot allocated once (no
     clone per step). Where ``||W_before|| == 0`` (a zero-initialised bias) the absolute update size
     ``||W_now - W_before||`` is reported instead, never ``inf``.
 
-    On CPU a large weight is read once from memory per step: per cache-sized chunk the snapshot
-    chunk becomes the difference (its norm), then the weight (its norm), all four ops from cache
-    (``||W_now||`` is the next step's ``||W_before||``, so no separate pass).
-    Small tensors go through four foreach ops together; on other devices all tensors do (no host
-    sync). Norms accumulate in float32 per chunk (relative error ~1e-5), summed in float64."""
+    On CPU a large weight and its snapshot are each read once from memory per step
+    (:func:`~bbdecoder.monitor.cpu_reductions.update_norms`): per cache-sized chunk the snapshot
+    chunk becomes the difference (its squared norm, a BLAS dot product), then the weight (its
+    squared norm), from cache (``||W_now||`` is the next step's ``||W_before||``, so no separate
+    pass); chunk sums are added in float64 (relative error ~3e-8 per chunk). Weights that are not
+    dense in memory go through four foreach ops together (their norms accumulate in float32,
+    ~1e-6); on other devices all tensors do (no host sync)."""
 
     def __init__(self) -> None:
         self._snapshot: list[torch.Tensor] | None = None
@@ -114,60 +101,51 @@ class UpdateRatios:
         snapshot then becomes ``current``, else it is used up."""
         assert self._snapshot is not None and self._norms is not None and self._valid
         if current[0].device.type == "cpu":
-            delta, after = self._measure_cpu(current, keep)
-        else:
-            torch._foreach_sub_(self._snapshot, current)
-            delta = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
-            after = None
-            if keep:
-                torch._foreach_copy_(self._snapshot, current)
-                after = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
+            return self._measure_cpu(current, keep)
+        torch._foreach_sub_(self._snapshot, current)
+        delta = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
+        after = None
+        if keep:
+            torch._foreach_copy_(self._snapshot, current)
+            after = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
         before = self._norms
         ratios = torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)
         self._norms = after
         self._valid = keep
         return ratios
 
-    def _measure_cpu(
-        self, current: list[torch.Tensor], keep: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        assert self._snapshot is not None
-        chunked, grouped, flats = [], [], []
+    def _measure_cpu(self, current: list[torch.Tensor], keep: bool) -> torch.Tensor:
+        """The CPU pass in NumPy: every dense float weight through
+        :func:`~bbdecoder.monitor.cpu_reductions.update_norms` (one code path, so it stays warm in
+        the caches a backward pass has just flushed), other layouts through foreach ops."""
+        assert self._snapshot is not None and self._norms is not None
+        dense, other, pairs = [], [], []
         for i, (w, s) in enumerate(zip(current, self._snapshot, strict=True)):
-            fw, fs = (_memory_flat(w), _memory_flat(s)) if w.numel() > RATIO_CHUNK else (None, None)
+            fw, fs = flat_array(w), flat_array(s)
             if fw is not None and fs is not None and w.stride() == s.stride() and w.dtype == s.dtype:
-                chunked.append(i)
-                flats.append((fw, fs))
+                dense.append(i)
+                pairs.append((fw, fs))
             else:
-                grouped.append(i)
+                other.append(i)
         squares = np.zeros((len(current), 2))
-        if grouped:
-            now = [current[i] for i in grouped]
-            snap = [self._snapshot[i] for i in grouped]
+        if dense:
+            weights, snapshots = zip(*pairs, strict=True)
+            squares[dense] = update_norms(list(weights), list(snapshots), keep)
+        if other:
+            now = [current[i] for i in other]
+            snap = [self._snapshot[i] for i in other]
             torch._foreach_sub_(snap, now)
-            squares[grouped, 0] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
+            squares[other, 0] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
             if keep:
                 torch._foreach_copy_(snap, now)
-                squares[grouped, 1] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
-        if chunked:
-            partial: list[torch.Tensor] = []
-            owner: list[int] = []
-            step = RATIO_CHUNK if torch.get_num_threads() <= 1 else 1 << 62  # see grad_stats.chunk_size
-            for i, (fw, fs) in zip(chunked, flats, strict=True):
-                for start in range(0, fw.numel(), step):
-                    w_part, s_part = fw[start : start + step], fs[start : start + step]
-                    s_part.sub_(w_part)  # the chunk now stays in cache for the next three ops
-                    partial.append(torch.linalg.vector_norm(s_part))
-                    if keep:
-                        s_part.copy_(w_part)
-                        partial.append(torch.linalg.vector_norm(s_part))
-                    else:
-                        partial.append(partial[-1])
-                    owner.append(i)
-            norms = torch.stack(partial).view(-1, 2).double().numpy()
-            np.add.at(squares, np.array(owner), norms**2)
-        table = torch.from_numpy(np.sqrt(squares))
-        return table[:, 0], (table[:, 1] if keep else None)
+                squares[other, 1] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
+        norms = np.sqrt(squares)
+        before = self._norms.numpy()
+        ratios = norms[:, 0] / np.where(before > 0, before, 1.0)
+        ratios[before <= 0] = norms[before <= 0, 0]  # a zero weight: the absolute update size
+        self._norms = torch.from_numpy(norms[:, 1].copy()) if keep else None
+        self._valid = keep
+        return torch.from_numpy(ratios)
 
 
 def update_ratios(snapshot: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:
