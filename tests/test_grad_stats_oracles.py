@@ -48,6 +48,12 @@ def test_epoch_aggregates_equal_float64_and_skip_nonfinite_steps() -> None:
     # float32 accumulation cannot resolve a variance of 1e-6 on a mean of 1000
     np.testing.assert_allclose(var, masked.var(0).filled(np.nan), rtol=1e-6)
     assert np.isfinite(mean).all() and np.isfinite(var).all()
+    # the rows in another order take the general update: the same aggregates
+    reordered = EpochAccumulator(2, 3)
+    for values in steps:
+        reordered.update(np.array([1, 0]), values[::-1])
+    for got, want in zip(reordered.result(), (mean, var, count), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def _oracle(g: torch.Tensor) -> list[float]:

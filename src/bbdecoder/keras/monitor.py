@@ -45,6 +45,7 @@ from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_e
 from bbdecoder.monitor.recorder import Recorder, Series
 from bbdecoder.monitor.weights import QUANTILES
 from bbdecoder.store import vocabulary as V
+from bbdecoder.store.background import ThreadedRunWriter
 from bbdecoder.store.writer import RunWriter
 
 
@@ -188,7 +189,7 @@ class MonitorCallback(keras.callbacks.Callback):
                 "the model on one batch before fit"
             )
         names = qualified_layer_names(model)
-        self.writer = writer = RunWriter(self.save_path)
+        self.writer = writer = ThreadedRunWriter(self.save_path)
         leaves = leaf_layers(model)
         writer.set_layers(
             [

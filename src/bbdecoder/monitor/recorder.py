@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,7 @@ class Recorder:
         self.epochs = EpochAggregates(len(self.series))
         self._hist_ranges: dict[int, tuple[float, float]] = {}
         self._max_abs = V.GRAD_STATS.index(V.MAX_ABS)
+        self._series_ids = np.array([s.series_id for s in self.series], dtype=np.int64)
 
     def step(
         self,
@@ -100,13 +102,10 @@ class Recorder:
         w = self.writer
         index = np.asarray(rows, dtype=np.int64)
         if values is not None:
-            w.add_scalars(
-                [
-                    (step, epoch, self.series[r].series_id, sid, float(v))
-                    for r, vals in zip(index.tolist(), values, strict=True)
-                    for sid, v in zip(self.stat_ids, vals, strict=True)
-                ]
-            )
+            series_ids = np.repeat(self._series_ids[index], len(self.stat_ids)).tolist()
+            stats = self.stat_ids * len(index)
+            flat = values.ravel().tolist()
+            w.add_scalars(list(zip(repeat(step), repeat(epoch), series_ids, stats, flat, strict=False)))
             self.epochs.update(index, values)
         w.add_step(step, epoch, loss)
         if finite is None:
@@ -118,11 +117,10 @@ class Recorder:
 
     def ratios(self, step: int, epoch: int, rows: Rows, values: np.ndarray) -> None:
         """Store the update ratios ``values[i]`` of ``series[rows[i]]``, labelled with ``step``."""
+        series_ids = self._series_ids[np.asarray(rows, dtype=np.int64)].tolist()
+        values = np.asarray(values, dtype=np.float64).tolist()
         self.writer.add_scalars(
-            [
-                (step, epoch, self.series[r].series_id, self.ratio_stat, float(v))
-                for r, v in zip(np.asarray(rows, dtype=np.int64).tolist(), values, strict=True)
-            ]
+            list(zip(repeat(step), repeat(epoch), series_ids, repeat(self.ratio_stat), values, strict=False))
         )
 
     def nonfinite(self, step: int, epoch: int, bad: list[Series], first: Series) -> None:

@@ -74,6 +74,7 @@ class UpdateRatios:
 
     def __init__(self) -> None:
         self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_flat: list[np.ndarray | None] | None = None  # NumPy views, made once
         self._norms: torch.Tensor | None = None
         self._valid = False
 
@@ -84,6 +85,7 @@ class UpdateRatios:
 
     def reset(self) -> None:
         self._snapshot = None
+        self._snapshot_flat = None
         self._norms = None
         self._valid = False
 
@@ -91,6 +93,7 @@ class UpdateRatios:
         """Take the snapshot the next :meth:`measure` compares against."""
         if self._snapshot is None or len(self._snapshot) != len(current):
             self._snapshot = [t.detach().clone() for t in current]
+            self._snapshot_flat = None
         else:
             torch._foreach_copy_(self._snapshot, current)
         self._norms = torch.stack(torch._foreach_norm(self._snapshot, 2)).double() if current else None
@@ -119,9 +122,12 @@ class UpdateRatios:
         :func:`~bbdecoder.monitor.cpu_reductions.update_norms` (one code path, so it stays warm in
         the caches a backward pass has just flushed), other layouts through foreach ops."""
         assert self._snapshot is not None and self._norms is not None
+        if self._snapshot_flat is None or len(self._snapshot_flat) != len(self._snapshot):
+            self._snapshot_flat = [flat_array(s) for s in self._snapshot]
         dense, other, pairs = [], [], []
-        for i, (w, s) in enumerate(zip(current, self._snapshot, strict=True)):
-            fw, fs = flat_array(w), flat_array(s)
+        snapshots = zip(self._snapshot, self._snapshot_flat, strict=True)
+        for i, (w, (s, fs)) in enumerate(zip(current, snapshots, strict=True)):
+            fw = flat_array(w)
             if fw is not None and fs is not None and w.stride() == s.stride() and w.dtype == s.dtype:
                 dense.append(i)
                 pairs.append((fw, fs))
