@@ -8,7 +8,11 @@ shared machine it leaves out the time the process waits for a core) and its rati
 ``large`` ops run over the tensors with more than ``SMALL`` elements only; ``all`` over every tensor.
 Also timed: the monitor's statistics as they were before this change (the exact two-pass path on
 every large tensor, the small ones by torch ``index_add_``) and as they are now (``GradStatistics``
-on CPU), and the update ratio before (four foreach passes) and now (``UpdateRatios``). Run::
+on CPU), and the update ratio before (four foreach passes) and now (``UpdateRatios``); the NumPy
+candidates (BLAS ``np.dot`` and vectorised ``maximum.reduce`` on 64K-element chunks) and the
+previous round's torch-op chunks. The tensors are hot in cache here (the same ones every
+repetition); in a training step they arrive cold from the backward pass, see ``bench_monitor.py``.
+Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_grad_ops.py --reps 25
 """
@@ -25,8 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 from common import environment, pin_threads, save_results
 
+from bbdecoder.monitor.cpu_reductions import CHUNK, Scratch, moments, update_norms
 from bbdecoder.monitor.grad_stats import SMALL, GradStatistics
 from bbdecoder.monitor.weights import UpdateRatios
 
@@ -66,15 +72,47 @@ class _OldRatios(UpdateRatios):
         return torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)
 
 
+def torch_chunk_moments(flat: list[torch.Tensor], buf: torch.Tensor, step: int = 1 << 17) -> torch.Tensor:
+    """The previous round's one-read statistics: torch ops on 128K-element chunks (``|g|`` into a
+    cached buffer, its ``sum`` and ``amax``, in-place square and ``sum``, the chunk's ``sum``)."""
+    partial = []
+    for f in flat:
+        for start in range(0, f.numel(), step):
+            piece = f[start : start + step]
+            b = buf[: piece.numel()]
+            torch.abs(piece, out=b)
+            partial += (b.sum(), b.amax(), piece.sum())
+            b.mul_(b)
+            partial.append(b.sum())
+    return torch.stack(partial)
+
+
+def numpy_chunks(arrays: list[np.ndarray], op: Callable[[np.ndarray], object]) -> list[object]:
+    return [op(a[start : start + CHUNK]) for a in arrays for start in range(0, a.size, CHUNK)]
+
+
 def candidates(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
     large = [g for g in grads if g.numel() > SMALL]
     flat = [g.reshape(-1) for g in large]
     buf = torch.empty(max(g.numel() for g in large))
     weights = [torch.randn(g.shape) for g in grads]
     old_r, new_r = _OldRatios(), UpdateRatios()
+    stats_now = GradStatistics()  # one instance, as the analyzer keeps (its scratch buffers)
     old_r.remember(weights)
     new_r.remember(weights)
     zero = torch.zeros(1, 1024)
+    arrays = [f.numpy() for f in flat]
+    weight_arrays = [w.reshape(-1).numpy() for w in weights if w.numel() > SMALL]
+    snapshot_arrays = [a.copy() for a in weight_arrays]
+    ones, scratch_chunk, scratch = np.ones(CHUNK, np.float32), np.empty(CHUNK, np.float32), Scratch()
+
+    def dot_ones(piece: np.ndarray) -> object:
+        return np.dot(piece, ones[: piece.size])
+
+    def abs_dot(piece: np.ndarray) -> object:
+        magnitude = scratch_chunk[: piece.size]
+        np.abs(piece, out=magnitude)
+        return np.dot(magnitude, ones[: piece.size])
 
     def rows(g: torch.Tensor) -> torch.Tensor:
         n = g.numel() // 1024 * 1024
@@ -105,8 +143,17 @@ def candidates(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
         "cdist rows p=1": lambda: cdist(1.0),
         "cdist rows p=2": lambda: cdist(2.0),
         "cdist rows p=inf": lambda: cdist(float("inf")),
+        "NumPy np.dot(g, g) per 64K chunk": lambda: numpy_chunks(arrays, lambda p: np.dot(p, p)),
+        "NumPy np.dot(g, ones) per 64K chunk": lambda: numpy_chunks(arrays, dot_ones),
+        "NumPy np.abs(out=chunk) + np.dot(|g|, ones)": lambda: numpy_chunks(arrays, abs_dot),
+        "NumPy np.maximum.reduce per 64K chunk": lambda: numpy_chunks(arrays, np.maximum.reduce),
+        "four moments, torch ops on 128K chunks (last round)": lambda: torch_chunk_moments(flat, buf),
+        "four moments, NumPy on 64K chunks (moments)": lambda: moments(arrays, scratch),
+        "update norms, NumPy on 64K chunks (update_norms)": lambda: update_norms(
+            weight_arrays, snapshot_arrays, True
+        ),
         "six statistics, before (two-pass)": lambda: _Old()(grads),
-        "six statistics, now (GradStatistics)": lambda: GradStatistics()(grads),
+        "six statistics, now (GradStatistics)": lambda: stats_now(grads),
         "update ratio, before (4 foreach passes)": lambda: old_r.measure(weights),
         "update ratio, now (UpdateRatios)": lambda: new_r.measure(weights),
     }

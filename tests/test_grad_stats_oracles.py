@@ -81,6 +81,8 @@ def _cpu_grads() -> list[torch.Tensor]:
         torch.zeros(50_000),
         torch.randn(64, 64, generator=gen).to(torch.bfloat16),
         torch.randn(3, 1, 1, generator=gen),
+        torch.randn(64, 32, 3, 3, generator=gen).to(memory_format=torch.channels_last),  # memory order
+        torch.randn(300, 700, generator=gen).t(),  # not dense in memory order: reduced from a copy
     ]
 
 
