@@ -78,7 +78,7 @@ class GradientCapture:
         self._calls += 1
         step, epoch = self._step, self._epoch
         stats = None
-        if record:  # the gradients first, while the backward pass has just left them in cache
+        if record:  # the gradients before the weights: the backward pass wrote them last
             grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # sharded: ShardSync's
             stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())
         ratio_label, ratio_n, parts = self._ratio_label, 0, []

@@ -118,9 +118,9 @@ class Recorder:
     def ratios(self, step: int, epoch: int, rows: Rows, values: np.ndarray) -> None:
         """Store the update ratios ``values[i]`` of ``series[rows[i]]``, labelled with ``step``."""
         series_ids = self._series_ids[np.asarray(rows, dtype=np.int64)].tolist()
-        values = np.asarray(values, dtype=np.float64).tolist()
+        flat = np.asarray(values, dtype=np.float64).tolist()
         self.writer.add_scalars(
-            list(zip(repeat(step), repeat(epoch), series_ids, repeat(self.ratio_stat), values, strict=False))
+            list(zip(repeat(step), repeat(epoch), series_ids, repeat(self.ratio_stat), flat, strict=False))
         )
 
     def nonfinite(self, step: int, epoch: int, bad: list[Series], first: Series) -> None:
