@@ -39,6 +39,8 @@ finite gradients (a loss times 1e20) give finite statistics. Update ratios live 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -159,18 +161,23 @@ class GradStatistics:
         for g in grads:
             a = flat_array(g)
             arrays.append(a if a is not None else g.detach().contiguous().view(-1).numpy())
-        sums = moments(arrays, self._host_scratch)
-        n = np.array([a.size for a in arrays], dtype=np.float64)
-        mean, l1, max_abs, square_mean = sums[:, 0] / n, sums[:, 1], sums[:, 2], sums[:, 3] / n
-        with np.errstate(invalid="ignore", over="ignore"):
-            var = np.maximum(square_mean - mean * mean, 0.0)
-            table = np.stack([mean, l1 / n, max_abs, var, l1, np.sqrt(sums[:, 3])], axis=1)
-            exact = (square_mean <= CONDITION * var) | (square_mean == 0)
-            fits = (4.0 * n * max_abs * max_abs < 1e36) & ((max_abs > 1e-15) | (max_abs == 0))
-        redo = np.flatnonzero(~(exact & fits & np.isfinite(sums).all(axis=1)))
-        if redo.size:
-            in_float64 = [int(i) for i in redo if n[i] <= CHUNK]
-            two_pass = [int(i) for i in redo if n[i] > CHUNK]
+        rows, redo = [], []
+        sums = moments(arrays, self._host_scratch).tolist()
+        # per tensor in Python floats: a handful of tensors, and each NumPy call on a few numbers
+        # costs more than the arithmetic (see _small_numpy)
+        for i, (a, (total, l1, top, squares)) in enumerate(zip(arrays, sums, strict=True)):
+            n = a.size
+            mean, square_mean = total / n, squares / n
+            var = max(square_mean - mean * mean, 0.0)
+            rows.append((mean, l1 / n, top, var, l1, math.sqrt(squares)))
+            exact = square_mean <= CONDITION * var or square_mean == 0
+            fits = 4.0 * n * top * top < 1e36 and (top > 1e-15 or top == 0)
+            if not (exact and fits and math.isfinite(total + l1 + top + squares)):
+                redo.append(i)
+        table = np.array(rows, dtype=np.float64)
+        if redo:
+            in_float64 = [i for i in redo if arrays[i].size <= CHUNK]
+            two_pass = [i for i in redo if arrays[i].size > CHUNK]
             if in_float64:
                 table[in_float64] = _small_numpy([grads[i] for i in in_float64])
             if two_pass:
