@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "flat_array", "moments", "update_norms"]
+__all__ = ["CHUNK", "Scratch", "flat_array", "moments", "update_norms"]
 
 CHUNK = 1 << 16
 """Elements per chunk (256 KiB of float32). NumPy runs on the calling thread whatever torch's

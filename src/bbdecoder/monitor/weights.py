@@ -122,7 +122,7 @@ class UpdateRatios:
         :func:`~bbdecoder.monitor.cpu_reductions.update_norms` (one code path, so it stays warm in
         the caches a backward pass has just flushed), other layouts through foreach ops."""
         assert self._snapshot is not None and self._norms is not None
-        if self._snapshot_flat is None or len(self._snapshot_flat) != len(self._snapshot):
+        if self._snapshot_flat is None:  # reset wherever the snapshot is allocated
             self._snapshot_flat = [flat_array(s) for s in self._snapshot]
         dense, other, pairs = [], [], []
         snapshots = zip(self._snapshot, self._snapshot_flat, strict=True)
