@@ -30,7 +30,8 @@ from torch import nn
 from bbdecoder.monitor.per_sample import PerSampleGradients
 
 
-def _model() -> nn.Module:
+def small_cnn() -> nn.Module:
+    """The MNIST-sized CNN of both per-sample benches (seed 0)."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
@@ -49,7 +50,7 @@ def _model() -> nn.Module:
 def _configs(batch: int) -> dict[str, Callable[[], None]]:
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
-    models = {name: _model() for name in ("plain", "per_sample", "loop")}
+    models = {name: small_cnn() for name in ("plain", "per_sample", "loop")}
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.0) for name, m in models.items()}
     grads = PerSampleGradients(models["per_sample"])
 

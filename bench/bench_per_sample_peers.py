@@ -42,6 +42,9 @@ from torch import nn
 
 from bbdecoder.monitor.per_sample import PerSampleGradients
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_per_sample import small_cnn  # the same CNN as the per-sample bench
+
 
 def _shim_pkg_resources() -> None:
     """cockpit 1.0.2 imports ``pkg_resources`` (gone from recent setuptools) only for its version."""
@@ -63,22 +66,6 @@ def _shim_pkg_resources() -> None:
         sys.modules["pkg_resources"] = shim
 
 
-def _model(dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    ).to(dtype)
-
-
 Stats = dict[str, tuple[float, float, float]]  # name -> (sample_norm_mean, sample_var, ||G||^2)
 
 
@@ -93,7 +80,10 @@ def _configs(batch: int, dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, 28, 28, generator=gen).to(dtype)
     y = torch.randint(0, 10, (batch,), generator=gen)
-    models = {n: _model(dtype) for n in ("plain", "ours", "backpack_l2_var", "backpack_batchgrad", "cockpit")}
+    models = {
+        n: small_cnn().to(dtype)
+        for n in ("plain", "ours", "backpack_l2_var", "backpack_batchgrad", "cockpit")
+    }
     for name in ("backpack_l2_var", "backpack_batchgrad", "cockpit"):
         models[name] = extend(models[name])
     grads = PerSampleGradients(models["ours"])
