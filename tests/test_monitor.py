@@ -21,6 +21,7 @@ from bbdecoder.monitor import (
     NonFiniteGradientWarning,
     channel_similarity,
 )
+from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.store import open_run
 
 
@@ -488,11 +489,17 @@ def test_warnings_free_normal_run(tmp_path):
     assert isinstance(open_run(tmp_path / "run").scalars(), pd.DataFrame)
 
 
-def test_one_host_copy_per_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_one_host_copy_per_step(tmp_path, monkeypatch, deferred):
+    """No tensor is read into Python inside step(): on CPU the statistics stay in NumPy and the loss
+    is the one number read (``float``); with the deferred copy of CUDA (run here on CPU) nothing is
+    read at all: the vector is copied into a host buffer and read a step later."""
     torch.manual_seed(0)
     model = SmallNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     an = Analyzer(model, tmp_path)
+    if deferred:
+        an._host = HostCopy(deferred=True)
     calls = {"cpu": 0, "item": 0, "tolist": 0, "float": 0}
     for name in calls:
         attr = "__float__" if name == "float" else name
@@ -503,13 +510,14 @@ def test_one_host_copy_per_step(tmp_path, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, attr, counted)
+    expected = {"cpu": 0, "item": 0, "tolist": 0, "float": 0 if deferred else 1}
     for x, y in batches(3):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         before = dict(calls)
         an.step(loss=loss)
-        assert {k: calls[k] - before[k] for k in calls} == {"cpu": 1, "item": 0, "tolist": 0, "float": 0}
+        assert {k: calls[k] - before[k] for k in calls} == expected
         opt.step()
     monkeypatch.undo()
     an.close()

@@ -331,7 +331,13 @@ class AlertEngine:
                 )
             if self.warn and alert.kind not in self._warned:
                 self._warned.add(alert.kind)
-                warnings.warn(alert.message, AlertWarning, stacklevel=4)
+                # a threaded writer may run the rules on its thread: it raises the warning on the
+                # training thread
+                warn = getattr(self._writer, "warn", None)
+                if warn is not None:
+                    warn(alert.message, AlertWarning, stacklevel=5)
+                else:
+                    warnings.warn(alert.message, AlertWarning, stacklevel=4)
         return new
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from bbdecoder.layers import LayerSelection
-from bbdecoder.monitor.recorder import Series
+from bbdecoder.monitor.recorder import Recorder, Series
 from bbdecoder.store.vocabulary import GRAD_STATS
 
 _NSTATS = len(GRAD_STATS)
@@ -77,15 +78,23 @@ class GradientCapture:
         record = self._calls % self.every == 0
         self._calls += 1
         step, epoch = self._step, self._epoch
-        stats = None
+        # a CPU model without a sync stays in NumPy to the recorder (fewer, cheaper calls)
+        on_host = self.sync is None and not self._host.deferred and with_grad[0].tensor.device.type == "cpu"
+        stats: Any = None
         if record:  # the gradients before the weights: the backward pass wrote them last
-            grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # sharded: ShardSync's
-            stats = grad_stats_fn([p.tensor.grad for p in with_grad], self._inv_scale())
+            grads = [p.tensor.grad for p in with_grad]
+            if on_host:
+                stats = self._grad_stats.host(grads, self._inv_scale())
+            else:
+                # sharded: ShardSync's
+                grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)
+                stats = grad_stats_fn(grads, self._inv_scale())
         ratio_label, ratio_n, parts = self._ratio_label, 0, []
         if self.track_weights and (record or ratio_label is not None):
-            current = [p.tensor.detach() for p in self._params]
+            current = [p.tensor for p in self._params]  # detached where torch ops read them
             if ratio_label is not None and self._ratios.ready:
-                parts.append(self._ratios.measure(current, keep=record))
+                measure = self._ratios.measure_host if on_host else self._ratios.measure
+                parts.append(measure(current, keep=record))
                 ratio_n = len(self._params)
             elif record:
                 self._ratios.remember(current)
@@ -100,10 +109,11 @@ class GradientCapture:
         assert stats is not None
         extra = [row for source in self._row_sources for row in source.rows(step, epoch)]
         if extra:
+            self._wait_for_writer()  # the alert rules see the previous step's rows first
             self.writer.add_scalars(extra)
         parts.insert(0, stats.reshape(-1))
         if loss is not None:
-            parts.append(loss.reshape(1).double().to(stats.device))
+            parts.append(np.array([float(loss)]) if on_host else loss.reshape(1).double().to(stats.device))
         rows = [p.row for p in with_grad]
         meta = _StepMeta(step, epoch, rows, ratio_label, ratio_n, loss is not None, list(self._grad_order))
         if self._epoch_first_step is None:
@@ -111,42 +121,54 @@ class GradientCapture:
         if self._activations.probes and not self._activations.checked:
             self._activations.warn_unseen()
         self._finish_step()
-        self._submit(torch.cat(parts), meta, step=True)
+        self._submit(np.concatenate(parts) if on_host else torch.cat(parts), meta, step=True)
 
     def _finish_step(self: Any) -> None:
         self._grad_order.clear()
         self._accumulated = 0
         self._step += 1
 
-    def _submit(self: Any, vector: torch.Tensor, meta: _StepMeta, *, step: bool) -> None:
-        if self.sync is not None:
-            vector = self.sync.reduce_step(vector)
-        for host, ready in self._host.submit(vector, meta):
-            self._process(host, ready)
+    def _submit(self: Any, vector: torch.Tensor | np.ndarray, meta: _StepMeta, *, step: bool) -> None:
+        if isinstance(vector, np.ndarray):  # a CPU step without a sync: already on the host
+            later = getattr(self.writer, "run_then_flush", None)
+            if later is not None and self.tensorboard is None and np.isfinite(vector).all():
+                # the bookkeeping on the writer thread, overlapping the next forward and backward;
+                # a non-finite step stays here, so its warning comes from this call
+                if step:
+                    self._recorded += 1
+                # the job holds the recorder, not the analyzer: a dropped analyzer is collected at once
+                job = partial(_record_vector, self.recorder, vector, meta)
+                later(job, flush=step and self._recorded % self.flush_every == 0)
+                return
+            self._wait_for_writer()  # the previous step's bookkeeping first
+            ready = [(vector, meta)]
+        else:
+            if self.sync is not None:
+                vector = self.sync.reduce_step(vector)
+            ready = self._host.submit(vector, meta)
+        for host, ready_meta in ready:
+            self._process(host, ready_meta)
         if step:
             self._recorded += 1
             if self._recorded % self.flush_every == 0 and not self._host.in_flight:
                 self.writer.flush()
 
     def _drain(self: Any) -> None:
+        """Every recorded step in the recorder: the writer thread's jobs, the deferred host copy."""
+        self._wait_for_writer()
         for host, meta in self._host.drain():
             self._process(host, meta)
 
+    def _wait_for_writer(self: Any) -> None:
+        wait = getattr(self.writer, "wait", None)  # a threaded writer (rank writers have none)
+        if wait is not None:
+            wait()
+
     def _process(self: Any, host: np.ndarray, meta: _StepMeta) -> None:
         """Hand one step's host vector to the recorder (and TensorBoard)."""
-        n = len(meta.rows)
-        values = host[: n * _NSTATS].reshape(n, _NSTATS)
-        if meta.ratio_n and meta.ratio_label is not None:
-            label_step, label_epoch = meta.ratio_label
-            ratios = host[n * _NSTATS : n * _NSTATS + meta.ratio_n]
-            self.recorder.ratios(label_step, label_epoch, range(len(self._params)), ratios)
-        if not n:
+        values, loss = _record_vector(self.recorder, host, meta)
+        if values is None:
             return
-        loss = float(host[-1]) if meta.has_loss else None
-        order = meta.grad_order
-        self.recorder.step(
-            meta.step, meta.epoch, meta.rows, values, loss, first_bad=lambda bad: _first_in(bad, order)
-        )
         if self.tensorboard is not None:
             params = [self._params[r] for r in meta.rows]
             tensors = {p.name: p.tensor for p in self._params}
@@ -168,6 +190,25 @@ class GradientCapture:
     def _record_weights(self: Any, params: list[_Param], step: int, epoch: int) -> None:
         tensors = getattr(self.sync, "full_tensors", list)([p.tensor for p in params])  # sharded: unsharded
         self.recorder.weights(step, epoch, [p.row for p in params], tensors)
+
+
+def _record_vector(
+    recorder: Recorder, host: np.ndarray, meta: _StepMeta
+) -> tuple[np.ndarray | None, float | None]:
+    """Store one step's host vector (statistics, update ratios, loss) through ``recorder``; returns
+    the ``(n, 6)`` statistics and the loss (``None, None`` for a vector of ratios alone)."""
+    n = len(meta.rows)
+    if meta.ratio_n and meta.ratio_label is not None:
+        label_step, label_epoch = meta.ratio_label
+        ratios = host[n * _NSTATS : n * _NSTATS + meta.ratio_n]
+        recorder.ratios(label_step, label_epoch, range(meta.ratio_n), ratios)
+    if not n:
+        return None, None
+    values = host[: n * _NSTATS].reshape(n, _NSTATS)
+    loss = float(host[-1]) if meta.has_loss else None
+    order = meta.grad_order
+    recorder.step(meta.step, meta.epoch, meta.rows, values, loss, first_bad=lambda bad: _first_in(bad, order))
+    return values, loss
 
 
 def _first_in(bad: list[Series], grad_order: list[int]) -> Series:
@@ -199,7 +240,7 @@ class SyncRatios:
 
     def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
         assert self._snapshot is not None
-        ratios = self._measure(self._snapshot, current)
+        ratios = self._measure(self._snapshot, [c.detach() for c in current])
         self.ready = keep
         return ratios
 

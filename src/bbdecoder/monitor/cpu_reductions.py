@@ -54,15 +54,15 @@ class Scratch:
         return have
 
 
-def moments(arrays: list[np.ndarray], scratch: Scratch) -> np.ndarray:
-    """``(len(arrays), 4)`` float64: ``sum(g)``, ``sum(|g|)``, ``max|g|`` and ``sum(g^2)`` per array,
-    each array read from memory once. A NaN or Inf in an array makes its sums non-finite (its
-    maximum may then be wrong: the caller redoes such rows exactly)."""
-    out = np.empty((len(arrays), 4))
+def moments(arrays: list[np.ndarray], scratch: Scratch) -> list[tuple[float, float, float, float]]:
+    """``sum(g)``, ``sum(|g|)``, ``max|g|`` and ``sum(g^2)`` (float64 sums of chunk results) per
+    array, each array read from memory once. A NaN or Inf in an array makes its sums non-finite
+    (its maximum may then be wrong: the caller redoes such rows exactly)."""
+    out = []
     step = CHUNK
     longest = max((a.size for a in arrays), default=0)
     with np.errstate(over="ignore", invalid="ignore"):  # such rows are redone by the caller
-        for j, a in enumerate(arrays):
+        for a in arrays:
             magnitude, ones = scratch.get(a.dtype, min(step, longest))
             total = l1 = squares = top = 0.0
             for start in range(0, a.size, step):
@@ -74,19 +74,21 @@ def moments(arrays: list[np.ndarray], scratch: Scratch) -> np.ndarray:
                 l1 += float(np.dot(mag, ones[:n]))
                 squares += float(np.dot(piece, piece))
                 top = max(top, float(np.maximum.reduce(mag)))
-            out[j] = (total, l1, top, squares)
+            out.append((total, l1, top, squares))
     return out
 
 
-def update_norms(weights: list[np.ndarray], snapshots: list[np.ndarray], keep: bool) -> np.ndarray:
-    """``(len(weights), 2)`` float64: ``||snapshot - weight||^2`` and ``||weight||^2`` per pair. The
-    snapshot is overwritten: with ``keep`` it becomes the weight (per chunk, the difference and
-    the copy stay in cache: each weight and snapshot is read from memory once), else it is left
-    holding the difference; without ``keep`` the second column is 0."""
-    out = np.zeros((len(weights), 2))
+def update_norms(
+    weights: list[np.ndarray], snapshots: list[np.ndarray], keep: bool
+) -> list[tuple[float, float]]:
+    """``||snapshot - weight||^2`` and ``||weight||^2`` per pair. The snapshot is overwritten: with
+    ``keep`` it becomes the weight (per chunk, the difference and the copy stay in cache: each
+    weight and snapshot is read from memory once), else it is left holding the difference; without
+    ``keep`` the second number is 0."""
+    out = []
     step = CHUNK
     with np.errstate(over="ignore", invalid="ignore"):  # a diverged weight: inf/NaN, as torch gives
-        for j, (w, s) in enumerate(zip(weights, snapshots, strict=True)):
+        for w, s in zip(weights, snapshots, strict=True):
             delta = norm = 0.0
             for start in range(0, w.size, step):
                 w_part, s_part = w[start : start + step], s[start : start + step]
@@ -95,5 +97,5 @@ def update_norms(weights: list[np.ndarray], snapshots: list[np.ndarray], keep: b
                 if keep:
                     np.copyto(s_part, w_part)
                     norm += float(np.dot(s_part, s_part))
-            out[j] = (delta, norm)
+            out.append((delta, norm))
     return out

@@ -84,25 +84,41 @@ class GradStatistics:
         factor that unscales AMP gradients, applied to the statistics, the gradients untouched)."""
         if not grads:
             return torch.empty(0, len(GRAD_STATS), dtype=torch.float64)
+        if grads[0].device.type == "cpu":
+            return torch.from_numpy(self.host(grads, inv_scale))
         grads = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
-        device = grads[0].device
-        stats = torch.from_numpy(self._cpu(grads)) if device.type == "cpu" else self._device(grads)
+        stats = self._device(grads)
         if inv_scale != 1.0:
             s = inv_scale
-            stats = stats * torch.tensor([s, s, s, s * s, s, s], dtype=torch.float64, device=device)
+            stats = stats * torch.tensor([s, s, s, s * s, s, s], dtype=torch.float64, device=stats.device)
+        return stats
+
+    def host(self, grads: list[torch.Tensor], inv_scale: float = 1.0) -> np.ndarray:
+        """The same ``(len(grads), 6)`` statistics of CPU gradients as a NumPy array (the monitor's
+        CPU step stays in NumPy: after a pass over megabytes of gradients every distinct call runs
+        from cold caches, and a torch call touches more code than a NumPy one)."""
+        if not grads:
+            return np.empty((0, len(GRAD_STATS)))
+        grads = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
+        stats = self._cpu(grads)
+        if inv_scale != 1.0:
+            s = inv_scale
+            stats *= np.array([s, s, s, s * s, s, s])
         return stats
 
     def _cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
-        """CPU: the same statistics with the per-tensor arithmetic in NumPy (no device to sync with,
-        and a NumPy op on a few numbers costs a fraction of a torch op's dispatch)."""
+        """CPU: the same statistics with the per-tensor arithmetic in Python floats (no device to
+        sync with, and a NumPy op on a few numbers costs more than the arithmetic)."""
         small = [i for i, g in enumerate(grads) if g.numel() <= TINY]
         large = [i for i, g in enumerate(grads) if g.numel() > TINY]
-        out = np.empty((len(grads), len(GRAD_STATS)))
+        rows: list[tuple[float, ...]] = [()] * len(grads)
         if small:
-            out[small] = _small_numpy([grads[i] for i in small])
+            for i, row in zip(small, _small_numpy([grads[i] for i in small]).tolist(), strict=True):
+                rows[i] = tuple(row)
         if large:
-            out[large] = self._large_cpu([grads[i] for i in large])
-        return out
+            for i, row in zip(large, self._large_cpu([grads[i] for i in large]), strict=True):
+                rows[i] = row
+        return np.array(rows, dtype=np.float64)
 
     def _device(self, grads: list[torch.Tensor]) -> torch.Tensor:
         self._plan(grads)
@@ -152,7 +168,7 @@ class GradStatistics:
         l2 = (var * counts + counts * mean * mean).sqrt()
         return torch.stack([mean, l1 / counts, max_abs, var, l1, l2], dim=1)
 
-    def _large_cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
+    def _large_cpu(self, grads: list[torch.Tensor]) -> list[tuple[float, ...]]:
         """One read of each gradient from memory (:func:`~bbdecoder.monitor.cpu_reductions.moments`),
         the variance as ``E[g^2] - mean^2``. Tensors where that one-pass formula would lose digits
         (see :data:`CONDITION`), whose squares could leave the float32 range, or that hold NaN/Inf
@@ -161,11 +177,11 @@ class GradStatistics:
         for g in grads:
             a = flat_array(g)
             arrays.append(a if a is not None else g.detach().contiguous().view(-1).numpy())
-        rows, redo = [], []
-        sums = moments(arrays, self._host_scratch).tolist()
-        # per tensor in Python floats: a handful of tensors, and each NumPy call on a few numbers
-        # costs more than the arithmetic (see _small_numpy)
-        for i, (a, (total, l1, top, squares)) in enumerate(zip(arrays, sums, strict=True)):
+        rows: list[tuple[float, ...]] = []
+        redo: list[int] = []
+        for i, (a, (total, l1, top, squares)) in enumerate(
+            zip(arrays, moments(arrays, self._host_scratch), strict=True)
+        ):
             n = a.size
             mean, square_mean = total / n, squares / n
             var = max(square_mean - mean * mean, 0.0)
@@ -174,15 +190,17 @@ class GradStatistics:
             fits = 4.0 * n * top * top < 1e36 and (top > 1e-15 or top == 0)
             if not (exact and fits and math.isfinite(total + l1 + top + squares)):
                 redo.append(i)
-        table = np.array(rows, dtype=np.float64)
         if redo:
             in_float64 = [i for i in redo if arrays[i].size <= CHUNK]
             two_pass = [i for i in redo if arrays[i].size > CHUNK]
+            redone: list[tuple[int, list[float]]] = []
             if in_float64:
-                table[in_float64] = _small_numpy([grads[i] for i in in_float64])
+                redone += zip(in_float64, _small_numpy([grads[i] for i in in_float64]).tolist(), strict=True)
             if two_pass:
-                table[two_pass] = self._large([grads[i] for i in two_pass]).numpy()
-        return table
+                redone += zip(two_pass, self._large([grads[i] for i in two_pass]).tolist(), strict=True)
+            for i, row in redone:
+                rows[i] = tuple(row)
+        return rows
 
     def _large(self, grads: list[torch.Tensor]) -> torch.Tensor:
         sums, l1s, maxima, bufs = [], [], [], []

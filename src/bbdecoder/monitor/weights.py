@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -74,8 +76,8 @@ class UpdateRatios:
 
     def __init__(self) -> None:
         self._snapshot: list[torch.Tensor] | None = None
-        self._snapshot_flat: list[np.ndarray | None] | None = None  # NumPy views, made once
-        self._norms: torch.Tensor | None = None
+        self._plan: _CpuPlan | None = None  # the weights' views, while the weights stay where they are
+        self._norms: torch.Tensor | list[float] | None = None  # ||W_before||; a list on the CPU path
         self._valid = False
 
     @property
@@ -85,7 +87,7 @@ class UpdateRatios:
 
     def reset(self) -> None:
         self._snapshot = None
-        self._snapshot_flat = None
+        self._plan = None
         self._norms = None
         self._valid = False
 
@@ -93,9 +95,9 @@ class UpdateRatios:
         """Take the snapshot the next :meth:`measure` compares against."""
         if self._snapshot is None or len(self._snapshot) != len(current):
             self._snapshot = [t.detach().clone() for t in current]
-            self._snapshot_flat = None
+            self._plan = None
         else:
-            torch._foreach_copy_(self._snapshot, current)
+            torch._foreach_copy_(self._snapshot, [t.detach() for t in current])
         self._norms = torch.stack(torch._foreach_norm(self._snapshot, 2)).double() if current else None
         self._valid = bool(current)
 
@@ -104,7 +106,8 @@ class UpdateRatios:
         snapshot then becomes ``current``, else it is used up."""
         assert self._snapshot is not None and self._norms is not None and self._valid
         if current[0].device.type == "cpu":
-            return self._measure_cpu(current, keep)
+            return torch.from_numpy(self.measure_host(current, keep))
+        current = [t.detach() for t in current]
         torch._foreach_sub_(self._snapshot, current)
         delta = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
         after = None
@@ -112,46 +115,75 @@ class UpdateRatios:
             torch._foreach_copy_(self._snapshot, current)
             after = torch.stack(torch._foreach_norm(self._snapshot, 2)).double()
         before = self._norms
+        assert isinstance(before, torch.Tensor)
         ratios = torch.where(before > 0, delta / torch.where(before > 0, before, 1.0), delta)
         self._norms = after
         self._valid = keep
         return ratios
 
-    def _measure_cpu(self, current: list[torch.Tensor], keep: bool) -> torch.Tensor:
-        """The CPU pass in NumPy: every dense float weight through
-        :func:`~bbdecoder.monitor.cpu_reductions.update_norms` (one code path, so it stays warm in
-        the caches a backward pass has just flushed), other layouts through foreach ops."""
-        assert self._snapshot is not None and self._norms is not None
-        if self._snapshot_flat is None:  # reset wherever the snapshot is allocated
-            self._snapshot_flat = [flat_array(s) for s in self._snapshot]
-        dense, other, pairs = [], [], []
-        snapshots = zip(self._snapshot, self._snapshot_flat, strict=True)
-        for i, (w, (s, fs)) in enumerate(zip(current, snapshots, strict=True)):
-            fw = flat_array(w)
-            if fw is not None and fs is not None and w.stride() == s.stride() and w.dtype == s.dtype:
-                dense.append(i)
-                pairs.append((fw, fs))
-            else:
-                other.append(i)
-        squares = np.zeros((len(current), 2))
-        if dense:
-            weights, snapshots = zip(*pairs, strict=True)
-            squares[dense] = update_norms(list(weights), list(snapshots), keep)
-        if other:
-            now = [current[i] for i in other]
-            snap = [self._snapshot[i] for i in other]
+    def measure_host(self, current: list[torch.Tensor], keep: bool = True) -> np.ndarray:
+        """:meth:`measure` of CPU weights, as a NumPy ``(n,)`` array: every dense float weight
+        through :func:`~bbdecoder.monitor.cpu_reductions.update_norms` (one code path, so it stays
+        warm in the caches a backward pass has just flushed), other layouts through foreach ops."""
+        assert self._snapshot is not None and self._norms is not None and self._valid
+        plan = self._plan
+        if plan is None or not plan.fits(current):
+            plan = self._plan = _CpuPlan(current, self._snapshot)
+        squares = [(0.0, 0.0)] * len(current)
+        if plan.dense:
+            for i, pair in zip(plan.dense, update_norms(plan.weights, plan.snapshots, keep), strict=True):
+                squares[i] = pair
+        if plan.other:
+            now = [current[i].detach() for i in plan.other]
+            snap = [self._snapshot[i] for i in plan.other]
             torch._foreach_sub_(snap, now)
-            squares[other, 0] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
+            deltas = torch.stack(torch._foreach_norm(snap, 2)).double().square().tolist()
+            norms = [0.0] * len(now)
             if keep:
                 torch._foreach_copy_(snap, now)
-                squares[other, 1] = torch.stack(torch._foreach_norm(snap, 2)).double().numpy() ** 2
-        norms = np.sqrt(squares)
-        before = self._norms.numpy()
-        ratios = norms[:, 0] / np.where(before > 0, before, 1.0)
-        ratios[before <= 0] = norms[before <= 0, 0]  # a zero weight: the absolute update size
-        self._norms = torch.from_numpy(norms[:, 1].copy()) if keep else None
+                norms = torch.stack(torch._foreach_norm(snap, 2)).double().square().tolist()
+            for i, pair in zip(plan.other, zip(deltas, norms, strict=True), strict=True):
+                squares[i] = pair
+        # per tensor in Python floats: each NumPy call on a few numbers costs more than the arithmetic
+        ratios, after = [], []
+        before_norms = self._norms.numpy().tolist() if isinstance(self._norms, torch.Tensor) else self._norms
+        for before, (delta, norm) in zip(before_norms, squares, strict=True):
+            size = math.sqrt(delta)
+            ratios.append(size / before if before > 0 else size)  # a zero weight: the absolute update
+            after.append(math.sqrt(norm))
+        self._norms = after if keep else None
         self._valid = keep
-        return torch.from_numpy(ratios)
+        return np.array(ratios)
+
+
+class _CpuPlan:
+    """Which weights take the NumPy pass, with the NumPy views of them and of their snapshots.
+
+    Parameters are updated in place, so the views stay valid from step to step; :meth:`fits`
+    checks each weight's address, shape, strides and dtype (a ``p.data = ...`` replaces them),
+    which costs a fraction of making the views again."""
+
+    def __init__(self, current: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
+        self.key = _layout_key(current)
+        self.dense: list[int] = []
+        self.other: list[int] = []
+        self.weights: list[np.ndarray] = []
+        self.snapshots: list[np.ndarray] = []
+        for i, (w, s) in enumerate(zip(current, snapshot, strict=True)):
+            fw, fs = flat_array(w), flat_array(s)
+            if fw is not None and fs is not None and w.stride() == s.stride() and w.dtype == s.dtype:
+                self.dense.append(i)
+                self.weights.append(fw)
+                self.snapshots.append(fs)
+            else:
+                self.other.append(i)
+
+    def fits(self, current: list[torch.Tensor]) -> bool:
+        return _layout_key(current) == self.key
+
+
+def _layout_key(tensors: list[torch.Tensor]) -> list[tuple[object, ...]]:
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
 
 
 def update_ratios(snapshot: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:

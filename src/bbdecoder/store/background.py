@@ -13,6 +13,11 @@ promises of :class:`RunWriter` stay:
   exception of a flush (a bug, e.g. ``sqlite3.IntegrityError``) is raised in the training thread by
   the next :meth:`flush`, :meth:`add_step`, :meth:`wait` or :meth:`close`.
 - :meth:`close` drains the queue, stops the thread and closes the store on the calling thread.
+- :meth:`run_then_flush` hands the writer thread a job before a flush (the analyzer's bookkeeping
+  of one CPU step: rows, epoch aggregates, alert rules), on the same terms: it waits for the
+  previous job and flush, so a step's work overlaps the next forward and backward pass and
+  nothing piles up. Warnings a job raises (:meth:`warn`) are raised on the training thread by its
+  next call, like the store's own.
 
 A reader opened in the same process (:func:`~bbdecoder.store.open_run`: figures drawn during training,
 the report) first waits for the open writer of its store (:func:`wait_for_writer`), so it reads
@@ -27,6 +32,7 @@ import queue
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +66,13 @@ class ThreadedRunWriter(RunWriter):
 
     def __init__(self, save_path: str | Path, **kwargs: Any) -> None:
         self._mutex = threading.RLock()
-        self._requests: queue.Queue[bool | None] = queue.Queue(maxsize=1)
+        # (a job or None, flush after it); None stops the thread
+        self._requests: queue.Queue[tuple[Callable[[], None] | None, bool] | None] = queue.Queue(maxsize=1)
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._deferred: list[tuple[str, int]] = []
+        self._deferred: list[tuple[str, type[Warning]]] = []
         super().__init__(save_path, **kwargs)
         _OPEN[_key(self.path)] = self
 
@@ -75,30 +82,48 @@ class ThreadedRunWriter(RunWriter):
             request = self._requests.get()
             if request is None:
                 return
+            job, flush = request
             try:
                 with self._mutex:
-                    RunWriter.flush(self)
+                    if job is not None:
+                        job()
+                    if flush:
+                        RunWriter.flush(self)
             except BaseException as err:  # surfaced on the training thread
                 self._error = err
             finally:
+                del request, job  # a job may hold its analyzer: keep nothing alive while idle
                 self._idle.set()
 
+    def _on_writer_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def warn(self, message: str, category: type[Warning], stacklevel: int = 2) -> None:
+        """``warnings.warn`` on the training thread: raised now there, or, from the writer thread
+        (a job), by the training thread's next call to this writer."""
+        if self._on_writer_thread():
+            self._deferred.append((message, category))
+        else:
+            warnings.warn(message, category, stacklevel=stacklevel + 1)
+
     def _warn(self, message: str, stacklevel: int) -> None:
-        if self._thread is not None and threading.current_thread() is self._thread:
-            self._deferred.append((message, stacklevel))
+        if self._on_writer_thread():
+            self._deferred.append((message, StoreWriteWarning))
         else:
             super()._warn(message, stacklevel + 1)
 
     def _surface(self) -> None:
         """Warnings and the error of the writer thread, raised here on the calling thread."""
         deferred, self._deferred = self._deferred, []
-        for message, _ in deferred:
-            warnings.warn(message, StoreWriteWarning, stacklevel=4)
+        for message, category in deferred:
+            warnings.warn(message, category, stacklevel=4)
         error, self._error = self._error, None
         if error is not None:
             raise error
 
     def _wait_idle(self) -> None:
+        if self._on_writer_thread():
+            return  # a job's own calls: the thread is busy with that job
         if os.getpid() == self._pid:
             self._idle.wait()
         self._surface()
@@ -119,7 +144,25 @@ class ThreadedRunWriter(RunWriter):
             self._thread = threading.Thread(target=self._run, name="bbdecoder-store-writer", daemon=True)
             self._thread.start()
         self._idle.clear()
-        self._requests.put(True)
+        self._requests.put((None, True))
+
+    def run_then_flush(self, job: Callable[[], None], flush: bool = True) -> None:
+        """Run ``job`` on the writer thread, then flush (``flush=False``: its rows stay buffered
+        for a later flush); returns at once, after waiting for the previous job or flush. A job
+        must only call this writer (and what it owns) and :meth:`warn`; its exception is raised
+        by the training thread's next call. In a forked child or on a closed writer the job runs
+        here."""
+        self._wait_idle()
+        if self.closed or os.getpid() != self._pid:
+            job()
+            if flush:
+                self.flush()
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bbdecoder-store-writer", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._requests.put((job, flush))
 
     def add_step(self, step: int, epoch: int, loss: float | None) -> None:
         self._wait_idle()  # the previous flush is committed before a new step is buffered
