@@ -2,7 +2,8 @@
 
 Models, each with its own copy of the same weights and optimizer per configuration:
 
-- ``mnist``: a 2-conv MNIST CNN (1x28x28, batch 32, Adam): a ~10 ms step
+- ``mnist``: a 2-conv MNIST CNN (1x28x28, batch 32, Adam): a ~10 ms step on a fast core (45-60
+  ms on the 2-core VM of BENCHMARKS.md)
 - ``resnet18``: ResNet-18 layout for 32x32 inputs (3x3 stem, no max-pool), batch 64, SGD momentum
 - ``bert``: a BERT-mini-like encoder in plain torch (4 layers, d=256, 4 heads, FF 1024, vocab
   8000, sequence 64, batch 8, AdamW), token classification head
@@ -12,8 +13,10 @@ Configurations: ``plain`` (forward, loss, zero_grad, backward, optimizer.step), 
 ``Analyzer.step()`` runs: the cheapest full read of the gradients, from the same cold cache), ``analyzer``
 (+ ``Analyzer.step()``: six gradient statistics of every parameter, update ratios, the store
 write, every step), ``analyzer+act`` (+ activation probes on every activation module),
-``analyzer-syncstore`` (``--ablation``: the default analyzer with the store's transactions on the
-training thread, a plain ``RunWriter`` instead of the writer thread), and ``wandb``
+with ``--ablation`` ``analyzer-inline`` (the default analyzer with a step's bookkeeping, its rows,
+epoch aggregates and alert rules, on the training thread instead of the writer thread) and
+``analyzer-syncstore`` (also the store's transactions on the training thread, a plain
+``RunWriter``), and ``wandb``
 (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
@@ -180,6 +183,9 @@ class Config:
                 for module in users:
                     module.ThreadedRunWriter = ThreadedRunWriter  # type: ignore[attr-defined]
             assert type(self.analyzer.writer) is RunWriter
+        elif name == "analyzer-inline":  # the step's bookkeeping on the training thread, as before
+            self.analyzer = Analyzer(self.model, tmp / name)
+            self.analyzer.writer.run_then_flush = None  # type: ignore[assignment,method-assign]
         elif name.startswith("analyzer"):
             self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":
@@ -227,7 +233,8 @@ class Config:
 def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation: bool = False) -> dict:
     torch.manual_seed(0)
     base, make_opt, (x, y), loss_fn = _workload(workload)
-    names = ["plain", "one-read", "analyzer", "analyzer+act"] + (["analyzer-syncstore"] if ablation else [])
+    names = ["plain", "one-read", "analyzer", "analyzer+act"]
+    names += ["analyzer-inline", "analyzer-syncstore"] if ablation else []
     names += ["wandb"] if with_wandb else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,7 +324,11 @@ def main() -> None:
     parser.add_argument("--models", default="mnist,resnet18,bert")
     parser.add_argument("--no-wandb", action="store_true")
     parser.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up (a smoke run)")
-    parser.add_argument("--ablation", action="store_true", help="also the analyzer with a synchronous store")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also the analyzer with its bookkeeping inline, and with a synchronous store",
+    )
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     if args.quick:

@@ -170,6 +170,16 @@ def test_model_and_optimizer_end_untouched(tmp_path: Path) -> None:
 def test_gradient_statistics_function_and_names() -> None:
     g = np.array([[1.0, -3.0], [0.5, 2.0]], dtype="float32")
     np.testing.assert_allclose(gradient_statistics(g).numpy(), _stats(g), rtol=1e-6)
+    rng = np.random.default_rng(0)
+    centred = rng.normal(size=(300, 200)).astype("float32")
+    np.testing.assert_allclose(gradient_statistics(centred).numpy(), _stats(centred), rtol=1e-5)
+    # mean^2 >> var: the one-pass E[g^2] - mean^2 would lose every digit; the two-pass branch runs
+    offset = (1000 + rng.normal(size=(300, 200))).astype("float32")
+    got, want = gradient_statistics(offset).numpy(), _stats(offset)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    one_pass = np.mean(offset * offset, dtype=np.float32) - np.mean(offset, dtype=np.float32) ** 2
+    assert abs(one_pass - want[3]) > 100 * abs(got[3] - want[3])
+    np.testing.assert_allclose(gradient_statistics(offset, fused=False).numpy(), want, rtol=2e-5)  # XLA's
     inner = keras.Sequential([keras.layers.Dense(2, name="conv")], name="block")
     outer = keras.Sequential([keras.Input((2,)), inner, keras.layers.Dense(1, name="head")], name="top")
     names = qualified_layer_names(outer)
@@ -177,6 +187,28 @@ def test_gradient_statistics_function_and_names() -> None:
 
     assert [names[id(layer)] for layer in leaf_layers(outer)] == ["block.conv", "head"]
     assert names[id(inner)] == "block"
+
+
+def test_the_finiteness_flag_is_read_from_the_statistics() -> None:
+    from bbdecoder.keras.monitor_capture import _all_finite, finite_from_statistics
+
+    big = np.full(4096, 3e35, dtype="float32")  # finite, but its L1 overflows float32
+    cases = {
+        "finite": np.array([1.0, -2.0, 0.5], "float32"),
+        "overflowing L1": big,
+        "+inf": np.array([1.0, np.inf, 2.0], "float32"),
+        "-inf": np.array([-np.inf, 1.0], "float32"),
+        "both infinities": np.array([np.inf, -np.inf], "float32"),
+        "nan": np.array([1.0, np.nan], "float32"),
+        "nan and inf": np.array([np.nan, np.inf, 1.0], "float32"),
+        "empty": np.zeros(0, "float32"),
+    }
+    for name, g in cases.items():
+        stats = gradient_statistics(tf.constant(g))
+        got = float(finite_from_statistics(stats).numpy())
+        assert got == float(_all_finite(tf.constant(g)).numpy()) == float(np.isfinite(g).all()), name
+    stats = gradient_statistics(tf.constant(big)).numpy()
+    assert np.isinf(stats[4]) and np.isfinite(stats[2])  # the statistic overflows, the flag does not
 
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,7 @@ class MonitorCallback(keras.callbacks.Callback):
         self.histogram_bins = histogram_bins
         self.quantiles = tuple(quantiles)
         self.flush_every = flush_every
-        self.writer: RunWriter | None = None
+        self.writer: ThreadedRunWriter | None = None
         self.dead_units: dict[str, list[int]] = {}
         """``{layer name: dead channel indices}`` of the last recorded epoch (watched layers)."""
         self._shadows = Shadows()
@@ -216,7 +218,8 @@ class MonitorCallback(keras.callbacks.Callback):
         self.dead_units = {}
         k = int(getattr(model, "steps_per_execution", 1) or 1)
         rows = {id(t.variable): t.row for t in self._tracked}
-        self._capture = StepCapture(self, rows, k, gradients=self.gradients, weights=self.weights)
+        xla = bool(getattr(model, "jit_compile", False))
+        self._capture = StepCapture(self, rows, k, gradients=self.gradients, weights=self.weights, xla=xla)
         self._current_epoch = 0
         self._install(model, leaves)
         self._recorder = Recorder(
@@ -279,22 +282,23 @@ class MonitorCallback(keras.callbacks.Callback):
         epoch = self._epoch0 + self._current_epoch
         rows = np.arange(len(self._tracked))
         for table, loss in self._capture.read():
-            self._recorder.step(
-                self._step,
-                epoch,
-                rows,
-                table[:, :NSTATS] if self.gradients else None,
-                loss if np.isfinite(loss) else None,
-                first_bad=self._first_in_backward_order,
-                finite=table[:, FINITE] != 0,
-            )
-            if self.weights:
-                self._recorder.ratios(self._step, epoch, rows, table[:, RATIO])
+            finite = table[:, FINITE] != 0
+            record = partial(
+                _record, self._recorder, self._step, epoch, rows,
+                table[:, :NSTATS] if self.gradients else None, loss if np.isfinite(loss) else None,
+                finite, table[:, RATIO] if self.weights else None,
+            )  # fmt: skip
+            flush = (self._step + 1) % self.flush_every == 0
+            if finite.all():  # on the writer thread, overlapping the next batches
+                self.writer.run_then_flush(record, flush)
+            else:  # here, so that its warning comes from this batch
+                self.writer.wait()
+                record(first_bad=self._first_in_backward_order)
+                if flush:
+                    self.writer.flush()
             if self._epoch_first_step is None:
                 self._epoch_first_step = self._step
             self._step += 1
-            if self._step % self.flush_every == 0:
-                self.writer.flush()
 
     def _first_in_backward_order(self, bad: list[Series]) -> Series:
         """Backward order is the reverse of the forward: the affected layer called last comes first."""
@@ -313,6 +317,7 @@ class MonitorCallback(keras.callbacks.Callback):
         if self._epoch_first_step is None:
             return
         stored_epoch, last = self._epoch0 + epoch, self._step - 1
+        self.writer.wait()  # the batches' jobs: the epoch aggregates are complete
         if self.gradients:
             self._recorder.end_epoch(stored_epoch)
         if self.weights:
@@ -325,6 +330,17 @@ class MonitorCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.close()
+
+
+def _record(
+    recorder: Recorder, step: int, epoch: int, rows: np.ndarray, values: np.ndarray | None,
+    loss: float | None, finite: np.ndarray, ratios: np.ndarray | None,
+    first_bad: Callable[[list[Series]], Series] = lambda bad: bad[0],
+) -> None:  # fmt: skip
+    """One batch into the recorder: its statistics, loss and update ratios (``None``: not recorded)."""
+    recorder.step(step, epoch, rows, values, loss, first_bad=first_bad, finite=finite)
+    if ratios is not None:
+        recorder.ratios(step, epoch, rows, ratios)
 
 
 def _size(layer: Any) -> int:

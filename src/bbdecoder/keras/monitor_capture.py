@@ -32,9 +32,28 @@ RATIO, FINITE = NSTATS, NSTATS + 1  # buffer columns after the six statistics
 _COLUMNS = NSTATS + 2
 
 
-def gradient_statistics(grad: Any) -> Any:
+CONDITION = 4.0
+"""The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var`` (the
+PyTorch monitor's rule, :data:`bbdecoder.monitor.grad_stats.CONDITION`); elsewhere the two-pass."""
+
+
+def _norm(x: Any, fused: bool) -> Any:
+    """``||x||``: the fused ``EuclideanNorm`` kernel (no XLA kernel: under XLA, where the square and
+    the sum fuse anyway, ``sqrt(sum(x^2))``)."""
+    return tf.math.reduce_euclidean_norm(x) if fused else tf.sqrt(tf.reduce_sum(tf.square(x)))
+
+
+def gradient_statistics(grad: Any, fused: bool = True) -> Any:
     """The six statistics of one gradient as a float32 ``(6,)`` tensor, in :data:`GRAD_STATS` order:
-    mean, mean |g|, max |g|, population variance (two-pass), L1, L2."""
+    mean, mean |g|, max |g|, population variance, L1, L2.
+
+    XLA is off on CPU, so each TF op is its own pass, and an elementwise op allocates and writes
+    its output: the sum, ``|g|`` (written once, read by its sum and its max) and
+    ``reduce_euclidean_norm`` (one fused pass, half the time of a square and a sum) give every
+    statistic; the variance is ``E[g^2] - mean^2`` where that loses no digits (``mean^2 <= 3 var``,
+    the common case: relative error at most ``3 * CONDITION`` times that of the float32 sum of
+    squares), else the exact two-pass ``sum((g - mean)^2) / n`` (a ``tf.cond``: only that branch
+    runs). ``fused=False`` under XLA (see :func:`_norm`)."""
     if isinstance(grad, tf.IndexedSlices):
         grad = tf.convert_to_tensor(grad)
     g = grad if grad.dtype in (tf.float32, tf.float64) else tf.cast(grad, tf.float32)
@@ -42,16 +61,31 @@ def gradient_statistics(grad: Any) -> Any:
     mean = tf.reduce_sum(g) / n
     magnitude = tf.abs(g)
     l1 = tf.reduce_sum(magnitude)
-    var = tf.reduce_sum(tf.square(g - mean)) / n
-    l2 = tf.sqrt(tf.reduce_sum(tf.square(g)))
+    l2 = _norm(g, fused)
+    square_mean = l2 * l2 / n
+    one_pass = tf.maximum(square_mean - mean * mean, 0.0)
+    var = tf.cond(
+        (square_mean <= CONDITION * one_pass) | (square_mean == 0),
+        lambda: one_pass,
+        lambda: tf.reduce_sum(tf.math.squared_difference(g, mean)) / n,
+    )
     return tf.cast(tf.stack([mean, l1 / n, tf.reduce_max(magnitude), var, l1, l2]), tf.float32)
 
 
-def update_ratio(before: Any, after: Any) -> Any:
+def finite_from_statistics(stats: Any) -> Any:
+    """1.0 where the gradient of a :func:`gradient_statistics` row held no NaN/Inf, read from the row
+    (no pass over the gradient): a NaN makes L1 NaN, an Inf (without NaN) makes ``max |g|`` +Inf; a
+    finite gradient gives neither (an L1 that overflows is Inf, not NaN; an empty one has max -Inf)."""
+    bad = tf.math.is_nan(stats[4]) | (stats[2] == np.float32(np.inf))
+    return tf.cast(tf.logical_not(bad), tf.float32)
+
+
+def update_ratio(before: Any, after: Any, fused: bool = True) -> Any:
     """``||after - before|| / ||before||``, or ``||after - before||`` where ``||before|| = 0`` (a
     zero-initialised bias): the PyTorch monitor's rule, never ``inf``."""
-    delta = tf.norm(tf.cast(after - before, tf.float32))
-    norm = tf.norm(tf.cast(before, tf.float32))
+    before = tf.cast(before, tf.float32)
+    delta = tf.sqrt(tf.reduce_sum(tf.math.squared_difference(tf.cast(after, tf.float32), before)))
+    norm = _norm(before, fused)
     return tf.where(norm > 0, delta / tf.where(norm > 0, norm, 1.0), delta)
 
 
@@ -79,10 +113,14 @@ class StepCapture:
         rows: ``{id(variable): row}`` of the tracked variables.
         k: ``steps_per_execution`` (steps between two host reads).
         gradients, weights: record the statistics / the update ratios.
+        xla: the train step is compiled by XLA (``jit_compile``): no ``EuclideanNorm`` kernel there.
     """
 
-    def __init__(self, owner: Any, rows: dict[int, int], k: int, *, gradients: bool, weights: bool) -> None:
+    def __init__(
+        self, owner: Any, rows: dict[int, int], k: int, *, gradients: bool, weights: bool, xla: bool = False
+    ) -> None:
         self.owner = owner
+        self.fused = not xla  # the EuclideanNorm kernel has no XLA version
         self.rows = rows
         self.k = k
         self.gradients = gradients
@@ -119,7 +157,9 @@ class StepCapture:
             slot = self.counter % self.k
             columns = []
             if self.gradients and picked:
-                stats = tf.stack([gradient_statistics(g) for _, g, _ in picked])
+                rows = [gradient_statistics(g, self.fused) for _, g, _ in picked]
+                finite = [finite_from_statistics(r) for r in rows]
+                stats = tf.stack(rows)
                 if self.loss_scaled:
                     # the scale the loss was multiplied by (built lazily by the first apply, as in Keras)
                     scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
@@ -128,11 +168,13 @@ class StepCapture:
                 columns.append(stats)
             else:
                 columns.append(tf.fill((len(picked), NSTATS), np.float32(np.nan)))
-            finite = [_all_finite(g) for _, g, _ in picked]
+                finite = [_all_finite(g) for _, g, _ in picked]
             before = [tf.identity(v.value) for _, _, v in picked] if self.weights else []
             result = original_apply(grads, variables)
             if self.weights and picked:
-                ratios = [update_ratio(b, v.value) for (_, _, v), b in zip(picked, before, strict=True)]
+                ratios = [
+                    update_ratio(b, v.value, self.fused) for (_, _, v), b in zip(picked, before, strict=True)
+                ]
                 columns.append(tf.reshape(tf.stack(ratios), (-1, 1)))
             else:
                 columns.append(tf.fill((len(picked), 1), np.float32(np.nan)))

@@ -86,8 +86,7 @@ class GradientCapture:
             if on_host:
                 stats = self._grad_stats.host(grads, self._inv_scale())
             else:
-                # sharded: ShardSync's
-                grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)
+                grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # FSDP: ShardSync's
                 stats = grad_stats_fn(grads, self._inv_scale())
         ratio_label, ratio_n, parts = self._ratio_label, 0, []
         if self.track_weights and (record or ratio_label is not None):
