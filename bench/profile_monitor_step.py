@@ -1,9 +1,10 @@
 """Thread-CPU-time breakdown of ``Analyzer.step()`` by component, medians over 20 steps (1 thread).
 
-Wraps the gradient statistics, the update ratios, the alert rules, the store's buffers and its
-hand-over to the writer thread, and the analyzer's row building (``_process``, which includes the
-alerts and the buffers), and compares each with one ``torch._foreach_norm(grads, 2)`` over the same
-gradients. Run::
+Wraps the gradient statistics, the update ratios and the hand-over to the writer thread (on the
+training thread), and the step's bookkeeping the writer thread then runs (``_record_vector``: rows,
+epoch accumulators, the alert rules, the store's buffers; each part's CPU time on the thread that
+runs it), and compares each with one ``torch._foreach_norm(grads, 2)`` over the same gradients,
+timed after ``optimizer.step()``. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/profile_monitor_step.py mnist bert resnet18
 """
@@ -62,6 +63,7 @@ def profile(name: str, steps: int = 25, warmup: int = 5) -> dict[str, float]:
         analyzer.step(loss=loss)
         total = time.thread_time() - start
         opt.step()
+        analyzer.writer.wait()  # the step's job on the writer thread is done: its parts are counted
         grads = [p.grad for p in base.parameters() if p.grad is not None]
         start = time.thread_time()
         torch._foreach_norm(grads, 2)
@@ -84,15 +86,16 @@ def profile(name: str, steps: int = 25, warmup: int = 5) -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    _wrap(GradStatistics, "__call__", "gradient statistics")
-    _wrap(UpdateRatios, "measure", "update ratios")
-    _wrap(AlertEngine, "observe", "alert rules")
-    _wrap(AlertEngine, "observe_loss", "alert rules")
-    _wrap(ThreadedRunWriter, "flush", "store: hand-over to the writer thread")
-    _wrap(ThreadedRunWriter, "add_scalars", "store: buffering rows")
-    import bbdecoder.monitor.analyzer as analyzer_module
+    _wrap(GradStatistics, "host", "gradient statistics")
+    _wrap(UpdateRatios, "measure_host", "update ratios")
+    _wrap(ThreadedRunWriter, "run_then_flush", "store: hand-over to the writer thread")
+    _wrap(AlertEngine, "observe", "writer thread: alert rules")
+    _wrap(AlertEngine, "observe_loss", "writer thread: alert rules")
+    _wrap(ThreadedRunWriter, "add_scalars", "writer thread: buffering rows")
+    import bbdecoder.monitor.capture as capture_module
 
-    _wrap(analyzer_module.Analyzer, "_process", "rows, epoch accumulators, alerts, buffers (_process)")
+    label = "writer thread: rows, epoch accumulators, alerts, buffers (_record_vector)"
+    _wrap(capture_module, "_record_vector", label)
     result = {name: profile(name) for name in (sys.argv[1:] or ["mnist", "bert"])}
     print("wrote", save_results("monitor_step_profile_t1", result))
 
