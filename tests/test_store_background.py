@@ -162,3 +162,42 @@ def test_a_reader_in_the_same_process_sees_every_step_handed_to_the_writer(tmp_p
         RunWriter.flush = original  # type: ignore[method-assign]
         release.set()
     writer.close()
+
+
+def test_a_job_runs_on_the_writer_thread_before_its_flush_and_warns_on_the_training_thread(
+    tmp_path: Path,
+) -> None:
+    writer = ThreadedRunWriter(tmp_path)
+    _fill(writer, range(2))
+    seen: list[str] = []
+
+    def job() -> None:
+        seen.append(threading.current_thread().name)
+        writer.add_step(2, 0, 2.0)  # the job's own calls do not wait for the thread they run on
+        writer.warn("from the job", UserWarning)
+
+    writer.run_then_flush(job)
+    with pytest.warns(UserWarning, match="from the job"):
+        writer.wait()
+    assert seen == ["bbdecoder-store-writer"]
+    writer.run_then_flush(lambda: writer.add_step(3, 0, 3.0), flush=False)
+    writer.wait()
+    assert writer.pending  # buffered, not committed
+    writer.close()
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2, 3]
+
+
+def test_close_called_inside_a_job_closes_after_it(tmp_path: Path) -> None:
+    """A dropped analyzer's finalizer can run in a garbage collection on the writer thread: the
+    thread cannot join itself, so it closes the store when the job is over."""
+    writer = ThreadedRunWriter(tmp_path)
+    _fill(writer, range(2))
+    thread = writer._thread
+    writer.run_then_flush(lambda: (writer.add_step(2, 0, 2.0), writer.close()))
+    assert thread is not None
+    thread.join(timeout=10)
+    assert not thread.is_alive() and writer.closed
+    writer.close()  # a no-op now
+    with open_run(tmp_path) as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2]

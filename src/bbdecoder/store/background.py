@@ -73,6 +73,7 @@ class ThreadedRunWriter(RunWriter):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._deferred: list[tuple[str, type[Warning]]] = []
+        self._close_here = False
         super().__init__(save_path, **kwargs)
         _OPEN[_key(self.path)] = self
 
@@ -94,6 +95,11 @@ class ThreadedRunWriter(RunWriter):
             finally:
                 del request, job  # a job may hold its analyzer: keep nothing alive while idle
                 self._idle.set()
+            if self._close_here:  # close() was called on this thread: finish it now the job is done
+                with self._mutex:
+                    RunWriter.close(self)
+                _OPEN.pop(_key(self.path), None)
+                return
 
     def _on_writer_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
@@ -176,6 +182,11 @@ class ThreadedRunWriter(RunWriter):
 
     def close(self) -> None:
         if self.closed:
+            return
+        if self._on_writer_thread():
+            # the finalizer of a dropped analyzer, run by a garbage collection inside a job: the
+            # thread cannot join itself, so it closes the store once the job is over
+            self._close_here = True
             return
         try:
             self._wait_idle()
