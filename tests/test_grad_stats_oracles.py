@@ -83,6 +83,8 @@ def _cpu_grads() -> list[torch.Tensor]:
         torch.randn(3, 1, 1, generator=gen),
         torch.randn(64, 32, 3, 3, generator=gen).to(memory_format=torch.channels_last),  # memory order
         torch.randn(300, 700, generator=gen).t(),  # not dense in memory order: reduced from a copy
+        torch.randn(40, 30, generator=gen).t(),  # a small one not dense in memory order
+        torch.randn(5, 6, generator=gen, requires_grad=True),  # a create_graph=True gradient
     ]
 
 
