@@ -146,11 +146,7 @@ class ThreadedRunWriter(RunWriter):
         self._wait_idle()
         if self.closed or os.getpid() != self._pid:
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="bbdecoder-store-writer", daemon=True)
-            self._thread.start()
-        self._idle.clear()
-        self._requests.put((None, True))
+        self._hand_over(None, True)
 
     def run_then_flush(self, job: Callable[[], None], flush: bool = True) -> None:
         """Run ``job`` on the writer thread, then flush (``flush=False``: its rows stay buffered
@@ -164,6 +160,9 @@ class ThreadedRunWriter(RunWriter):
             if flush:
                 self.flush()
             return
+        self._hand_over(job, flush)
+
+    def _hand_over(self, job: Callable[[], None] | None, flush: bool) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="bbdecoder-store-writer", daemon=True)
             self._thread.start()
