@@ -35,8 +35,8 @@ from bbdecoder.store.background import ThreadedRunWriter
 _spent: dict[str, float] = collections.defaultdict(float)
 
 
-def _wrap(cls: type, name: str, label: str) -> None:
-    original: Callable[..., Any] = getattr(cls, name)
+def _wrap(owner: Any, name: str, label: str) -> None:  # a class or a module
+    original: Callable[..., Any] = getattr(owner, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.thread_time()
@@ -45,7 +45,7 @@ def _wrap(cls: type, name: str, label: str) -> None:
         finally:
             _spent[label] += time.thread_time() - start
 
-    setattr(cls, name, timed)
+    setattr(owner, name, timed)
 
 
 def profile(name: str, steps: int = 25, warmup: int = 5) -> dict[str, float]:
