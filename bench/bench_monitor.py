@@ -185,7 +185,7 @@ class Config:
             assert type(self.analyzer.writer) is RunWriter
         elif name == "analyzer-inline":  # the step's bookkeeping on the training thread, as before
             self.analyzer = Analyzer(self.model, tmp / name)
-            self.analyzer.writer.run_then_flush = None  # type: ignore[assignment,method-assign]
+            self.analyzer.writer.run_then_flush = None  # type: ignore[attr-defined]
         elif name.startswith("analyzer"):
             self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":

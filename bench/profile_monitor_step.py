@@ -63,7 +63,8 @@ def profile(name: str, steps: int = 25, warmup: int = 5) -> dict[str, float]:
         analyzer.step(loss=loss)
         total = time.thread_time() - start
         opt.step()
-        analyzer.writer.wait()  # the step's job on the writer thread is done: its parts are counted
+        # the step's job on the writer thread is done: its parts are counted
+        analyzer.writer.wait()  # type: ignore[attr-defined]
         grads = [p.grad for p in base.parameters() if p.grad is not None]
         start = time.thread_time()
         torch._foreach_norm(grads, 2)
