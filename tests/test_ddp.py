@@ -3,9 +3,7 @@ store the same statistics as one process on the combined batch, and only rank 0 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +11,17 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder.integrations.ddp import DistributedAnalyzer, NullWriter, RankSync, unwrap_model
 from bbdecoder.monitor import Analyzer
 from bbdecoder.store import open_run
+from tests.spawn import DEADLINE, spawn_ranks
 
 STEPS = 3
 BATCH = 8
 STORE_HOST = "127.0.0.1"
-DEADLINE = timedelta(minutes=8)  # generous: a loaded 2-core machine is slow, never a hang
 
 
 def _model() -> nn.Module:
@@ -83,32 +80,10 @@ def run_ranks(
     world: int, save_path: Path, worker: Callable[[int, int, int, str], None] | None = None
 ) -> None:
     """Spawn ``world`` ranks of ``worker(rank, world, store_port, save_path)`` (default :func:`_worker`)
-    with one thread each and wait for them, at most :data:`DEADLINE`; a rank that fails fails the
-    caller with its traceback (or signal)."""
+    with one thread each (:func:`tests.spawn.spawn_ranks`: a deadline, each rank's stderr in the
+    failure)."""
     store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=DEADLINE)
-    # Fresh interpreters (spawn) with single-threaded pools: nothing inherited from threads that
-    # earlier tests started (TensorFlow, TensorBoard), no OpenMP pools oversubscribing 2 cores.
-    single_threaded = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in single_threaded.items():
-            patch.setenv(name, value)
-        context = mp.start_processes(
-            worker or _worker,
-            args=(world, store.port, str(save_path)),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-    deadline = time.monotonic() + DEADLINE.total_seconds()
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the {world} DDP ranks did not finish within {DEADLINE}")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    spawn_ranks(worker or _worker, (world, store.port, str(save_path)), world)
     del store
 
 

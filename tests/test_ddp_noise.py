@@ -3,20 +3,19 @@ one process from the two half-batch gradients, and training is unchanged by the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder.integrations.ddp import DistributedAnalyzer
 from bbdecoder.monitor.noise_scale import NoiseScaleEMA, from_parts
 from bbdecoder.store import open_run
+from tests.spawn import spawn_ranks
 
 STEPS = 4
 BATCH = 8
@@ -69,10 +68,7 @@ def _worker(rank: int, world: int, init_file: str, save_path: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("ddp_noise")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(
-        _worker, args=(2, str(base / "init"), str(base / "run")), nprocs=2, join=True, start_method="spawn"
-    )
+    spawn_ranks(_worker, (2, str(base / "init"), str(base / "run")))
     return base / "run"
 
 

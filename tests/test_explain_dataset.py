@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -17,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 from bbdecoder import GradCAM, Gradient, InputXGradient, SmoothGrad
 from bbdecoder.integrations import DatasetMapsError, explain_dataset, open_maps
 from bbdecoder.integrations.distributed import owner_of, resolve_rank
+from tests.spawn import spawn_ranks
 
 N_SAMPLES, BATCH, CHUNK = 23, 4, 6  # chunks of 2 batches (8 samples): 8 + 8 + 7
 
@@ -289,7 +289,7 @@ def _ddp_worker(rank: int, world_size: int, folder: str) -> None:
 
 
 def test_two_process_gloo_run_equals_one_process(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, (2, str(tmp_path)))
     x, y = make_data()
     single = explain_dataset(smooth(make_model()), make_loader(x, y), tmp_path / "one", chunk_size=CHUNK)
     assert files(tmp_path / "ddp") == files(tmp_path / "one")

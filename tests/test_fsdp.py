@@ -4,7 +4,6 @@ combined batch with the full parameters; only rank 0 writes; training is unchang
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +18,7 @@ from bbdecoder.integrations.ddp import DistributedAnalyzer, NullWriter
 from bbdecoder.integrations.sharded import ShardSync, combine_partials, partial_sums
 from bbdecoder.monitor import Analyzer
 from bbdecoder.store import open_run
+from tests.spawn import spawn_ranks
 
 STEPS = 3
 BATCH = 8
@@ -108,14 +107,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     reshard, micro = CONFIGS[request.param]
     base = tmp_path_factory.mktemp(f"fsdp_{request.param}")
     sharded_path, single_path = base / "fsdp_run", base / "single_run"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(
-        _worker,
-        args=(2, str(base / "init"), str(sharded_path), reshard, micro),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    spawn_ranks(_worker, (2, str(base / "init"), str(sharded_path), reshard, micro))
     model = _model()
     with Analyzer(model, single_path, activations=[1, 3]) as analyzer:
         _train(model, analyzer, micro, None, 2)
