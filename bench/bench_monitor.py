@@ -16,7 +16,9 @@ write, every step), ``analyzer+act`` (+ activation probes on every activation mo
 with ``--ablation`` ``analyzer-inline`` (the default analyzer with a step's bookkeeping, its rows,
 epoch aggregates and alert rules, on the training thread instead of the writer thread) and
 ``analyzer-syncstore`` (also the store's transactions on the training thread, a plain
-``RunWriter``), and ``wandb``
+``RunWriter``), ``analyzer-noprefetch`` (the update ratios measured inside ``step()`` instead of
+on the writer thread after ``optimizer.step()``) and ``analyzer-noratios`` (``weights=False``: no
+update-ratio pass at all), and ``wandb``
 (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
@@ -186,6 +188,11 @@ class Config:
         elif name == "analyzer-inline":  # the step's bookkeeping on the training thread, as before
             self.analyzer = Analyzer(self.model, tmp / name)
             self.analyzer.writer.run_then_flush = None  # type: ignore[attr-defined]
+        elif name == "analyzer-noprefetch":  # the ratios measured in step(), not after the optimizer
+            self.analyzer = Analyzer(self.model, tmp / name)
+            self.analyzer._prefetch = None
+        elif name == "analyzer-noratios":  # no update ratios: what their pass costs in the step
+            self.analyzer = Analyzer(self.model, tmp / name, weights=False)
         elif name.startswith("analyzer"):
             self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
         elif name == "wandb":
@@ -234,7 +241,11 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
     torch.manual_seed(0)
     base, make_opt, (x, y), loss_fn = _workload(workload)
     names = ["plain", "one-read", "analyzer", "analyzer+act"]
-    names += ["analyzer-inline", "analyzer-syncstore"] if ablation else []
+    names += (
+        ["analyzer-inline", "analyzer-syncstore", "analyzer-noprefetch", "analyzer-noratios"]
+        if ablation
+        else []
+    )
     names += ["wandb"] if with_wandb else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,6 +292,10 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
             f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
             f" cpu x{entry['cpu_step_ratio']:.3f} [{cq[0]:.3f}, {cq[2]:.3f}]"
         )
+        prefetch = getattr(c.analyzer, "_prefetch", None)
+        if prefetch is not None:  # ratio passes run on the writer thread after optimizer.step()
+            entry["ratio_passes_off_thread"] = prefetch.used
+            line += f" ({prefetch.used} ratio passes off-thread)"
         if c.call_times and c.norm_times:
             per_round = [a / b for a, b in zip(c.call_times, c.norm_times, strict=True)]
             per_round_cpu = [a / b for a, b in zip(c.call_cpu, c.norm_cpu, strict=True) if b > 0]

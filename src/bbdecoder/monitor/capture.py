@@ -16,6 +16,7 @@ import torch
 
 from bbdecoder.layers import LayerSelection
 from bbdecoder.monitor.recorder import Recorder, Series
+from bbdecoder.monitor.weights import UpdateRatios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
 _NSTATS = len(GRAD_STATS)
@@ -92,8 +93,11 @@ class GradientCapture:
         if self.track_weights and (record or ratio_label is not None):
             current = [p.tensor for p in self._params]  # detached where torch ops read them
             if ratio_label is not None and self._ratios.ready:
-                measure = self._ratios.measure_host if on_host else self._ratios.measure
-                parts.append(measure(current, keep=record))
+                taken = self._taken_ratios(current, on_host, keep=record)
+                if taken is None:
+                    measure = self._ratios.measure_host if on_host else self._ratios.measure
+                    taken = measure(current, keep=record)
+                parts.append(taken)
                 ratio_n = len(self._params)
             elif record:
                 self._ratios.remember(current)
@@ -175,15 +179,45 @@ class GradientCapture:
         if self._host.deferred and self._recorded % self.flush_every == 0:
             self.writer.flush()
 
+    def _prefetchable(self: Any) -> bool:
+        """Whether the update ratios can be measured on the writer thread after ``optimizer.step()``
+        (:mod:`~bbdecoder.monitor.ratio_prefetch`): dense CPU weights, this process's own store."""
+        return (
+            self.track_weights
+            and self.sync is None
+            and not self._host.deferred
+            and isinstance(self._ratios, UpdateRatios)
+            and hasattr(self.writer, "run_soon")
+            and bool(self._params)
+            and all(p.tensor.device.type == "cpu" for p in self._params)
+        )
+
+    def _taken_ratios(self: Any, current: list[torch.Tensor], on_host: bool, keep: bool) -> np.ndarray | None:
+        """The ratios measured on the writer thread after ``optimizer.step()``
+        (:mod:`~bbdecoder.monitor.ratio_prefetch`), or ``None``: measure them here."""
+        prefetch = self._prefetch
+        if prefetch is None:
+            return None
+        if not on_host:
+            prefetch.settle(self)
+            return None
+        return prefetch.take(self, current, keep)
+
     def _flush_ratio(self: Any) -> None:
         """Measure the update made after the last recorded step (its ``optimizer.step()``)."""
         if not self._ratios.ready or self._ratio_label is None:
             return
-        ratios = self._ratios.measure([p.tensor.detach() for p in self._params], keep=True)
-        if hasattr(self.sync, "update_ratios"):
-            ratios = self.sync.reduce_step(ratios)  # sharded: combine the ranks' partial sums
+        current = [p.tensor.detach() for p in self._params]
+        taken = self._taken_ratios([p.tensor for p in self._params], True, keep=True)
+        if taken is not None:
+            host = taken
+        else:
+            ratios = self._ratios.measure(current, keep=True)
+            if hasattr(self.sync, "update_ratios"):
+                ratios = self.sync.reduce_step(ratios)  # sharded: combine the ranks' partial sums
+            host = ratios.double().cpu().numpy()
         step, epoch = self._ratio_label
-        self.recorder.ratios(step, epoch, range(len(self._params)), ratios.double().cpu().numpy())
+        self.recorder.ratios(step, epoch, range(len(self._params)), host)
         self._ratio_label = None
 
     def _record_weights(self: Any, params: list[_Param], step: int, epoch: int) -> None:

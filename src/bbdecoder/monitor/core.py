@@ -29,6 +29,7 @@ from bbdecoder.monitor.grad_stats import GradStatistics, UpdateRatios
 from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
 from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
+from bbdecoder.monitor.ratio_prefetch import RatioPrefetch
 from bbdecoder.monitor.recorder import Recorder
 from bbdecoder.monitor.run_folder import check_run_folder, parameter_signature
 from bbdecoder.monitor.settings import alert_engine, check_alerts, check_settings, check_tensorboard
@@ -179,6 +180,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         self._pruned: list[tuple[nn.Module, str]] = []
         device = self._params[0].tensor.device if self._params else torch.device("cpu")
         self._host = HostCopy(deferred=device.type == "cuda")
+        self._prefetch = RatioPrefetch(self) if self._prefetchable() else None
         from bbdecoder.monitor.tensorboard import tensorboard_logger
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, self.sync)
@@ -314,6 +316,8 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
                 _checkpoint(self.writer)
         finally:
             self.closed = True
+            if self._prefetch is not None:
+                self._prefetch.settle(self)
             self._ratios.reset()
             self._finalizer()
 

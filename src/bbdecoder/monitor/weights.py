@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from bbdecoder.monitor.cpu_reductions import flat_array, update_norms
+from bbdecoder.monitor.cpu_reductions import flat_array, update_norms, update_norms_into
 from bbdecoder.store.vocabulary import QUANTILES, quantile_name, weight_stat_names
 
 __all__ = [
@@ -100,6 +100,8 @@ class UpdateRatios:
             torch._foreach_copy_(self._snapshot, [t.detach() for t in current])
         self._norms = torch.stack(torch._foreach_norm(self._snapshot, 2)).double() if current else None
         self._valid = bool(current)
+        if current and self._plan is None and all(t.device.type == "cpu" for t in current):
+            self._plan = _CpuPlan(current, self._snapshot)  # the views, for a first measure_aside too
 
     def measure(self, current: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
         """Ratios ``(n,)`` (float64, on the weights' device) since the snapshot; with ``keep`` the
@@ -144,16 +146,61 @@ class UpdateRatios:
                 norms = torch.stack(torch._foreach_norm(snap, 2)).double().square().tolist()
             for i, pair in zip(plan.other, zip(deltas, norms, strict=True), strict=True):
                 squares[i] = pair
+        ratios, after = self._finish(squares)
+        self._norms = after if keep else None
+        self._valid = keep
+        return ratios
+
+    def _finish(self, squares: list[tuple[float, float]]) -> tuple[np.ndarray, list[float]]:
         # per tensor in Python floats: each NumPy call on a few numbers costs more than the arithmetic
+        assert self._norms is not None
         ratios, after = [], []
         before_norms = self._norms.numpy().tolist() if isinstance(self._norms, torch.Tensor) else self._norms
         for before, (delta, norm) in zip(before_norms, squares, strict=True):
             size = math.sqrt(delta)
             ratios.append(size / before if before > 0 else size)  # a zero weight: the absolute update
             after.append(math.sqrt(norm))
-        self._norms = after if keep else None
+        return np.array(ratios), after
+
+    def measure_aside(self, current: list[torch.Tensor]) -> Measured | None:
+        """:meth:`measure_host` with ``keep``, run off the training thread: the new snapshot goes
+        into a second buffer (allocated once: a second copy of the weights) and this tracker is left
+        as it was, so the result is taken with :meth:`adopt` or dropped. ``None`` where the weights
+        are not all dense CPU weights of the known layout (then :meth:`measure_host` does it)."""
+        plan = self._plan
+        if not self._valid or plan is None or plan.other or not plan.fits(current):
+            return None
+        if plan.spare_tensors is None:
+            assert self._snapshot is not None
+            plan.spare_tensors = [torch.empty_like(self._snapshot[i]) for i in plan.dense]
+            views = [flat_array(t) for t in plan.spare_tensors]
+            if any(v is None for v in views):
+                plan.spare_tensors = None
+                return None
+            plan.spares = [v for v in views if v is not None]
+        ratios, after = self._finish(update_norms_into(plan.weights, plan.snapshots, plan.spares))
+        return Measured(ratios, after, plan)
+
+    def adopt(self, measured: Measured, keep: bool = True) -> np.ndarray:
+        """Take a :meth:`measure_aside` result as :meth:`measure_host` would have given it: with
+        ``keep`` its spare buffers become the snapshot, else the snapshot is used up; returns the
+        ratios ``(n,)``."""
+        plan = measured.plan
+        assert plan is self._plan and plan.spare_tensors is not None and self._snapshot is not None
+        if keep:
+            for k, i in enumerate(plan.dense):
+                self._snapshot[i], plan.spare_tensors[k] = plan.spare_tensors[k], self._snapshot[i]
+            plan.snapshots, plan.spares = plan.spares, plan.snapshots
+        self._norms = measured.after if keep else None
         self._valid = keep
-        return np.array(ratios)
+        return measured.ratios
+
+
+class Measured:
+    """The ratios of :meth:`UpdateRatios.measure_aside`, with the norms and the plan they belong to."""
+
+    def __init__(self, ratios: np.ndarray, after: list[float], plan: _CpuPlan) -> None:
+        self.ratios, self.after, self.plan = ratios, after, plan
 
 
 class _CpuPlan:
@@ -169,6 +216,9 @@ class _CpuPlan:
         self.other: list[int] = []
         self.weights: list[np.ndarray] = []
         self.snapshots: list[np.ndarray] = []
+        # the second snapshot buffers of UpdateRatios.measure_aside (of the dense weights), once used
+        self.spare_tensors: list[torch.Tensor] | None = None
+        self.spares: list[np.ndarray] = []
         for i, (w, s) in enumerate(zip(current, snapshot, strict=True)):
             fw, fs = flat_array(w), flat_array(s)
             if fw is not None and fs is not None and w.stride() == s.stride() and w.dtype == s.dtype:

@@ -18,6 +18,9 @@ promises of :class:`RunWriter` stay:
   previous job and flush, so a step's work overlaps the next forward and backward pass and
   nothing piles up. Warnings a job raises (:meth:`warn`) are raised on the training thread by its
   next call, like the store's own.
+- :meth:`run_soon` queues a job that does not touch the store (the update ratios measured after
+  ``optimizer.step()``) behind the work already handed over, without waiting; :meth:`wait` waits
+  for it too. At most two requests are outstanding.
 
 A reader opened in the same process (:func:`~bbdecoder.store.open_run`: figures drawn during training,
 the report) first waits for the open writer of its store (:func:`wait_for_writer`), so it reads
@@ -43,6 +46,8 @@ from bbdecoder.store.writer import RunWriter, ScalarRow
 
 __all__ = ["ThreadedRunWriter", "wait_for_writer"]
 
+_Request = tuple[Callable[[], None] | None, bool, bool]
+
 _OPEN: weakref.WeakValueDictionary[str, ThreadedRunWriter] = weakref.WeakValueDictionary()
 """The open threaded writers of this process, by store file."""
 
@@ -66,10 +71,12 @@ class ThreadedRunWriter(RunWriter):
 
     def __init__(self, save_path: str | Path, **kwargs: Any) -> None:
         self._mutex = threading.RLock()
-        # (a job or None, flush after it); None stops the thread
-        self._requests: queue.Queue[tuple[Callable[[], None] | None, bool] | None] = queue.Queue(maxsize=1)
-        self._idle = threading.Event()
+        # (a job or None, flush after it, the job needs the store's lock); None stops the thread
+        self._requests: queue.Queue[_Request | None] = queue.Queue(maxsize=2)
+        self._idle = threading.Event()  # set while no request is outstanding
         self._idle.set()
+        self._outstanding = 0
+        self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._deferred: list[tuple[str, type[Warning]]] = []
@@ -83,18 +90,25 @@ class ThreadedRunWriter(RunWriter):
             request = self._requests.get()
             if request is None:
                 return
-            job, flush = request
+            job, flush, locked = request
             try:
-                with self._mutex:
-                    if job is not None:
-                        job()
-                    if flush:
-                        RunWriter.flush(self)
+                if not locked:
+                    assert job is not None and not flush
+                    job()
+                else:
+                    with self._mutex:
+                        if job is not None:
+                            job()
+                        if flush:
+                            RunWriter.flush(self)
             except BaseException as err:  # surfaced on the training thread
                 self._error = err
             finally:
                 del request, job  # a job may hold its analyzer: keep nothing alive while idle
-                self._idle.set()
+                with self._count_lock:
+                    self._outstanding -= 1
+                    if self._outstanding == 0:
+                        self._idle.set()
             if self._close_here:  # close() was called on this thread: finish it now the job is done
                 with self._mutex:
                     RunWriter.close(self)
@@ -162,12 +176,24 @@ class ThreadedRunWriter(RunWriter):
             return
         self._hand_over(job, flush)
 
-    def _hand_over(self, job: Callable[[], None] | None, flush: bool) -> None:
+    def run_soon(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the writer thread after the work already handed over, and return at once
+        (no wait for that work). The job must not touch the store (it runs without the store's
+        lock); its exception is raised by the training thread's next call. In a forked child or on
+        a closed writer it runs here."""
+        if self.closed or os.getpid() != self._pid:
+            job()
+            return
+        self._hand_over(job, False, locked=False)
+
+    def _hand_over(self, job: Callable[[], None] | None, flush: bool, locked: bool = True) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="bbdecoder-store-writer", daemon=True)
             self._thread.start()
-        self._idle.clear()
-        self._requests.put((job, flush))
+        with self._count_lock:
+            self._outstanding += 1
+            self._idle.clear()
+        self._requests.put((job, flush, locked))
 
     def add_step(self, step: int, epoch: int, loss: float | None) -> None:
         self._wait_idle()  # the previous flush is committed before a new step is buffered
