@@ -191,6 +191,11 @@ class Config:
         elif name == "analyzer-noprefetch":  # the ratios measured in step(), not after the optimizer
             self.analyzer = Analyzer(self.model, tmp / name)
             self.analyzer._prefetch = None
+        elif name == "analyzer-anycore":  # the ratio pass off-thread even with every core busy
+            self.analyzer = Analyzer(self.model, tmp / name)
+            prefetch = self.analyzer._prefetch
+            if prefetch is not None:
+                prefetch.needs_spare_core = False
         elif name == "analyzer-noratios":  # no update ratios: what their pass costs in the step
             self.analyzer = Analyzer(self.model, tmp / name, weights=False)
         elif name.startswith("analyzer"):
@@ -242,7 +247,13 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
     base, make_opt, (x, y), loss_fn = _workload(workload)
     names = ["plain", "one-read", "analyzer", "analyzer+act"]
     names += (
-        ["analyzer-inline", "analyzer-syncstore", "analyzer-noprefetch", "analyzer-noratios"]
+        [
+            "analyzer-inline",
+            "analyzer-syncstore",
+            "analyzer-noprefetch",
+            "analyzer-anycore",
+            "analyzer-noratios",
+        ]
         if ablation
         else []
     )

@@ -6,6 +6,7 @@ optimizer); training unchanged; the global optimizer hook removed with the analy
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from bbdecoder.monitor import Analyzer, ratio_prefetch
+from bbdecoder.monitor.ratio_prefetch import spare_core
 from bbdecoder.store import open_run
 
 STEPS = 6
@@ -194,3 +196,16 @@ def test_the_global_optimizer_hook_goes_with_the_analyzer(tmp_path: Path) -> Non
     del dropped
     gc.collect()
     assert len(_global_optimizer_post_hooks) == before
+
+
+def test_the_pass_needs_a_core_torch_leaves_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: cpus)
+        assert not spare_core()
+        patch.setattr(torch, "get_num_threads", lambda: cpus - 1)
+        assert spare_core()
+    monkeypatch.setattr(ratio_prefetch, "spare_core", lambda: False)  # every core busy
+    seen, used = _train(_model(), tmp_path / "run")
+    assert used == 0
+    _assert_oracle(_ratios(tmp_path / "run"), seen)

@@ -201,3 +201,36 @@ def test_close_called_inside_a_job_closes_after_it(tmp_path: Path) -> None:
     writer.close()  # a no-op now
     with open_run(tmp_path) as run:
         assert run.steps()["step"].tolist() == [0, 1, 2]
+
+
+def test_run_soon_queues_behind_running_work_without_waiting(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path / "run")
+    release, order = threading.Event(), []
+
+    def first() -> None:
+        release.wait(30)
+        order.append("first")
+
+    writer.run_then_flush(first, flush=False)
+    writer.run_soon(lambda: order.append("second"))
+    assert order == []  # returned while the first job still waits: no wait for it
+    release.set()
+    writer.wait()  # waits for both, not only the first
+    assert order == ["first", "second"]
+
+    ran = threading.Event()
+    with writer._mutex:  # the store's lock held here: a job that does not take it still runs
+        writer.run_soon(ran.set)
+        assert ran.wait(30)
+    writer.wait()
+
+    def broken() -> None:
+        raise ZeroDivisionError("in the job")
+
+    writer.run_soon(broken)
+    with pytest.raises(ZeroDivisionError, match="in the job"):
+        writer.wait()
+    writer.close()
+    here = []
+    writer.run_soon(lambda: here.append(threading.current_thread()))  # closed: runs on this thread
+    assert here == [threading.current_thread()]

@@ -208,7 +208,7 @@ class GradientCapture:
         if not self._ratios.ready or self._ratio_label is None:
             return
         current = [p.tensor.detach() for p in self._params]
-        taken = self._taken_ratios([p.tensor for p in self._params], True, keep=True)
+        taken = self._taken_ratios(current, True, keep=True)
         if taken is not None:
             host = taken
         else:

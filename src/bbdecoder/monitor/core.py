@@ -317,7 +317,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         finally:
             self.closed = True
             if self._prefetch is not None:
-                self._prefetch.settle(self)
+                self._prefetch.drop()  # _drain() waited for the writer thread (or raised its error)
             self._ratios.reset()
             self._finalizer()
 

@@ -15,7 +15,9 @@ one the inline pass would give, to the bit:
   GAN optimizers, starts nothing; a second step of an optimizer holding any of them before
   ``Analyzer.step()`` drops the pass; other models' optimizers are ignored);
 - a spare core: fewer torch threads than CPUs this process may use (else the pass would slow
-  torch's own threads down);
+  torch's own threads down: every parallel region waits for its slowest thread). On a machine
+  with SMT torch's default is one thread per physical core, so the pass shares a core with a
+  sibling hyperthread;
 - the analyzer writes its own store on the CPU (no rank sync, no CUDA).
 
 The pass writes the new snapshot into a second buffer (a second copy of the weights, allocated
@@ -80,6 +82,7 @@ class RatioPrefetch:
         self._covers: weakref.WeakKeyDictionary[Any, tuple[int, bool, bool]] = weakref.WeakKeyDictionary()
         self._pending: _Pending | None = None
         self.used = 0  # results taken (for the tests and the benchmark)
+        self.needs_spare_core = True  # False: start the pass even when torch uses every core
         hook = partial(_after_optimizer_step, weakref.ref(self))
         analyzer._hooks.add(register_optimizer_step_post_hook(hook))
 
@@ -101,7 +104,7 @@ class RatioPrefetch:
     def _startable(self, analyzer: Any) -> bool:
         if analyzer._ratio_label is None or not analyzer._ratios.ready:
             return False  # no recorded step waits for its update
-        return spare_core()
+        return not self.needs_spare_core or spare_core()
 
     def _holds(self, optimizer: Any) -> tuple[bool, bool]:
         """Whether ``optimizer`` holds every tracked tensor, and any (cached while its groups keep
@@ -132,7 +135,11 @@ class RatioPrefetch:
         return analyzer._ratios.adopt(result, keep)
 
     def settle(self, analyzer: Any) -> None:
-        """Wait for a pass in flight and drop it (before the tracker is used or reset here)."""
+        """Wait for a pass in flight and drop it (before the tracker is used here)."""
         if self._pending is not None:
             self._pending = None
             analyzer.writer.wait()
+
+    def drop(self) -> None:
+        """Forget a pass without waiting (at close, once the writer thread has been waited for)."""
+        self._pending = None
