@@ -27,7 +27,9 @@ class Analyzer(TorchMonitor):
         layers: whose parameters are tracked (IDs, names, globs, types, also the name or ID of a
             module with children that owns parameters; ``None``: every trainable parameter, see
             :mod:`bbdecoder.monitor.coverage`).
-        weights: record update ratios every step and weight histograms/quantiles every epoch.
+        weights: record update ratios every step and weight histograms/quantiles every epoch
+            (keeps a copy of the tracked parameters; on CPU, where the ratio pass runs after
+            ``optimizer.step()`` on the writer thread, two: see ``monitor.ratio_prefetch``).
         activations: layers whose outputs are watched (``None``/``False``: none; ``True``: every
             activation-function module; a selection: those layers, see :meth:`watch_activations`).
         dead_threshold: a unit is dead when its activation is <= this for every sample seen.
