@@ -16,7 +16,6 @@ import torch
 
 from bbdecoder.layers import LayerSelection
 from bbdecoder.monitor.recorder import Recorder, Series
-from bbdecoder.monitor.weights import UpdateRatios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
 _NSTATS = len(GRAD_STATS)
@@ -186,7 +185,6 @@ class GradientCapture:
             self.track_weights
             and self.sync is None
             and not self._host.deferred
-            and isinstance(self._ratios, UpdateRatios)
             and hasattr(self.writer, "run_soon")
             and bool(self._params)
             and all(p.tensor.device.type == "cpu" for p in self._params)

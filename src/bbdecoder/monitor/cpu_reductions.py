@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "Scratch", "flat_array", "moments", "update_norms", "update_norms_into"]
+__all__ = ["CHUNK", "Scratch", "flat_array", "moments", "update_norms"]
 
 CHUNK = 1 << 16
 """Elements per chunk (256 KiB of float32). NumPy runs on the calling thread whatever torch's
@@ -79,45 +79,29 @@ def moments(arrays: list[np.ndarray], scratch: Scratch) -> list[tuple[float, flo
 
 
 def update_norms(
-    weights: list[np.ndarray], snapshots: list[np.ndarray], keep: bool
+    weights: list[np.ndarray],
+    snapshots: list[np.ndarray],
+    keep: bool,
+    into: list[np.ndarray] | None = None,
 ) -> list[tuple[float, float]]:
     """``||snapshot - weight||^2`` and ``||weight||^2`` per pair. The snapshot is overwritten: with
     ``keep`` it becomes the weight (per chunk, the difference and the copy stay in cache: each
     weight and snapshot is read from memory once), else it is left holding the difference; without
-    ``keep`` the second number is 0."""
+    ``keep`` the second number is 0. With ``into`` (one spare array per weight) the spares are
+    written instead and the snapshots left as they are: the same arithmetic, to the bit."""
     out = []
     step = CHUNK
+    targets = snapshots if into is None else into
     with np.errstate(over="ignore", invalid="ignore"):  # a diverged weight: inf/NaN, as torch gives
-        for w, s in zip(weights, snapshots, strict=True):
-            delta = norm = 0.0
-            for start in range(0, w.size, step):
-                w_part, s_part = w[start : start + step], s[start : start + step]
-                np.subtract(s_part, w_part, out=s_part)
-                delta += float(np.dot(s_part, s_part))
-                if keep:
-                    np.copyto(s_part, w_part)
-                    norm += float(np.dot(s_part, s_part))
-            out.append((delta, norm))
-    return out
-
-
-def update_norms_into(
-    weights: list[np.ndarray], snapshots: list[np.ndarray], spares: list[np.ndarray]
-) -> list[tuple[float, float]]:
-    """:func:`update_norms` with ``keep``, the snapshots left as they are: per chunk the difference
-    goes into the spare (its squared norm), then the weight (its squared norm), so each spare
-    becomes its weight's next snapshot. The same arithmetic as :func:`update_norms`, to the bit."""
-    out = []
-    step = CHUNK
-    with np.errstate(over="ignore", invalid="ignore"):
-        for w, s, t in zip(weights, snapshots, spares, strict=True):
+        for w, s, t in zip(weights, snapshots, targets, strict=True):
             delta = norm = 0.0
             for start in range(0, w.size, step):
                 end = start + step
                 w_part, s_part, t_part = w[start:end], s[start:end], t[start:end]
                 np.subtract(s_part, w_part, out=t_part)
                 delta += float(np.dot(t_part, t_part))
-                np.copyto(t_part, w_part)
-                norm += float(np.dot(t_part, t_part))
+                if keep:
+                    np.copyto(t_part, w_part)
+                    norm += float(np.dot(t_part, t_part))
             out.append((delta, norm))
     return out

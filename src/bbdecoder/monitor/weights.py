@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from bbdecoder.monitor.cpu_reductions import flat_array, update_norms, update_norms_into
+from bbdecoder.monitor.cpu_reductions import flat_array, update_norms
 from bbdecoder.store.vocabulary import QUANTILES, quantile_name, weight_stat_names
 
 __all__ = [
@@ -178,7 +178,7 @@ class UpdateRatios:
                 plan.spare_tensors = None
                 return None
             plan.spares = [v for v in views if v is not None]
-        ratios, after = self._finish(update_norms_into(plan.weights, plan.snapshots, plan.spares))
+        ratios, after = self._finish(update_norms(plan.weights, plan.snapshots, True, into=plan.spares))
         return Measured(ratios, after, plan)
 
     def adopt(self, measured: Measured, keep: bool = True) -> np.ndarray:

@@ -30,6 +30,7 @@ parent's store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -92,15 +93,11 @@ class ThreadedRunWriter(RunWriter):
                 return
             job, flush, locked = request
             try:
-                if not locked:
-                    assert job is not None and not flush
-                    job()
-                else:
-                    with self._mutex:
-                        if job is not None:
-                            job()
-                        if flush:
-                            RunWriter.flush(self)
+                with self._mutex if locked else contextlib.nullcontext():
+                    if job is not None:
+                        job()
+                    if flush:
+                        RunWriter.flush(self)
             except BaseException as err:  # surfaced on the training thread
                 self._error = err
             finally:
@@ -127,10 +124,7 @@ class ThreadedRunWriter(RunWriter):
             warnings.warn(message, category, stacklevel=stacklevel + 1)
 
     def _warn(self, message: str, stacklevel: int) -> None:
-        if self._on_writer_thread():
-            self._deferred.append((message, StoreWriteWarning))
-        else:
-            super()._warn(message, stacklevel + 1)
+        self.warn(message, StoreWriteWarning, stacklevel + 1)
 
     def _surface(self) -> None:
         """Warnings and the error of the writer thread, raised here on the calling thread."""
