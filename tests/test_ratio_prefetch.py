@@ -209,3 +209,38 @@ def test_the_pass_needs_a_core_torch_leaves_free(tmp_path: Path, monkeypatch: py
     seen, used = _train(_model(), tmp_path / "run")
     assert used == 0
     _assert_oracle(_ratios(tmp_path / "run"), seen)
+
+
+class _TiedWithToken(nn.Module):
+    """A container-owned parameter (ViT's ``cls_token``) and tied embedding/output weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.token = nn.Parameter(torch.randn(1, 8))
+        self.embed = nn.Embedding(300, 8)
+        self.head = nn.Linear(8, 300, bias=False)
+        self.head.weight = self.embed.weight  # tied: one tensor
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1) + self.token)
+
+
+def test_container_parameters_and_tied_weights(tmp_path: Path) -> None:
+    model = _TiedWithToken()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    analyzer = Analyzer(model, tmp_path / "run")
+    seen: list[dict[str, torch.Tensor]] = []
+    for step in range(STEPS):
+        ids = torch.randint(0, 300, (4, 5), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        F.cross_entropy(model(ids), ids[:, 0]).backward()
+        seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+        analyzer.step()
+        opt.step()
+    seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    analyzer.close()
+    assert analyzer._prefetch is not None and analyzer._prefetch.used == STEPS
+    ratios = _ratios(tmp_path / "run")
+    assert set(ratios.columns) == {"token", "embed.weight"}  # the tied weight once
+    _assert_oracle(ratios, seen)
