@@ -14,6 +14,7 @@ from bbdecoder.hooks import HookManager
 from bbdecoder.layers import LayerIndex, LayerInfo
 from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, CHANNELS_FIRST, RECTIFIERS, ActivationProbe
+from bbdecoder.monitor.element_counts import MaskBuffer
 from bbdecoder.store import vocabulary as V
 from bbdecoder.store.writer import RunWriter
 
@@ -64,6 +65,7 @@ class ActivationWatcher:
         self.last_max: dict[int, torch.Tensor] = {}
         self.paused = False
         self.checked = False
+        self.masks = MaskBuffer()  # the saturation counts' comparisons, shared by every probe
 
     def watch(
         self, layers: list[LayerInfo], threshold: float, eps: float, dim: int | None, *, named: bool
@@ -97,7 +99,7 @@ class ActivationWatcher:
             if not -out.dim() <= probe.dim < out.dim():
                 return  # checked on the host once (see check_dims); never raise inside a forward
             with torch.no_grad():
-                probe.update(out)
+                probe.update(out, self.masks)
 
         return hook
 

@@ -13,9 +13,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bbdecoder.monitor.element_counts import MaskBuffer, count
 from bbdecoder.monitor.probe_state import ACTIVATION_STATE, StatefulProbe
 
 SaturationFn = Callable[[torch.Tensor], torch.Tensor]
+SaturationCount = Callable[[torch.Tensor, MaskBuffer | None], int | torch.Tensor]
 
 RECTIFIERS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -84,32 +86,32 @@ def saturation_test(module: nn.Module, eps: float) -> SaturationFn | None:
     return None
 
 
-def saturation_count(module: nn.Module, eps: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The number of saturated elements (a 0-dim float tensor) by :func:`saturation_test`'s rule,
-    counted with ``sign`` and ``sum`` (boolean masks and ``count_nonzero`` take an unvectorised CPU
-    path, 25-75x slower). Bounded outputs (ReLU, ReLU6/Hardtanh, Hardsigmoid) are counted exactly
-    (``n - sum(sign(y - bound))``, their values never cross the bound); Sigmoid and Tanh as
-    ``(n + sum(sign(t))) / 2``, where a value exactly at the threshold counts one half. The float32
-    sum of signs is exact up to 2^24 elements per output."""
-
-    def beyond(t: torch.Tensor) -> torch.Tensor:  # elements with t > 0 (a tie counts 1/2)
-        return (t.numel() + torch.sign(t).sum().double()) / 2
-
-    def at_bound(t: torch.Tensor) -> torch.Tensor:  # t >= 0 everywhere: elements with t == 0
-        return t.numel() - torch.sign(t).sum().double()
-
+def saturation_count(module: nn.Module, eps: float) -> SaturationCount | None:
+    """The number of saturated elements by :func:`saturation_test`'s rule, exactly (a NaN is never
+    saturated), as disjoint comparisons counted by :func:`~bbdecoder.monitor.element_counts.count`.
+    The returned function takes the output and an optional
+    :class:`~bbdecoder.monitor.element_counts.MaskBuffer` (the CPU path's reused buffer)."""
+    rules: list[tuple[str, float]]
     if isinstance(module, nn.Sigmoid):
-        return lambda y: beyond(eps - y) + beyond(y - (1 - eps))
-    if isinstance(module, nn.Tanh):
-        return lambda y: beyond(y.abs() - (1 - eps))
-    if isinstance(module, nn.ReLU):
-        return lambda y: at_bound(y)
-    if isinstance(module, nn.Hardtanh):
-        lo, hi = float(module.min_val), float(module.max_val)
-        return lambda y: at_bound(y - lo) + at_bound(hi - y)
-    if isinstance(module, nn.Hardsigmoid):
-        return lambda y: at_bound(y) + at_bound(1 - y)
-    return None
+        rules = [("lt", eps), ("gt", 1 - eps)]
+    elif isinstance(module, nn.Tanh):  # |y| > 1 - eps
+        rules = [("gt", 1 - eps), ("lt", -(1 - eps))]
+    elif isinstance(module, nn.ReLU):  # y == 0: never below it
+        rules = [("le", 0.0)]
+    elif isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        rules = [("le", float(module.min_val)), ("ge", float(module.max_val))]
+    elif isinstance(module, nn.Hardsigmoid):
+        rules = [("le", 0.0), ("ge", 1.0)]
+    else:
+        return None
+
+    def saturated(y: torch.Tensor, buffer: MaskBuffer | None = None) -> int | torch.Tensor:
+        total: int | torch.Tensor = 0
+        for op, bound in rules:
+            total = total + count(y, op, bound, buffer)
+        return total
+
+    return saturated
 
 
 def channels_first(output: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,7 +172,8 @@ class ActivationProbe(StatefulProbe):
         self.channel_var = torch.zeros((), dtype=torch.float64, device=device)
         self.forwards = torch.zeros((), dtype=torch.float64, device=device)
 
-    def update(self, output: torch.Tensor) -> None:
+    def update(self, output: torch.Tensor, buffer: MaskBuffer | None = None) -> None:
+        """Add one forward's output (``buffer``: the saturation count's reused CPU buffer)."""
         y = output.detach()
         if y.dim() == 1:
             channel_max, channel_mean = y, y.float()
@@ -186,7 +189,7 @@ class ActivationProbe(StatefulProbe):
         self.channel_var.add_(channel_mean.var(correction=0))
         self.forwards.add_(1)
         if self.saturation is not None:
-            self.saturated.add_(self.saturation(y))
+            self.saturated.add_(self.saturation(y, buffer))
             self.total.add_(y.numel())
 
     def dead_mask(self) -> torch.Tensor | None:
