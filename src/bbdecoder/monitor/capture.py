@@ -84,7 +84,9 @@ class GradientCapture:
         if record:  # the gradients before the weights: the backward pass wrote them last
             grads = [p.tensor.grad for p in with_grad]
             if on_host:
-                stats = self._grad_stats.host(grads, self._inv_scale())
+                prefetch = self._grad_prefetch
+                known = None if prefetch is None else prefetch.take([p.row for p in with_grad], grads)
+                stats = self._grad_stats.host(grads, self._inv_scale(), known)
             else:
                 grad_stats_fn = getattr(self.sync, "grad_statistics", self._grad_stats)  # FSDP: ShardSync's
                 stats = grad_stats_fn(grads, self._inv_scale())
@@ -277,13 +279,16 @@ class SyncRatios:
 
 
 def order_hook(ref: weakref.ReferenceType[Any], row: int) -> Callable[[torch.Tensor], None]:
-    """The gradient hook of one tracked parameter; a weak reference, so it keeps nothing alive."""
+    """The post-accumulate-grad hook of one tracked parameter; a weak reference, so it keeps
+    nothing alive."""
 
-    def hook(_tensor: torch.Tensor) -> None:
+    def hook(tensor: torch.Tensor) -> None:
         analyzer = ref()
         if analyzer is not None:
             analyzer._grad_order.append(row)
             analyzer._accumulated += 1
+            if analyzer._grad_prefetch is not None:  # hand the gradient to the writer thread
+                analyzer._grad_prefetch.written(analyzer, row, tensor)
 
     return hook
 

@@ -25,6 +25,7 @@ from bbdecoder.monitor.activation_api import ActivationsMixin
 from bbdecoder.monitor.activation_watch import ActivationWatcher
 from bbdecoder.monitor.capture import GradientCapture, SyncRatios, _Param, loss_tensor, order_hook
 from bbdecoder.monitor.coverage import ParamOwners, unwrap_model
+from bbdecoder.monitor.grad_prefetch import GradPrefetch
 from bbdecoder.monitor.grad_stats import GradStatistics, UpdateRatios
 from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
@@ -181,6 +182,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         device = self._params[0].tensor.device if self._params else torch.device("cpu")
         self._host = HostCopy(deferred=device.type == "cuda")
         self._prefetch = RatioPrefetch(self) if self._prefetchable() else None
+        self._grad_prefetch = GradPrefetch() if GradPrefetch.possible(self) else None
         from bbdecoder.monitor.tensorboard import tensorboard_logger
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, self.sync)
@@ -318,6 +320,8 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
             self.closed = True
             if self._prefetch is not None:
                 self._prefetch.drop()  # _drain() waited for the writer thread (or raised its error)
+            if self._grad_prefetch is not None:
+                self._grad_prefetch.settle()
             self._ratios.reset()
             self._finalizer()
 

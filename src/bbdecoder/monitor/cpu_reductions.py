@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "Scratch", "flat_array", "moments", "update_norms"]
+__all__ = ["CHUNK", "Moments", "Scratch", "flat_array", "moments", "update_norms"]
 
 CHUNK = 1 << 16
 """Elements per chunk (256 KiB of float32). NumPy runs on the calling thread whatever torch's
@@ -54,7 +54,11 @@ class Scratch:
         return have
 
 
-def moments(arrays: list[np.ndarray], scratch: Scratch) -> list[tuple[float, float, float, float]]:
+Moments = tuple[float, float, float, float]
+"""``sum(g)``, ``sum(|g|)``, ``max|g|``, ``sum(g^2)`` of one array, as :func:`moments` returns them."""
+
+
+def moments(arrays: list[np.ndarray], scratch: Scratch) -> list[Moments]:
     """``sum(g)``, ``sum(|g|)``, ``max|g|`` and ``sum(g^2)`` (float64 sums of chunk results) per
     array, each array read from memory once. A NaN or Inf in an array makes its sums non-finite
     (its maximum may then be wrong: the caller redoes such rows exactly)."""

@@ -44,7 +44,7 @@ import math
 import numpy as np
 import torch
 
-from bbdecoder.monitor.cpu_reductions import CHUNK, Scratch, flat_array, moments
+from bbdecoder.monitor.cpu_reductions import CHUNK, Moments, Scratch, flat_array, moments
 from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
@@ -86,27 +86,31 @@ class GradStatistics:
             return torch.empty(0, len(GRAD_STATS), dtype=torch.float64)
         if grads[0].device.type == "cpu":
             return torch.from_numpy(self.host(grads, inv_scale))
-        grads = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
+        grads = [_dense_float(g) for g in grads]
         stats = self._device(grads)
         if inv_scale != 1.0:
             s = inv_scale
             stats = stats * torch.tensor([s, s, s, s * s, s, s], dtype=torch.float64, device=stats.device)
         return stats
 
-    def host(self, grads: list[torch.Tensor], inv_scale: float = 1.0) -> np.ndarray:
+    def host(
+        self, grads: list[torch.Tensor], inv_scale: float = 1.0, known: list[Moments | None] | None = None
+    ) -> np.ndarray:
         """The same ``(len(grads), 6)`` statistics of CPU gradients as a NumPy array (the monitor's
         CPU step stays in NumPy: after a pass over megabytes of gradients every distinct call runs
-        from cold caches, and a torch call touches more code than a NumPy one)."""
+        from cold caches, and a torch call touches more code than a NumPy one). ``known``: per
+        gradient, its :func:`~bbdecoder.monitor.cpu_reductions.moments` already read (by
+        :mod:`~bbdecoder.monitor.grad_prefetch`), or ``None``."""
         if not grads:
             return np.empty((0, len(GRAD_STATS)))
-        grads = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
-        stats = self._cpu(grads)
+        grads = [_dense_float(g) for g in grads]
+        stats = self._cpu(grads, known or [None] * len(grads))
         if inv_scale != 1.0:
             s = inv_scale
             stats *= np.array([s, s, s, s * s, s, s])
         return stats
 
-    def _cpu(self, grads: list[torch.Tensor]) -> np.ndarray:
+    def _cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> np.ndarray:
         """CPU: the same statistics with the per-tensor arithmetic in Python floats (no device to
         sync with, and a NumPy op on a few numbers costs more than the arithmetic)."""
         small = [i for i, g in enumerate(grads) if g.numel() <= TINY]
@@ -116,7 +120,8 @@ class GradStatistics:
             for i, row in zip(small, _small_numpy([grads[i] for i in small]).tolist(), strict=True):
                 rows[i] = tuple(row)
         if large:
-            for i, row in zip(large, self._large_cpu([grads[i] for i in large]), strict=True):
+            rows_large = self._large_cpu([grads[i] for i in large], [known[i] for i in large])
+            for i, row in zip(large, rows_large, strict=True):
                 rows[i] = row
         return np.array(rows, dtype=np.float64)
 
@@ -168,20 +173,22 @@ class GradStatistics:
         l2 = (var * counts + counts * mean * mean).sqrt()
         return torch.stack([mean, l1 / counts, max_abs, var, l1, l2], dim=1)
 
-    def _large_cpu(self, grads: list[torch.Tensor]) -> list[tuple[float, ...]]:
-        """One read of each gradient from memory (:func:`~bbdecoder.monitor.cpu_reductions.moments`),
-        the variance as ``E[g^2] - mean^2``. Tensors where that one-pass formula would lose digits
-        (see :data:`CONDITION`), whose squares could leave the float32 range, or that hold NaN/Inf
-        are recomputed exactly: in float64 up to one chunk, else by the two-pass :meth:`_large`."""
+    def _large_cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> list[tuple[float, ...]]:
+        """One read of each gradient from memory (:func:`~bbdecoder.monitor.cpu_reductions.moments`,
+        where ``known`` has none), the variance as ``E[g^2] - mean^2``. Tensors where that one-pass
+        formula would lose digits (see :data:`CONDITION`), whose squares could leave the float32
+        range, or that hold NaN/Inf are recomputed exactly: in float64 up to one chunk, else by the
+        two-pass :meth:`_large`."""
         arrays = []
         for g in grads:
             a = flat_array(g)
             arrays.append(a if a is not None else g.detach().contiguous().view(-1).numpy())
+        missing = [i for i, k in enumerate(known) if k is None]
+        found = dict(zip(missing, moments([arrays[i] for i in missing], self._host_scratch), strict=True))
         rows: list[tuple[float, ...]] = []
         redo: list[int] = []
-        for i, (a, (total, l1, top, squares)) in enumerate(
-            zip(arrays, moments(arrays, self._host_scratch), strict=True)
-        ):
+        for i, (a, read) in enumerate(zip(arrays, known, strict=True)):
+            total, l1, top, squares = read if read is not None else found[i]
             n = a.size
             mean, square_mean = total / n, squares / n
             var = max(square_mean - mean * mean, 0.0)
@@ -242,6 +249,15 @@ class GradStatistics:
         var = centred_sq / n
         l2 = (centred_sq + n * mean * mean).sqrt()
         return torch.stack([mean, l1 / n, max_abs.double(), var, l1, l2], dim=1)
+
+
+def _dense_float(g: torch.Tensor) -> torch.Tensor:
+    """``g`` as a strided float32/float64 tensor: a sparse gradient (``Embedding(sparse=True)``)
+    densified, so its statistics count the zeros of the rows it does not touch; half precision
+    widened."""
+    if g.layout != torch.strided:
+        g = g.to_dense()
+    return g if g.dtype in (torch.float32, torch.float64) else g.float()
 
 
 def _small_numpy(grads: list[torch.Tensor]) -> np.ndarray:

@@ -1,0 +1,182 @@
+"""Gradient moments read on the writer thread during backward (monitor.grad_prefetch): the stored
+statistics equal the inline reads to the bit and a float64 oracle; a read is dropped, and the
+gradient read in step(), wherever it changed after the read (accumulation, clipping, replaced);
+training unchanged; nothing read on steps that record nothing, nor without a spare core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bbdecoder.monitor import Analyzer, ratio_prefetch
+from bbdecoder.store import open_run
+from bbdecoder.store.vocabulary import GRAD_STATS
+
+STEPS = 5
+AfterBackward = Callable[[nn.Module, int], None]
+
+
+@pytest.fixture(autouse=True)
+def _spare_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reads start whatever the machine (CI runs torch with as many threads as cores)."""
+    monkeypatch.setattr(ratio_prefetch, "spare_core", lambda: True)
+
+
+class _Net(nn.Module):
+    """Three gradients above the small-tensor threshold (one channels-last), a tied pair, biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(600, 16)
+        self.conv = nn.Conv2d(16, 32, 3)
+        self.fc = nn.Linear(32 * 4, 600, bias=False)
+        self.fc.weight = nn.Parameter(torch.randn(600, 128) * 0.05)
+        self.head = nn.Linear(600, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).permute(0, 2, 1).reshape(-1, 16, 4, 4)
+        x = torch.relu(self.conv(x.contiguous(memory_format=torch.channels_last)))
+        x = x.mean(dim=(2, 3)).repeat(1, 4)
+        return self.head(self.fc(x))
+
+
+def _train(
+    path: Path | None,
+    *,
+    after_backward: AfterBackward | None = None,
+    accumulate: int = 1,
+    prefetch: bool = True,
+    every: int = 1,
+    settle: bool = True,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[torch.Tensor]], int]:
+    """Train; the weights after each step, each step's gradients as step() saw them, reads taken.
+    ``settle``: wait for the reads after each backward (else step() races them)."""
+    model = _Net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    analyzer = Analyzer(model, path, every=every) if path is not None else None
+    if analyzer is not None and not prefetch:
+        analyzer._grad_prefetch = None
+    weights: list[dict[str, torch.Tensor]] = []
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in model.named_parameters()}
+    for step in range(STEPS):
+        opt.zero_grad()
+        for micro in range(accumulate):
+            gen = torch.Generator().manual_seed(step * 10 + micro)
+            ids, y = torch.randint(0, 600, (8, 16), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            F.cross_entropy(model(ids), y).backward()
+            if settle and analyzer is not None and analyzer._grad_prefetch is not None:
+                analyzer._grad_prefetch.wait()  # the reads are done before anything changes the gradients
+        if after_backward is not None:
+            after_backward(model, step)
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.detach().double().clone())
+        if analyzer is not None:
+            analyzer.step()
+        opt.step()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    used = 0
+    if analyzer is not None:
+        analyzer.close()
+        used = analyzer._grad_prefetch.used if analyzer._grad_prefetch is not None else 0
+    return weights, grads, used
+
+
+def _stats(path: Path) -> pd.DataFrame:
+    frame = open_run(path).scalars()
+    frame = frame[frame["stat"].isin(GRAD_STATS)]
+    return frame.pivot_table(index=["step", "param"], columns="stat", values="value").sort_index()
+
+
+def _assert_oracle(stats: pd.DataFrame, grads: dict[str, list[torch.Tensor]], every: int = 1) -> None:
+    for (step, name), row in stats.iterrows():
+        g = grads[name][step].reshape(-1)
+        assert row["l2"] == pytest.approx(float(g.norm()), rel=1e-6), (step, name)
+        assert row["max_abs"] == float(g.abs().max()), (step, name)
+        assert row["l1"] == pytest.approx(float(g.abs().sum()), rel=1e-6), (step, name)
+        assert row["var"] == pytest.approx(float(g.var(correction=0)), rel=1e-5), (step, name)
+    assert sorted(stats.index.get_level_values("step").unique()) == list(range(0, STEPS, every))
+
+
+@pytest.mark.parametrize("settle", [True, False], ids=["settled", "racing-step"])
+def test_read_during_backward_equals_the_inline_read_to_the_bit(tmp_path: Path, settle: bool) -> None:
+    _, grads, used = _train(tmp_path / "prefetch", settle=settle)
+    _, _, inline_used = _train(tmp_path / "inline", prefetch=False)
+    assert inline_used == 0
+    if settle:  # racing, step() takes whatever the writer thread has read by then
+        assert used == 3 * STEPS  # embed, conv, fc: above the threshold
+    prefetched, inline = _stats(tmp_path / "prefetch"), _stats(tmp_path / "inline")
+    pd.testing.assert_frame_equal(prefetched, inline, check_exact=True)
+    _assert_oracle(prefetched, grads)
+
+
+def test_training_is_bit_identical_with_the_reads(tmp_path: Path) -> None:
+    monitored, _, used = _train(tmp_path / "run")
+    plain, _, _ = _train(None)
+    assert used == 3 * STEPS
+    for a, b in zip(monitored, plain, strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _clip(model: nn.Module, step: int) -> None:
+    if step % 2 == 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # in place: every gradient
+
+
+def _replace(model: nn.Module, step: int) -> None:
+    if step == 1:
+        model.fc.weight.grad = model.fc.weight.grad * 2  # a new tensor, same version number
+
+
+def _in_place_data(model: nn.Module, step: int) -> None:
+    if step == 3:
+        model.conv.weight.grad.mul_(0.5)
+
+
+@pytest.mark.parametrize(
+    ("after_backward", "accumulate", "dropped"),
+    [(None, 2, 0), (_clip, 1, 3 * 3), (_replace, 1, 1), (_in_place_data, 1, 1)],  # accumulate: read again
+    ids=["accumulate", "clip", "replace", "in-place"],
+)
+def test_gradients_changed_after_the_read_are_read_in_step(
+    tmp_path: Path, after_backward: AfterBackward | None, accumulate: int, dropped: int
+) -> None:
+    _, grads, used = _train(tmp_path / "run", after_backward=after_backward, accumulate=accumulate)
+    _train(tmp_path / "inline", after_backward=after_backward, accumulate=accumulate, prefetch=False)
+    assert used == 3 * STEPS - dropped
+    stats = _stats(tmp_path / "run")
+    pd.testing.assert_frame_equal(stats, _stats(tmp_path / "inline"), check_exact=True)
+    _assert_oracle(stats, grads)
+
+
+def test_steps_that_record_nothing_read_nothing(tmp_path: Path) -> None:
+    _, grads, used = _train(tmp_path / "run", every=2)
+    assert used == 3 * len(range(0, STEPS, 2))
+    _assert_oracle(_stats(tmp_path / "run"), grads, every=2)
+
+
+def test_no_spare_core_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ratio_prefetch, "spare_core", lambda: False)
+    _, grads, used = _train(tmp_path / "run")
+    assert used == 0
+    _assert_oracle(_stats(tmp_path / "run"), grads)
+
+
+def test_sparse_and_half_precision_gradients_are_read_in_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5000, 8, sparse=True), nn.Flatten(), nn.Linear(32, 1))
+    with Analyzer(model, tmp_path) as an:
+        for _ in range(2):
+            model.zero_grad()
+            model(torch.randint(0, 5000, (3, 4))).sum().backward()
+            an.step()
+        assert an._grad_prefetch is not None and an._grad_prefetch.used == 0
+    stats = _stats(tmp_path)
+    assert np.isfinite(stats.to_numpy()).all() and len(stats) == 2 * 3
