@@ -17,8 +17,9 @@ with ``--ablation`` ``analyzer-inline`` (the default analyzer with a step's book
 epoch aggregates and alert rules, on the training thread instead of the writer thread) and
 ``analyzer-syncstore`` (also the store's transactions on the training thread, a plain
 ``RunWriter``), ``analyzer-noprefetch`` (the update ratios measured inside ``step()`` instead of
-on the writer thread after ``optimizer.step()``) and ``analyzer-noratios`` (``weights=False``: no
-update-ratio pass at all), and ``wandb``
+on the writer thread after ``optimizer.step()``), ``analyzer-nogradread`` (the gradients' moments
+read inside ``step()`` instead of on the writer thread during backward) and
+``analyzer-noratios`` (``weights=False``: no update-ratio pass at all), and ``wandb``
 (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
@@ -188,6 +189,9 @@ class Config:
         elif name == "analyzer-inline":  # the step's bookkeeping on the training thread, as before
             self.analyzer = Analyzer(self.model, tmp / name)
             self.analyzer.writer.run_then_flush = None  # type: ignore[attr-defined]
+        elif name == "analyzer-nogradread":  # the gradients read in step(), not during backward
+            self.analyzer = Analyzer(self.model, tmp / name)
+            self.analyzer._grad_prefetch = None
         elif name == "analyzer-noprefetch":  # the ratios measured in step(), not after the optimizer
             self.analyzer = Analyzer(self.model, tmp / name)
             self.analyzer._prefetch = None
@@ -251,6 +255,7 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
             "analyzer-inline",
             "analyzer-syncstore",
             "analyzer-noprefetch",
+            "analyzer-nogradread",
             "analyzer-anycore",
             "analyzer-noratios",
         ]
@@ -307,6 +312,10 @@ def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation:
         if prefetch is not None:  # ratio passes run on the writer thread after optimizer.step()
             entry["ratio_passes_off_thread"] = prefetch.used
             line += f" ({prefetch.used} ratio passes off-thread)"
+        reads = getattr(c.analyzer, "_grad_prefetch", None)
+        if reads is not None:  # gradients read on the writer thread during backward
+            entry["gradient_reads_off_thread"] = reads.used
+            line += f" ({reads.used} gradient reads off-thread)"
         if c.call_times and c.norm_times:
             per_round = [a / b for a, b in zip(c.call_times, c.norm_times, strict=True)]
             per_round_cpu = [a / b for a, b in zip(c.call_cpu, c.norm_cpu, strict=True) if b > 0]

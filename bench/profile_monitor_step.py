@@ -4,7 +4,9 @@ Wraps the gradient statistics, the update ratios and the hand-over to the writer
 training thread), and the step's bookkeeping the writer thread then runs (``_record_vector``: rows,
 epoch accumulators, the alert rules, the store's buffers; each part's CPU time on the thread that
 runs it), and compares each with one ``torch._foreach_norm(grads, 2)`` over the same gradients,
-timed after ``optimizer.step()``. Run::
+timed after ``optimizer.step()``. Where torch leaves a core free, the update ratios and most
+gradients are read on the writer thread outside ``step()`` (``monitor/ratio_prefetch.py``,
+``monitor/grad_prefetch.py``): those reads are not among the parts. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/profile_monitor_step.py mnist bert resnet18
 """
