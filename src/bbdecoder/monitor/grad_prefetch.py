@@ -33,7 +33,7 @@ __all__ = ["GradPrefetch"]
 
 
 class _Read:
-    """One gradient's moments, with the tensor (weakly) and its version before and after the read."""
+    """One gradient's moments, with the tensor (weakly) and its version, unchanged over the read."""
 
     __slots__ = ("grad", "moments", "version")
 
@@ -81,8 +81,10 @@ class GradPrefetch:
     def written(self, analyzer: Any, row: int, tensor: torch.Tensor) -> None:
         """Backward has accumulated ``tensor.grad`` (the post-accumulate-grad hook)."""
         grad = tensor.grad
-        if grad is None or grad.numel() <= TINY or analyzer._calls % analyzer.every:
-            return
+        if grad is None or grad.layout != torch.strided or grad.numel() <= TINY:
+            return  # a sparse gradient is densified and read in step()
+        if analyzer._calls % analyzer.every:
+            return  # step() records nothing this time
         if analyzer.closed or (self.needs_spare_core and not ratio_prefetch.spare_core()):
             return
         with self._lock:
