@@ -3,7 +3,9 @@
 Each configuration has its own copy of the same model, weights and optimizer; rounds are
 interleaved (one step of each configuration per round, the order rotated) and each configuration's
 forward, backward and optimizer step are timed; reported are medians and the median of the
-per-round ratios of the forward to ``plain``'s. Configurations, the probes hooked on every ReLU:
+per-round ratios of the forward to ``plain``'s. Configurations, the probes hooked on every
+activation module (``activations=True``'s choice: the ReLUs of the CNNs, BERT-mini's GELUs, which
+have no saturation count):
 
 - ``plain``: no hooks; ``hooks``: a forward hook that does nothing;
 - ``probes-signs``: the saturation count as it was before, a sum of signs
@@ -17,7 +19,7 @@ per-round ratios of the forward to ``plain``'s. Configurations, the probes hooke
 
 Run::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/profile_activation_probes.py --rounds 61 mnist resnet18
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/profile_activation_probes.py --rounds 41 mnist bert
 """
 
 from __future__ import annotations
@@ -36,24 +38,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_monitor import _workload
 from common import environment, pin_threads, save_results
 
-from bbdecoder.monitor.activations import ActivationProbe
+from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, ActivationProbe
 from bbdecoder.monitor.element_counts import MaskBuffer
 
 CONFIGS = ("plain", "hooks", "probes-signs", "probes-torch", "probes", "probes-nosaturation")
 
 
-def _hook_probes(model: nn.Module, name: str) -> None:
+def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
     buffer = MaskBuffer() if name == "probes" else None
     for module in model.modules():
-        if not isinstance(module, nn.ReLU):
+        if not isinstance(module, ACTIVATION_FUNCTIONS):
             continue
         if name == "hooks":
             module.register_forward_hook(lambda _m, _i, _o: None)
             continue
-        probe = ActivationProbe(module, 0.0, 1e-3, 1, dead=True)  # (N, C, ...) and (N, C) outputs
+        probe = ActivationProbe(module, 0.0, 1e-3, dim, dead=True)
         if name == "probes-nosaturation":
             probe.saturation = None
-        elif name == "probes-signs":
+        elif name == "probes-signs" and isinstance(module, nn.ReLU):  # the zero count as it was
             probe.saturation = lambda y, _buffer: y.numel() - torch.sign(y).sum().double()
 
         def hook(_m: nn.Module, _i: object, out: torch.Tensor, probe: ActivationProbe = probe) -> None:
@@ -70,7 +72,7 @@ def measure(workload: str, rounds: int, warmup: int) -> dict:
     for name in CONFIGS:
         model = copy.deepcopy(base)
         if name != "plain":
-            _hook_probes(model, name)
+            _hook_probes(model, name, -1 if workload == "bert" else 1)  # (N, L, D) / (N, C, ...)
         runs.append((name, model, make_opt(model), {"forward": [], "backward": [], "optimizer": []}))
     for r in range(warmup + rounds):
         shift = r % len(runs)
@@ -110,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("workloads", nargs="*", default=["mnist", "resnet18"])
+    parser.add_argument("workloads", nargs="*", default=["mnist", "bert"])
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
