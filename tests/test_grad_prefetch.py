@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder.monitor import Analyzer, ratio_prefetch
+from bbdecoder.monitor.grad_prefetch import GradPrefetch
 from bbdecoder.store import open_run
 from bbdecoder.store.vocabulary import GRAD_STATS
 
@@ -180,3 +181,69 @@ def test_sparse_and_half_precision_gradients_are_read_in_step(tmp_path: Path) ->
         assert an._grad_prefetch is not None and an._grad_prefetch.used == 0
     stats = _stats(tmp_path)
     assert np.isfinite(stats.to_numpy()).all() and len(stats) == 2 * 3
+
+
+def test_lightning_with_accumulation_and_clipping_stores_the_inline_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from bbdecoder.integrations.lightning import BBDecoderCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(16, 300), nn.ReLU(), nn.Linear(300, 40), nn.Linear(40, 1))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def fit(path: Path, spare: bool) -> int:
+        monkeypatch.setattr(ratio_prefetch, "spare_core", lambda: spare)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 16, generator=gen)
+        data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True))
+        callback = BBDecoderCallback(path)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=2,
+            gradient_clip_val=0.05,
+            accumulate_grad_batches=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[callback],
+        )
+        reads: list[int] = []
+        original_close = callback._close
+
+        def close() -> None:  # count the reads when the callback closes its analyzer
+            if callback.analyzer is not None and callback.analyzer._grad_prefetch is not None:
+                reads.append(callback.analyzer._grad_prefetch.used)
+            original_close()
+
+        callback._close = close  # type: ignore[method-assign]
+        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+        return max(reads)  # _close() may run more than once
+
+    original_take = GradPrefetch.take
+
+    def settled_take(self: GradPrefetch, rows: list[int], grads: list[torch.Tensor]) -> list:
+        self.wait()  # every read handed over finishes first: the count below does not race step()
+        return original_take(self, rows, grads)
+
+    monkeypatch.setattr(GradPrefetch, "take", settled_take)
+    fit(tmp_path / "inline", spare=False)
+    used = fit(tmp_path / "reads", spare=True)
+    assert used == 2 * 8  # two weights above 4,096 values, once per optimizer step: 4 steps x 2 epochs
+    cols = ["step", "param", "stat"]
+    a, b = (
+        open_run(tmp_path / n).scalars().sort_values(cols).reset_index(drop=True) for n in ("reads", "inline")
+    )
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
