@@ -188,12 +188,13 @@ def test_lightning_with_accumulation_and_clipping_stores_the_inline_numbers(
 ) -> None:
     pl = pytest.importorskip("lightning.pytorch")
     from bbdecoder.integrations.lightning import BBDecoderCallback
+    from tests.test_lightning import _fit  # its Trainer: clipping, 4 batches of 8 an epoch, 2 epochs
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(16, 300), nn.ReLU(), nn.Linear(300, 40), nn.Linear(40, 1))
+            self.net = nn.Sequential(nn.Linear(4, 1200), nn.ReLU(), nn.Linear(1200, 40), nn.Linear(40, 1))
 
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> torch.Tensor:
             x, y = batch
@@ -204,22 +205,7 @@ def test_lightning_with_accumulation_and_clipping_stores_the_inline_numbers(
 
     def fit(path: Path, spare: bool) -> int:
         monkeypatch.setattr(ratio_prefetch, "spare_core", lambda: spare)
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(64, 16, generator=gen)
-        data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True))
         callback = BBDecoderCallback(path)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=2,
-            gradient_clip_val=0.05,
-            accumulate_grad_batches=2,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            callbacks=[callback],
-        )
         reads: list[int] = []
         original_close = callback._close
 
@@ -229,7 +215,7 @@ def test_lightning_with_accumulation_and_clipping_stores_the_inline_numbers(
             original_close()
 
         callback._close = close  # type: ignore[method-assign]
-        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+        _fit(Module(), [callback], accumulate=2)
         return max(reads)  # _close() may run more than once
 
     original_take = GradPrefetch.take
@@ -241,7 +227,7 @@ def test_lightning_with_accumulation_and_clipping_stores_the_inline_numbers(
     monkeypatch.setattr(GradPrefetch, "take", settled_take)
     fit(tmp_path / "inline", spare=False)
     used = fit(tmp_path / "reads", spare=True)
-    assert used == 2 * 8  # two weights above 4,096 values, once per optimizer step: 4 steps x 2 epochs
+    assert used == 2 * 4  # two weights above 4,096 values, once per optimizer step: 2 steps x 2 epochs
     cols = ["step", "param", "stat"]
     a, b = (
         open_run(tmp_path / n).scalars().sort_values(cols).reset_index(drop=True) for n in ("reads", "inline")

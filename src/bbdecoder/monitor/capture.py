@@ -180,12 +180,12 @@ class GradientCapture:
         if self._host.deferred and self._recorded % self.flush_every == 0:
             self.writer.flush()
 
-    def _prefetchable(self: Any) -> bool:
-        """Whether the update ratios can be measured on the writer thread after ``optimizer.step()``
-        (:mod:`~bbdecoder.monitor.ratio_prefetch`): dense CPU weights, this process's own store."""
+    def _off_thread_path(self: Any) -> bool:
+        """Whether work can be handed to the writer thread outside ``step()`` (the update ratios of
+        :mod:`~bbdecoder.monitor.ratio_prefetch`, the gradient reads of
+        :mod:`~bbdecoder.monitor.grad_prefetch`): CPU tensors, this process's own threaded store."""
         return (
-            self.track_weights
-            and self.sync is None
+            self.sync is None
             and not self._host.deferred
             and hasattr(self.writer, "run_soon")
             and bool(self._params)

@@ -181,8 +181,9 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         self._pruned: list[tuple[nn.Module, str]] = []
         device = self._params[0].tensor.device if self._params else torch.device("cpu")
         self._host = HostCopy(deferred=device.type == "cuda")
-        self._prefetch = RatioPrefetch(self) if self._prefetchable() else None
-        self._grad_prefetch = GradPrefetch() if GradPrefetch.possible(self) else None
+        off_thread = self._off_thread_path()
+        self._prefetch = RatioPrefetch(self) if off_thread and self.track_weights else None
+        self._grad_prefetch = GradPrefetch() if off_thread else None
         from bbdecoder.monitor.tensorboard import tensorboard_logger
 
         self.tensorboard = tensorboard_logger(tensorboard, self.save_path, self.sync)

@@ -65,31 +65,20 @@ class GradPrefetch:
         self._done: dict[int, _Read] = {}
         self._active = False  # a job is queued or running on the writer thread
         self.used = 0  # results taken (for the tests and the benchmark)
-        self.needs_spare_core = True
-
-    @staticmethod
-    def possible(analyzer: Any) -> bool:
-        """Whether ``analyzer`` runs the CPU path with its own threaded store (checked once)."""
-        return (
-            analyzer.sync is None
-            and not analyzer._host.deferred
-            and hasattr(analyzer.writer, "run_soon")
-            and bool(analyzer._params)
-            and all(p.tensor.device.type == "cpu" for p in analyzer._params)
-        )
 
     def written(self, analyzer: Any, row: int, tensor: torch.Tensor) -> None:
         """Backward has accumulated ``tensor.grad`` (the post-accumulate-grad hook)."""
         grad = tensor.grad
         if grad is None or grad.layout != torch.strided or grad.numel() <= TINY:
             return  # a sparse gradient is densified and read in step()
-        if analyzer._calls % analyzer.every:
+        if analyzer._calls % analyzer.every or analyzer.closed:
             return  # step() records nothing this time
-        if analyzer.closed or (self.needs_spare_core and not ratio_prefetch.spare_core()):
-            return
         with self._lock:
+            start = not self._active
+            if start and not ratio_prefetch.spare_core():  # checked once per job, not per gradient
+                return
             self._waiting[row] = grad
-            start, self._active = not self._active, True
+            self._active = True
         if start:
             analyzer.writer.run_soon(self._work)
 
@@ -119,9 +108,11 @@ class GradPrefetch:
         out: list[Moments | None] = []
         for row, grad in zip(rows, grads, strict=True):
             found = done.get(row)
-            hit = found is not None and found.holds_for(grad)
-            self.used += hit
-            out.append(found.moments if hit and found is not None else None)
+            if found is not None and found.holds_for(grad):
+                self.used += 1
+                out.append(found.moments)
+            else:
+                out.append(None)
         return out
 
     def wait(self) -> None:
