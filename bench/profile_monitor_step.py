@@ -1,4 +1,5 @@
-"""Thread-CPU-time breakdown of ``Analyzer.step()`` by component, medians over 20 steps (1 thread).
+"""Thread-CPU-time breakdown of ``Analyzer.step()`` by component, medians over 20 steps (1 thread,
+or ``BENCH_THREADS`` torch threads).
 
 Wraps the gradient statistics, the update ratios and the hand-over to the writer thread (on the
 training thread), and the step's bookkeeping the writer thread then runs (``_record_vector``: rows,
@@ -9,11 +10,13 @@ gradients are read on the writer thread outside ``step()`` (``monitor/ratio_pref
 ``monitor/grad_prefetch.py``): those reads are not among the parts. Run::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/profile_monitor_step.py mnist bert resnet18
+    BENCH_THREADS=2 OMP_NUM_THREADS=2 PYTHONPATH=src python bench/profile_monitor_step.py mnist bert
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import sys
 import tempfile
@@ -88,7 +91,8 @@ def profile(name: str, steps: int = 25, warmup: int = 5) -> dict[str, float]:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    threads = int(os.environ.get("BENCH_THREADS", "1"))
+    torch.set_num_threads(threads)
     _wrap(GradStatistics, "host", "gradient statistics")
     _wrap(UpdateRatios, "measure_host", "update ratios")
     _wrap(ThreadedRunWriter, "run_then_flush", "store: hand-over to the writer thread")
@@ -100,7 +104,7 @@ def main() -> None:
     label = "writer thread: rows, epoch accumulators, alerts, buffers (_record_vector)"
     _wrap(capture_module, "_record_vector", label)
     result = {name: profile(name) for name in (sys.argv[1:] or ["mnist", "bert"])}
-    print("wrote", save_results("monitor_step_profile_t1", result))
+    print("wrote", save_results(f"monitor_step_profile_t{threads}", result))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch
 from bbdecoder.monitor import cpu_reductions, grad_stats
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics
 
+pytestmark = pytest.mark.usefixtures("cpu_passes")  # each test with the fused kernels and with NumPy
+
 
 def test_step_statistics_of_offset_gradients_equal_float64() -> None:
     gen = torch.Generator().manual_seed(0)

@@ -10,6 +10,8 @@ import torch
 from bbdecoder.monitor.cpu_reductions import CHUNK
 from bbdecoder.monitor.weights import UpdateRatios
 
+pytestmark = pytest.mark.usefixtures("cpu_passes")  # each test with the fused kernels and with NumPy
+
 
 def _weights() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)

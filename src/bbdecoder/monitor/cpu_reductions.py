@@ -1,24 +1,53 @@
 """One read from memory per tensor: the CPU reductions of the monitor, on NumPy views of the tensors.
 
-A large tensor is walked in cache-sized chunks (:data:`CHUNK` elements, 256 KiB of float32: the
-chunk, a scratch chunk and a chunk of ones stay in L2). The first op on a chunk brings it in from
-memory, the others read it from cache. The sums are BLAS dot products (``np.dot``: vectorised,
-several accumulators, no write; relative error ~3e-8 on a 64K-element float32 chunk, measured
-against float64) and the maximum is NumPy's vectorised ``maximum.reduce``; chunk results are added
-in float64. A NumPy call on a view costs about 1 us against 3-5 us for a torch op's dispatch,
-which on a 64K chunk is a third of the work.
+Two implementations of the same two passes, :func:`moments` and :func:`update_norms`:
 
-Measured in a training step (BENCHMARKS.md "Training monitor", one thread): the statistics of
-BERT-mini's and ResNet-18's gradients in 2.4x the time of one ``torch._foreach_norm`` over them
-(torch ops on the same chunks: 2.9-3.3x), an update-ratio pass in 2.4-3.0x (3.5-3.9x).
+- **the fused kernels** (``bbdecoder.monitor._fused``, a small optional C extension built at
+  install): one loop per array that reads it from memory once and does all the arithmetic in
+  registers (SIMD, AVX2 where the CPU has it), sums accumulated in double (float64-exact up to the
+  rounding of the additions), the GIL released for the whole list, so a pass on the writer thread
+  runs beside the training thread. Measured (1 thread, BENCHMARKS.md "Training monitor"): the four
+  moments of a gradient in the time of one ``torch._foreach_norm`` over it (0.31 against 0.32 ms
+  for 1.2M float32), an update-ratio pass (two reads, one write) in 1.4-1.5x;
+- **NumPy** (where the extension did not build, or with ``BBDECODER_FUSED=0``): a large tensor is
+  walked in cache-sized chunks (:data:`CHUNK` elements, 256 KiB of float32: the chunk, a scratch
+  chunk and a chunk of ones stay in L2). The first op on a chunk brings it in from memory, the
+  others read it from cache. The sums are BLAS dot products (``np.dot``: vectorised, several
+  accumulators, no write; relative error ~3e-8 on a 64K-element float32 chunk, measured against
+  float64) and the maximum is NumPy's vectorised ``maximum.reduce``; chunk results are added in
+  float64. About 3.5x the norm for the moments and 2.5-3x for the update ratios: five NumPy calls
+  per chunk, and the GIL taken between them.
 """
 
 from __future__ import annotations
 
+import os
+from types import ModuleType
+
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "Moments", "Scratch", "flat_array", "moments", "update_norms"]
+__all__ = ["CHUNK", "Moments", "Scratch", "flat_array", "fused_kernels", "moments", "update_norms"]
+
+
+def _load_fused() -> ModuleType | None:
+    if os.environ.get("BBDECODER_FUSED", "1") == "0":
+        return None
+    try:
+        from bbdecoder.monitor import _fused
+    except ImportError:  # the optional extension did not build here: NumPy does the passes
+        return None
+    return _fused
+
+
+FUSED: ModuleType | None = _load_fused()
+"""The fused C kernels, or ``None`` where the NumPy passes run (the tests set it to compare both)."""
+
+
+def fused_kernels() -> bool:
+    """True where the monitor's CPU passes run in the fused C kernels (see the module docstring)."""
+    return FUSED is not None
+
 
 CHUNK = 1 << 16
 """Elements per chunk (256 KiB of float32). NumPy runs on the calling thread whatever torch's
@@ -28,11 +57,12 @@ intra-op thread count, so the chunks are the same with one thread or many."""
 def flat_array(t: torch.Tensor) -> np.ndarray | None:
     """A 1-D NumPy view of a CPU float tensor in memory order (also channels-last), or ``None``
     where the tensor is not dense in memory (the caller then uses torch ops)."""
-    t = t.detach()
+    if t.requires_grad:  # a weight (gradients are not): each torch call costs ~3 us from cold caches
+        t = t.detach()
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
         return None
     if t.is_contiguous():
-        return t.view(-1).numpy()
+        return t.numpy().reshape(-1)
     dense = any(
         t.dim() == d and t.is_contiguous(memory_format=f)
         for d, f in ((4, torch.channels_last), (5, torch.channels_last_3d))
@@ -59,9 +89,16 @@ Moments = tuple[float, float, float, float]
 
 
 def moments(arrays: list[np.ndarray], scratch: Scratch) -> list[Moments]:
-    """``sum(g)``, ``sum(|g|)``, ``max|g|`` and ``sum(g^2)`` (float64 sums of chunk results) per
-    array, each array read from memory once. A NaN or Inf in an array makes its sums non-finite
-    (its maximum may then be wrong: the caller redoes such rows exactly)."""
+    """``sum(g)``, ``sum(|g|)``, ``max|g|`` and ``sum(g^2)`` per array (1-D, contiguous, float32 or
+    float64), each array read from memory once; float64 sums. A NaN or Inf in an array makes its
+    sums non-finite (its maximum may then be wrong: the caller redoes such rows exactly)."""
+    if FUSED is not None:
+        return FUSED.moments(arrays)
+    return numpy_moments(arrays, scratch)
+
+
+def numpy_moments(arrays: list[np.ndarray], scratch: Scratch) -> list[Moments]:
+    """:func:`moments` in NumPy, per cache-sized chunk (float64 sums of chunk results)."""
     out = []
     step = CHUNK
     longest = max((a.size for a in arrays), default=0)
@@ -92,7 +129,20 @@ def update_norms(
     ``keep`` it becomes the weight (per chunk, the difference and the copy stay in cache: each
     weight and snapshot is read from memory once), else it is left holding the difference; without
     ``keep`` the second number is 0. With ``into`` (one spare array per weight) the spares are
-    written instead and the snapshots left as they are: the same arithmetic, to the bit."""
+    written instead and the snapshots left as they are: the same arithmetic, to the bit. All
+    arrays 1-D and contiguous, each weight with its snapshot (and spare) of one dtype and size."""
+    if FUSED is not None:
+        return FUSED.update_norms(weights, snapshots, keep, into)
+    return numpy_update_norms(weights, snapshots, keep, into)
+
+
+def numpy_update_norms(
+    weights: list[np.ndarray],
+    snapshots: list[np.ndarray],
+    keep: bool,
+    into: list[np.ndarray] | None = None,
+) -> list[tuple[float, float]]:
+    """:func:`update_norms` in NumPy, per cache-sized chunk (BLAS dot products, float64 sums)."""
     out = []
     step = CHUNK
     targets = snapshots if into is None else into

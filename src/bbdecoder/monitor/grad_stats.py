@@ -44,7 +44,7 @@ import math
 import numpy as np
 import torch
 
-from bbdecoder.monitor.cpu_reductions import CHUNK, Moments, Scratch, flat_array, moments
+from bbdecoder.monitor.cpu_reductions import CHUNK, Moments, Scratch, flat_array, fused_kernels, moments
 from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
@@ -112,9 +112,11 @@ class GradStatistics:
 
     def _cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> np.ndarray:
         """CPU: the same statistics with the per-tensor arithmetic in Python floats (no device to
-        sync with, and a NumPy op on a few numbers costs more than the arithmetic)."""
-        small = [i for i, g in enumerate(grads) if g.numel() <= TINY]
-        large = [i for i, g in enumerate(grads) if g.numel() > TINY]
+        sync with, and a NumPy op on a few numbers costs more than the arithmetic). With the fused
+        kernels every non-empty tensor, small or large, is read in their one call."""
+        together = 0 if fused_kernels() else TINY
+        small = [i for i, g in enumerate(grads) if g.numel() <= together]
+        large = [i for i, g in enumerate(grads) if g.numel() > together]
         rows: list[tuple[float, ...]] = [()] * len(grads)
         if small:
             for i, row in zip(small, _small_numpy([grads[i] for i in small]).tolist(), strict=True):

@@ -1,0 +1,24 @@
+"""The optional C extension ``bbdecoder.monitor._fused`` (the monitor's CPU passes in one loop).
+
+Everything else is configured in pyproject.toml. The extension is optional: where it does not
+build (no C compiler), the install goes on and ``bbdecoder.monitor.cpu_reductions`` uses NumPy.
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildFused(build_ext):
+    """Adds the optimisation flags GCC and Clang understand (the SIMD pragmas, nothing else of OpenMP)."""
+
+    def build_extensions(self) -> None:
+        if self.compiler.compiler_type == "unix":
+            for extension in self.extensions:
+                extension.extra_compile_args += ["-O3", "-fopenmp-simd"]
+        super().build_extensions()
+
+
+setup(
+    ext_modules=[Extension("bbdecoder.monitor._fused", ["src/bbdecoder/monitor/_fused.c"], optional=True)],
+    cmdclass={"build_ext": BuildFused},
+)
