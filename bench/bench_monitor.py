@@ -246,10 +246,17 @@ class Config:
             self.run.finish()
 
 
-def measure(workload: str, rounds: int, warmup: int, with_wandb: bool, ablation: bool = False) -> dict:
+def measure(
+    workload: str,
+    rounds: int,
+    warmup: int,
+    with_wandb: bool,
+    ablation: bool = False,
+    extra: tuple[str, ...] = (),
+) -> dict:
     torch.manual_seed(0)
     base, make_opt, (x, y), loss_fn = _workload(workload)
-    names = ["plain", "one-read", "analyzer", "analyzer+act"]
+    names = ["plain", "one-read", "analyzer", "analyzer+act", *extra]
     names += (
         [
             "analyzer-inline",
@@ -364,6 +371,7 @@ def main() -> None:
         action="store_true",
         help="also the analyzer with its bookkeeping inline, and with a synchronous store",
     )
+    parser.add_argument("--extra", default="", help="ablation configurations to add, comma-separated")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     if args.quick:
@@ -379,7 +387,10 @@ def main() -> None:
             print("wandb is not installed: not measured")
     result = {"environment": environment(), "rounds": args.rounds, "workloads": {}}
     for workload in args.models.split(","):
-        result["workloads"][workload] = measure(workload, args.rounds, args.warmup, with_wandb, args.ablation)
+        extra = tuple(filter(None, args.extra.split(",")))
+        result["workloads"][workload] = measure(
+            workload, args.rounds, args.warmup, with_wandb, args.ablation, extra
+        )
         path = save_results(f"monitor_t{args.threads}{args.tag}", result)  # after each workload
     print(f"wrote {path}")
 

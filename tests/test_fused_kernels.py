@@ -13,6 +13,7 @@ import pytest
 
 from bbdecoder.monitor import cpu_reductions
 from bbdecoder.monitor.cpu_reductions import Scratch, numpy_moments, numpy_update_norms
+from bbdecoder.monitor.moment_rows import _FUSED_BOUNDS, moment_rows
 
 fused = pytest.importorskip("bbdecoder.monitor._fused", reason="the optional C extension is not built here")
 
@@ -62,6 +63,39 @@ def test_moments_of_nonfinite_arrays_have_nonfinite_sums() -> None:
     (nan_row, inf_row) = fused.moments([with_nan, with_inf])
     assert np.isnan(nan_row[0]) and np.isnan(nan_row[3])
     assert inf_row[0] == -np.inf and inf_row[1] == np.inf and inf_row[2] == np.inf and inf_row[3] == np.inf
+
+
+def test_statistics_are_moment_rows_arithmetic_to_the_bit_and_use_the_known_rows() -> None:
+    rng = np.random.default_rng(2)
+    arrays = [
+        1e-3 * rng.standard_normal(70_000).astype(np.float32),
+        (1000 + rng.standard_normal(5000)).astype(np.float32),  # one-pass would cancel: redo
+        rng.standard_normal(300),  # float64
+        np.zeros(17, np.float32),
+        np.array([1.0, np.nan], np.float32),  # non-finite: redo
+        rng.standard_normal((3, 4, 5)).astype(np.float32).transpose(2, 0, 1),  # dense, permuted
+    ]
+    found = np.array(fused.moments(arrays))
+    sizes = np.array([a.size for a in arrays], dtype=np.float64)
+    expected, expected_redo = moment_rows(found, sizes, fused=True)
+    table, redo = fused.statistics(arrays, [None] * len(arrays), *_FUSED_BOUNDS)
+    got = np.frombuffer(table).reshape(len(arrays), 6)
+    np.testing.assert_array_equal(got, expected)  # bit for bit, NaN where NaN
+    assert redo == expected_redo.tolist() == [1, 4]
+    # a known row is taken as it is, not read again
+    known: list[tuple[float, float, float, float] | None] = [None] * len(arrays)
+    known[0] = (2.0, 4.0, 1.0, 8.0)
+    table, _ = fused.statistics(arrays, known, *_FUSED_BOUNDS)
+    n = arrays[0].size
+    mean = 2.0 / n
+    row = [mean, 4.0 / n, 1.0, max(8.0 / n - mean * mean, 0.0), 4.0, 8**0.5]
+    np.testing.assert_array_equal(np.frombuffer(table).reshape(-1, 6)[0], row)
+    table, redo = fused.statistics([np.empty(0, np.float32)], [None], *_FUSED_BOUNDS)
+    assert np.isnan(np.frombuffer(table)).all() and redo == []
+    with pytest.raises(ValueError, match="one entry of known per array"):
+        fused.statistics(arrays, [None], *_FUSED_BOUNDS)
+    with pytest.raises(TypeError, match="known rows are"):
+        fused.statistics(arrays[:1], [(1.0, 2.0)], *_FUSED_BOUNDS)
 
 
 def _pairs(dtype: type) -> tuple[list[np.ndarray], list[np.ndarray]]:

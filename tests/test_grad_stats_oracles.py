@@ -106,6 +106,43 @@ def test_cpu_one_pass_statistics_equal_float64_with_the_stated_bound(threads: in
     np.testing.assert_array_equal(stats[:, GRAD_STATS.index("max_abs")], expected[:, 2])  # exact
 
 
+def test_dense_gradients_take_one_fused_call_and_equal_float64(
+    cpu_passes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the gradients of _cpu_grads that a training step makes, all dense float32/float64: with the
+    # fused kernels one call and no general path; the redo rule still applies to its rows
+    grads = [g for g in _cpu_grads() if g.dtype != torch.bfloat16 and not g.requires_grad]
+    grads += [torch.randn(40, 30).t().contiguous().t()]  # transposed but dense: the kernel reads it
+    general: list[int] = []
+    stats = grad_stats.GradStatistics()
+    cpu = stats._cpu
+    monkeypatch.setattr(stats, "_cpu", lambda gs, known: general.append(len(gs)) or cpu(gs, known))
+    got = stats(grads).numpy()
+    assert general == ([] if cpu_passes == "fused" else [len(grads)])
+    expected = np.array([_oracle(g) for g in grads])
+    # float64 sums: the variance of 0.5 + 0.1 U (E[g^2] = 365 var) is off by ~6e-12 (FUSED_CONDITION)
+    np.testing.assert_allclose(got, expected, rtol=1e-10 if cpu_passes == "fused" else 1e-5, atol=0)
+    np.testing.assert_array_equal(got[:, GRAD_STATS.index("max_abs")], expected[:, 2])
+
+
+def test_gradients_the_kernels_refuse_take_the_general_path(cpu_passes: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    refused = [
+        torch.randn(300, generator=gen).to(torch.float16),  # widened
+        torch.randn(30, 40, generator=gen)[:, ::2],  # a strided view
+        torch.empty(0),  # NaN statistics
+        torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.tensor([2.0, -3.0]), (8,)),
+    ]
+    for bad in refused:
+        grads = [torch.randn(5000, generator=gen), bad]
+        got = grad_statistics(grads).numpy()
+        np.testing.assert_allclose(got[0], _oracle(grads[0]), rtol=1e-5)
+        if bad.numel():
+            np.testing.assert_allclose(got[1], _oracle(bad.to_dense() if bad.is_sparse else bad), rtol=1e-5)
+        else:
+            assert np.isnan(got[1]).all()
+
+
 def test_cpu_one_pass_path_is_the_one_taken_on_ordinary_gradients(monkeypatch: Any) -> None:
     gen = torch.Generator().manual_seed(2)
     ordinary = [1e-3 * torch.randn(300_000, generator=gen), torch.randn(40_000, generator=gen) - 0.5]

@@ -34,7 +34,7 @@ _COLUMNS = NSTATS + 2
 
 CONDITION = 4.0
 """The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var`` (the
-PyTorch monitor's rule, :data:`bbdecoder.monitor.grad_stats.CONDITION`); elsewhere the two-pass."""
+PyTorch monitor's rule, :data:`bbdecoder.monitor.moment_rows.CONDITION`); elsewhere the two-pass."""
 
 
 def _norm(x: Any, fused: bool) -> Any:

@@ -1,14 +1,16 @@
 /* The monitor's CPU passes as single loops over memory: bbdecoder.monitor._fused.
 
    moments(arrays) and update_norms(weights, snapshots, keep, into) do what the NumPy functions of
-   the same names in bbdecoder/monitor/cpu_reductions.py do, in one read of each array from memory
+   the same names in bbdecoder/monitor/cpu_reductions.py do (statistics() also the arithmetic of
+   moment_rows.py on the moments), in one read of each array from memory
    and with the GIL released for the whole list (so the writer thread's passes run beside the
    training thread). Sums are accumulated in double per SIMD lane, so they are float64-exact up to
    the rounding of the additions; the maximum is exact. NaN/Inf make the sums non-finite (the caller
    redoes such rows; the maximum may then be anything).
 
-   Arrays are objects with the buffer protocol (NumPy arrays), C-contiguous, float32 or float64;
-   the arrays of one call need not share a dtype. Built as an optional extension (setup.py): where
+   Arrays are objects with the buffer protocol (NumPy arrays), float32 or float64, dense in memory
+   in any order of their axes (C-contiguous, channels-last, transposed); the arrays of one call need
+   not share a dtype. A weight, its snapshot and its spare share a shape and a layout. Built as an optional extension (setup.py): where
    no compiler is found, cpu_reductions keeps its NumPy path. */
 
 #define PY_SSIZE_T_CLEAN
@@ -93,7 +95,39 @@ static int element_size(const Py_buffer *view, Py_ssize_t index) {
     return 0;
 }
 
-/* The buffers of a sequence of arrays, all C-contiguous (and writable with `writable`). */
+/* 1 where the elements of `view` fill one block of memory in some order of their axes (C- or
+   F-contiguous, channels-last, any permutation: the passes read the block from its start, and the
+   sums and the maximum do not depend on the order), else 0 with a ValueError set. */
+static int dense(const Py_buffer *view, Py_ssize_t index) {
+    Py_ssize_t strides[PyBUF_MAX_NDIM], extents[PyBUF_MAX_NDIM];
+    int axes = 0;
+    if (view->len == 0 || view->strides == NULL) return 1;
+    for (int k = 0; k < view->ndim; k++) {
+        if (view->shape[k] == 1) continue;  /* any stride */
+        if (view->strides[k] <= 0) goto fail;
+        /* insertion sort by stride: few axes */
+        int at = axes++;
+        while (at > 0 && strides[at - 1] > view->strides[k]) {
+            strides[at] = strides[at - 1];
+            extents[at] = extents[at - 1];
+            at--;
+        }
+        strides[at] = view->strides[k];
+        extents[at] = view->shape[k];
+    }
+    Py_ssize_t expected = view->itemsize;
+    for (int k = 0; k < axes; k++) {
+        if (strides[k] != expected) goto fail;
+        expected *= extents[k];
+    }
+    return 1;
+fail:
+    PyErr_Format(PyExc_ValueError,
+                 "array %zd is not dense in memory (a strided view): make it contiguous first", index);
+    return 0;
+}
+
+/* The buffers of a sequence of arrays, all dense in memory (and writable with `writable`). */
 typedef struct {
     Py_buffer *views;
     int *sizes;
@@ -124,7 +158,7 @@ static int acquire(PyObject *sequence, const char *what, int writable, Buffers *
         PyErr_NoMemory();
         return -1;
     }
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    int flags = PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     for (Py_ssize_t i = 0; i < b->count; i++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &b->views[i], flags) < 0) {
             Py_DECREF(fast);
@@ -133,7 +167,7 @@ static int acquire(PyObject *sequence, const char *what, int writable, Buffers *
         }
         b->acquired = i + 1;
         b->sizes[i] = element_size(&b->views[i], i);
-        if (b->sizes[i] == 0) {
+        if (b->sizes[i] == 0 || !dense(&b->views[i], i)) {
             Py_DECREF(fast);
             release(b);
             return -1;
@@ -171,15 +205,29 @@ static PyObject *fused_moments(PyObject *module, PyObject *arrays) {
     return out;
 }
 
+static Py_ssize_t stride(const Py_buffer *view, int axis) {
+    return view->strides ? view->strides[axis] : 0; /* no strides: C-contiguous */
+}
+
 static int same_layout(const Buffers *a, const Buffers *b, const char *name) {
     if (a->count != b->count) {
         PyErr_Format(PyExc_ValueError, "update_norms() got %zd weights and %zd %s", a->count, b->count, name);
         return 0;
     }
     for (Py_ssize_t i = 0; i < a->count; i++) {
-        if (a->sizes[i] != b->sizes[i] || a->views[i].len != b->views[i].len) {
+        const Py_buffer *x = &a->views[i], *y = &b->views[i];
+        if (a->sizes[i] != b->sizes[i] || x->len != y->len) {
             PyErr_Format(PyExc_ValueError,
                          "update_norms(): weight %zd and its %s differ in dtype or size", i, name);
+            return 0;
+        }
+        /* element k of the one block must be element k of the other */
+        int same = x->ndim == y->ndim;
+        for (int k = 0; same && k < x->ndim; k++)
+            same = x->shape[k] == y->shape[k] && (x->shape[k] == 1 || stride(x, k) == stride(y, k));
+        if (!same) {
+            PyErr_Format(PyExc_ValueError,
+                         "update_norms(): weight %zd and its %s differ in shape or memory layout", i, name);
             return 0;
         }
     }
@@ -239,9 +287,97 @@ done:;
     return out;
 }
 
+/* Reads what `known` (None or a 4-tuple per array) does not hold, then the six statistics per row
+   (mean, mean |g|, max |g|, var, L1, L2) as Python's moment_rows computes them, and which rows to
+   redo exactly: the one-pass variance beyond `condition`, squares outside (smallest, largest),
+   NaN/Inf. An empty array gives a row of NaN (not redone). */
+static PyObject *fused_statistics(PyObject *module, PyObject *args) {
+    PyObject *arrays_in, *known_in;
+    double condition, largest, smallest;
+    if (!PyArg_ParseTuple(args, "OOddd:statistics", &arrays_in, &known_in, &condition, &largest, &smallest))
+        return NULL;
+    Buffers in;
+    if (acquire(arrays_in, "statistics() takes a sequence of arrays", 0, &in) < 0) return NULL;
+    PyObject *known = PySequence_Fast(known_in, "statistics(): known is a sequence");
+    Moments *found = NULL;
+    char *have = NULL;
+    PyObject *table = NULL, *redo = NULL, *out = NULL;
+    if (known == NULL) goto done;
+    if (PySequence_Fast_GET_SIZE(known) != in.count) {
+        PyErr_SetString(PyExc_ValueError, "statistics(): one entry of known per array");
+        goto done;
+    }
+    found = PyMem_Calloc(in.count ? in.count : 1, sizeof(Moments));
+    have = PyMem_Calloc(in.count ? in.count : 1, 1);
+    if (found == NULL || have == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < in.count; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(known, i);
+        if (item == Py_None) continue;
+        if (!PyArg_ParseTuple(item, "dddd;known rows are (sum, sum |g|, max |g|, sum g^2)", &found[i].total,
+                              &found[i].l1, &found[i].top, &found[i].squares))
+            goto done;
+        have[i] = 1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < in.count; i++) {
+        if (have[i]) continue;
+        Py_ssize_t n = in.views[i].len / in.sizes[i];
+        if (in.sizes[i] == 4)
+            moments_float((const float *)in.views[i].buf, n, &found[i]);
+        else
+            moments_double((const double *)in.views[i].buf, n, &found[i]);
+    }
+    Py_END_ALLOW_THREADS
+    table = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(6 * sizeof(double)) * in.count);
+    redo = PyList_New(0);
+    if (table == NULL || redo == NULL) goto done;
+    double *row = (double *)PyByteArray_AS_STRING(table);
+    for (Py_ssize_t i = 0; i < in.count; i++, row += 6) {
+        const Moments *m = &found[i];
+        double n = (double)(in.views[i].len / in.sizes[i]);
+        if (n == 0) {
+            for (int k = 0; k < 6; k++) row[k] = Py_NAN;
+            continue;
+        }
+        double mean = m->total / n, square_mean = m->squares / n, one_pass = square_mean - mean * mean;
+        double var = one_pass > 0 || isnan(one_pass) ? one_pass : 0.0;
+        row[0] = mean;
+        row[1] = m->l1 / n;
+        row[2] = m->top;
+        row[3] = var;
+        row[4] = m->l1;
+        row[5] = sqrt(m->squares);
+        int exact = square_mean <= condition * var || square_mean == 0;
+        int fits = 4.0 * n * m->top * m->top < largest && (m->top > smallest || m->top == 0);
+        if (!(exact && fits && isfinite(m->total + m->l1 + m->top + m->squares))) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(redo, index) < 0) {
+                Py_XDECREF(index);
+                goto done;
+            }
+            Py_DECREF(index);
+        }
+    }
+    out = PyTuple_Pack(2, table, redo);
+done:
+    Py_XDECREF(table);
+    Py_XDECREF(redo);
+    Py_XDECREF(known);
+    PyMem_Free(found);
+    PyMem_Free(have);
+    release(&in);
+    return out;
+}
+
 static PyMethodDef fused_methods[] = {
     {"moments", fused_moments, METH_O,
      "moments(arrays) -> list of (sum(g), sum(|g|), max|g|, sum(g^2)) per array, float64 sums."},
+    {"statistics", fused_statistics, METH_VARARGS,
+     "statistics(arrays, known, condition, largest, smallest) -> (bytearray of (n, 6) float64 rows, "
+     "indices of the rows to redo)."},
     {"update_norms", fused_update_norms, METH_VARARGS,
      "update_norms(weights, snapshots, keep, into=None) -> list of (||s - w||^2, ||w||^2)."},
     {NULL, NULL, 0, NULL},

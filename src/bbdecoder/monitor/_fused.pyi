@@ -5,6 +5,14 @@ from collections.abc import Sequence
 import numpy as np
 
 def moments(arrays: Sequence[np.ndarray], /) -> list[tuple[float, float, float, float]]: ...
+def statistics(
+    arrays: Sequence[np.ndarray],
+    known: Sequence[tuple[float, float, float, float] | None],
+    condition: float,
+    largest: float,
+    smallest: float,
+    /,
+) -> tuple[bytearray, list[int]]: ...
 def update_norms(
     weights: Sequence[np.ndarray],
     snapshots: Sequence[np.ndarray],

@@ -9,7 +9,15 @@ Op choice (measured on CPU, 1 thread; see BENCHMARKS.md "Training monitor" and
 out-of-place elementwise op costs about twice a reduction (the write), and a torch op on a small
 chunk costs 3-5 us of dispatch against ~1 us for a NumPy call on a view. So, on CPU:
 
-- **large tensors** (> :data:`TINY` elements) are read from memory once
+- **with the fused kernels** (``bbdecoder.monitor._fused``, see
+  :mod:`~bbdecoder.monitor.cpu_reductions`; the default where the extension built): every dense
+  float32/float64 gradient, small or large, goes into one C call that reads each once from memory
+  and sums ``g``, ``|g|`` and ``g^2`` in float64 (and the exact ``max|g|``): one ``Tensor.numpy()``
+  per gradient is the only torch call (:func:`~bbdecoder.monitor.moment_rows.fused_moments`), the
+  statistics follow in NumPy columns (:func:`~bbdecoder.monitor.moment_rows.moment_rows`), with
+  the same one-pass variance and redo rule as below (the float64 sums make its error float64
+  rounding). Other gradients (sparse, half precision, strided views) take the path below;
+- otherwise, **large tensors** (> :data:`TINY` elements) are read from memory once
   (:func:`bbdecoder.monitor.cpu_reductions.moments`): per chunk of 64K elements (it, a scratch
   chunk and a chunk of ones stay in L2) ``|g|`` goes into the scratch chunk, ``sum(g)``,
   ``sum(|g|)`` and ``sum(g^2)`` are BLAS dot products (``np.dot`` with the ones and with itself)
@@ -21,7 +29,7 @@ chunk costs 3-5 us of dispatch against ~1 us for a NumPy call on a view. So, on 
   the one-pass float32 formula is off by tens of percent), on squares that could overflow or
   underflow float32, and on NaN/Inf the tensor is redone exactly (float64 up to 64K elements,
   else the two-pass :meth:`GradStatistics._large`);
-- **small tensors** (biases, norms) are concatenated into one float64 vector and reduced per
+- and **small tensors** (biases, norms) are concatenated into one float64 vector and reduced per
   segment (NumPy ``reduceat``; on other devices ``index_add_``/``scatter_reduce_``, up to
   :data:`SMALL` elements): a fixed number of ops for all of them, exact to float64 rounding, no
   overflow.
@@ -39,16 +47,15 @@ finite gradients (a loss times 1e20) give finite statistics. Update ratios live 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from bbdecoder.monitor.cpu_reductions import CHUNK, Moments, Scratch, flat_array, fused_kernels, moments
+from bbdecoder.monitor.moment_rows import CONDITION, fused_statistics, moment_rows
 from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
-__all__ = ["GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
+__all__ = ["CONDITION", "GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
 __all__ += ["update_ratios"]
 
 SMALL = 1 << 15
@@ -58,11 +65,6 @@ TINY = 1 << 12
 """On the CPU, tensors up to this many elements (biases, norms) are reduced together in float64;
 larger ones each take one read (NumPy reductions cost ~1 us a call, so a 16K-element tensor is
 cheaper alone than converted to float64)."""
-
-CONDITION = 4.0
-"""The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var``, i.e.
-``mean^2 <= 3 var``; its relative error is then at most ``3 * CONDITION * delta``, ``delta`` the
-relative error of a float32 cascade sum of one chunk (measured ~5e-8, bounded by ~1e-6)."""
 
 
 class GradStatistics:
@@ -103,29 +105,30 @@ class GradStatistics:
         :mod:`~bbdecoder.monitor.grad_prefetch`), or ``None``."""
         if not grads:
             return np.empty((0, len(GRAD_STATS)))
-        grads = [_dense_float(g) for g in grads]
-        stats = self._cpu(grads, known or [None] * len(grads))
+        fast = fused_statistics(grads, known)  # one torch call per gradient: dense float32/float64
+        if fast is not None:
+            stats, redo = fast
+            self._redo(stats, redo, grads)
+        else:
+            grads = [_dense_float(g) for g in grads]
+            stats = self._cpu(grads, known or [None] * len(grads))
         if inv_scale != 1.0:
             s = inv_scale
             stats *= np.array([s, s, s, s * s, s, s])
         return stats
 
     def _cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> np.ndarray:
-        """CPU: the same statistics with the per-tensor arithmetic in Python floats (no device to
-        sync with, and a NumPy op on a few numbers costs more than the arithmetic). With the fused
-        kernels every non-empty tensor, small or large, is read in their one call."""
+        """CPU: the same statistics, the small tensors together in float64, each large one read once
+        (with the fused kernels every non-empty tensor, small or large, is read in their one call)."""
         together = 0 if fused_kernels() else TINY
         small = [i for i, g in enumerate(grads) if g.numel() <= together]
         large = [i for i, g in enumerate(grads) if g.numel() > together]
-        rows: list[tuple[float, ...]] = [()] * len(grads)
+        rows = np.empty((len(grads), len(GRAD_STATS)))
         if small:
-            for i, row in zip(small, _small_numpy([grads[i] for i in small]).tolist(), strict=True):
-                rows[i] = tuple(row)
+            rows[small] = _small_numpy([grads[i] for i in small])
         if large:
-            rows_large = self._large_cpu([grads[i] for i in large], [known[i] for i in large])
-            for i, row in zip(large, rows_large, strict=True):
-                rows[i] = row
-        return np.array(rows, dtype=np.float64)
+            rows[large] = self._large_cpu([grads[i] for i in large], [known[i] for i in large])
+        return rows
 
     def _device(self, grads: list[torch.Tensor]) -> torch.Tensor:
         self._plan(grads)
@@ -175,41 +178,40 @@ class GradStatistics:
         l2 = (var * counts + counts * mean * mean).sqrt()
         return torch.stack([mean, l1 / counts, max_abs, var, l1, l2], dim=1)
 
-    def _large_cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> list[tuple[float, ...]]:
+    def _large_cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> np.ndarray:
         """One read of each gradient from memory (:func:`~bbdecoder.monitor.cpu_reductions.moments`,
-        where ``known`` has none), the variance as ``E[g^2] - mean^2``. Tensors where that one-pass
-        formula would lose digits (see :data:`CONDITION`), whose squares could leave the float32
-        range, or that hold NaN/Inf are recomputed exactly: in float64 up to one chunk, else by the
-        two-pass :meth:`_large`."""
+        where ``known`` has none), the variance as ``E[g^2] - mean^2``; the rows
+        :func:`~bbdecoder.monitor.moment_rows.moment_rows` marks are redone exactly (:meth:`_finish`)."""
         arrays = []
         for g in grads:
             a = flat_array(g)
             arrays.append(a if a is not None else g.detach().contiguous().view(-1).numpy())
         missing = [i for i, k in enumerate(known) if k is None]
-        found = dict(zip(missing, moments([arrays[i] for i in missing], self._host_scratch), strict=True))
-        rows: list[tuple[float, ...]] = []
-        redo: list[int] = []
-        for i, (a, read) in enumerate(zip(arrays, known, strict=True)):
-            total, l1, top, squares = read if read is not None else found[i]
-            n = a.size
-            mean, square_mean = total / n, squares / n
-            var = max(square_mean - mean * mean, 0.0)
-            rows.append((mean, l1 / n, top, var, l1, math.sqrt(squares)))
-            exact = square_mean <= CONDITION * var or square_mean == 0
-            fits = 4.0 * n * top * top < 1e36 and (top > 1e-15 or top == 0)
-            if not (exact and fits and math.isfinite(total + l1 + top + squares)):
-                redo.append(i)
-        if redo:
-            in_float64 = [i for i in redo if arrays[i].size <= CHUNK]
-            two_pass = [i for i in redo if arrays[i].size > CHUNK]
-            redone: list[tuple[int, list[float]]] = []
-            if in_float64:
-                redone += zip(in_float64, _small_numpy([grads[i] for i in in_float64]).tolist(), strict=True)
-            if two_pass:
-                redone += zip(two_pass, self._large([grads[i] for i in two_pass]).tolist(), strict=True)
-            for i, row in redone:
-                rows[i] = tuple(row)
+        found = np.empty((len(grads), 4))
+        found[missing] = moments([arrays[i] for i in missing], self._host_scratch)
+        for i, k in enumerate(known):
+            if k is not None:
+                found[i] = k
+        return self._finish(grads, found, np.array([a.size for a in arrays], dtype=np.float64))
+
+    def _finish(self, grads: list[torch.Tensor], found: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """The statistics from the moments (:func:`~bbdecoder.monitor.moment_rows.moment_rows`)."""
+        rows, redo = moment_rows(found, sizes, fused_kernels())
+        self._redo(rows, [int(i) for i in redo], grads)
         return rows
+
+    def _redo(self, rows: np.ndarray, redo: list[int], grads: list[torch.Tensor]) -> None:
+        """Rows where the one-pass formula would lose digits (see :data:`CONDITION`), whose squares
+        could leave the range of the sums, or that hold NaN/Inf, recomputed exactly in place: in
+        float64 up to one chunk, else by the two-pass :meth:`_large`."""
+        if not redo:
+            return
+        in_float64 = [i for i in redo if grads[i].numel() <= CHUNK]
+        two_pass = [i for i in redo if grads[i].numel() > CHUNK]
+        if in_float64:
+            rows[in_float64] = _small_numpy([grads[i] for i in in_float64])
+        if two_pass:
+            rows[two_pass] = self._large([grads[i] for i in two_pass]).numpy()
 
     def _large(self, grads: list[torch.Tensor]) -> torch.Tensor:
         sums, l1s, maxima, bufs = [], [], [], []
