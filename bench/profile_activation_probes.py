@@ -1,4 +1,5 @@
-"""What the activation probes add to a training step's forward pass, part by part (1 thread).
+"""What the activation probes add to a training step's forward pass, part by part (1 thread, or
+``--threads``).
 
 Each configuration has its own copy of the same model, weights and optimizer; rounds are
 interleaved (one step of each configuration per round, the order rotated) and each configuration's
@@ -11,11 +12,13 @@ have no saturation count):
 - ``probes-signs``: the saturation count as it was before, a sum of signs
   (``n - sum(sign(y))``), whose float temporary as large as the output is allocated per forward;
 - ``probes-torch``: the count by torch's boolean ``(y <= 0).sum()``;
+- ``probes-numpy``: the torch reductions with the count by NumPy comparisons into one reused
+  :class:`~bbdecoder.monitor.element_counts.MaskBuffer` (the probes before the fused kernel);
 - ``probes``: :class:`~bbdecoder.monitor.activations.ActivationProbe` as
-  ``Analyzer(activations=True)`` runs it: NumPy comparisons into one reused
-  :class:`~bbdecoder.monitor.element_counts.MaskBuffer`;
-- ``probes-nosaturation``: the probes without the saturation count (their per-channel max and mean
-  only).
+  ``Analyzer(activations=True)`` runs it: with the fused kernels one read of each output
+  (:mod:`~bbdecoder.monitor.probe_kernel`);
+- ``probes-nosaturation``: the torch path without the saturation count (its per-channel max and
+  mean only).
 
 Run::
 
@@ -41,11 +44,11 @@ from common import environment, pin_threads, save_results
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, ActivationProbe
 from bbdecoder.monitor.element_counts import MaskBuffer
 
-CONFIGS = ("plain", "hooks", "probes-signs", "probes-torch", "probes", "probes-nosaturation")
+CONFIGS = ("plain", "hooks", "probes-signs", "probes-torch", "probes-numpy", "probes", "probes-nosaturation")
 
 
 def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
-    buffer = MaskBuffer() if name == "probes" else None
+    buffer = MaskBuffer() if name in ("probes", "probes-numpy") else None
     for module in model.modules():
         if not isinstance(module, ACTIVATION_FUNCTIONS):
             continue
@@ -55,6 +58,8 @@ def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
         probe = ActivationProbe(module, 0.0, 1e-3, dim, dead=True)
         if name == "probes-nosaturation":
             probe.saturation = None
+        elif name == "probes-numpy":  # the reductions in torch, the count in NumPy: not the kernel
+            probe.fused.update = lambda _probe, _y: False  # type: ignore[method-assign]
         elif name == "probes-signs" and isinstance(module, nn.ReLU):  # the zero count as it was
             probe.saturation = lambda y, _buffer: y.numel() - torch.sign(y).sum().double()
 

@@ -20,3 +20,12 @@ def update_norms(
     into: Sequence[np.ndarray] | None = None,
     /,
 ) -> list[tuple[float, float]]: ...
+def probe_update(
+    y: np.ndarray,
+    channels: int,
+    inner: int,
+    rules: Sequence[tuple[int, float]],
+    maxima: Sequence[np.ndarray],
+    scalars: Sequence[np.ndarray],
+    /,
+) -> None: ...

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bbdecoder.monitor.element_counts import MaskBuffer, count
+from bbdecoder.monitor.probe_kernel import FusedProbeState
 from bbdecoder.monitor.probe_state import ACTIVATION_STATE, StatefulProbe
 
 SaturationFn = Callable[[torch.Tensor], torch.Tensor]
@@ -86,23 +87,29 @@ def saturation_test(module: nn.Module, eps: float) -> SaturationFn | None:
     return None
 
 
+def saturation_rules(module: nn.Module, eps: float) -> list[tuple[str, float]] | None:
+    """:func:`saturation_test`'s rule as disjoint comparisons ``(op, bound)``, ``op`` in ``lt``,
+    ``le`` (at most one) and ``gt``, ``ge`` (at most one), or ``None``."""
+    if isinstance(module, nn.Sigmoid):
+        return [("lt", eps), ("gt", 1 - eps)]
+    if isinstance(module, nn.Tanh):  # |y| > 1 - eps
+        return [("gt", 1 - eps), ("lt", -(1 - eps))]
+    if isinstance(module, nn.ReLU):  # y == 0: never below it
+        return [("le", 0.0)]
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return [("le", float(module.min_val)), ("ge", float(module.max_val))]
+    if isinstance(module, nn.Hardsigmoid):
+        return [("le", 0.0), ("ge", 1.0)]
+    return None
+
+
 def saturation_count(module: nn.Module, eps: float) -> SaturationCount | None:
     """The number of saturated elements by :func:`saturation_test`'s rule, exactly (a NaN is never
-    saturated), as disjoint comparisons counted by :func:`~bbdecoder.monitor.element_counts.count`.
-    The returned function takes the output and an optional
-    :class:`~bbdecoder.monitor.element_counts.MaskBuffer` (the CPU path's reused buffer)."""
-    rules: list[tuple[str, float]]
-    if isinstance(module, nn.Sigmoid):
-        rules = [("lt", eps), ("gt", 1 - eps)]
-    elif isinstance(module, nn.Tanh):  # |y| > 1 - eps
-        rules = [("gt", 1 - eps), ("lt", -(1 - eps))]
-    elif isinstance(module, nn.ReLU):  # y == 0: never below it
-        rules = [("le", 0.0)]
-    elif isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
-        rules = [("le", float(module.min_val)), ("ge", float(module.max_val))]
-    elif isinstance(module, nn.Hardsigmoid):
-        rules = [("le", 0.0), ("ge", 1.0)]
-    else:
+    saturated), as the disjoint comparisons of :func:`saturation_rules` counted by
+    :func:`~bbdecoder.monitor.element_counts.count`. The returned function takes the output and an
+    optional :class:`~bbdecoder.monitor.element_counts.MaskBuffer` (the CPU path's reused buffer)."""
+    rules = saturation_rules(module, eps)
+    if rules is None:
         return None
 
     def saturated(y: torch.Tensor, buffer: MaskBuffer | None = None) -> int | torch.Tensor:
@@ -142,6 +149,8 @@ class ActivationProbe(StatefulProbe):
         self.dim = dim
         self.dead = dead
         self.saturation = saturation_count(module, eps)
+        self.rules = saturation_rules(module, eps) or []  # the fused kernel's form of the same rule
+        self.fused = FusedProbeState()
         self.max: torch.Tensor | None = None
         self.saturated: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
@@ -173,8 +182,12 @@ class ActivationProbe(StatefulProbe):
         self.forwards = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, output: torch.Tensor, buffer: MaskBuffer | None = None) -> None:
-        """Add one forward's output (``buffer``: the saturation count's reused CPU buffer)."""
+        """Add one forward's output (``buffer``: the saturation count's reused CPU buffer; given,
+        a dense float CPU output goes through the fused kernel in one read, see
+        :mod:`~bbdecoder.monitor.probe_kernel`)."""
         y = output.detach()
+        if buffer is not None and self.fused.update(self, y):
+            return
         if y.dim() == 1:
             channel_max, channel_mean = y, y.float()
         else:  # reduce over every other dim in place of a channels-first copy
