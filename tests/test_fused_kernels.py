@@ -4,26 +4,19 @@ against the NumPy passes they replace: sums, the exact maximum, the snapshot wri
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from bbdecoder.monitor import cpu_reductions
 from bbdecoder.monitor.cpu_reductions import Scratch, numpy_moments, numpy_update_norms
 from bbdecoder.monitor.moment_rows import _FUSED_BOUNDS, moment_rows
-
-fused = pytest.importorskip("bbdecoder.monitor._fused", reason="the optional C extension is not built here")
 
 SIZES = [0, 1, 7, 4097, 65_537, 1_000_003]
 
 
-def test_the_extension_builds_where_a_compiler_is() -> None:
-    # a broken build would silently fall back to NumPy (optional extension): CI has a compiler
-    assert shutil.which("cc") or shutil.which("gcc")
-    assert cpu_reductions.fused_kernels()
+fused = pytest.importorskip("bbdecoder.monitor._fused", reason="the optional C extension is not built here")
 
 
 def _arrays(dtype: type, offset: float = 0.0) -> list[np.ndarray]:

@@ -3,6 +3,7 @@ far above their spread (where a one-pass or float32 formula cancels) and with no
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,16 @@ from bbdecoder.monitor import cpu_reductions, grad_stats
 from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics
 
 pytestmark = pytest.mark.usefixtures("cpu_passes")  # each test with the fused kernels and with NumPy
+
+
+def test_the_fused_kernels_build_where_a_compiler_is() -> None:
+    # the extension is optional, so a broken build would silently fall back to NumPy
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler here: the NumPy passes are the expected ones")
+    try:  # whatever the path this test's parameter selects, the extension must be importable
+        from bbdecoder.monitor import _fused  # noqa: F401
+    except ImportError as error:
+        raise AssertionError("the C extension did not build: pip install -e . and read its log") from error
 
 
 def test_step_statistics_of_offset_gradients_equal_float64() -> None:
