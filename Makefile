@@ -38,7 +38,7 @@ system-tools:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py src/bbdecoder/monitor/_fused.c
+$(STAMP): pyproject.toml setup.py $(wildcard src/bbdecoder/monitor/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch from local disk first, so that nothing pulls a CUDA build.

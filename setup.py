@@ -7,6 +7,8 @@ build (no C compiler), the install goes on and ``bbdecoder.monitor.cpu_reduction
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+SOURCES = "src/bbdecoder/monitor/csrc"
+
 
 class BuildFused(build_ext):
     """Adds the optimisation flags GCC and Clang understand (the SIMD pragmas, nothing else of OpenMP)."""
@@ -20,6 +22,13 @@ class BuildFused(build_ext):
 
 
 setup(
-    ext_modules=[Extension("bbdecoder.monitor._fused", ["src/bbdecoder/monitor/_fused.c"], optional=True)],
+    ext_modules=[
+        Extension(
+            "bbdecoder.monitor._fused",
+            [f"{SOURCES}/{name}.c" for name in ("module", "buffers", "gradients", "weights", "probes")],
+            depends=[f"{SOURCES}/fused.h"],
+            optional=True,
+        )
+    ],
     cmdclass={"build_ext": BuildFused},
 )

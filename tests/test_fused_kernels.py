@@ -1,4 +1,4 @@
-"""The fused C kernels of the monitor's CPU passes (monitor/_fused.c) against float64 oracles and
+"""The fused C kernels of the monitor's CPU passes (monitor/csrc/) against float64 oracles and
 against the NumPy passes they replace: sums, the exact maximum, the snapshot writes of
 ``update_norms`` (keep, used up, into spares), float64 arrays, NaN/Inf, bad input, the GIL."""
 

@@ -1,4 +1,4 @@
-"""Types of the optional C extension ``_fused.c`` (see :mod:`bbdecoder.monitor.cpu_reductions`)."""
+"""Types of the optional C extension (``monitor/csrc/``; see :mod:`bbdecoder.monitor.cpu_reductions`)."""
 
 from collections.abc import Sequence
 

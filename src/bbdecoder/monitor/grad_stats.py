@@ -11,12 +11,13 @@ chunk costs 3-5 us of dispatch against ~1 us for a NumPy call on a view. So, on 
 
 - **with the fused kernels** (``bbdecoder.monitor._fused``, see
   :mod:`~bbdecoder.monitor.cpu_reductions`; the default where the extension built): every dense
-  float32/float64 gradient, small or large, goes into one C call that reads each once from memory
-  and sums ``g``, ``|g|`` and ``g^2`` in float64 (and the exact ``max|g|``): one ``Tensor.numpy()``
-  per gradient is the only torch call (:func:`~bbdecoder.monitor.moment_rows.fused_moments`), the
-  statistics follow in NumPy columns (:func:`~bbdecoder.monitor.moment_rows.moment_rows`), with
-  the same one-pass variance and redo rule as below (the float64 sums make its error float64
-  rounding). Other gradients (sparse, half precision, strided views) take the path below;
+  float32/float64 gradient, small or large, goes into one C call that reads each once from memory,
+  sums ``g``, ``|g|`` and ``g^2`` in float64 (and the exact ``max|g|``) and computes the six
+  statistics with the one-pass variance and redo rule of
+  :func:`~bbdecoder.monitor.moment_rows.moment_rows` (the float64 sums make its error float64
+  rounding, so it needs a second pass only beyond ``E[g^2] = 1e3 var``); one ``Tensor.numpy()``
+  per gradient is the only torch call (:func:`~bbdecoder.monitor.moment_rows.fused_statistics`).
+  Other gradients (sparse, half precision, strided views) take the path below;
 - otherwise, **large tensors** (> :data:`TINY` elements) are read from memory once
   (:func:`bbdecoder.monitor.cpu_reductions.moments`): per chunk of 64K elements (it, a scratch
   chunk and a chunk of ones stay in L2) ``|g|`` goes into the scratch chunk, ``sum(g)``,

@@ -31,10 +31,10 @@ relative error of the NumPy path's float32 chunk sums of squares (~5e-8 measured
 ~1e-6)."""
 
 FUSED_CONDITION = 1e3
-""":data:`CONDITION` for the fused kernels' float64 sums (``delta`` at most ``n / 4 * 2^-53``
-with their four or more SIMD lanes: a relative error of the variance below 1e-6 up to 2^24
-elements, ~1e-12 typically), so ``0.5 + 0.1 U(0, 1)`` (``E[g^2] = 365 var``) needs no second pass;
-``1000 + N(0, 1)`` (``1e6 var``) still does."""
+""":data:`CONDITION` for the fused kernels' float64 sums (``delta`` at most ``n / 2 * 2^-53`` with
+their two or more SIMD lanes: a relative error of the variance of at most ~3e-6 at 2^24 elements
+in the worst case, ~1e-12 typically), so ``0.5 + 0.1 U(0, 1)`` (``E[g^2] = 365 var``) needs no
+second pass; ``1000 + N(0, 1)`` (``1e6 var``) still does."""
 
 
 # the one-pass condition, and the range of max|g| whose squares the sums hold (4 n max^2 < largest,

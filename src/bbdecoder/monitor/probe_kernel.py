@@ -60,7 +60,7 @@ class FusedProbeState:
         if layout is None:
             return False
         try:
-            array = y.numpy()  # raises for half precision, conjugate or negative views
+            array = y.numpy()  # raises for bfloat16, conjugate or negative views
         except (RuntimeError, TypeError):
             return False
         if array.dtype not in (np.float32, np.float64):

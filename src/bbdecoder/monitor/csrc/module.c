@@ -1,0 +1,40 @@
+/* The monitor's CPU passes as single loops over memory: bbdecoder.monitor._fused.
+
+   moments(arrays) and update_norms(weights, snapshots, keep, into) do what the NumPy functions of
+   the same names in bbdecoder/monitor/cpu_reductions.py do; statistics() also does the arithmetic
+   of moment_rows.py on the moments, and probe_update() an activation probe's update
+   (probe_kernel.py). Each reads an array from memory once, with the GIL released for the whole
+   list (so the writer thread's passes run beside the training thread). Sums are accumulated in
+   double per SIMD lane, so they are float64-exact up to the rounding of the additions; the maximum
+   is exact. NaN/Inf make the sums non-finite (the caller redoes such rows; the maximum may then be
+   anything).
+
+   Arrays are objects with the buffer protocol (NumPy arrays), float32 or float64, dense in memory
+   in any order of their axes (C-contiguous, channels-last, transposed); the arrays of one call need
+   not share a dtype. A weight, its snapshot and its spare share a shape and a layout. Built as an
+   optional extension (setup.py): where no compiler is found, cpu_reductions keeps its NumPy path. */
+
+#include "fused.h"
+
+static PyMethodDef fused_methods[] = {
+    {"moments", fused_moments, METH_O,
+     "moments(arrays) -> list of (sum(g), sum(|g|), max|g|, sum(g^2)) per array, float64 sums."},
+    {"statistics", fused_statistics, METH_VARARGS,
+     "statistics(arrays, known, condition, largest, smallest) -> (bytearray of (n, 6) float64 rows, "
+     "indices of the rows to redo)."},
+    {"probe_update", fused_probe_update, METH_VARARGS,
+     "probe_update(y, channels, inner, rules, maxima, scalars): one forward into an activation probe's state."},
+    {"update_norms", fused_update_norms, METH_VARARGS,
+     "update_norms(weights, snapshots, keep, into=None) -> list of (||s - w||^2, ||w||^2)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef fused_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "bbdecoder.monitor._fused",
+    .m_doc = "The monitor's CPU passes as single loops over memory (see cpu_reductions.py).",
+    .m_size = -1,
+    .m_methods = fused_methods,
+};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&fused_module); }
