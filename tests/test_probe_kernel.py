@@ -85,3 +85,10 @@ def test_the_kernel_counts_each_saturated_value_once_against_a_brute_force() -> 
     probe = _run(nn.ReLU6(), -1, [y], True)  # saturated: <= 0 or >= 6
     assert float(probe.saturated) == 6 and float(probe.total) == 8
     np.testing.assert_array_equal(probe.max.numpy(), y[0].numpy())
+
+
+def test_state_on_another_device_is_left_to_the_torch_path() -> None:
+    probe = ActivationProbe(nn.ReLU(), threshold=0.0, eps=1e-3, dim=1, dead=True)
+    probe.allocate(6, torch.device("meta"))  # as a model moved off the device its state was made on
+    assert probe.fused.update(probe, torch.relu(torch.randn(2, 6, 3))) is False
+    assert probe.fused._of == ()

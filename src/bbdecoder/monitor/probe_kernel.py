@@ -70,6 +70,8 @@ class FusedProbeState:
             probe.allocate(channels, y.device)
         state = (probe.max, probe.saturated, probe.total, probe.channel_var, probe.forwards)
         if len(self._of) != len(state) or any(a is not b for a, b in zip(self._of, state, strict=True)):
+            if any(t is None or t.device.type != "cpu" for t in state):
+                return False  # state left on another device: the torch path says what is wrong
             self._of = state
             self._maxima = [state[0].numpy()]
             self._scalars = [t.numpy() for t in state[1:]]
