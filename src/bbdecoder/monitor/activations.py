@@ -149,8 +149,7 @@ class ActivationProbe(StatefulProbe):
         self.dim = dim
         self.dead = dead
         self.saturation = saturation_count(module, eps)
-        self.rules = saturation_rules(module, eps) or []  # the fused kernel's form of the same rule
-        self.fused = FusedProbeState()
+        self.fused = FusedProbeState(saturation_rules(module, eps) or [])  # the same rule, for the kernel
         self.max: torch.Tensor | None = None
         self.saturated: torch.Tensor | None = None
         self.total: torch.Tensor | None = None

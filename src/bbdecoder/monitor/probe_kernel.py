@@ -45,11 +45,11 @@ class FusedProbeState:
     """The NumPy views of one probe's state tensors the kernel writes, made again whenever a state
     tensor is replaced (a new epoch's allocation, a merge that assigns)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules: list[tuple[str, float]]) -> None:
+        self._rules = [(_OPS[op], bound) for op, bound in rules]  # the saturation rule, in op codes
         self._of: tuple[torch.Tensor, ...] = ()
         self._maxima: list[np.ndarray] = []
         self._scalars: list[np.ndarray] = []
-        self._rules: list[tuple[int, float]] | None = None
 
     def update(self, probe: Any, y: torch.Tensor) -> bool:
         """Add ``y`` to ``probe``'s state through the kernel; False where the torch path must."""
@@ -75,7 +75,5 @@ class FusedProbeState:
             self._of = state
             self._maxima = [state[0].numpy()]
             self._scalars = [t.numpy() for t in state[1:]]
-        if self._rules is None:
-            self._rules = [(_OPS[op], bound) for op, bound in probe.rules]
         kernels.probe_update(array, channels, inner, self._rules, self._maxima, self._scalars)
         return True
