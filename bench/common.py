@@ -55,9 +55,9 @@ def pin_threads(threads: int = 2) -> int:
     return torch.get_num_threads()
 
 
-def thread_arg(parser: argparse.ArgumentParser) -> None:
+def thread_arg(parser: argparse.ArgumentParser, default: int = 2) -> None:
     """``--threads N`` (default 2): torch threads for the timed methods; results go to ``NAME_tN.json``."""
-    parser.add_argument("--threads", type=int, default=2, help="torch/cv2 threads (default 2)")
+    parser.add_argument("--threads", type=int, default=default, help=f"torch/cv2 threads (default {default})")
 
 
 @dataclass

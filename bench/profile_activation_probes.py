@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_monitor import _workload
-from common import environment, pin_threads, save_results
+from common import environment, pin_threads, save_results, thread_arg
 
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, ActivationProbe
 from bbdecoder.monitor.element_counts import MaskBuffer
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("workloads", nargs="*", default=["mnist", "bert"])
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    thread_arg(parser, default=1)
     args = parser.parse_args()
     pin_threads(args.threads)
     results = {w: measure(w, args.rounds, args.warmup) for w in args.workloads}
