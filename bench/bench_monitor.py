@@ -55,7 +55,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, pin_threads, save_results
 
-from bbdecoder.monitor import Analyzer
+from bbdecoder.monitor import Analyzer, cpu_reductions
 
 
 class MnistCNN(nn.Module):
@@ -202,8 +202,8 @@ class Config:
                 prefetch.needs_spare_core = False
         elif name == "analyzer-noratios":  # no update ratios: what their pass costs in the step
             self.analyzer = Analyzer(self.model, tmp / name, weights=False)
-        elif name.startswith("analyzer"):
-            self.analyzer = Analyzer(self.model, tmp / name, activations=name == "analyzer+act")
+        elif name.startswith("analyzer"):  # "-onethread": the fused kernels on the calling thread only
+            self.analyzer = Analyzer(self.model, tmp / name, activations=name.startswith("analyzer+act"))
         elif name == "wandb":
             import wandb
 
@@ -211,6 +211,15 @@ class Config:
             wandb.watch(self.model, log="all", log_freq=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        threaded = cpu_reductions._THREADED
+        if self.name.endswith("-onethread"):
+            cpu_reductions._THREADED = False
+        try:
+            self._step(x, y)
+        finally:
+            cpu_reductions._THREADED = threaded
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         loss = self.loss_fn(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)

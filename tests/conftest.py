@@ -1,6 +1,7 @@
 """Process-wide settings for the test suite, applied before any test module imports TensorFlow."""
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -10,13 +11,23 @@ import pytest
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-@pytest.fixture(params=["fused", "numpy"])
-def cpu_passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the monitor's CPU passes in the fused C kernels, then in NumPy."""
+@pytest.fixture(params=["fused", "fused-threads", "numpy"])
+def cpu_passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs a test with the monitor's CPU passes in the fused C kernels on one of torch's threads,
+    on two, then in NumPy; gives "fused" or "numpy"."""
+    import torch
+
     from bbdecoder.monitor import cpu_reductions
 
     if request.param == "numpy":
         monkeypatch.setattr(cpu_reductions, "FUSED", None)
-    elif not cpu_reductions.fused_kernels():
+        yield "numpy"
+        return
+    if not cpu_reductions.fused_kernels():
         pytest.skip("the fused kernels are not built here (no C compiler at install)")
-    return str(request.param)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if request.param == "fused-threads" else 1)
+    try:
+        yield "fused"
+    finally:
+        torch.set_num_threads(threads)

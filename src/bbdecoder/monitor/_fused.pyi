@@ -4,13 +4,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-def moments(arrays: Sequence[np.ndarray], /) -> list[tuple[float, float, float, float]]: ...
+def moments(arrays: Sequence[np.ndarray], threads: int = 1, /) -> list[tuple[float, float, float, float]]: ...
 def statistics(
     arrays: Sequence[np.ndarray],
     known: Sequence[tuple[float, float, float, float] | None],
     condition: float,
     largest: float,
     smallest: float,
+    threads: int = 1,
     /,
 ) -> tuple[bytearray, list[int]]: ...
 def update_norms(
@@ -18,6 +19,7 @@ def update_norms(
     snapshots: Sequence[np.ndarray],
     keep: bool,
     into: Sequence[np.ndarray] | None = None,
+    threads: int = 1,
     /,
 ) -> list[tuple[float, float]]: ...
 def probe_update(
@@ -27,5 +29,7 @@ def probe_update(
     rules: Sequence[tuple[int, float]],
     maxima: Sequence[np.ndarray],
     scalars: Sequence[np.ndarray],
+    threads: int = 1,
     /,
 ) -> None: ...
+def use_openmp(path: str, /) -> bool: ...

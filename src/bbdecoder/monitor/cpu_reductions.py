@@ -27,26 +27,51 @@ from types import ModuleType
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "Moments", "Scratch", "flat_array", "fused_kernels", "moments", "update_norms"]
+__all__ = [
+    "CHUNK",
+    "Moments",
+    "Scratch",
+    "flat_array",
+    "fused_kernels",
+    "fused_threads",
+    "kernel_threads",
+    "moments",
+    "update_norms",
+]
 
 
-def _load_fused() -> ModuleType | None:
+def _load_fused() -> tuple[ModuleType | None, bool]:
     if os.environ.get("BBDECODER_FUSED", "1") == "0":
-        return None
+        return None, False
     try:
         from bbdecoder.monitor import _fused
     except ImportError:  # the optional extension did not build here: NumPy does the passes
-        return None
-    return _fused
+        return None, False
+    # torch's extension module: its symbols resolve to the OpenMP runtime torch's own ops use
+    return _fused, bool(_fused.use_openmp(torch._C.__file__))
 
 
-FUSED: ModuleType | None = _load_fused()
+FUSED, _THREADED = _load_fused()
 """The fused C kernels, or ``None`` where the NumPy passes run (the tests set it to compare both)."""
 
 
 def fused_kernels() -> bool:
     """True where the monitor's CPU passes run in the fused C kernels (see the module docstring)."""
     return FUSED is not None
+
+
+def fused_threads() -> bool:
+    """True where the fused kernels split a pass on the training thread over torch's intra-op
+    threads (``torch.get_num_threads()``); elsewhere the parts run one after the other, the same
+    bits."""
+    return FUSED is not None and _THREADED
+
+
+def kernel_threads() -> int:
+    """The threads a fused pass on the calling (training) thread is split over: torch's intra-op
+    thread count where :func:`fused_threads`, else 1. Never for the writer thread: an OpenMP call
+    from a thread without torch's pool would start one."""
+    return torch.get_num_threads() if _THREADED else 1
 
 
 CHUNK = 1 << 16
@@ -124,15 +149,17 @@ def update_norms(
     snapshots: list[np.ndarray],
     keep: bool,
     into: list[np.ndarray] | None = None,
+    threads: int = 1,
 ) -> list[tuple[float, float]]:
     """``||snapshot - weight||^2`` and ``||weight||^2`` per pair. The snapshot is overwritten: with
     ``keep`` it becomes the weight (per chunk, the difference and the copy stay in cache: each
     weight and snapshot is read from memory once), else it is left holding the difference; without
     ``keep`` the second number is 0. With ``into`` (one spare array per weight) the spares are
     written instead and the snapshots left as they are: the same arithmetic, to the bit. All
-    arrays 1-D and contiguous, each weight with its snapshot (and spare) of one dtype and size."""
+    arrays 1-D and contiguous, each weight with its snapshot (and spare) of one dtype and size.
+    ``threads``: the fused kernels' split over torch's threads (the training thread only)."""
     if FUSED is not None:
-        return FUSED.update_norms(weights, snapshots, keep, into)
+        return FUSED.update_norms(weights, snapshots, keep, into, threads)
     return numpy_update_norms(weights, snapshots, keep, into)
 
 

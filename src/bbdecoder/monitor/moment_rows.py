@@ -66,8 +66,8 @@ def fused_statistics(
 ) -> tuple[np.ndarray, list[int]] | None:
     """The ``(n, 6)`` statistics of CPU gradients and the rows to redo exactly, all in one call of
     the fused kernels (``known``: moments already read, see :mod:`~bbdecoder.monitor.grad_prefetch`),
-    the same arithmetic as :func:`moment_rows` with ``fused=True``; ``None`` where a gradient needs
-    the general path."""
+    the same arithmetic as :func:`moment_rows` with ``fused=True``, on torch's intra-op threads (the
+    training thread calls it); ``None`` where a gradient needs the general path."""
     kernels = cpu_reductions.FUSED
     if kernels is None:
         return None
@@ -76,7 +76,9 @@ def fused_statistics(
     except (RuntimeError, TypeError):
         return None
     try:
-        table, redo = kernels.statistics(arrays, known or [None] * len(arrays), *_FUSED_BOUNDS)
+        table, redo = kernels.statistics(
+            arrays, known or [None] * len(arrays), *_FUSED_BOUNDS, cpu_reductions.kernel_threads()
+        )
     except (TypeError, ValueError, BufferError):  # float16, a strided view
         return None
     return np.frombuffer(table).reshape(len(arrays), 6), redo

@@ -75,5 +75,6 @@ class FusedProbeState:
             self._of = state
             self._maxima = [state[0].numpy()]
             self._scalars = [t.numpy() for t in state[1:]]
-        kernels.probe_update(array, channels, inner, self._rules, self._maxima, self._scalars)
+        threads = cpu_reductions.kernel_threads()  # the forward's thread: torch's pool runs the parts
+        kernels.probe_update(array, channels, inner, self._rules, self._maxima, self._scalars, threads)
         return True

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from bbdecoder.monitor.cpu_reductions import flat_array, update_norms
+from bbdecoder.monitor.cpu_reductions import flat_array, kernel_threads, update_norms
 from bbdecoder.store.vocabulary import QUANTILES, quantile_name, weight_stat_names
 
 __all__ = [
@@ -133,7 +133,9 @@ class UpdateRatios:
             plan = self._plan = _CpuPlan(current, self._snapshot)
         squares = [(0.0, 0.0)] * len(current)
         if plan.dense:
-            for i, pair in zip(plan.dense, update_norms(plan.weights, plan.snapshots, keep), strict=True):
+            # on the training thread: the kernel may split the pass over torch's threads
+            found = update_norms(plan.weights, plan.snapshots, keep, threads=kernel_threads())
+            for i, pair in zip(plan.dense, found, strict=True):
                 squares[i] = pair
         if plan.other:
             now = [current[i].detach() for i in plan.other]

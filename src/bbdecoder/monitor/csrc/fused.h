@@ -34,6 +34,28 @@ typedef struct {
 #define INTERNAL
 #endif
 
+/* threads.c: a pass split into `parts` (one per thread), part k of n run as task(job, k, n) */
+typedef void (*fused_task)(void *job, int part, int parts);
+#define FUSED_GRAIN 32768 /* elements: no part smaller (torch's grain size) */
+INTERNAL void fused_run(fused_task task, void *job, int parts);
+INTERNAL int fused_parts(Py_ssize_t elements, int threads);
+INTERNAL PyObject *fused_use_openmp(PyObject *module, PyObject *path);
+
+/* blocks.c: the arrays of a pass split into blocks of at most FUSED_BLOCK elements, each with its
+   own partial sums, combined in block order afterwards: so the sums are the same bits whatever
+   the number of parts. Part k runs blocks [first[k], first[k + 1]). */
+#define FUSED_BLOCK 65536
+typedef struct {
+    Py_ssize_t array, start, count;
+} Block;
+typedef struct {
+    Block *blocks;
+    Py_ssize_t count, *first;
+    int parts;
+} Plan;
+INTERNAL int fused_plan(const Buffers *in, const char *skip, int threads, Plan *plan);
+INTERNAL void fused_plan_release(Plan *plan);
+
 /* buffers.c */
 INTERNAL int fused_acquire(PyObject *sequence, const char *what, int writable, Buffers *b);
 INTERNAL void fused_release(Buffers *b);

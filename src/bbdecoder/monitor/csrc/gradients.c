@@ -22,21 +22,59 @@
 DEFINE_MOMENTS(moments_float, float)
 DEFINE_MOMENTS(moments_double, double)
 
-/* The moments of every array (but those `skip` marks), the GIL released for the whole list. */
-static void read_moments(const Buffers *in, const char *skip, Moments *found) {
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < in->count; i++) {
-        if (skip != NULL && skip[i]) continue;
-        Py_ssize_t n = in->views[i].len / in->sizes[i];
-        if (in->sizes[i] == 4)
-            moments_float((const float *)in->views[i].buf, n, &found[i]);
+typedef struct {
+    const Buffers *in;
+    const Plan *plan;
+    Moments *partial; /* one per block */
+} MomentsJob;
+
+static void moments_part(void *data, int part, int parts) {
+    const MomentsJob *job = data;
+    const Plan *plan = job->plan;
+    for (Py_ssize_t k = plan->first[part]; k < plan->first[part + 1]; k++) {
+        const Block *b = &plan->blocks[k];
+        const char *start = (const char *)job->in->views[b->array].buf;
+        if (job->in->sizes[b->array] == 4)
+            moments_float((const float *)start + b->start, b->count, &job->partial[k]);
         else
-            moments_double((const double *)in->views[i].buf, n, &found[i]);
+            moments_double((const double *)start + b->start, b->count, &job->partial[k]);
     }
-    Py_END_ALLOW_THREADS
 }
 
-PyObject *fused_moments(PyObject *module, PyObject *arrays) {
+/* The moments of every array (but those `skip` marks) on up to `threads` of torch's threads, the
+   GIL released for the whole list; -1 with MemoryError set. */
+static int read_moments(const Buffers *in, const char *skip, int threads, Moments *found) {
+    Plan plan;
+    if (fused_plan(in, skip, threads, &plan) < 0) return -1;
+    Moments *partial = PyMem_Malloc((plan.count ? plan.count : 1) * sizeof(Moments));
+    if (partial == NULL) {
+        fused_plan_release(&plan);
+        PyErr_NoMemory();
+        return -1;
+    }
+    MomentsJob job = {in, &plan, partial};
+    Py_BEGIN_ALLOW_THREADS
+    fused_run(moments_part, &job, plan.parts);
+    for (Py_ssize_t i = 0; i < in->count; i++)
+        if (skip == NULL || !skip[i]) found[i] = (Moments){0, 0, 0, 0};
+    for (Py_ssize_t k = 0; k < plan.count; k++) { /* in block order */
+        Moments *m = &found[plan.blocks[k].array];
+        const Moments *p = &partial[k];
+        m->total += p->total;
+        m->l1 += p->l1;
+        m->squares += p->squares;
+        m->top = m->top > p->top ? m->top : p->top;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(partial);
+    fused_plan_release(&plan);
+    return 0;
+}
+
+PyObject *fused_moments(PyObject *module, PyObject *args) {
+    PyObject *arrays;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O|i:moments", &arrays, &threads)) return NULL;
     Buffers in;
     if (fused_acquire(arrays, "moments() takes a sequence of arrays", 0, &in) < 0) return NULL;
     Moments *found = PyMem_Calloc(in.count ? in.count : 1, sizeof(Moments));
@@ -44,7 +82,11 @@ PyObject *fused_moments(PyObject *module, PyObject *arrays) {
         fused_release(&in);
         return PyErr_NoMemory();
     }
-    read_moments(&in, NULL, found);
+    if (read_moments(&in, NULL, threads, found) < 0) {
+        PyMem_Free(found);
+        fused_release(&in);
+        return NULL;
+    }
     fused_release(&in);
     PyObject *out = PyList_New(in.count);
     for (Py_ssize_t i = 0; out != NULL && i < in.count; i++) {
@@ -56,14 +98,16 @@ PyObject *fused_moments(PyObject *module, PyObject *arrays) {
     return out;
 }
 
-/* Reads what `known` (None or a 4-tuple per array) does not hold, then the six statistics per row
+/* Reads (on up to `threads` of torch's threads) what `known` (None or a 4-tuple per array) does not hold, then the six statistics per row
    (mean, mean |g|, max |g|, var, L1, L2) as Python's moment_rows computes them, and which rows to
    redo exactly: the one-pass variance beyond `condition`, squares outside (smallest, largest),
    NaN/Inf. An empty array gives a row of NaN (not redone). */
 PyObject *fused_statistics(PyObject *module, PyObject *args) {
     PyObject *arrays_in, *known_in;
     double condition, largest, smallest;
-    if (!PyArg_ParseTuple(args, "OOddd:statistics", &arrays_in, &known_in, &condition, &largest, &smallest))
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOddd|i:statistics", &arrays_in, &known_in, &condition, &largest, &smallest,
+                          &threads))
         return NULL;
     Buffers in;
     if (fused_acquire(arrays_in, "statistics() takes a sequence of arrays", 0, &in) < 0) return NULL;
@@ -90,7 +134,7 @@ PyObject *fused_statistics(PyObject *module, PyObject *args) {
             goto done;
         have[i] = 1;
     }
-    read_moments(&in, have, found);
+    if (read_moments(&in, have, threads, found) < 0) goto done;
     table = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(6 * sizeof(double)) * in.count);
     redo = PyList_New(0);
     if (table == NULL || redo == NULL) goto done;

@@ -4,7 +4,9 @@
    the same names in bbdecoder/monitor/cpu_reductions.py do; statistics() also does the arithmetic
    of moment_rows.py on the moments, and probe_update() an activation probe's update
    (probe_kernel.py). Each reads an array from memory once, with the GIL released for the whole
-   list (so the writer thread's passes run beside the training thread). Sums are accumulated in
+   list (so the writer thread's passes run beside the training thread). With `threads` > 1 a pass
+   is split over torch's own intra-op threads (threads.c), in blocks whose partial sums are added
+   in a fixed order, so the results are the same bits with any number of threads. Sums are accumulated in
    double per SIMD lane, so they are float64-exact up to the rounding of the additions; the maximum
    is exact. NaN/Inf make the sums non-finite (the caller redoes such rows; the maximum may then be
    anything).
@@ -17,15 +19,19 @@
 #include "fused.h"
 
 static PyMethodDef fused_methods[] = {
-    {"moments", fused_moments, METH_O,
-     "moments(arrays) -> list of (sum(g), sum(|g|), max|g|, sum(g^2)) per array, float64 sums."},
+    {"moments", fused_moments, METH_VARARGS,
+     "moments(arrays, threads=1) -> list of (sum(g), sum(|g|), max|g|, sum(g^2)) per array, float64 sums."},
     {"statistics", fused_statistics, METH_VARARGS,
-     "statistics(arrays, known, condition, largest, smallest) -> (bytearray of (n, 6) float64 rows, "
+     "statistics(arrays, known, condition, largest, smallest, threads=1) -> (bytearray of (n, 6) float64 rows, "
      "indices of the rows to redo)."},
     {"probe_update", fused_probe_update, METH_VARARGS,
-     "probe_update(y, channels, inner, rules, maxima, scalars): one forward into an activation probe's state."},
+     "probe_update(y, channels, inner, rules, maxima, scalars, threads=1): one forward into an activation "
+     "probe's state."},
     {"update_norms", fused_update_norms, METH_VARARGS,
-     "update_norms(weights, snapshots, keep, into=None) -> list of (||s - w||^2, ||w||^2)."},
+     "update_norms(weights, snapshots, keep, into=None, threads=1) -> list of (||s - w||^2, ||w||^2)."},
+    {"use_openmp", fused_use_openmp, METH_O,
+     "use_openmp(path) -> bool: run `threads` > 1 on the OpenMP runtime of the loaded library at `path` "
+     "(torch's extension module); True where it has one."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,19 +11,23 @@ typedef struct {
 } Rules;
 
 /* Values are summed in T per piece of PIECE values (per SIMD lane: 128 or fewer, a relative error
-   of ~1e-7), pieces in double; counts in int per piece. */
+   of ~1e-7), pieces in double; counts in int per piece. A unit is a row of the outer dimension
+   (channels first: each channel's `inner` values) or PIECE rows (channels last); each unit's sum
+   per channel goes to `totals` (units, channels), added up in unit order afterwards, so the sums do
+   not depend on how the units are split among threads. `maxima` (NaN sticks) and `nan` are the
+   part's own, `partial` its scratch. */
 #define PIECE 1024
 
 #define DEFINE_CHANNELS(NAME, T)                                                                        \
-    MULTIVERSION static long long NAME(const T *x, Py_ssize_t outer, Py_ssize_t channels,               \
-                                       Py_ssize_t inner, const Rules *r, T *maxima, int *nan,          \
-                                       double *sums, T *partial) {                                     \
+    MULTIVERSION static long long NAME(const T *x, Py_ssize_t first_unit, Py_ssize_t last_unit,         \
+                                       Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,         \
+                                       const Rules *r, T *maxima, int *nan, double *totals, T *partial) { \
         const T low = (T)r->low, high = (T)r->high;                                                    \
         const int li = r->low_inclusive, hi = r->high_inclusive, counting = r->counting;              \
         long long count = 0;                                                                           \
         if (inner == 1) { /* channels last: along the channels, PIECE rows at a time */               \
-            for (Py_ssize_t first = 0; first < outer; first += PIECE) {                               \
-                Py_ssize_t last = first + PIECE < outer ? first + PIECE : outer;                      \
+            for (Py_ssize_t unit = first_unit; unit < last_unit; unit++) {                            \
+                Py_ssize_t first = unit * PIECE, last = first + PIECE < outer ? first + PIECE : outer; \
                 for (Py_ssize_t c = 0; c < channels; c++) partial[c] = 0;                              \
                 for (Py_ssize_t o = first; o < last; o++) {                                            \
                     const T *row = x + o * channels;                                                  \
@@ -37,11 +41,11 @@ typedef struct {
                     }                                                                                  \
                     count += hits;                                                                     \
                 }                                                                                      \
-                for (Py_ssize_t c = 0; c < channels; c++) sums[c] += partial[c];                       \
+                for (Py_ssize_t c = 0; c < channels; c++) totals[unit * channels + c] = partial[c];    \
             }                                                                                          \
             return counting ? count : 0;                                                               \
         }                                                                                              \
-        for (Py_ssize_t o = 0; o < outer; o++) {                                                       \
+        for (Py_ssize_t o = first_unit; o < last_unit; o++) {                                          \
             for (Py_ssize_t c = 0; c < channels; c++) {                                                \
                 const T *block = x + (o * channels + c) * inner;                                      \
                 T top = maxima[c];                                                                     \
@@ -64,7 +68,7 @@ typedef struct {
                 }                                                                                      \
                 maxima[c] = top;                                                                       \
                 nan[c] |= seen_nan;                                                                    \
-                sums[c] += total;                                                                      \
+                totals[o * channels + c] = total;                                                      \
             }                                                                                          \
         }                                                                                              \
         return counting ? count : 0;                                                                   \
@@ -72,6 +76,50 @@ typedef struct {
 
 DEFINE_CHANNELS(channels_float, float)
 DEFINE_CHANNELS(channels_double, double)
+
+typedef struct {
+    const void *x;
+    int wide; /* float64 */
+    Py_ssize_t outer, channels, inner, units;
+    const Rules *rules;
+    char *maxima, *partial; /* per part: `channels` values of the output's type */
+    int *nan;               /* per part: `channels` flags */
+    long long *counts;      /* per part */
+    double *totals;         /* (units, channels) */
+} ProbeJob;
+
+static void probe_part(void *data, int part, int parts) {
+    const ProbeJob *job = data;
+    Py_ssize_t first = job->units * part / parts, last = job->units * (part + 1) / parts, c = job->channels;
+    size_t width = job->wide ? sizeof(double) : sizeof(float);
+    void *maxima = job->maxima + (size_t)part * c * width, *partial = job->partial + (size_t)part * c * width;
+    int *nan = job->nan + (size_t)part * c;
+    for (Py_ssize_t k = 0; k < c; k++) {
+        nan[k] = 0;
+        if (job->wide)
+            ((double *)maxima)[k] = -Py_HUGE_VAL;
+        else
+            ((float *)maxima)[k] = -(float)Py_HUGE_VAL;
+    }
+    if (job->wide)
+        job->counts[part] = channels_double((const double *)job->x, first, last, job->outer, c, job->inner, job->rules,
+                                            (double *)maxima, nan, job->totals, (double *)partial);
+    else
+        job->counts[part] = channels_float((const float *)job->x, first, last, job->outer, c, job->inner, job->rules,
+                                           (float *)maxima, nan, job->totals, (float *)partial);
+}
+
+/* The channel's largest value over the parts, NaN where any part saw one (either way). */
+static float part_maximum(const ProbeJob *job, Py_ssize_t c, int parts) {
+    float largest = -(float)Py_HUGE_VAL;
+    for (int part = 0; part < parts; part++) {
+        Py_ssize_t at = (Py_ssize_t)part * job->channels + c;
+        float value = job->wide ? (float)((const double *)job->maxima)[at] : ((const float *)job->maxima)[at];
+        if (job->nan[at] || value != value) return (float)Py_NAN;
+        largest = value > largest ? value : largest;
+    }
+    return largest;
+}
 
 /* A rule (op, bound), op 0..3 = lt, le, gt, ge, into `r`; 0 with a ValueError set if not one. */
 static int add_rule(PyObject *rule, Rules *r) {
@@ -100,7 +148,9 @@ static int add_rule(PyObject *rule, Rules *r) {
 PyObject *fused_probe_update(PyObject *module, PyObject *args) {
     PyObject *y_in, *rules_in, *maxima_in, *scalars_in;
     Py_ssize_t channels, inner;
-    if (!PyArg_ParseTuple(args, "OnnOOO:probe_update", &y_in, &channels, &inner, &rules_in, &maxima_in, &scalars_in))
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OnnOOO|i:probe_update", &y_in, &channels, &inner, &rules_in, &maxima_in, &scalars_in,
+                          &threads))
         return NULL;
     Rules rules = {-Py_HUGE_VAL, Py_HUGE_VAL, 0, 0, 0};
     PyObject *fast_rules = PySequence_Fast(rules_in, "probe_update(): rules is a sequence of (op, bound)");
@@ -117,9 +167,7 @@ PyObject *fused_probe_update(PyObject *module, PyObject *args) {
     if (seq == NULL) return NULL;
     Buffers y, maxima, scalars;
     int have_y = 0, have_maxima = 0, have_scalars = 0;
-    double *sums = NULL;
-    void *partial = NULL, *top = NULL; /* float or double, as the output */
-    int *nan = NULL;
+    ProbeJob job = {NULL, 0, 0, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL};
     if (fused_acquire(seq, "", 0, &y) < 0) goto done;
     have_y = 1;
     if (fused_acquire(maxima_in, "probe_update(): maxima is a sequence of one array", 1, &maxima) < 0) goto done;
@@ -145,45 +193,40 @@ PyObject *fused_probe_update(PyObject *module, PyObject *args) {
             goto done;
         }
     }
-    sums = PyMem_Calloc(channels, sizeof(double));
-    top = PyMem_Malloc(channels * sizeof(double)); /* room for either */
-    nan = PyMem_Calloc(channels, sizeof(int));
-    partial = PyMem_Malloc(channels * sizeof(double)); /* room for T = double */
-    if (sums == NULL || top == NULL || nan == NULL || partial == NULL) {
+    Py_ssize_t outer = n / (channels * inner), units = inner == 1 ? (outer + PIECE - 1) / PIECE : outer;
+    int parts = fused_parts(n, threads);
+    parts = parts < units ? parts : (int)units;
+    size_t width = y.sizes[0];
+    job = (ProbeJob){y.views[0].buf, width == 8, outer, channels, inner, units, &rules, NULL, NULL, NULL, NULL, NULL};
+    job.maxima = PyMem_Malloc(parts * channels * width);
+    job.partial = PyMem_Malloc(parts * channels * width);
+    job.nan = PyMem_Malloc(parts * channels * sizeof(int));
+    job.counts = PyMem_Malloc(parts * sizeof(long long));
+    job.totals = PyMem_Malloc(units * channels * sizeof(double));
+    if (job.maxima == NULL || job.partial == NULL || job.nan == NULL || job.counts == NULL || job.totals == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     float *state = (float *)maxima.views[0].buf;
     double *counters[4];
     for (int k = 0; k < 4; k++) counters[k] = (double *)scalars.views[k].buf;
-    Py_ssize_t outer = n / (channels * inner);
-    long long saturated;
+    long long saturated = 0;
     double variance;
     Py_BEGIN_ALLOW_THREADS
-    int wide = y.sizes[0] == 8;
-    for (Py_ssize_t c = 0; c < channels; c++) {
-        if (wide)
-            ((double *)top)[c] = -Py_HUGE_VAL;
-        else
-            ((float *)top)[c] = -(float)Py_HUGE_VAL;
-    }
-    if (wide)
-        saturated = channels_double((const double *)y.views[0].buf, outer, channels, inner, &rules, (double *)top,
-                                    nan, sums, (double *)partial);
-    else
-        saturated = channels_float((const float *)y.views[0].buf, outer, channels, inner, &rules, (float *)top, nan,
-                                   sums, (float *)partial);
+    fused_run(probe_part, &job, parts);
+    for (int part = 0; part < parts; part++) saturated += job.counts[part];
     double count = (double)(outer * inner), grand = 0, spread = 0;
     for (Py_ssize_t c = 0; c < channels; c++) {
-        float largest = wide ? (float)((double *)top)[c] : ((float *)top)[c];
-        float channel_max = nan[c] ? (float)Py_NAN : largest;
+        float channel_max = part_maximum(&job, c, parts);
         state[c] = state[c] != state[c] || channel_max != channel_max ? (float)Py_NAN
                    : (state[c] > channel_max ? state[c] : channel_max);
-        sums[c] /= count; /* the channel's mean */
-        grand += sums[c];
+        double total = 0; /* in unit order */
+        for (Py_ssize_t unit = 0; unit < units; unit++) total += job.totals[unit * channels + c];
+        job.totals[c] = total / count; /* the channel's mean (unit 0's row is no longer read) */
+        grand += job.totals[c];
     }
     grand /= (double)channels;
-    for (Py_ssize_t c = 0; c < channels; c++) spread += (sums[c] - grand) * (sums[c] - grand);
+    for (Py_ssize_t c = 0; c < channels; c++) spread += (job.totals[c] - grand) * (job.totals[c] - grand);
     variance = spread / (double)channels;
     Py_END_ALLOW_THREADS
     if (rules.counting) {
@@ -194,10 +237,11 @@ PyObject *fused_probe_update(PyObject *module, PyObject *args) {
     *counters[3] += 1;
     out = Py_NewRef(Py_None);
 done:
-    PyMem_Free(sums);
-    PyMem_Free(top);
-    PyMem_Free(nan);
-    PyMem_Free(partial);
+    PyMem_Free(job.maxima);
+    PyMem_Free(job.partial);
+    PyMem_Free(job.nan);
+    PyMem_Free(job.counts);
+    PyMem_Free(job.totals);
     if (have_scalars) fused_release(&scalars);
     if (have_maxima) fused_release(&maxima);
     if (have_y) fused_release(&y);

@@ -1,4 +1,5 @@
-/* The update-ratio norms with the snapshot copy: update_norms(). */
+/* The update-ratio norms with the snapshot copy: update_norms(), on up to `threads` of torch's
+   threads. */
 
 #include "fused.h"
 
@@ -33,6 +34,30 @@
 DEFINE_UPDATE(update_float, float)
 DEFINE_UPDATE(update_double, double)
 
+typedef struct {
+    const Buffers *weights, *snapshots, *targets;
+    const Plan *plan;
+    int keep;
+    double *partial; /* two per block */
+} UpdateJob;
+
+static void update_part(void *data, int part, int parts) {
+    const UpdateJob *job = data;
+    const Plan *plan = job->plan;
+    for (Py_ssize_t k = plan->first[part]; k < plan->first[part + 1]; k++) {
+        const Block *b = &plan->blocks[k];
+        const void *w = job->weights->views[b->array].buf, *s = job->snapshots->views[b->array].buf;
+        void *target = job->targets->views[b->array].buf;
+        double *out = &job->partial[2 * k];
+        if (job->weights->sizes[b->array] == 4)
+            update_float((const float *)w + b->start, (const float *)s + b->start, (float *)target + b->start,
+                         b->count, job->keep, &out[0], &out[1]);
+        else
+            update_double((const double *)w + b->start, (const double *)s + b->start, (double *)target + b->start,
+                          b->count, job->keep, &out[0], &out[1]);
+    }
+}
+
 static int same_layout(const Buffers *a, const Buffers *b, const char *name) {
     if (a->count != b->count) {
         PyErr_Format(PyExc_ValueError, "update_norms() got %zd weights and %zd %s", a->count, b->count, name);
@@ -60,8 +85,8 @@ static int same_layout(const Buffers *a, const Buffers *b, const char *name) {
 
 PyObject *fused_update_norms(PyObject *module, PyObject *args) {
     PyObject *weights_in, *snapshots_in, *into_in = Py_None;
-    int keep;
-    if (!PyArg_ParseTuple(args, "OOp|O:update_norms", &weights_in, &snapshots_in, &keep, &into_in))
+    int keep, threads = 1;
+    if (!PyArg_ParseTuple(args, "OOp|Oi:update_norms", &weights_in, &snapshots_in, &keep, &into_in, &threads))
         return NULL;
     int spare = into_in != Py_None;
     Buffers weights, snapshots, into = {NULL, NULL, 0, 0};
@@ -75,28 +100,31 @@ PyObject *fused_update_norms(PyObject *module, PyObject *args) {
         fused_release(&snapshots);
         return NULL;
     }
-    double *norms = NULL;
+    double *norms = NULL, *partial = NULL;
+    Plan plan = {NULL, 0, NULL, 1};
     if (!same_layout(&weights, &snapshots, "snapshots") || (spare && !same_layout(&weights, &into, "spares")))
         goto done;
+    if (fused_plan(&weights, NULL, threads, &plan) < 0) goto done;
     norms = PyMem_Calloc(2 * (weights.count ? weights.count : 1), sizeof(double));
-    if (norms == NULL) {
+    partial = PyMem_Malloc(2 * (plan.count ? plan.count : 1) * sizeof(double));
+    if (norms == NULL || partial == NULL) {
+        PyMem_Free(norms);
+        norms = NULL;
         PyErr_NoMemory();
         goto done;
     }
+    UpdateJob job = {&weights, &snapshots, spare ? &into : &snapshots, &plan, keep, partial};
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < weights.count; i++) {
-        Py_ssize_t n = weights.views[i].len / weights.sizes[i];
-        void *target = spare ? into.views[i].buf : snapshots.views[i].buf;
-        if (weights.sizes[i] == 4)
-            update_float((const float *)weights.views[i].buf, (const float *)snapshots.views[i].buf,
-                         (float *)target, n, keep, &norms[2 * i], &norms[2 * i + 1]);
-        else
-            update_double((const double *)weights.views[i].buf, (const double *)snapshots.views[i].buf,
-                          (double *)target, n, keep, &norms[2 * i], &norms[2 * i + 1]);
+    fused_run(update_part, &job, plan.parts);
+    for (Py_ssize_t k = 0; k < plan.count; k++) { /* in block order */
+        norms[2 * plan.blocks[k].array] += partial[2 * k];
+        norms[2 * plan.blocks[k].array + 1] += partial[2 * k + 1];
     }
     Py_END_ALLOW_THREADS
 done:;
     Py_ssize_t count = weights.count;
+    PyMem_Free(partial);
+    fused_plan_release(&plan);
     fused_release(&weights);
     fused_release(&snapshots);
     fused_release(&into);
