@@ -164,7 +164,9 @@ class ActivationProbe:
         v["channel_var"].assign_add(tf.cast(variance, tf.float64))
         v["forwards"].assign_add(1)
         if self.saturation is not None:
-            v["saturated"].assign_add(tf.reduce_sum(tf.cast(self.saturation(y), tf.int64)))
+            # counted in int32 (half the bytes written of an int64 cast; exact below 2^31 elements)
+            count = tf.reduce_sum(tf.cast(self.saturation(y), tf.int32))
+            v["saturated"].assign_add(tf.cast(count, tf.int64))
             v["total"].assign_add(tf.size(y, out_type=tf.int64))
 
     def state(self) -> list[Any]:

@@ -28,8 +28,10 @@ __all__ = ["HostRatios"]
 
 
 def _alias(variable: Any) -> np.ndarray:
-    """A flat NumPy view of a CPU ``tf.Variable``'s buffer."""
-    capsule = tf.experimental.dlpack.to_dlpack(variable.value())
+    """A flat NumPy view of a CPU ``tf.Variable``'s buffer (the raw read op: ``value()`` adds ~20 us
+    of Python per variable)."""
+    read = tf.raw_ops.ReadVariableOp(resource=variable.handle, dtype=variable.dtype)
+    capsule = tf.experimental.dlpack.to_dlpack(read)
     return torch.utils.dlpack.from_dlpack(capsule).numpy().reshape(-1)
 
 
