@@ -4,9 +4,7 @@ The model: Conv2D(32, 3) ReLU, Conv2D(64, 3) ReLU, MaxPool 2, Dropout 0.25, Dens
 Dense(10) (1.2M parameters, as ``mnist`` in ``bench_monitor.py``), batch 32, Adam. Configurations:
 ``plain`` (``model.fit``), ``callback`` (+ ``MonitorCallback``: six gradient statistics and the
 update ratio of every variable, the store write, every step) and ``callback+act`` (+ the
-activation probes, ``activations=True``); with ``--ablation`` also ``callback-instep`` (the update
-ratios measured inside the train step, as with ``steps_per_execution > 1``, instead of on the host
-between batches).
+activation probes, ``activations=True``).
 
 Each round runs one ``fit`` epoch of ``--batches`` batches per configuration (the order rotated
 between rounds); a timing callback first in the list stamps each batch's begin, one last in the list
@@ -86,23 +84,7 @@ class _Stamp:
         self.begin, self.end = Begin(), End()
 
 
-def _in_step_callback(path: Path) -> Any:
-    """A ``MonitorCallback`` whose update ratios stay in the train step."""
-    from bbdecoder.keras import monitor
-
-    class InStep(monitor.MonitorCallback):
-        def on_train_begin(self, logs: Any = None) -> None:
-            create = monitor.HostRatios.__dict__["create"]
-            monitor.HostRatios.create = staticmethod(lambda variables, k: None)  # type: ignore[method-assign]
-            try:
-                super().on_train_begin(logs)
-            finally:
-                monitor.HostRatios.create = create  # type: ignore[method-assign]
-
-    return InStep(path)
-
-
-def measure(rounds: int, batches: int, ablation: bool = False) -> dict[str, Any]:
+def measure(rounds: int, batches: int) -> dict[str, Any]:
     import numpy as np
 
     from bbdecoder.keras.monitor import MonitorCallback
@@ -110,7 +92,7 @@ def measure(rounds: int, batches: int, ablation: bool = False) -> dict[str, Any]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * batches, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(32 * batches,))
-    names = ["plain", "callback", "callback+act"] + (["callback-instep"] if ablation else [])
+    names = ["plain", "callback", "callback+act"]
     models = {n: _model() for n in names}
     per_round: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()
@@ -122,10 +104,7 @@ def measure(rounds: int, batches: int, ablation: bool = False) -> dict[str, Any]
                 callbacks = [stamp.begin]
                 if name != "plain":
                     path = Path(tmp) / f"{name}_{r}"
-                    if name == "callback-instep":
-                        callbacks.append(_in_step_callback(path))
-                    else:
-                        callbacks.append(MonitorCallback(path, activations=name == "callback+act"))
+                    callbacks.append(MonitorCallback(path, activations=name == "callback+act"))
                 callbacks.append(stamp.end)
                 models[name].fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
                 if r > 0:
@@ -160,13 +139,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=14)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
-    parser.add_argument("--ablation", action="store_true", help="also the ratios measured in the train step")
     args = parser.parse_args()
     _set_threads(args.threads)
     from common import environment, save_results
 
     result = {"environment": environment(), "rounds": args.rounds, "batches": args.batches}
-    result["keras_mnist"] = measure(args.rounds, args.batches, args.ablation)
+    result["keras_mnist"] = measure(args.rounds, args.batches)
     path = save_results(f"keras_monitor_t{args.threads}{args.tag}", result)
     print(f"wrote {path}")
 

@@ -6,11 +6,9 @@ therefore shadows (instance attributes only, removed afterwards) the optimizer's
 Keras' own ``train_step`` reaches through ``apply_gradients``, as do custom ``train_step`` methods
 that call ``optimizer.apply``/``apply_gradients``), ``model.train_step`` (to know when a forward
 belongs to a training step) and the ``call`` of the tracked and watched layers, then retraces the
-train function. Inside the compiled step each step writes the six gradient statistics and a
-finiteness flag of every tracked variable into one small ``tf.Variable`` buffer (copied to the host
-once per executed batch, :mod:`bbdecoder.keras.monitor_capture`); the update ratios of CPU
-variables are measured on the host between batches (:mod:`bbdecoder.keras.monitor_ratios`; in the
-step with ``steps_per_execution > 1``, or on a GPU), and watched layers
+train function. Inside the compiled step each step writes the six gradient statistics, the update
+ratio and a finiteness flag of every tracked variable into one small ``tf.Variable`` buffer (copied
+to the host once per executed batch, :mod:`bbdecoder.keras.monitor_capture`), and watched layers
 update their activation accumulators (read once per epoch). What a step, an epoch and a weight
 snapshot become in the store is the PyTorch monitor's own
 :class:`~bbdecoder.monitor.recorder.Recorder`. The model's own ``train_step`` runs unchanged:
@@ -46,7 +44,6 @@ from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecor
 from bbdecoder.keras.monitor_capture import FINITE, NSTATS, RATIO, StepCapture, gradient_statistics
 from bbdecoder.keras.monitor_layers import qualified_layer_names, select_leaves
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_error, installed_by
-from bbdecoder.keras.monitor_ratios import HostRatios
 from bbdecoder.monitor.recorder import Recorder, Series
 from bbdecoder.monitor.weights import QUANTILES
 from bbdecoder.store import vocabulary as V
@@ -148,7 +145,6 @@ class MonitorCallback(keras.callbacks.Callback):
         self._shadows = Shadows()
         self._installed_on: Any = None
         self._capture: StepCapture | None = None
-        self._host_ratios: HostRatios | None = None
 
     # -- lifetime -----------------------------------------------------------------------------
     def __enter__(self) -> MonitorCallback:
@@ -223,10 +219,7 @@ class MonitorCallback(keras.callbacks.Callback):
         k = int(getattr(model, "steps_per_execution", 1) or 1)
         rows = {id(t.variable): t.row for t in self._tracked}
         xla = bool(getattr(model, "jit_compile", False))
-        variables = [t.variable for t in self._tracked]
-        self._host_ratios = HostRatios.create(variables, k) if self.weights else None
-        in_step = self.weights and self._host_ratios is None  # else measured on the host, between batches
-        self._capture = StepCapture(self, rows, k, gradients=self.gradients, weights=in_step, xla=xla)
+        self._capture = StepCapture(self, rows, k, gradients=self.gradients, weights=self.weights, xla=xla)
         self._current_epoch = 0
         self._install(model, leaves)
         self._recorder = Recorder(
@@ -290,11 +283,10 @@ class MonitorCallback(keras.callbacks.Callback):
         rows = np.arange(len(self._tracked))
         for table, loss in self._capture.read():
             finite = table[:, FINITE] != 0
-            ratios = table[:, RATIO] if self._host_ratios is None else self._host_ratios.measure()
             record = partial(
                 _record, self._recorder, self._step, epoch, rows,
                 table[:, :NSTATS] if self.gradients else None, loss if np.isfinite(loss) else None,
-                finite, ratios if self.weights else None,
+                finite, table[:, RATIO] if self.weights else None,
             )  # fmt: skip
             flush = (self._step + 1) % self.flush_every == 0
             if finite.all():  # on the writer thread, overlapping the next batches
