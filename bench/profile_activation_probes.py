@@ -16,7 +16,8 @@ have no saturation count):
   :class:`~bbdecoder.monitor.element_counts.MaskBuffer` (the probes before the fused kernel);
 - ``probes``: :class:`~bbdecoder.monitor.activations.ActivationProbe` as
   ``Analyzer(activations=True)`` runs it: with the fused kernels one read of each output
-  (:mod:`~bbdecoder.monitor.probe_kernel`);
+  (:mod:`~bbdecoder.monitor.probe_kernel`), split over torch's threads;
+- ``probes-onethread``: the same kernel on the forward's thread alone;
 - ``probes-nosaturation``: the torch path without the saturation count (its per-channel max and
   mean only).
 
@@ -41,14 +42,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_monitor import _workload
 from common import environment, pin_threads, save_results, thread_arg
 
+from bbdecoder.monitor import cpu_reductions
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, ActivationProbe
 from bbdecoder.monitor.element_counts import MaskBuffer
 
-CONFIGS = ("plain", "hooks", "probes-signs", "probes-torch", "probes-numpy", "probes", "probes-nosaturation")
+CONFIGS = (
+    "plain",
+    "hooks",
+    "probes-signs",
+    "probes-torch",
+    "probes-numpy",
+    "probes",
+    "probes-onethread",
+    "probes-nosaturation",
+)
 
 
 def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
-    buffer = MaskBuffer() if name in ("probes", "probes-numpy") else None
+    buffer = MaskBuffer() if name in ("probes", "probes-onethread", "probes-numpy") else None
+    one_thread = name == "probes-onethread"
     for module in model.modules():
         if not isinstance(module, ACTIVATION_FUNCTIONS):
             continue
@@ -64,8 +76,13 @@ def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
             probe.saturation = lambda y, _buffer: y.numel() - torch.sign(y).sum().double()
 
         def hook(_m: nn.Module, _i: object, out: torch.Tensor, probe: ActivationProbe = probe) -> None:
-            with torch.no_grad():
-                probe.update(out, buffer)
+            threaded = cpu_reductions._THREADED
+            cpu_reductions._THREADED = threaded and not one_thread
+            try:
+                with torch.no_grad():
+                    probe.update(out, buffer)
+            finally:
+                cpu_reductions._THREADED = threaded
 
         module.register_forward_hook(hook)
 
