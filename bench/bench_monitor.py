@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, pin_threads, save_results
+from common import environment, kernels_on_one_thread, pin_threads, save_results
 
-from bbdecoder.monitor import Analyzer, cpu_reductions
+from bbdecoder.monitor import Analyzer
 
 
 class MnistCNN(nn.Module):
@@ -211,13 +211,8 @@ class Config:
             wandb.watch(self.model, log="all", log_freq=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        threaded = cpu_reductions._THREADED
-        if self.name.endswith("-onethread"):
-            cpu_reductions._THREADED = False
-        try:
+        with kernels_on_one_thread(self.name.endswith("-onethread")):
             self._step(x, y)
-        finally:
-            cpu_reductions._THREADED = threaded
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0, c0 = time.perf_counter(), time.process_time()

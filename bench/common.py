@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,20 @@ def pin_threads(threads: int = 2) -> int:
 def thread_arg(parser: argparse.ArgumentParser, default: int = 2) -> None:
     """``--threads N`` (default 2): torch threads for the timed methods; results go to ``NAME_tN.json``."""
     parser.add_argument("--threads", type=int, default=default, help=f"torch/cv2 threads (default {default})")
+
+
+@contextlib.contextmanager
+def kernels_on_one_thread(active: bool = True) -> Iterator[None]:
+    """With ``active``, the monitor's fused kernels run on the calling thread alone meanwhile
+    instead of over torch's intra-op threads (the ``-onethread`` ablations); else nothing changes."""
+    from bbdecoder.monitor import cpu_reductions
+
+    threaded = cpu_reductions._THREADED
+    cpu_reductions._THREADED = threaded and not active
+    try:
+        yield
+    finally:
+        cpu_reductions._THREADED = threaded
 
 
 @dataclass

@@ -40,9 +40,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_monitor import _workload
-from common import environment, pin_threads, save_results, thread_arg
+from common import environment, kernels_on_one_thread, pin_threads, save_results, thread_arg
 
-from bbdecoder.monitor import cpu_reductions
 from bbdecoder.monitor.activations import ACTIVATION_FUNCTIONS, ActivationProbe
 from bbdecoder.monitor.element_counts import MaskBuffer
 
@@ -76,13 +75,8 @@ def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
             probe.saturation = lambda y, _buffer: y.numel() - torch.sign(y).sum().double()
 
         def hook(_m: nn.Module, _i: object, out: torch.Tensor, probe: ActivationProbe = probe) -> None:
-            threaded = cpu_reductions._THREADED
-            cpu_reductions._THREADED = threaded and not one_thread
-            try:
-                with torch.no_grad():
-                    probe.update(out, buffer)
-            finally:
-                cpu_reductions._THREADED = threaded
+            with kernels_on_one_thread(one_thread), torch.no_grad():
+                probe.update(out, buffer)
 
         module.register_forward_hook(hook)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_monitor import _workload
-from common import environment, pin_threads, save_results, thread_arg
+from common import environment, kernels_on_one_thread, pin_threads, save_results, thread_arg
 
 from bbdecoder.monitor import Analyzer, cpu_reductions, grad_stats, weights
 
@@ -44,21 +44,20 @@ def measure(workload: str, steps: int) -> dict[str, float]:
     _times.clear()
     model, make_opt, (x, y), loss_fn = _workload(workload)
     opt = make_opt(model)
-    threaded = cpu_reductions._THREADED
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(model, Path(tmp) / "run")
         try:
             for s in range(steps):
-                cpu_reductions._THREADED = threaded and s % 2 == 1
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                t0 = time.perf_counter()
-                analyzer.step(loss=loss)
-                _times.setdefault(("step()", cpu_reductions._THREADED), []).append(time.perf_counter() - t0)
-                opt.step()
+                with kernels_on_one_thread(s % 2 == 0):
+                    loss = loss_fn(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    t0 = time.perf_counter()
+                    analyzer.step(loss=loss)
+                    spent = time.perf_counter() - t0
+                    _times.setdefault(("step()", cpu_reductions._THREADED), []).append(spent)
+                    opt.step()
         finally:
-            cpu_reductions._THREADED = threaded
             analyzer.close()
     out = {}
     print(f"== {workload}")
