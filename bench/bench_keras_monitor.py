@@ -4,26 +4,34 @@ The model: Conv2D(32, 3) ReLU, Conv2D(64, 3) ReLU, MaxPool 2, Dropout 0.25, Dens
 Dense(10) (1.2M parameters, as ``mnist`` in ``bench_monitor.py``), batch 32, Adam. Configurations:
 ``plain`` (``model.fit``), ``callback`` (+ ``MonitorCallback``: six gradient statistics and the
 update ratio of every variable, the store write, every step) and ``callback+act`` (+ the
-activation probes, ``activations=True``).
+activation probes, ``activations=True``: the three ReLUs); with ``--ablation`` also both with the
+statistics and ratios in TF ops instead of the host kernels (``-tfops``).
 
 Each round runs one ``fit`` epoch of ``--batches`` batches per configuration (the order rotated
 between rounds); a timing callback first in the list stamps each batch's begin, one last in the list
 its end, so a batch's time is the train step plus every callback's work on it. The first two batches
 of each ``fit`` are left out (the callback retraces the train function when ``fit`` starts, a
 once-per-fit cost). A round's ratio is the median batch time of a configuration over the median of
-``plain`` in the same round; the result is the median of the rounds' ratios, with quartiles. Run::
+``plain`` in the same round; the result is the median of the rounds' ratios, with quartiles.
 
-    PYTHONPATH=src python bench/bench_keras_monitor.py --threads 1 --rounds 9
+Whole fits several seconds apart differ by 10-20% on a shared VM, more than the cost measured;
+``--block-rounds`` adds the same comparison without ``fit`` (:func:`measure_blocks`: blocks of
+``--block`` consecutive steps, each step the train function and the callback's batch end, the
+configurations taking turns every few hundred milliseconds). Run::
+
+    PYTHONPATH=src python bench/bench_keras_monitor.py --threads 1 --rounds 9 --block-rounds 41
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +92,21 @@ class _Stamp:
         self.begin, self.end = Begin(), End()
 
 
-def measure(rounds: int, batches: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def _tf_ops(active: bool) -> Iterator[None]:
+    """Within this block new callbacks measure in TF ops, not the host kernels (the ablation)."""
+    from bbdecoder.keras import monitor as keras_monitor
+
+    saved = keras_monitor.host_kernels
+    if active:
+        keras_monitor.host_kernels = lambda: False
+    try:
+        yield
+    finally:
+        keras_monitor.host_kernels = saved
+
+
+def measure(rounds: int, batches: int, ablation: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from bbdecoder.keras.monitor import MonitorCallback
@@ -92,7 +114,7 @@ def measure(rounds: int, batches: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * batches, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(32 * batches,))
-    names = ["plain", "callback", "callback+act"]
+    names = _names(ablation)
     models = {n: _model() for n in names}
     per_round: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()
@@ -104,11 +126,79 @@ def measure(rounds: int, batches: int) -> dict[str, Any]:
                 callbacks = [stamp.begin]
                 if name != "plain":
                     path = Path(tmp) / f"{name}_{r}"
-                    callbacks.append(MonitorCallback(path, activations=name == "callback+act"))
+                    callbacks.append(MonitorCallback(path, activations=name.startswith("callback+act")))
                 callbacks.append(stamp.end)
-                models[name].fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+                with _tf_ops(name.endswith("-tfops")):
+                    models[name].fit(
+                        x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
+                    )
                 if r > 0:
                     per_round[name].append(statistics.median(stamp.times[2:]))
+    return _summary(per_round, names, load_before, "fit")
+
+
+def measure_blocks(rounds: int, block: int, ablation: bool = False) -> dict[str, Any]:
+    """The same configurations, driven step by step without ``fit``: per round, ``block``
+    consecutive steps of each configuration in turn (the order rotated), each step its train
+    function and the callback's ``on_train_batch_end``, the first step of a block left out (the
+    switch from another model's data). A round's ratio compares the medians of two blocks a few
+    hundred milliseconds apart, where ``fit`` rounds compare whole fits several seconds apart."""
+    import numpy as np
+    import tensorflow as tf
+
+    from bbdecoder.keras.monitor import MonitorCallback
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32 * 64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=(32 * 64,))
+    names = _names(ablation)
+    setups: dict[str, tuple[Any, Any, Any]] = {}
+    tmp = tempfile.TemporaryDirectory()
+    for name in names:
+        model = _model()
+        model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)  # builds the optimizer
+        callback = None
+        if name == "plain":
+            model.make_train_function(force=True)
+        else:
+            callback = MonitorCallback(Path(tmp.name) / name, activations=name.startswith("callback+act"))
+            with _tf_ops(name.endswith("-tfops")):
+                callback.set_model(model)
+                callback.on_train_begin()
+        data = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat())
+        setups[name] = (model, callback, data)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    load_before = os.getloadavg()
+    try:
+        for r in range(rounds + 1):  # round 0: warm-up (the first trace of each train function)
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                model, callback, data = setups[name]
+                times = []
+                for step in range(block + 1):
+                    t0 = time.perf_counter()
+                    model.train_function(data)
+                    if callback is not None:
+                        callback.on_train_batch_end(step)
+                    times.append(time.perf_counter() - t0)
+                if r > 0:
+                    per_round[name].append(statistics.median(times[1:]))
+    finally:
+        for _, callback, _ in setups.values():
+            if callback is not None:
+                callback.close()
+        tmp.cleanup()
+    return _summary(per_round, names, load_before, f"blocks of {block} steps")
+
+
+def _names(ablation: bool) -> list[str]:
+    names = ["plain", "callback", "callback+act"]
+    return [*names, "callback-tfops", "callback+act-tfops"] if ablation else names
+
+
+def _summary(
+    per_round: dict[str, list[float]], names: list[str], load_before: tuple[float, ...], how: str
+) -> dict[str, Any]:
     plain = per_round["plain"]
     out: dict[str, Any] = {
         "plain_median_s": statistics.median(plain),
@@ -117,7 +207,7 @@ def measure(rounds: int, batches: int) -> dict[str, Any]:
         "configs": {},
     }
     plain_ms = out["plain_median_s"] * 1e3
-    print(f"\n== Keras MNIST CNN, batch 32: plain step {plain_ms:.1f} ms, load {load_before[0]:.1f}")
+    print(f"\n== Keras MNIST CNN, batch 32, {how}: plain step {plain_ms:.1f} ms, load {load_before[0]:.1f}")
     for name in names[1:]:
         ratios = [a / b for a, b in zip(per_round[name], plain, strict=True)]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
@@ -127,7 +217,7 @@ def measure(rounds: int, batches: int) -> dict[str, Any]:
             "step_ratio_q1": q[0],
             "step_ratio_q3": q[2],
         }
-        print(f"  {name:<13} step x{statistics.median(ratios):.3f} [{q[0]:.3f}, {q[2]:.3f}]", flush=True)
+        print(f"  {name:<19} step x{statistics.median(ratios):.3f} [{q[0]:.3f}, {q[2]:.3f}]", flush=True)
     return out
 
 
@@ -139,12 +229,21 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=14)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also the callback with its passes in TF ops (-tfops)"
+    )
+    parser.add_argument("--block-rounds", type=int, default=0, help="rounds of --block steps (0: none)")
+    parser.add_argument("--block", type=int, default=10)
     args = parser.parse_args()
     _set_threads(args.threads)
     from common import environment, save_results
 
     result = {"environment": environment(), "rounds": args.rounds, "batches": args.batches}
-    result["keras_mnist"] = measure(args.rounds, args.batches)
+    if args.rounds:
+        result["keras_mnist"] = measure(args.rounds, args.batches, args.ablation)
+    if args.block_rounds:
+        result["block_rounds"], result["block"] = args.block_rounds, args.block
+        result["keras_mnist_blocks"] = measure_blocks(args.block_rounds, args.block, args.ablation)
     path = save_results(f"keras_monitor_t{args.threads}{args.tag}", result)
     print(f"wrote {path}")
 

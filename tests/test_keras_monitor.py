@@ -88,6 +88,63 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray
 
 def test_gradient_statistics_equal_a_float64_replay(run: tuple[Path, list[np.ndarray], keras.Model]) -> None:
     path, initial, _ = run
+    _assert_replayed(path, initial)
+    frame = open_run(path).scalars()
+    layers = frame.drop_duplicates("param").set_index("param")
+    assert layers.loc["hidden.kernel", "layer_id"] == 0 and layers.loc["out.bias", "layer"] == "out"
+
+
+@pytest.mark.parametrize(
+    "path_kind, compile_options, dtype",
+    [
+        ("host-aside", {"steps_per_execution": 3}, "float32"),  # three updates between reads
+        ("host-aside", {"run_eagerly": True}, "float32"),
+        ("host-aside", {}, "float64"),
+        ("host-inline", {"steps_per_execution": 3}, "float32"),
+        ("host-inline", {}, "float32"),
+        ("tf-ops", {}, "float32"),
+        ("tf-ops", {"steps_per_execution": 3}, "float32"),
+    ],
+)
+def test_every_capture_path_equals_the_float64_replay(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    path_kind: str,
+    compile_options: dict,
+    dtype: str,
+) -> None:
+    """The host kernels (one numpy_function per step; the ratio pass on the writer thread where a
+    core is spare, else in the step) and the TF ops (XLA, no kernels) store the same replayed
+    numbers, also with steps_per_execution > 1 (aside, the later updates come before the earlier
+    steps' ratio passes: TF copies on write) and eagerly; float64 variables take the kernels'
+    float64 path."""
+    from bbdecoder.keras import monitor as keras_monitor
+    from bbdecoder.keras import monitor_capture
+
+    if path_kind == "tf-ops":
+        monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
+    elif not keras_monitor.host_kernels():
+        pytest.skip("the fused kernels are not built")
+    aside = path_kind == "host-aside"
+    monkeypatch.setattr(monitor_capture, "spare_core", lambda: aside)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        model = _model()
+    finally:
+        keras.config.set_dtype_policy(policy)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", **compile_options)
+    initial = [w.copy() for w in model.get_weights()]
+    x, t = _data()
+    monitor = MonitorCallback(tmp_path)
+    model.fit(x, t, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[monitor])
+    host = monitor._capture.host if monitor._capture is not None else None
+    assert (host is not None) == path_kind.startswith("host") and (host is None or host.aside == aside)
+    assert host is None or not any(host.after)  # every pass ran, no view of TF's buffers is kept
+    _assert_replayed(tmp_path, initial)
+
+
+def _assert_replayed(path: Path, initial: list[np.ndarray], rel: float = 2e-5) -> None:
     expected, losses = _replay(initial, *_data())
     frame = open_run(path).scalars()
     assert list(frame.columns) == SCALAR_COLUMNS
@@ -112,10 +169,8 @@ def test_gradient_statistics_equal_a_float64_replay(run: tuple[Path, list[np.nda
             got = frame[(frame.step == step) & (frame.param == param)].set_index("stat").value
             for stat, want in zip(names, values, strict=True):
                 scale = abs(want) if stat != "mean" else expected[step][param][1]  # mean: vs mean |g|
-                assert abs(got[stat] - want) <= 2e-5 * scale + 1e-12, (step, param, stat, got[stat], want)
-    np.testing.assert_allclose(open_run(path).steps().loss, losses, rtol=1e-5)
-    layers = frame.drop_duplicates("param").set_index("param")
-    assert layers.loc["hidden.kernel", "layer_id"] == 0 and layers.loc["out.bias", "layer"] == "out"
+                assert abs(got[stat] - want) <= rel * scale + 1e-12, (step, param, stat, got[stat], want)
+    np.testing.assert_allclose(open_run(path).steps().loss, losses, rtol=max(rel, 1e-5) / 2)
 
 
 def test_epoch_aggregates_and_weight_statistics(run: tuple[Path, list[np.ndarray], keras.Model]) -> None:
@@ -280,7 +335,14 @@ def _oracle_epoch(model: keras.Model, batches: list[np.ndarray], eps: float = 1e
     return result
 
 
-def test_activation_statistics_equal_a_numpy_oracle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path_kind", ["host", "tf-ops"])
+def test_activation_statistics_equal_a_numpy_oracle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str
+) -> None:
+    if path_kind == "tf-ops":
+        from bbdecoder.keras import monitor as keras_monitor
+
+        monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
     model = _act_model(frozen=True)
     x, t = _act_data()
     data = tf.data.Dataset.from_tensor_slices((x, t)).batch(ACT_BATCH).repeat()  # new samples each epoch
@@ -357,13 +419,50 @@ def test_watching_leaves_training_bit_identical_and_stores_pytorch_names(tmp_pat
     assert set(keras_run.stat) == set(torch_run.stat)
     torch_act, keras_act = torch_run[torch_run.param == ""], keras_run[keras_run.param == ""]
     assert set(keras_act.stat) == set(torch_act.stat) == set(ACTIVATION_STATS)
-    assert set(keras_act.layer) == {"conv", "flat", "sat", "head"}  # activations=True: every leaf layer
+    # activations=True: the activation outputs (the fused ReLU, the sigmoid), as PyTorch's ReLU, Sigmoid
+    assert set(keras_act.layer) == {"conv", "sat"} and len(set(torch_act.layer)) == 2
     assert keras_act.groupby("layer").epoch.nunique().eq(2).all()  # one row per layer, stat and epoch
-    flat = keras_act[(keras_act.layer == "flat") & (keras_act.stat == "saturated_fraction")].value
-    assert flat.isna().all()  # no activation function: NaN, as for an nn.Flatten
+    for keras_layer, torch_id in (("conv", 1), ("sat", 4)):  # dead units on the rectifier only
+        torch_stats = set(torch_act[torch_act.layer_id == torch_id].stat)
+        assert set(keras_act[keras_act.layer == keras_layer].stat) == torch_stats, keras_layer
+    assert monitor.dead_units == {"conv": [1]}
     torch_events, keras_events = open_run(tmp_path / "torch").events(), open_run(tmp_path / "keras").events()
     assert list(keras_events.columns) == list(torch_events.columns)
     assert set(keras_events.kind) == {"dead_units"}
+
+
+def test_activations_true_watches_the_activation_outputs_as_pytorch_does() -> None:
+    from bbdecoder.keras.activation_kinds import activation_kind, watched_layers
+
+    kinds = {
+        "relu_layer": (keras.layers.ReLU(), "rectifier"),
+        "leaky": (keras.layers.LeakyReLU(), "rectifier"),
+        "prelu": (keras.layers.PReLU(), "rectifier"),
+        "elu": (keras.layers.ELU(), "rectifier"),
+        "gelu": (keras.layers.Activation("gelu"), "rectifier"),
+        "swish": (keras.layers.Dense(3, activation="swish"), "rectifier"),
+        "conv_relu": (keras.layers.Conv2D(2, 1, activation="relu"), "rectifier"),
+        "tanh": (keras.layers.Activation("tanh"), "activation"),
+        "sigmoid": (keras.layers.Dense(3, activation="sigmoid"), "activation"),
+        "softmax": (keras.layers.Dense(3, activation="softmax"), None),
+        "softmax_layer": (keras.layers.Softmax(), None),
+        "linear": (keras.layers.Dense(3), None),
+        "dropout": (keras.layers.Dropout(0.5), None),
+        "flatten": (keras.layers.Flatten(), None),
+        "lstm": (keras.layers.LSTM(2, activation="tanh"), None),  # its output is not tanh's alone
+    }
+    for name, (layer, want) in kinds.items():
+        assert activation_kind(layer) == want, name
+
+    model = _act_model(frozen=False)  # conv (fused relu), flat, sat (sigmoid), head (linear)
+    watched = {layer.name: dead for _, layer, dead in watched_layers(model, True)}
+    assert watched == {"conv": True, "sat": False}
+    named = {layer.name: dead for _, layer, dead in watched_layers(model, ["head", "flat"])}
+    assert named == {"flat": True, "head": True}  # a named layer counts dead units
+    assert watched_layers(model, None) == watched_layers(model, False) == []
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="only")])
+    with pytest.warns(UserWarning, match="found no activation layer"):
+        assert watched_layers(plain, True) == []
 
 
 @pytest.mark.slow  # XLA compiles for about 12 s on 2 CPU cores
@@ -380,8 +479,53 @@ def test_bit_identical_under_xla(tmp_path: Path) -> None:
     assert open_run(tmp_path).events("dead_units").layer.tolist()[0] == "conv"
 
 
+@pytest.mark.parametrize(
+    "shape, axis, layer",
+    [
+        ((4, 5, 6, 3), -1, keras.layers.ReLU()),  # channels last
+        ((4, 3, 5, 6), 1, keras.layers.Activation("sigmoid")),  # channels first: (outer, C, inner)
+        ((4, 7, 8), -1, keras.layers.Activation("tanh")),  # (N, L, D)
+        ((9,), -1, keras.layers.ReLU(max_value=1.0)),  # one channel
+        ((4, 6), 0, keras.layers.Dense(6)),  # no saturation test
+    ],
+)
+def test_the_host_probe_keeps_the_tf_probes_state(
+    shape: tuple[int, ...], axis: int, layer: keras.Layer
+) -> None:
+    from bbdecoder.keras import monitor_host
+    from bbdecoder.keras.activation_kinds import activation_name
+    from bbdecoder.keras.monitor_activations import ActivationProbe
+
+    if not monitor_host.host_kernels():
+        pytest.skip("the fused kernels are not built")
+    rng = np.random.default_rng(3)
+    outputs = [rng.normal(size=shape).astype("float32") for _ in range(3)]
+    outputs[1][(0,) * len(shape)] = 0.0  # an exact zero: saturated for a ReLU
+    kind = activation_name(layer)
+    if kind == "tanh":  # saturated and not: |y| > 1 - eps for about a third
+        outputs = [np.tanh(4 * y) for y in outputs]
+    elif kind == "sigmoid":
+        outputs = [1 / (1 + np.exp(-8 * y)) for y in outputs]
+    if isinstance(layer, keras.layers.ReLU):
+        outputs = [np.clip(y, 0, layer.max_value) for y in outputs]  # what a ReLU can return
+    states = {}
+    for host in (True, False):
+        probe = ActivationProbe(0, "layer", layer, 0.0, 1e-3, axis, host=host)
+        step = tf.function(probe.update)
+        for y in outputs:
+            step(tf.constant(y.astype("float32")))
+        states[host] = [np.asarray(t, dtype=np.float64) for t in probe.state()]
+        assert (probe._host is not None) == host
+    host_state, tf_state = states[True], states[False]
+    np.testing.assert_array_equal(host_state[0], tf_state[0])  # per-channel maximum
+    np.testing.assert_array_equal(np.concatenate(host_state[1:3]), np.concatenate(tf_state[1:3]))  # counts
+    assert (host_state[1][0] > 0) == (kind is not None or isinstance(layer, keras.layers.ReLU))
+    np.testing.assert_allclose(host_state[3], tf_state[3], rtol=1e-5)  # summed channel variance
+    assert float(host_state[4][0]) == float(tf_state[4][0]) == len(outputs)
+
+
 def test_saturation_tests_match_numpy() -> None:
-    from bbdecoder.keras.monitor_activations import saturation_test
+    from bbdecoder.keras.activation_kinds import saturation_test
 
     y = np.array([-7.0, -1.0, -0.9995, -0.5, 0.0, 0.0004, 0.5, 0.9996, 1.0, 6.0, 7.0], dtype="float32")
     eps = 1e-3
@@ -506,7 +650,7 @@ def test_a_failing_train_step_restores_the_model(tmp_path: Path) -> None:
     x, t = _data()
     bad = x.copy()
     bad[BATCH + 1] = 1000.0  # the second batch trips the assertion inside the compiled step
-    monitor = MonitorCallback(tmp_path, activations=True)
+    monitor = MonitorCallback(tmp_path, activations=["guard", "out"])
     with pytest.raises(tf.errors.InvalidArgumentError):
         model.fit(bad, t, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     _assert_restored(model)

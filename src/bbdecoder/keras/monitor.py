@@ -6,10 +6,10 @@ therefore shadows (instance attributes only, removed afterwards) the optimizer's
 Keras' own ``train_step`` reaches through ``apply_gradients``, as do custom ``train_step`` methods
 that call ``optimizer.apply``/``apply_gradients``), ``model.train_step`` (to know when a forward
 belongs to a training step) and the ``call`` of the tracked and watched layers, then retraces the
-train function. Inside the compiled step each step writes the six gradient statistics, the update
-ratio and a finiteness flag of every tracked variable into one small ``tf.Variable`` buffer (copied
-to the host once per executed batch, :mod:`bbdecoder.keras.monitor_capture`), and watched layers
-update their activation accumulators (read once per epoch). What a step, an epoch and a weight
+train function. Each step records the six gradient statistics, the update ratio and a finiteness
+flag of every tracked variable (by the fused CPU kernels on the host, called from the compiled
+step, or by TF ops inside it under XLA: :mod:`bbdecoder.keras.monitor_capture`), and watched
+layers update their activation accumulators (read once per epoch). What a step, an epoch and a weight
 snapshot become in the store is the PyTorch monitor's own
 :class:`~bbdecoder.monitor.recorder.Recorder`. The model's own ``train_step`` runs unchanged:
 loss scaling, sample weights and metrics are Keras', and the weights are bit-identical to a run
@@ -40,8 +40,9 @@ import torch
 
 from bbdecoder.keras._backend import keras
 from bbdecoder.keras.layers import leaf_layers
-from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecorder
-from bbdecoder.keras.monitor_capture import FINITE, NSTATS, RATIO, StepCapture, gradient_statistics
+from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecorder, watched_layers
+from bbdecoder.keras.monitor_capture import StepCapture, gradient_statistics
+from bbdecoder.keras.monitor_host import FINITE, NSTATS, RATIO, host_kernels, one_replica
 from bbdecoder.keras.monitor_layers import qualified_layer_names, select_leaves
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_error, installed_by
 from bbdecoder.monitor.recorder import Recorder, Series
@@ -69,12 +70,15 @@ class MonitorCallback(keras.callbacks.Callback):
     steps, and weight histograms on fixed bins, ``weight_mean``, ``weight_std``, ``weight_l2`` and
     quantiles, computed by the same functions as the PyTorch monitor.
 
-    Activations (``activations=True`` or a selection of leaf layers), per epoch, stored under
-    ``param ""`` exactly as the PyTorch ``Analyzer`` stores them: ``dead_fraction`` and
-    ``dead_count`` (a channel is dead when the layer's output was ``<= dead_threshold`` for every
-    sample and position of the epoch's training steps; channels along ``channel_axis``, the last
-    by default), ``saturated_fraction`` (layers whose output is a sigmoid, tanh, ReLU, relu6,
-    hard_sigmoid or hard_tanh, fused ``activation=`` included; NaN otherwise) and ``channel_var``
+    Activations (``activations=True``: every leaf layer whose output is an elementwise activation
+    function's - ``ReLU``/``LeakyReLU``/``PReLU``/``ELU`` and ``Activation`` layers, the fused
+    ``activation=`` of Dense/Conv layers, softmax excluded - as the PyTorch ``Analyzer`` watches its
+    activation modules; or a selection of leaf layers), per epoch, stored under ``param ""``
+    exactly as the PyTorch ``Analyzer`` stores them: ``dead_fraction`` and ``dead_count`` (on the
+    rectifiers, and on every layer of a selection: a channel is dead when the layer's output was
+    ``<= dead_threshold`` for every sample and position of the epoch's training steps; channels
+    along ``channel_axis``, the last by default), ``saturated_fraction`` (layers whose output is a
+    sigmoid, tanh, ReLU, relu6, hard_sigmoid or hard_tanh; NaN otherwise) and ``channel_var``
     (variance across channels of the channel means, averaged over forwards), plus a ``dead_units``
     event per layer with dead channels. Only forwards inside the training step count (validation
     and ``predict`` do not).
@@ -99,8 +103,8 @@ class MonitorCallback(keras.callbacks.Callback):
             these (``None``: all).
         gradients: record the per-step gradient statistics.
         weights: record update ratios and the per-epoch weight statistics and histograms.
-        activations: leaf layers whose outputs are watched: ``True`` (all), ``False``/``None``
-            (none), or IDs, names, layer objects or a list of these.
+        activations: leaf layers whose outputs are watched: ``True`` (the activation layers, see
+            above), ``False``/``None`` (none), or IDs, names, layer objects or a list of these.
         dead_threshold, saturation_eps: the activation settings of the PyTorch monitor.
         channel_axis: the channel axis of watched outputs (channels last: ``-1``).
         histogram_bins, quantiles, flush_every: as for the PyTorch ``Analyzer``.
@@ -193,24 +197,22 @@ class MonitorCallback(keras.callbacks.Callback):
         names = qualified_layer_names(model)
         self.writer = writer = ThreadedRunWriter(self.save_path)
         leaves = leaf_layers(model)
-        writer.set_layers(
-            [
-                (i, names.get(id(layer), layer.name), type(layer).__name__, _size(layer), None)
-                for i, layer in enumerate(leaves)
-            ]
-        )
+        layer_rows = [
+            (i, names.get(id(L), L.name), type(L).__name__, _size(L), None) for i, L in enumerate(leaves)
+        ]
+        writer.set_layers(layer_rows)
         writer.set_meta(V.META_MODEL, type(model).__name__)
         writer.set_meta(V.META_FRAMEWORK, "keras")
         self._tracked = self._track(model, names, writer)
         self._activations = ActivationRecorder(writer)
-        if self.activations not in (False, None):
-            for layer_id, layer in select_leaves(model, self.activations):
-                name = names.get(id(layer), layer.name)
-                self._activations.watch(
-                    ActivationProbe(
-                        layer_id, name, layer, self.dead_threshold, self.saturation_eps, self.channel_axis
-                    )
-                )
+        xla = bool(getattr(model, "jit_compile", False))
+        host = not xla and host_kernels() and one_replica(model)  # the passes of monitor_host
+        settings = (self.dead_threshold, self.saturation_eps, self.channel_axis)
+        for layer_id, layer, dead in watched_layers(model, self.activations):
+            probe = ActivationProbe(
+                layer_id, names.get(id(layer), layer.name), layer, *settings, count_dead=dead, host=host
+            )
+            self._activations.watch(probe)
         self._step = writer.next_step()
         last = writer.last_epoch()
         self._epoch0 = 0 if last is None else last + 1
@@ -218,16 +220,13 @@ class MonitorCallback(keras.callbacks.Callback):
         self.dead_units = {}
         k = int(getattr(model, "steps_per_execution", 1) or 1)
         rows = {id(t.variable): t.row for t in self._tracked}
-        xla = bool(getattr(model, "jit_compile", False))
-        self._capture = StepCapture(self, rows, k, gradients=self.gradients, weights=self.weights, xla=xla)
+        flags = {"gradients": self.gradients, "weights": self.weights, "xla": xla, "host": host}
+        self._capture = StepCapture(self, rows, k, **flags)
         self._current_epoch = 0
         self._install(model, leaves)
+        bins, scaled = self.histogram_bins, self._capture.loss_scaled
         self._recorder = Recorder(
-            writer,
-            self._tracked,
-            histogram_bins=self.histogram_bins,
-            quantiles=self.quantiles,
-            loss_scaled=self._capture.loss_scaled,
+            writer, self._tracked, histogram_bins=bins, quantiles=self.quantiles, loss_scaled=scaled
         )
         writer.flush()
 
@@ -281,12 +280,12 @@ class MonitorCallback(keras.callbacks.Callback):
         assert self.writer is not None and self._capture is not None
         epoch = self._epoch0 + self._current_epoch
         rows = np.arange(len(self._tracked))
-        for table, loss in self._capture.read():
+        for table, loss, measure in self._capture.read():
             finite = table[:, FINITE] != 0
             record = partial(
                 _record, self._recorder, self._step, epoch, rows,
                 table[:, :NSTATS] if self.gradients else None, loss if np.isfinite(loss) else None,
-                finite, table[:, RATIO] if self.weights else None,
+                finite, table[:, RATIO] if self.weights else None, measure,
             )  # fmt: skip
             flush = (self._step + 1) % self.flush_every == 0
             if finite.all():  # on the writer thread, overlapping the next batches
@@ -334,10 +333,13 @@ class MonitorCallback(keras.callbacks.Callback):
 
 def _record(
     recorder: Recorder, step: int, epoch: int, rows: np.ndarray, values: np.ndarray | None,
-    loss: float | None, finite: np.ndarray, ratios: np.ndarray | None,
+    loss: float | None, finite: np.ndarray, ratios: np.ndarray | None, measure: Callable[[], None] | None,
     first_bad: Callable[[list[Series]], Series] = lambda bad: bad[0],
 ) -> None:  # fmt: skip
-    """One batch into the recorder: its statistics, loss and update ratios (``None``: not recorded)."""
+    """One batch into the recorder: its statistics, loss and update ratios (``None``: not recorded;
+    ``measure``: the ratio pass that fills ``ratios`` first, see ``StepCapture.read``)."""
+    if measure is not None:
+        measure()
     recorder.step(step, epoch, rows, values, loss, first_bad=first_bad, finite=finite)
     if ratios is not None:
         recorder.ratios(step, epoch, rows, ratios)

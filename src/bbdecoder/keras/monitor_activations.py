@@ -2,100 +2,37 @@
 :class:`~bbdecoder.monitor.activation_watch.ActivationWatcher` does (same stat names, ``param ""``,
 one row per layer and epoch, ``dead_units`` events).
 
-Each watched layer gets an :class:`ActivationProbe`: a few ``tf.Variable`` accumulators (per-channel
-maximum, saturated / total element counts, the summed channel variance, the number of forwards)
-that the traced train step updates with the layer's output. They are created on the first trace
-(lifted out of the function with ``tf.init_scope``, when the channel count is known) and read with
-one host copy per epoch by :meth:`ActivationRecorder.record`.
+Each watched layer gets an :class:`ActivationProbe`: its accumulators (per-channel maximum,
+saturated / total element counts, the summed channel variance, the number of forwards), updated by
+the traced train step with the layer's output and created on its first trace, when the channel
+count is known. Without XLA they are NumPy arrays that the fused kernel updates in one read of the
+output (:class:`~bbdecoder.keras.monitor_host.HostProbe`); under XLA, or where the kernel cannot
+express the layer's saturation test, ``tf.Variable`` s updated by TF ops (lifted out of the
+function with ``tf.init_scope``). :meth:`ActivationRecorder.record` reads them once per epoch.
+Which layers are watched: :mod:`~bbdecoder.keras.activation_kinds`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bbdecoder.keras._backend import keras, tf
+from bbdecoder.keras._backend import tf
+from bbdecoder.keras.activation_kinds import saturation_rules, saturation_test, watched_layers
+from bbdecoder.keras.monitor_host import HostProbe, host_call
 from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
 from bbdecoder.monitor.probe_state import ACTIVATION_STATE
 from bbdecoder.store.vocabulary import ACTIVATION_PARAM
 from bbdecoder.store.writer import RunWriter
 
-SaturationTest = Callable[[Any], Any]
-
-_FUSING_LAYERS = tuple(
-    cls
-    for cls in (
-        getattr(keras.layers, name, None)
-        for name in (
-            "Activation",
-            "Dense",
-            "EinsumDense",
-            "Conv1D",
-            "Conv2D",
-            "Conv3D",
-            "Conv1DTranspose",
-            "Conv2DTranspose",
-            "Conv3DTranspose",
-            "SeparableConv1D",
-            "SeparableConv2D",
-            "DepthwiseConv1D",
-            "DepthwiseConv2D",
-        )
-    )
-    if cls is not None
-)
-"""Layers whose output is ``activation(...)`` of everything else they compute (RNNs are not)."""
-
-
-def _bounds(lo: float, hi: float) -> SaturationTest:
-    return lambda y: (y <= lo) | (y >= hi)
-
-
-def activation_name(layer: Any) -> str | None:
-    """The name of the activation function whose output ``layer`` returns (``Activation`` layers
-    and the fused ``activation=`` of Dense/Conv layers), or ``None``."""
-    if not isinstance(layer, _FUSING_LAYERS):
-        return None
-    fn = getattr(layer, "activation", None)
-    name = getattr(fn, "__name__", None)
-    return None if name in (None, "linear") else str(name)
-
-
-def saturation_test(layer: Any, eps: float) -> SaturationTest | None:
-    """The boolean test "this output is saturated" for the layer's activation, or ``None``.
-
-    Sigmoid: ``y < eps`` or ``y > 1 - eps``; tanh: ``|y| > 1 - eps``; ReLU: ``y == 0``; relu6,
-    hard_tanh, hard_sigmoid: at either bound - the tests of the PyTorch monitor. A ``ReLU`` layer
-    is tested for ``y == 0`` (when ``negative_slope == 0``) and for ``y >= max_value`` (when set).
-    """
-    if isinstance(layer, keras.layers.ReLU):
-        lower = float(layer.negative_slope) == 0.0
-        upper = layer.max_value
-        if lower and upper is not None:
-            return lambda y: (y == 0) | (y >= float(upper))
-        if lower:
-            return lambda y: y == 0
-        if upper is not None:
-            return lambda y: y >= float(upper)
-        return None
-    tests: dict[str, SaturationTest] = {
-        "sigmoid": lambda y: (y < eps) | (y > 1 - eps),
-        "tanh": lambda y: tf.abs(y) > 1 - eps,
-        "relu": lambda y: tf.equal(y, 0),
-        "relu6": _bounds(0.0, 6.0),
-        "hard_tanh": _bounds(-1.0, 1.0),
-        "hard_sigmoid": _bounds(0.0, 1.0),
-    }
-    name = activation_name(layer)
-    return tests.get(name) if name is not None else None
-
 
 class ActivationProbe:
-    """Running activation state of one layer over the current epoch, in ``tf.Variable`` s.
+    """Running activation state of one layer over the current epoch (``host``: in NumPy arrays
+    updated by the fused kernel where the layer allows, else in ``tf.Variable`` s).
 
-    - ``max``: per channel, the largest output seen; a unit is **dead** when it is ``<= threshold``.
+    - ``max``: per channel, the largest output seen; a unit is **dead** when it is ``<= threshold``
+      (updated only where ``count_dead``: rectifiers and the layers the user named).
     - ``saturated`` / ``total``: element counts (only for layers with a :func:`saturation_test`).
     - ``channel_var``: population variance across channels of the channels' mean outputs (over
       samples and positions), summed over forwards; ``forwards`` counts the forwards.
@@ -105,14 +42,28 @@ class ActivationProbe:
 
     STATE = ACTIVATION_STATE
 
-    def __init__(self, layer_id: int, name: str, layer: Any, threshold: float, eps: float, axis: int) -> None:
+    def __init__(
+        self,
+        layer_id: int,
+        name: str,
+        layer: Any,
+        threshold: float,
+        eps: float,
+        axis: int,
+        *,
+        count_dead: bool = True,
+        host: bool = False,
+    ) -> None:
         self.layer_id = layer_id
         self.name = name
         self.threshold = threshold
+        self.count_dead = count_dead
         self.axis = axis
         self.saturation = saturation_test(layer, eps)
+        self.rules = saturation_rules(layer, eps) if host else None  # None: the TF ops
         self.channels: int | None = None
         self._vars: dict[str, Any] = {}
+        self._host: HostProbe | None = None
 
     def _initial(self, channels: int) -> dict[str, Any]:
         initial = {
@@ -149,16 +100,32 @@ class ActivationProbe:
                     f"the output of layer {self.name!r} has no static size along the channel axis "
                     f"{self.axis}; watch another layer or set channel_axis"
                 )
-            ch = tf.reshape(tf.experimental.numpy.moveaxis(y, axis, -1), (-1, channels))
+            last = y if axis == rank - 1 else tf.experimental.numpy.moveaxis(y, axis, -1)
+            ch = tf.reshape(last, (-1, channels))
+        inner = y.shape[axis + 1 :].num_elements() if rank > 1 else 1
+        host = self.rules is not None and inner is not None
         if self.channels is None:
-            self._create(int(channels))
+            if host:
+                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [])
+                self.channels = int(channels)
+            else:
+                self._create(int(channels))
         elif channels != self.channels:
             raise ValueError(
                 f"layer {self.name!r} returned {channels} channels after {self.channels}; a watched "
                 "layer must keep its channel count (a shared layer called on differently shaped inputs?)"
             )
+        if self._host is not None:
+            if not host or self._host.inner != inner:
+                raise ValueError(
+                    f"layer {self.name!r} returned {y.shape} after outputs of {self._host.inner} elements "
+                    "per channel after the channel axis; a watched layer must keep that size"
+                )
+            host_call(self._host, [y], "bbdecoder_probe")
+            return
         v = self._vars
-        v["max"].assign(tf.maximum(v["max"], tf.reduce_max(ch, axis=0)))
+        if self.count_dead:
+            v["max"].assign(tf.maximum(v["max"], tf.reduce_max(ch, axis=0)))
         means = tf.reduce_mean(ch, axis=0)
         variance = tf.reduce_mean(tf.square(means - tf.reduce_mean(means)))
         v["channel_var"].assign_add(tf.cast(variance, tf.float64))
@@ -171,12 +138,17 @@ class ActivationProbe:
 
     def state(self) -> list[Any]:
         """``[max (C,), saturated, total, channel_var, forwards]`` as float64 tensors (``[]``: no forward)."""
+        if self._host is not None:
+            return self._host.state()
         if not self._vars:
             return []
         v = self._vars
         return [tf.cast(tf.reshape(v[k], (-1,)), tf.float64) for k in v]
 
     def reset(self) -> None:
+        if self._host is not None:
+            self._host.reset()
+            return
         if self.channels is None:
             return
         for key, value in self._initial(self.channels).items():
@@ -201,7 +173,7 @@ class ActivationRecorder:
         parts = [t for state in states.values() for t in state]
         if not parts:
             return {}
-        host = tf.concat(parts, axis=0).numpy()
+        host = np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1) for t in parts])
         epochs, pos = [], 0
         for lid, state in states.items():
             probe = self.probes[lid]
@@ -220,7 +192,7 @@ class ActivationRecorder:
                     channel_var,
                     forwards,
                     probe.threshold,
-                    count_dead=True,
+                    count_dead=probe.count_dead,
                     has_saturation=has_saturation,
                 )
             )
@@ -230,4 +202,4 @@ class ActivationRecorder:
         return store_activation_epoch(self.writer, epochs, step, epoch)
 
 
-__all__ = ["ActivationProbe", "ActivationRecorder", "activation_name", "saturation_test"]
+__all__ = ["ActivationProbe", "ActivationRecorder", "watched_layers"]

@@ -11,13 +11,14 @@ steps to the host once per executed batch for the shared
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
+from bbdecoder.keras.monitor_host import COLUMNS, NSTATS, HostStep, host_call, spare_core
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
-from bbdecoder.store.vocabulary import GRAD_STATS
 
 try:  # Keras' own test for "this call only computes output shapes" (compute_output_spec)
     from keras.src.backend.common.symbolic_scope import in_symbolic_scope
@@ -25,11 +26,6 @@ except ImportError:  # pragma: no cover - other Keras layouts
 
     def in_symbolic_scope() -> bool:
         return False
-
-
-NSTATS = len(GRAD_STATS)
-RATIO, FINITE = NSTATS, NSTATS + 1  # buffer columns after the six statistics
-_COLUMNS = NSTATS + 2
 
 
 CONDITION = 4.0
@@ -89,6 +85,13 @@ def update_ratio(before: Any, after: Any, fused: bool = True) -> Any:
     return tf.where(norm > 0, delta / tf.where(norm > 0, norm, 1.0), delta)
 
 
+def _host_array(x: Any) -> Any:
+    """A gradient or weight as the host kernels take it: dense, float32 or float64."""
+    if isinstance(x, tf.IndexedSlices):
+        x = tf.convert_to_tensor(x)
+    return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+
+
 def _all_finite(grad: Any) -> Any:
     values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
     return tf.cast(tf.reduce_all(tf.math.is_finite(values)), tf.float32)
@@ -119,19 +122,31 @@ class StepCapture:
         k: ``steps_per_execution`` (steps between two host reads).
         gradients, weights: record the statistics / the update ratios.
         xla: the train step is compiled by XLA (``jit_compile``): no ``EuclideanNorm`` kernel there.
+        host: fill the tables on the host (:mod:`~bbdecoder.keras.monitor_host`; never under XLA).
     """
 
     def __init__(
-        self, owner: Any, rows: dict[int, int], k: int, *, gradients: bool, weights: bool, xla: bool = False
+        self,
+        owner: Any,
+        rows: dict[int, int],
+        k: int,
+        *,
+        gradients: bool,
+        weights: bool,
+        xla: bool = False,
+        host: bool = False,
     ) -> None:
         self.owner = owner
         self.fused = not xla  # the EuclideanNorm kernel has no XLA version
+        self.host = None
+        if host and not xla:
+            self.host = HostStep(len(rows), k, gradients=gradients, weights=weights, aside=spare_core())
         self.rows = rows
         self.k = k
         self.gradients = gradients
         self.weights = weights
         n = len(rows)
-        self.buffer = tf.Variable(tf.fill((k, n, _COLUMNS), np.nan), trainable=False)
+        self.buffer = tf.Variable(tf.fill((k, n, COLUMNS), np.nan), trainable=False)
         self.losses = tf.Variable(tf.fill((k,), np.nan), trainable=False)
         self.pending_loss = tf.Variable(np.float32(np.nan), trainable=False)
         self.counter = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -159,6 +174,8 @@ class StepCapture:
                 for g, v in zip(grads, variables, strict=True)
                 if id(v) in self.rows and g is not None
             ]
+            if self.host is not None:
+                return self._apply_on_host(optimizer, original_apply, grads, variables, picked)
             slot = self.counter % self.k
             columns = []
             if self.gradients and picked:
@@ -183,7 +200,7 @@ class StepCapture:
                 columns.append(tf.reshape(tf.stack(ratios), (-1, 1)))
             else:
                 columns.append(tf.fill((len(picked), 1), np.float32(np.nan)))
-            table = tf.fill((n, _COLUMNS), np.float32(np.nan))
+            table = tf.fill((n, COLUMNS), np.float32(np.nan))
             if picked:
                 columns.append(tf.reshape(tf.stack(finite), (-1, 1)))
                 index = tf.constant([[r] for r, _, _ in picked], dtype=tf.int32)
@@ -195,6 +212,34 @@ class StepCapture:
             return result
 
         return self._owned(apply)
+
+    def _apply_on_host(
+        self,
+        optimizer: Any,
+        original_apply: Callable[..., Any],
+        grads: list[Any],
+        variables: list[Any],
+        picked: list,
+    ) -> Any:
+        """``apply`` with the step's row written by one ``numpy_function`` after the update."""
+        host = self.host
+        assert host is not None
+        inv = tf.constant(1.0, tf.float32)
+        if self.loss_scaled and self.gradients:  # the scale of this step's gradients, read before the update
+            scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+            inv = 1.0 / tf.cast(scale, tf.float32)
+        loss = tf.identity(self.pending_loss)
+        new = [(r, v) for r, _, v in picked if r not in host.ratios.snapshots]
+        if new and self.weights:
+            with tf.init_scope():  # the snapshot, taken when the step is first traced: just before it runs
+                host.ratios.add({r: v.numpy() for r, v in new})
+        result = original_apply(grads, variables)
+        dense = [_host_array(g) for _, g, _ in picked]
+        after = [_host_array(v.value) for _, _, v in picked] if self.weights else []
+        record = partial(host.record, [r for r, _, _ in picked], len(dense))
+        host_call(record, [loss, inv, *dense, *after], "bbdecoder_step")
+        self.pending_loss.assign(np.float32(np.nan))
+        return result
 
     def scale_loss(self, original_scale: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """The shadow of ``optimizer.scale_loss``: notes the step's loss."""
@@ -251,9 +296,11 @@ class StepCapture:
 
         return self._owned(train_function)
 
-    def read(self) -> list[tuple[np.ndarray, float]]:
-        """The steps run since the last read: ``(table (n, 8) float64, loss)`` each, in order."""
-        count = int(_read(self.counter))
+    def read(self) -> list[tuple[np.ndarray, float, Callable[[], None] | None]]:
+        """The steps run since the last read, in order: ``(table (n, 8) float64, loss, measure)``;
+        ``measure`` (on the host path with update ratios) fills the table's ratio column, once,
+        on any thread, before the next step's update is read (else ``None``: it is filled)."""
+        count = self.host.count if self.host is not None else int(_read(self.counter))
         new = count - self.read_count
         if new <= 0:
             return []
@@ -261,7 +308,14 @@ class StepCapture:
             raise RuntimeError(
                 f"{new} steps ran between two callbacks, more than steps_per_execution={self.k}"
             )
-        table, losses = _read(self.buffer).astype(np.float64), _read(self.losses).astype(np.float64)
         slots = [(self.read_count + offset) % self.k for offset in range(new)]
         self.read_count = count
-        return [(table[s], float(losses[s])) for s in slots]
+        host = self.host
+        if host is None:
+            table, losses = _read(self.buffer).astype(np.float64), _read(self.losses).astype(np.float64)
+            return [(table[s], float(losses[s]), None) for s in slots]
+        out: list[tuple[np.ndarray, float, Callable[[], None] | None]] = []
+        for s in slots:  # copies: the next step rewrites the rows the writer thread reads
+            row = host.table[s].copy()
+            out.append((row, float(host.losses[s]), partial(host.measure, s, row) if host.after[s] else None))
+        return out

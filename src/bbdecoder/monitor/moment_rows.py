@@ -22,7 +22,7 @@ import torch
 from bbdecoder.monitor import cpu_reductions
 from bbdecoder.monitor.cpu_reductions import Moments
 
-__all__ = ["CONDITION", "FUSED_CONDITION", "fused_statistics", "moment_rows"]
+__all__ = ["CONDITION", "FUSED_CONDITION", "array_statistics", "fused_statistics", "moment_rows"]
 
 CONDITION = 4.0
 """The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var``, i.e.
@@ -68,17 +68,26 @@ def fused_statistics(
     the fused kernels (``known``: moments already read, see :mod:`~bbdecoder.monitor.grad_prefetch`),
     the same arithmetic as :func:`moment_rows` with ``fused=True``, on torch's intra-op threads (the
     training thread calls it); ``None`` where a gradient needs the general path."""
-    kernels = cpu_reductions.FUSED
-    if kernels is None:
+    if cpu_reductions.FUSED is None:
         return None
     try:
         arrays = [g.numpy() for g in grads]  # raises for sparse, bfloat16, other devices, requires_grad
     except (RuntimeError, TypeError):
         return None
+    return array_statistics(arrays, known, cpu_reductions.kernel_threads())
+
+
+def array_statistics(
+    arrays: list[np.ndarray], known: list[Moments | None] | None = None, threads: int = 1
+) -> tuple[np.ndarray, list[int]] | None:
+    """:func:`fused_statistics` of NumPy arrays (any framework's gradients on the host): the
+    ``(n, 6)`` statistics and the rows to redo exactly, or ``None`` without the fused kernels or
+    where an array needs the general path (float16, a strided view)."""
+    kernels = cpu_reductions.FUSED
+    if kernels is None:
+        return None
     try:
-        table, redo = kernels.statistics(
-            arrays, known or [None] * len(arrays), *_FUSED_BOUNDS, cpu_reductions.kernel_threads()
-        )
+        table, redo = kernels.statistics(arrays, known or [None] * len(arrays), *_FUSED_BOUNDS, threads)
     except (TypeError, ValueError, BufferError):  # float16, a strided view
         return None
     return np.frombuffer(table).reshape(len(arrays), 6), redo

@@ -26,9 +26,10 @@ import torch
 
 from bbdecoder.monitor import cpu_reductions
 
-__all__ = ["FusedProbeState"]
+__all__ = ["RULE_OPS", "FusedProbeState"]
 
-_OPS = {"lt": 0, "le": 1, "gt": 2, "ge": 3}
+RULE_OPS = {"lt": 0, "le": 1, "gt": 2, "ge": 3}
+"""The kernel's codes of a saturation rule's comparisons."""
 
 
 def channel_layout(y: torch.Tensor, dim: int) -> tuple[int, int] | None:
@@ -46,7 +47,7 @@ class FusedProbeState:
     tensor is replaced (a new epoch's allocation, a merge that assigns)."""
 
     def __init__(self, rules: list[tuple[str, float]]) -> None:
-        self._rules = [(_OPS[op], bound) for op, bound in rules]  # the saturation rule, in op codes
+        self._rules = [(RULE_OPS[op], bound) for op, bound in rules]  # the saturation rule, in op codes
         self._of: tuple[torch.Tensor, ...] = ()
         self._maxima: list[np.ndarray] = []
         self._scalars: list[np.ndarray] = []
