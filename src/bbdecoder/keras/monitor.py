@@ -197,8 +197,8 @@ class MonitorCallback(keras.callbacks.Callback):
         names = qualified_layer_names(model)
         self.writer = writer = ThreadedRunWriter(self.save_path)
         leaves = leaf_layers(model)
-        layer_rows = [
-            (i, names.get(id(L), L.name), type(L).__name__, _size(L), None) for i, L in enumerate(leaves)
+        layer_rows: list[tuple[int, str, str, int, str | None]] = [
+            (i, str(names.get(id(L), L.name)), type(L).__name__, _size(L), None) for i, L in enumerate(leaves)
         ]
         writer.set_layers(layer_rows)
         writer.set_meta(V.META_MODEL, type(model).__name__)

@@ -308,14 +308,15 @@ class StepCapture:
             raise RuntimeError(
                 f"{new} steps ran between two callbacks, more than steps_per_execution={self.k}"
             )
-        slots = [(self.read_count + offset) % self.k for offset in range(new)]
+        steps = range(self.read_count, count)
         self.read_count = count
         host = self.host
         if host is None:
             table, losses = _read(self.buffer).astype(np.float64), _read(self.losses).astype(np.float64)
-            return [(table[s], float(losses[s]), None) for s in slots]
+            return [(table[i % self.k], float(losses[i % self.k]), None) for i in steps]
         out: list[tuple[np.ndarray, float, Callable[[], None] | None]] = []
-        for s in slots:  # copies: the next step rewrites the rows the writer thread reads
-            row = host.table[s].copy()
-            out.append((row, float(host.losses[s]), partial(host.measure, s, row) if host.after[s] else None))
+        for i in steps:  # copies: the next step rewrites the rows the writer thread reads
+            row = host.table[i % self.k].copy()
+            measure = partial(host.measure, i, row) if i in host.after else None
+            out.append((row, float(host.losses[i % self.k]), measure))
         return out

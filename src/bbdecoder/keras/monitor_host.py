@@ -17,9 +17,10 @@ forwards) then lives in NumPy arrays that ``probe_update`` updates in place in o
 output, where the TF ops read it four times and wrote two masks.
 
 Used where the kernels are built, the train step is not compiled by XLA (which has no
-``numpy_function``), no distribution strategy splits the step over replicas, and the tracked
-variables are dense float32 (a probe: a saturation test the kernel's comparisons express, static
-sizes after the channel axis); elsewhere the TF ops of :mod:`~bbdecoder.keras.monitor_capture` and
+``numpy_function``) and no distribution strategy splits the step over replicas (sparse gradients
+are made dense and other dtypes than float32/float64 cast to float32 first, as the TF ops do; a
+probe also needs a saturation test the kernel's comparisons express and static sizes after the
+channel axis); elsewhere the TF ops of :mod:`~bbdecoder.keras.monitor_capture` and
 :mod:`~bbdecoder.keras.monitor_activations` run.
 """
 
@@ -167,8 +168,8 @@ class HostStep:
     :meth:`record` is the step's ``numpy_function``: the statistics there, from the gradients just
     computed. The ratio pass reads every weight and its snapshot and rewrites the snapshot (three
     times the bytes of the statistics). With ``aside`` (a core TF's threads leave free,
-    :func:`spare_core`) it waits in ``after`` (the updated weights, zero-copy views that keep TF's
-    buffers) until :meth:`measure` runs it, on the store's writer thread while the next step's
+    :func:`spare_core`) it waits in ``after`` (by step number: the updated weights, zero-copy views
+    that keep TF's buffers) until :meth:`measure` runs it, on the store's writer thread while the next step's
     forward and backward pass run; should the next update come first, TF copies the buffer before
     writing it (a buffer still referenced is copied on write), so the pass still reads this step's
     weights. Without a spare core it runs in :meth:`record` (a pass beside TF's threads would make
@@ -180,7 +181,8 @@ class HostStep:
         self.losses = np.full(k, np.nan)
         self.count = 0
         self.ratios = HostRatios()
-        self.after: list[tuple[list[int], tuple[np.ndarray, ...]] | None] = [None] * k
+        # by step number, not slot: a slot can be rewritten before the writer thread reads it
+        self.after: dict[int, tuple[list[int], tuple[np.ndarray, ...]]] = {}
 
     def record(
         self, rows: list[int], n_grads: int, loss: np.ndarray, inv: np.ndarray, *arrays: np.ndarray
@@ -199,17 +201,19 @@ class HostStep:
                     stats = stats * np.array([scale, scale, scale, scale * scale, scale, scale])
                 table[rows, :NSTATS] = stats
         if self.weights and rows and self.aside:
-            self.after[slot] = (rows, arrays[n_grads:])
+            self.after[self.count] = (rows, arrays[n_grads:])
         elif self.weights and rows:
             table[rows, RATIO] = self.ratios(rows, *arrays[n_grads:])
         self.losses[slot] = float(loss)
         self.count += 1
         return np.zeros((), dtype=np.float64)
 
-    def measure(self, slot: int, into: np.ndarray) -> None:
-        """The ratio pass of the step in ``slot``, into the ``RATIO`` column of ``into`` (that
-        step's ``(n, 8)`` table as :meth:`StepCapture.read` handed it out); releases the views."""
-        pending, self.after[slot] = self.after[slot], None
+    def measure(self, step: int, into: np.ndarray) -> None:
+        """The ratio pass of step number ``step`` (``count`` when it was recorded), into the
+        ``RATIO`` column of ``into`` (that step's ``(n, 8)`` table as :meth:`StepCapture.read`
+        handed it out); releases the views. Passes must run in step order (each rewrites the
+        snapshot the next compares against): the writer thread runs them in the order handed."""
+        pending = self.after.pop(step, None)
         if pending is None:
             return
         rows, weights = pending
