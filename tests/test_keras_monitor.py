@@ -144,6 +144,52 @@ def test_every_capture_path_equals_the_float64_replay(
     _assert_replayed(tmp_path, initial)
 
 
+def test_host_and_tf_op_captures_agree_on_zoo_patterns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedding (sparse ``IndexedSlices`` gradients, made dense for the kernels), LayerNorm,
+    a fused-GELU convolution, BatchNormalization (non-trainable moving statistics), AdamW and the
+    activation probes: both captures store the same rows and numbers (float64 sums against TF's
+    float32 ones: the mean compared against mean |g|, whose sums do not cancel)."""
+    from bbdecoder.keras import monitor as keras_monitor
+
+    if not keras_monitor.host_kernels():
+        pytest.skip("the fused kernels are not built")
+
+    def zoo_model() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        tokens = keras.Input((6,), dtype="int32")
+        x = keras.layers.Embedding(50, 8, name="emb")(tokens)
+        x = keras.layers.LayerNormalization(name="ln")(x)
+        x = keras.layers.Conv1D(4, 3, activation="gelu", name="conv")(x)
+        x = keras.layers.BatchNormalization(name="bn")(x)
+        x = keras.layers.GlobalAveragePooling1D(name="gap")(x)
+        model = keras.Model(tokens, keras.layers.Dense(3, name="head")(x))
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=loss)
+        return model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50, size=(64, 6)), rng.integers(0, 3, size=(64,))
+    frames = {}
+    for kind in ("host", "tf-ops"):
+        if kind == "tf-ops":
+            monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
+        monitor = MonitorCallback(tmp_path / kind, activations=True)
+        zoo_model().fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor])
+        assert (monitor._capture is not None and monitor._capture.host is not None) == (kind == "host")
+        frames[kind] = open_run(tmp_path / kind).scalars().set_index(["step", "layer", "param", "stat"]).value
+    host, tf_ops = frames["host"], frames["tf-ops"].reindex(frames["host"].index)
+    assert host.index.is_unique and host.index.sort_values().equals(frames["tf-ops"].index.sort_values())
+    assert {"emb.embeddings", "bn.gamma", "conv.kernel"} <= set(host.index.get_level_values("param"))
+    assert set(host.xs("", level="param").index.get_level_values("layer")) == {"conv"}  # the GELU output
+    np.testing.assert_array_equal(host.isna(), tf_ops.isna())  # e.g. no saturation test for GELU
+    mean_abs = host.xs("mean_abs", level="stat")
+    for (step, layer, param, stat), value in host.dropna().items():
+        scale = mean_abs[(step, layer, param)] if stat == "mean" else abs(value)
+        assert abs(value - tf_ops[(step, layer, param, stat)]) <= 2e-6 * scale + 1e-12, (step, param, stat)
+
+
 def test_a_late_ratio_pass_measures_its_own_step() -> None:
     """With one slot, the next step's row can be written before the writer thread runs the
     earlier step's ratio pass: each pass still compares its own step's weights (float64 oracle)."""
