@@ -160,9 +160,9 @@ def test_cpu_one_pass_path_is_the_one_taken_on_ordinary_gradients(monkeypatch: A
     stats = grad_stats.GradStatistics()
     two_pass: list[int] = []
     in_float64: list[int] = []
-    exact, small = grad_stats.GradStatistics()._large, grad_stats._small_numpy
+    exact, small = grad_stats.GradStatistics()._large, grad_stats.small_statistics
     monkeypatch.setattr(stats, "_large", lambda gs: two_pass.append(len(gs)) or exact(gs))
-    monkeypatch.setattr(grad_stats, "_small_numpy", lambda gs: in_float64.append(len(gs)) or small(gs))
+    monkeypatch.setattr(grad_stats, "small_statistics", lambda gs: in_float64.append(len(gs)) or small(gs))
     got = stats(ordinary).numpy()
     assert two_pass == [] and in_float64 == []  # no tensor needed an exact redo
     np.testing.assert_allclose(got, np.array([_oracle(g) for g in ordinary]), rtol=1e-5)

@@ -339,6 +339,28 @@ def test_the_finiteness_flag_is_read_from_the_statistics() -> None:
     assert np.isinf(stats[4]) and np.isfinite(stats[2])  # the statistic overflows, the flag does not
 
 
+def test_host_statistics_of_nonfinite_gradients_equal_pytorchs() -> None:
+    """The rows the kernel hands to the exact redo (NaN, +-Inf, ill-conditioned) get the PyTorch
+    monitor's values for the same gradient: one redo for both frameworks."""
+    import torch
+
+    from bbdecoder.keras.monitor_host import host_kernels, host_statistics
+    from bbdecoder.monitor.grad_stats import grad_statistics
+
+    if not host_kernels():
+        pytest.skip("the fused kernels are not built")
+    cases = [
+        np.array([np.inf, 1.0, -2.0], "float32"),
+        np.array([-np.inf, 1.0], "float32"),
+        np.array([1.0, np.nan, 3.0], "float32"),
+        (1000 + np.random.default_rng(0).normal(size=64)).astype("float32"),  # the two-pass variance
+    ]
+    host = host_statistics(*cases)
+    want = grad_statistics([torch.from_numpy(g) for g in cases]).numpy()
+    np.testing.assert_allclose(host, want, rtol=1e-6, equal_nan=True)
+    assert host[0, 2] == host[1, 2] == np.inf and np.isnan(host[2, 4])  # what the finiteness flag reads
+
+
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nothing to record"):
         MonitorCallback(tmp_path, gradients=False, weights=False)

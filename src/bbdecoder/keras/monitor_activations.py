@@ -89,19 +89,13 @@ class ActivationProbe:
         rank = y.shape.rank
         if rank is None or rank == 0:
             return
-        if rank == 1:  # (N,): one channel
-            channels = 1
-            ch = tf.reshape(y, (-1, 1))
-        else:
-            axis = self.axis % rank
-            channels = y.shape[axis]
-            if channels is None:
-                raise ValueError(
-                    f"the output of layer {self.name!r} has no static size along the channel axis "
-                    f"{self.axis}; watch another layer or set channel_axis"
-                )
-            last = y if axis == rank - 1 else tf.experimental.numpy.moveaxis(y, axis, -1)
-            ch = tf.reshape(last, (-1, channels))
+        axis = self.axis % rank if rank > 1 else 0  # (N,): one channel
+        channels = y.shape[axis] if rank > 1 else 1
+        if channels is None:
+            raise ValueError(
+                f"the output of layer {self.name!r} has no static size along the channel axis "
+                f"{self.axis}; watch another layer or set channel_axis"
+            )
         inner = y.shape[axis + 1 :].num_elements() if rank > 1 else 1
         host = self.rules is not None and inner is not None
         if self.channels is None:
@@ -123,6 +117,8 @@ class ActivationProbe:
                 )
             host_call(self._host, [y], "bbdecoder_probe")
             return
+        last = y if axis == rank - 1 else tf.experimental.numpy.moveaxis(y, axis, -1)
+        ch = tf.reshape(last, (-1, channels))  # (N,) too: one channel
         v = self._vars
         if self.count_dead:
             v["max"].assign(tf.maximum(v["max"], tf.reduce_max(ch, axis=0)))

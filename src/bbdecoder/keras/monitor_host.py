@@ -32,9 +32,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from bbdecoder.keras._backend import tf
 from bbdecoder.monitor import cpu_reductions
+from bbdecoder.monitor.grad_stats import small_statistics
 from bbdecoder.monitor.moment_rows import array_statistics
 from bbdecoder.monitor.probe_kernel import RULE_OPS
 from bbdecoder.store.vocabulary import GRAD_STATS
@@ -47,7 +49,6 @@ __all__ = [
     "HostProbe",
     "HostRatios",
     "HostStep",
-    "exact_row",
     "host_call",
     "host_kernels",
     "host_statistics",
@@ -103,31 +104,19 @@ def _kernel_dtype(a: np.ndarray) -> type:
     return np.float64 if np.asarray(a).dtype == np.float64 else np.float32
 
 
-def exact_row(a: np.ndarray) -> np.ndarray:
-    """The six statistics of one array in float64, two-pass variance (NaN for an empty array; NaN
-    in the array propagates into every statistic but L2's square root of a NaN is NaN too)."""
-    x = _flat(a).astype(np.float64)
-    if not x.size:
-        return np.full(len(GRAD_STATS), np.nan)
-    with np.errstate(invalid="ignore", over="ignore"):
-        total, magnitude = float(x.sum()), np.abs(x)
-        mean, l1 = total / x.size, float(magnitude.sum())
-        var = float(np.mean(np.square(x - mean)))
-        l2 = math.sqrt(float(np.dot(x, x))) if np.isfinite(l1) else float("nan")
-        return np.array([mean, l1 / x.size, float(magnitude.max()), var, l1, l2])
-
-
 def host_statistics(*grads: np.ndarray) -> np.ndarray:
     """``(n, 6)`` float64 rows (:data:`GRAD_STATS` order) of the dense gradients, one kernel call;
     the rows the one-pass variance or the range of the sums cannot give exactly (and rows with
-    NaN/Inf) recomputed by :func:`exact_row`."""
+    NaN/Inf) recomputed by the PyTorch monitor's exact redo
+    (:func:`~bbdecoder.monitor.grad_stats.small_statistics`, on float64 copies)."""
     arrays = [_flat(g) for g in grads]
     found = array_statistics(arrays)
     if found is None:
-        return np.stack([exact_row(a) for a in arrays]) if arrays else np.zeros((0, len(GRAD_STATS)))
-    rows, redo = found
-    for i in redo:
-        rows[i] = exact_row(arrays[i])
+        rows, redo = np.empty((len(arrays), len(GRAD_STATS))), list(range(len(arrays)))
+    else:
+        rows, redo = found
+    if redo:
+        rows[redo] = small_statistics([torch.from_numpy(arrays[i].astype(np.float64)) for i in redo])
     return rows
 
 

@@ -57,7 +57,7 @@ from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
 __all__ = ["CONDITION", "GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
-__all__ += ["update_ratios"]
+__all__ += ["small_statistics", "update_ratios"]
 
 SMALL = 1 << 15
 """On devices other than the CPU, tensors up to this many elements are reduced together in float64."""
@@ -126,7 +126,7 @@ class GradStatistics:
         large = [i for i, g in enumerate(grads) if g.numel() > together]
         rows = np.empty((len(grads), len(GRAD_STATS)))
         if small:
-            rows[small] = _small_numpy([grads[i] for i in small])
+            rows[small] = small_statistics([grads[i] for i in small])
         if large:
             rows[large] = self._large_cpu([grads[i] for i in large], [known[i] for i in large])
         return rows
@@ -210,7 +210,7 @@ class GradStatistics:
         in_float64 = [i for i in redo if grads[i].numel() <= CHUNK]
         two_pass = [i for i in redo if grads[i].numel() > CHUNK]
         if in_float64:
-            rows[in_float64] = _small_numpy([grads[i] for i in in_float64])
+            rows[in_float64] = small_statistics([grads[i] for i in in_float64])
         if two_pass:
             rows[two_pass] = self._large([grads[i] for i in two_pass]).numpy()
 
@@ -265,8 +265,9 @@ def _dense_float(g: torch.Tensor) -> torch.Tensor:
     return g if g.dtype in (torch.float32, torch.float64) else g.float()
 
 
-def _small_numpy(grads: list[torch.Tensor]) -> np.ndarray:
-    """Small CPU tensors together: one float64 vector, per-segment reductions (``reduceat``).
+def small_statistics(grads: list[torch.Tensor]) -> np.ndarray:
+    """The ``(n, 6)`` float64 statistics of CPU tensors (the exact redo of both monitors, NaN for
+    an empty one), small ones together: one float64 vector, per-segment reductions (``reduceat``).
     Few NumPy calls in all: after a backward pass every distinct call starts from cold caches
     (measured ~5 us each against ~1 us warm), so the count matters more than the sizes here."""
     sizes = np.fromiter((g.numel() for g in grads), dtype=np.int64, count=len(grads))
