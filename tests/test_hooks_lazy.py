@@ -79,8 +79,12 @@ def test_eval_mode_false_on_a_fresh_lazy_batchnorm(method: str) -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.LazyBatchNorm2d(),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
     x = torch.randn(2, 1, 6, 6) * 3 + 1
     if method == "gradient":
