@@ -95,15 +95,20 @@ def test_gradient_statistics_equal_a_float64_replay(run: tuple[Path, list[np.nda
 
 
 @pytest.mark.parametrize(
-    "path_kind, compile_options, dtype",
+    "path_kind, compile_options, dtype, every",
     [
-        ("host-aside", {"steps_per_execution": 3}, "float32"),  # three updates between reads
-        ("host-aside", {"run_eagerly": True}, "float32"),
-        ("host-aside", {}, "float64"),
-        ("host-inline", {"steps_per_execution": 3}, "float32"),
-        ("host-inline", {}, "float32"),
-        ("tf-ops", {}, "float32"),
-        ("tf-ops", {"steps_per_execution": 3}, "float32"),
+        ("host-aside", {"steps_per_execution": 3}, "float32", 1),  # three updates between reads
+        ("host-aside", {"run_eagerly": True}, "float32", 1),
+        ("host-aside", {}, "float64", 1),
+        ("host-inline", {"steps_per_execution": 3}, "float32", 1),
+        ("host-inline", {}, "float32", 1),
+        ("tf-ops", {}, "float32", 1),
+        ("tf-ops", {"steps_per_execution": 3}, "float32", 1),
+        ("host-aside", {}, "float32", 2),
+        ("host-aside", {"steps_per_execution": 3}, "float32", 3),
+        ("host-aside", {"run_eagerly": True}, "float32", 3),
+        ("tf-ops", {}, "float32", 2),
+        ("tf-ops", {"steps_per_execution": 3}, "float32", 3),
     ],
 )
 def test_every_capture_path_equals_the_float64_replay(
@@ -112,12 +117,15 @@ def test_every_capture_path_equals_the_float64_replay(
     path_kind: str,
     compile_options: dict,
     dtype: str,
+    every: int,
 ) -> None:
     """The host kernels (one numpy_function per step; the ratio pass on the writer thread where a
     core is spare, else in the step) and the TF ops (XLA, no kernels) store the same replayed
     numbers, also with steps_per_execution > 1 (aside, the later updates come before the earlier
     steps' ratio passes: TF copies on write) and eagerly; float64 variables take the kernels'
-    float64 path."""
+    float64 path. With ``every=k`` only steps 0, k, 2k, ... are stored, each with the ratio of its
+    own update (the snapshot taken on the step before it; k=3 with 4 steps: a snapshot step that
+    is itself preceded by a skipped one)."""
     from bbdecoder.keras import monitor as keras_monitor
     from bbdecoder.keras import monitor_capture
 
@@ -136,12 +144,13 @@ def test_every_capture_path_equals_the_float64_replay(
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", **compile_options)
     initial = [w.copy() for w in model.get_weights()]
     x, t = _data()
-    monitor = MonitorCallback(tmp_path)
+    monitor = MonitorCallback(tmp_path, every=every)
     model.fit(x, t, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[monitor])
     host = monitor._capture.host if monitor._capture is not None else None
-    assert (host is not None) == path_kind.startswith("host") and (host is None or host.aside == aside)
+    assert (host is not None) == path_kind.startswith("host")
+    assert host is None or host.aside == (aside and every == 1)  # every > 1: both passes in the step
     assert host is None or not host.after  # every pass ran, no view of TF's buffers is kept
-    _assert_replayed(tmp_path, initial)
+    _assert_replayed(tmp_path, initial, every=every)
 
 
 def test_host_and_tf_op_captures_agree_on_zoo_patterns(
@@ -217,7 +226,7 @@ def test_a_late_ratio_pass_measures_its_own_step() -> None:
     assert not host.after
 
 
-def _assert_replayed(path: Path, initial: list[np.ndarray], rel: float = 2e-5) -> None:
+def _assert_replayed(path: Path, initial: list[np.ndarray], rel: float = 2e-5, every: int = 1) -> None:
     expected, losses = _replay(initial, *_data())
     frame = open_run(path).scalars()
     assert list(frame.columns) == SCALAR_COLUMNS
@@ -235,15 +244,18 @@ def _assert_replayed(path: Path, initial: list[np.ndarray], rel: float = 2e-5) -
             "weight_q99",
         ]
     )
-    steps = EPOCHS * N // BATCH
-    assert sorted(frame.step.unique()) == list(range(steps))
-    for step in range(steps):
+    recorded = list(range(0, EPOCHS * N // BATCH, every))
+    for stat in names:
+        assert sorted(frame[frame.stat == stat].step.unique()) == recorded, stat
+    for step in recorded:
         for param, values in expected[step].items():
             got = frame[(frame.step == step) & (frame.param == param)].set_index("stat").value
             for stat, want in zip(names, values, strict=True):
                 scale = abs(want) if stat != "mean" else expected[step][param][1]  # mean: vs mean |g|
                 assert abs(got[stat] - want) <= rel * scale + 1e-12, (step, param, stat, got[stat], want)
-    np.testing.assert_allclose(open_run(path).steps().loss, losses, rtol=max(rel, 1e-5) / 2)
+    steps = open_run(path).steps()
+    assert steps.step.tolist() == recorded
+    np.testing.assert_allclose(steps.loss, [losses[s] for s in recorded], rtol=max(rel, 1e-5) / 2)
 
 
 def test_epoch_aggregates_and_weight_statistics(run: tuple[Path, list[np.ndarray], keras.Model]) -> None:
@@ -318,7 +330,7 @@ def test_gradient_statistics_function_and_names() -> None:
 
 
 def test_the_finiteness_flag_is_read_from_the_statistics() -> None:
-    from bbdecoder.keras.monitor_capture import _all_finite, finite_from_statistics
+    from bbdecoder.keras.monitor_tfops import _all_finite, finite_from_statistics
 
     big = np.full(4096, 3e35, dtype="float32")  # finite, but its L1 overflows float32
     cases = {
@@ -372,7 +384,50 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         model.fit(x, t, epochs=1, verbose=0, callbacks=[MonitorCallback(tmp_path, activations=[0, 7])])
     with pytest.raises(ValueError, match="saturation_eps must be in"):
         MonitorCallback(tmp_path, saturation_eps=0.7)
+    for every in (0, 1.5, True):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            MonitorCallback(tmp_path, every=every)
     assert "apply" not in vars(model.optimizer) and "train_step" not in vars(model)
+
+
+@pytest.mark.parametrize("path_kind", ["host", "tf-ops"])
+def test_every_counts_the_stores_step_numbers_across_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str
+) -> None:
+    """Two one-epoch fits into one store with ``every=3``: steps 0 and 3 are recorded (the second fit
+    starts at step 2, so its first step only takes the snapshot); an epoch without a recorded step
+    still gets its weight statistics; the numbers are those of one two-epoch replay."""
+    from bbdecoder.keras import monitor as keras_monitor
+
+    if path_kind == "tf-ops":
+        monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
+    elif not keras_monitor.host_kernels():
+        pytest.skip("the fused kernels are not built")
+    model = _model()
+    initial = [w.copy() for w in model.get_weights()]
+    x, t = _data()
+    for _ in range(EPOCHS):
+        callback = MonitorCallback(tmp_path, every=3)
+        model.fit(x, t, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    _assert_replayed(tmp_path, initial, every=3)
+    run = open_run(tmp_path)
+    weights = run.scalars().query("stat == 'weight_l2'")
+    assert sorted(set(zip(weights.epoch, weights.step, strict=True))) == [(0, 1), (1, 3)]
+    np.testing.assert_allclose(
+        weights[weights.epoch == 1].set_index("param").value.sort_index(),
+        sorted_norms(model),
+        rtol=1e-6,
+    )
+
+
+def sorted_norms(model: keras.Model) -> list[float]:
+    """``||W||`` of each variable, in the order of their stored names."""
+    named = {
+        f"{layer.name}.{v.name}": np.linalg.norm(v.numpy())
+        for layer in model.layers
+        for v in layer.trainable_weights
+    }
+    return [named[k] for k in sorted(named)]
 
 
 # -- activations ---------------------------------------------------------------------------------

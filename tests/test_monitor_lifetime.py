@@ -247,3 +247,29 @@ def test_every_records_every_kth_step_and_the_update_after_it(tmp_path) -> None:
         w0, w1 = before[row.step][row.param], after[row.step][row.param]
         want = (w1 - w0).norm() / w0.norm() if w0.norm() > 0 else (w1 - w0).norm()
         assert row.value == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_every_lets_an_epoch_pass_unrecorded_and_a_resumed_run_keeps_counting(tmp_path) -> None:
+    """``every=4`` with 3 steps per epoch: epoch 1 (steps 3-5) records nothing but still ends with its
+    weight statistics, and after ``close`` a resumed analyzer continues at step 6 and epoch 2 (the
+    store's meta: steps 3 to 5 have no rows) and records step 8, a multiple of 4 as before."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    with Analyzer(model, tmp_path, every=4).attach(opt) as an:
+        for epoch in range(2):
+            for _ in range(3):
+                _train_step(an, model, opt)
+            assert an.end_epoch() == epoch
+    with Analyzer(model, tmp_path, every=4, resume=True).attach(opt) as an:
+        assert (an.current_step, an.current_epoch) == (6, 2)
+        for _ in range(3):
+            _train_step(an, model, opt)
+        assert an.end_epoch() == 2
+    run = open_run(tmp_path)
+    assert run.steps()["step"].tolist() == [0, 4, 8]
+    weights = run.scalars().query("stat == 'weight_l2'")
+    assert sorted(set(zip(weights.epoch, weights.step, strict=True))) == [(0, 2), (1, 5), (2, 8)]
+    final = weights[weights.epoch == 2].set_index("param").value
+    for name, p in model.named_parameters():
+        assert final[name] == pytest.approx(p.detach().double().norm().item(), rel=1e-6)

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,20 +39,15 @@ import torch
 from bbdecoder.keras._backend import keras
 from bbdecoder.keras.layers import leaf_layers
 from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecorder, watched_layers
-from bbdecoder.keras.monitor_capture import StepCapture, gradient_statistics
+from bbdecoder.keras.monitor_capture import StepCapture, record_step
 from bbdecoder.keras.monitor_host import FINITE, NSTATS, RATIO, host_kernels, one_replica
-from bbdecoder.keras.monitor_layers import qualified_layer_names, select_leaves
+from bbdecoder.keras.monitor_layers import qualified_layer_names, tracked_variables
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_error, installed_by
+from bbdecoder.keras.monitor_tfops import gradient_statistics
 from bbdecoder.monitor.recorder import Recorder, Series
 from bbdecoder.monitor.weights import QUANTILES
 from bbdecoder.store import vocabulary as V
 from bbdecoder.store.background import ThreadedRunWriter
-from bbdecoder.store.writer import RunWriter
-
-
-@dataclass
-class _Tracked(Series):
-    variable: Any = field(kw_only=True)
 
 
 class MonitorCallback(keras.callbacks.Callback):
@@ -97,6 +90,12 @@ class MonitorCallback(keras.callbacks.Callback):
     With ``steps_per_execution=k`` Keras calls callbacks once per k steps; every step is still
     stored (the buffer holds k steps).
 
+    ``every=k`` records only the steps whose number is a multiple of ``k`` (as the PyTorch
+    ``Analyzer``'s ``every``): their gradient statistics, loss, finiteness check and the update
+    ratio of their own update; the steps in between compute nothing but the weight snapshot the
+    next recorded ratio compares against (on the step just before it). Activation accumulators and
+    the per-epoch weight statistics still see every step and every epoch.
+
     Args:
         save_path: folder of the run store (created; an existing store is appended to).
         layers: leaf layers whose variables are tracked: IDs, names, layer objects, or a list of
@@ -107,7 +106,8 @@ class MonitorCallback(keras.callbacks.Callback):
             above), ``False``/``None`` (none), or IDs, names, layer objects or a list of these.
         dead_threshold, saturation_eps: the activation settings of the PyTorch monitor.
         channel_axis: the channel axis of watched outputs (channels last: ``-1``).
-        histogram_bins, quantiles, flush_every: as for the PyTorch ``Analyzer``.
+        histogram_bins, quantiles, flush_every, every: as for the PyTorch ``Analyzer``
+            (``flush_every`` counts recorded steps).
     """
 
     def __init__(
@@ -124,12 +124,15 @@ class MonitorCallback(keras.callbacks.Callback):
         histogram_bins: int = 64,
         quantiles: tuple[float, ...] = QUANTILES,
         flush_every: int = 1,
+        every: int = 1,
     ) -> None:
         super().__init__()
         if not (gradients or weights or activations not in (False, None)):
             raise ValueError("nothing to record: set gradients=True, weights=True or activations=...")
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1 (record every k-th step), got {every!r}")
         if not 0 <= saturation_eps < 0.5:
             raise ValueError(f"saturation_eps must be in [0, 0.5), got {saturation_eps}")
         self.save_path = Path(save_path)
@@ -143,6 +146,7 @@ class MonitorCallback(keras.callbacks.Callback):
         self.histogram_bins = histogram_bins
         self.quantiles = tuple(quantiles)
         self.flush_every = flush_every
+        self.every = every
         self.writer: ThreadedRunWriter | None = None
         self.dead_units: dict[str, list[int]] = {}
         """``{layer name: dead channel indices}`` of the last recorded epoch (watched layers)."""
@@ -161,6 +165,7 @@ class MonitorCallback(keras.callbacks.Callback):
         """Restore the model and optimizer and close the store (idempotent; called by ``fit``'s end)."""
         self._restore()
         if self.writer is not None:
+            self._note_progress(None)
             self.writer.set_meta(V.META_FINISHED, time.strftime("%Y-%m-%dT%H:%M:%S"))
             self.writer.close()
             self.writer = None
@@ -203,7 +208,9 @@ class MonitorCallback(keras.callbacks.Callback):
         writer.set_layers(layer_rows)
         writer.set_meta(V.META_MODEL, type(model).__name__)
         writer.set_meta(V.META_FRAMEWORK, "keras")
-        self._tracked = self._track(model, names, writer)
+        self._tracked = tracked_variables(model, self.layers, names, writer)
+        if not self._tracked and (self.gradients or self.weights):
+            raise ValueError("the selected layers have no trainable variables: nothing to record")
         self._activations = ActivationRecorder(writer)
         xla = bool(getattr(model, "jit_compile", False))
         host = not xla and host_kernels() and one_replica(model)  # the passes of monitor_host
@@ -216,12 +223,13 @@ class MonitorCallback(keras.callbacks.Callback):
         self._step = writer.next_step()
         last = writer.last_epoch()
         self._epoch0 = 0 if last is None else last + 1
-        self._epoch_first_step: int | None = None
+        self._epoch_steps = 0  # steps run in the open epoch, recorded or not
+        self._recorded = 0
         self.dead_units = {}
         k = int(getattr(model, "steps_per_execution", 1) or 1)
         rows = {id(t.variable): t.row for t in self._tracked}
         flags = {"gradients": self.gradients, "weights": self.weights, "xla": xla, "host": host}
-        self._capture = StepCapture(self, rows, k, **flags)
+        self._capture = StepCapture(self, rows, k, every=self.every, first=self._step, **flags)
         self._current_epoch = 0
         self._install(model, leaves)
         bins, scaled = self.histogram_bins, self._capture.loss_scaled
@@ -229,22 +237,6 @@ class MonitorCallback(keras.callbacks.Callback):
             writer, self._tracked, histogram_bins=bins, quantiles=self.quantiles, loss_scaled=scaled
         )
         writer.flush()
-
-    def _track(self, model: Any, names: dict[int, str], writer: RunWriter) -> list[_Tracked]:
-        tracked: list[_Tracked] = []
-        seen: set[int] = set()
-        for layer_id, layer in select_leaves(model, self.layers):
-            qualified = names.get(id(layer), layer.name)
-            for variable in layer.trainable_weights:
-                if id(variable) in seen:
-                    continue
-                seen.add(id(variable))
-                param = f"{qualified}.{variable.name}"
-                sid = writer.series_id(layer_id, param)
-                tracked.append(_Tracked(len(tracked), layer_id, qualified, param, sid, variable=variable))
-        if not tracked and (self.gradients or self.weights):
-            raise ValueError("the selected layers have no trainable variables: nothing to record")
-        return tracked
 
     def _release_stale(self, model: Any) -> None:
         """Close what an earlier ``fit`` left installed (this callback's or another monitor's)."""
@@ -280,14 +272,20 @@ class MonitorCallback(keras.callbacks.Callback):
         assert self.writer is not None and self._capture is not None
         epoch = self._epoch0 + self._current_epoch
         rows = np.arange(len(self._tracked))
-        for table, loss, measure in self._capture.read():
+        for captured in self._capture.read():
+            self._epoch_steps += 1
+            self._step += 1
+            if captured is None:  # a step that every= skips
+                continue
+            step, (table, loss, measure) = self._step - 1, captured
             finite = table[:, FINITE] != 0
             record = partial(
-                _record, self._recorder, self._step, epoch, rows,
+                record_step, self._recorder, step, epoch, rows,
                 table[:, :NSTATS] if self.gradients else None, loss if np.isfinite(loss) else None,
                 finite, table[:, RATIO] if self.weights else None, measure,
             )  # fmt: skip
-            flush = (self._step + 1) % self.flush_every == 0
+            self._recorded += 1
+            flush = self._recorded % self.flush_every == 0
             if finite.all():  # on the writer thread, overlapping the next batches
                 self.writer.run_then_flush(record, flush)
             else:  # here, so that its warning comes from this batch
@@ -295,9 +293,15 @@ class MonitorCallback(keras.callbacks.Callback):
                 record(first_bad=self._first_in_backward_order)
                 if flush:
                     self.writer.flush()
-            if self._epoch_first_step is None:
-                self._epoch_first_step = self._step
-            self._step += 1
+
+    def _note_progress(self, ended_epoch: int | None) -> None:
+        """The steps run and the last epoch ended as store meta (with ``every > 1`` the last steps
+        have no row): a later monitor on this store continues after them."""
+        assert self.writer is not None
+        if self._capture is not None and self._capture.read_count:
+            self.writer.set_meta(V.META_NEXT_STEP, str(self._step))
+        if ended_epoch is not None:
+            self.writer.set_meta(V.META_LAST_EPOCH, str(ended_epoch))
 
     def _first_in_backward_order(self, bad: list[Series]) -> Series:
         """Backward order is the reverse of the forward: the affected layer called last comes first."""
@@ -313,7 +317,7 @@ class MonitorCallback(keras.callbacks.Callback):
     @closing_on_error
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         assert self.writer is not None
-        if self._epoch_first_step is None:
+        if not self._epoch_steps:
             return
         stored_epoch, last = self._epoch0 + epoch, self._step - 1
         self.writer.wait()  # the batches' jobs: the epoch aggregates are complete
@@ -324,25 +328,12 @@ class MonitorCallback(keras.callbacks.Callback):
             self._recorder.weights(last, stored_epoch, [t.row for t in self._tracked], tensors)
         dead = self._activations.record(last, stored_epoch)
         self.dead_units = {self._activations.probes[lid].name: units.tolist() for lid, units in dead.items()}
+        self._note_progress(stored_epoch)
         self.writer.flush()
-        self._epoch_first_step = None
+        self._epoch_steps = 0
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.close()
-
-
-def _record(
-    recorder: Recorder, step: int, epoch: int, rows: np.ndarray, values: np.ndarray | None,
-    loss: float | None, finite: np.ndarray, ratios: np.ndarray | None, measure: Callable[[], None] | None,
-    first_bad: Callable[[list[Series]], Series] = lambda bad: bad[0],
-) -> None:  # fmt: skip
-    """One batch into the recorder: its statistics, loss and update ratios (``None``: not recorded;
-    ``measure``: the ratio pass that fills ``ratios`` first, see ``StepCapture.read``)."""
-    if measure is not None:
-        measure()
-    recorder.step(step, epoch, rows, values, loss, first_bad=first_bad, finite=finite)
-    if ratios is not None:
-        recorder.ratios(step, epoch, rows, ratios)
 
 
 def _size(layer: Any) -> int:

@@ -1,11 +1,12 @@
 """The Keras capture of the training monitor: what the shadowed optimizer ``apply``, ``scale_loss``,
 ``train_step`` and layer ``call`` compute inside the compiled train step.
 
-Each step writes, for every tracked variable, the six gradient statistics (:data:`GRAD_STATS`
-order), the update ratio and a finiteness flag into one ``(k, n, 8)`` ``tf.Variable`` buffer (``k`` =
-``steps_per_execution``) and the loss into a ``(k,)`` one; :meth:`StepCapture.read` copies the new
-steps to the host once per executed batch for the shared
-:class:`~bbdecoder.monitor.recorder.Recorder`.
+Each recorded step writes, for every tracked variable, the six gradient statistics
+(:data:`GRAD_STATS` order), the update ratio and a finiteness flag into a ``(k, n, 8)`` table (``k``
+= ``steps_per_execution``) and the loss into a ``(k,)`` one: NumPy arrays filled by the fused kernels
+on the host (:mod:`~bbdecoder.keras.monitor_host`), or ``tf.Variable`` buffers filled by TF ops
+(:mod:`~bbdecoder.keras.monitor_tfops`). :meth:`StepCapture.read` hands the new steps to the
+shared :class:`~bbdecoder.monitor.recorder.Recorder` once per executed batch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.keras.monitor_host import COLUMNS, NSTATS, HostStep, host_call, spare_core
+from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, host_call_when, spare_core
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
+from bbdecoder.keras.monitor_tfops import step_table
+from bbdecoder.monitor.recorder import Recorder, Series
 
 try:  # Keras' own test for "this call only computes output shapes" (compute_output_spec)
     from keras.src.backend.common.symbolic_scope import in_symbolic_scope
@@ -28,73 +31,11 @@ except ImportError:  # pragma: no cover - other Keras layouts
         return False
 
 
-CONDITION = 4.0
-"""The one-pass variance ``E[g^2] - mean^2`` is used where ``E[g^2] <= CONDITION * var`` (the
-PyTorch monitor's rule, :data:`bbdecoder.monitor.moment_rows.CONDITION`); elsewhere the two-pass."""
-
-
-def _norm(x: Any, fused: bool) -> Any:
-    """``||x||``: the fused ``EuclideanNorm`` kernel (no XLA kernel: under XLA, where the square and
-    the sum fuse anyway, ``sqrt(sum(x^2))``)."""
-    return tf.math.reduce_euclidean_norm(x) if fused else tf.sqrt(tf.reduce_sum(tf.square(x)))
-
-
-def gradient_statistics(grad: Any, fused: bool = True) -> Any:
-    """The six statistics of one gradient as a float32 ``(6,)`` tensor, in :data:`GRAD_STATS` order:
-    mean, mean |g|, max |g|, population variance, L1, L2.
-
-    XLA is off on CPU, so each TF op is its own pass, and an elementwise op allocates and writes
-    its output: the sum, ``|g|`` (written once, read by its sum and its max) and
-    ``reduce_euclidean_norm`` (one fused pass, half the time of a square and a sum) give every
-    statistic; the variance is ``E[g^2] - mean^2`` where that loses no digits (``mean^2 <= 3 var``,
-    the common case: relative error at most ``3 * CONDITION`` times that of the float32 sum of
-    squares), else the exact two-pass ``sum((g - mean)^2) / n`` (a ``tf.cond``: only that branch
-    runs). ``fused=False`` under XLA (see :func:`_norm`)."""
-    if isinstance(grad, tf.IndexedSlices):
-        grad = tf.convert_to_tensor(grad)
-    g = grad if grad.dtype in (tf.float32, tf.float64) else tf.cast(grad, tf.float32)
-    n = tf.cast(tf.size(g), g.dtype)
-    mean = tf.reduce_sum(g) / n
-    magnitude = tf.abs(g)
-    l1 = tf.reduce_sum(magnitude)
-    l2 = _norm(g, fused)
-    square_mean = l2 * l2 / n
-    one_pass = tf.maximum(square_mean - mean * mean, 0.0)
-    var = tf.cond(
-        (square_mean <= CONDITION * one_pass) | (square_mean == 0),
-        lambda: one_pass,
-        lambda: tf.reduce_sum(tf.math.squared_difference(g, mean)) / n,
-    )
-    return tf.cast(tf.stack([mean, l1 / n, tf.reduce_max(magnitude), var, l1, l2]), tf.float32)
-
-
-def finite_from_statistics(stats: Any) -> Any:
-    """1.0 where the gradient of a :func:`gradient_statistics` row held no NaN/Inf, read from the row
-    (no pass over the gradient): a NaN makes L1 NaN, an Inf (without NaN) makes ``max |g|`` +Inf; a
-    finite gradient gives neither (an L1 that overflows is Inf, not NaN; an empty one has max -Inf)."""
-    bad = tf.math.is_nan(stats[4]) | (stats[2] == np.float32(np.inf))
-    return tf.cast(tf.logical_not(bad), tf.float32)
-
-
-def update_ratio(before: Any, after: Any, fused: bool = True) -> Any:
-    """``||after - before|| / ||before||``, or ``||after - before||`` where ``||before|| = 0`` (a
-    zero-initialised bias): the PyTorch monitor's rule, never ``inf``."""
-    before = tf.cast(before, tf.float32)
-    delta = tf.sqrt(tf.reduce_sum(tf.math.squared_difference(tf.cast(after, tf.float32), before)))
-    norm = _norm(before, fused)
-    return tf.where(norm > 0, delta / tf.where(norm > 0, norm, 1.0), delta)
-
-
 def _host_array(x: Any) -> Any:
     """A gradient or weight as the host kernels take it: dense, float32 or float64."""
     if isinstance(x, tf.IndexedSlices):
         x = tf.convert_to_tensor(x)
     return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
-
-
-def _all_finite(grad: Any) -> Any:
-    values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
-    return tf.cast(tf.reduce_all(tf.math.is_finite(values)), tf.float32)
 
 
 def _read(variable: Any) -> np.ndarray:
@@ -113,6 +54,10 @@ def first_tensor(outputs: Any) -> Any:
     return None
 
 
+CapturedStep = tuple[np.ndarray, float, Callable[[], None] | None]
+"""One recorded step as :meth:`StepCapture.read` hands it out: ``(table, loss, measure)``."""
+
+
 class StepCapture:
     """The device-side buffers of one ``fit`` and the functions that shadow Keras' methods.
 
@@ -123,6 +68,9 @@ class StepCapture:
         gradients, weights: record the statistics / the update ratios.
         xla: the train step is compiled by XLA (``jit_compile``): no ``EuclideanNorm`` kernel there.
         host: fill the tables on the host (:mod:`~bbdecoder.keras.monitor_host`; never under XLA).
+        every, first: record only the steps numbered ``first + i`` (``i``: the step's index in this
+            ``fit``) that are multiples of ``every``; the others compute nothing (on the TF-op path
+            a ``tf.cond`` skips them).
     """
 
     def __init__(
@@ -135,21 +83,29 @@ class StepCapture:
         weights: bool,
         xla: bool = False,
         host: bool = False,
+        every: int = 1,
+        first: int = 0,
     ) -> None:
         self.owner = owner
         self.fused = not xla  # the EuclideanNorm kernel has no XLA version
         self.host = None
+        self.every, self.first = every, first
         if host and not xla:
-            self.host = HostStep(len(rows), k, gradients=gradients, weights=weights, aside=spare_core())
+            aside = spare_core()
+            self.host = HostStep(
+                len(rows), k, gradients=gradients, weights=weights, aside=aside, every=every, first=first
+            )
         self.rows = rows
         self.k = k
         self.gradients = gradients
         self.weights = weights
         n = len(rows)
-        self.buffer = tf.Variable(tf.fill((k, n, COLUMNS), np.nan), trainable=False)
-        self.losses = tf.Variable(tf.fill((k,), np.nan), trainable=False)
         self.pending_loss = tf.Variable(np.float32(np.nan), trainable=False)
-        self.counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+        if self.host is None or every > 1:  # the steps run (the host then skips some)
+            self.counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+        if self.host is None:  # the TF-op path's device buffers
+            self.buffer = tf.Variable(tf.fill((k, n, COLUMNS), np.nan), trainable=False)
+            self.losses = tf.Variable(tf.fill((k,), np.nan), trainable=False)
         self.read_count = 0
         self.in_step = False
         self.forward_order: list[int] = []
@@ -176,35 +132,20 @@ class StepCapture:
             ]
             if self.host is not None:
                 return self._apply_on_host(optimizer, original_apply, grads, variables, picked)
-            slot = self.counter % self.k
-            columns = []
-            if self.gradients and picked:
-                rows = [gradient_statistics(g, self.fused) for _, g, _ in picked]
-                finite = [finite_from_statistics(r) for r in rows]
-                stats = tf.stack(rows)
-                if self.loss_scaled:
-                    # the scale the loss was multiplied by (built lazily by the first apply, as in Keras)
+            recorded = None  # every step (a Python None: no cond in the graph)
+            if self.every > 1:
+                recorded = tf.equal((self.counter + self.first) % self.every, 0)
+            inv_scale = None
+            if self.loss_scaled:
+                # the scale the loss was multiplied by (built lazily by the first apply, as in Keras)
+                def inv_scale() -> Any:
                     scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
-                    inv = 1.0 / tf.cast(scale, tf.float32)
-                    stats = stats * tf.stack([inv, inv, inv, inv * inv, inv, inv])
-                columns.append(stats)
-            else:
-                columns.append(tf.fill((len(picked), NSTATS), np.float32(np.nan)))
-                finite = [_all_finite(g) for _, g, _ in picked]
-            before = [tf.identity(v.value) for _, _, v in picked] if self.weights else []
-            result = original_apply(grads, variables)
-            if self.weights and picked:
-                ratios = [
-                    update_ratio(b, v.value, self.fused) for (_, _, v), b in zip(picked, before, strict=True)
-                ]
-                columns.append(tf.reshape(tf.stack(ratios), (-1, 1)))
-            else:
-                columns.append(tf.fill((len(picked), 1), np.float32(np.nan)))
-            table = tf.fill((n, COLUMNS), np.float32(np.nan))
-            if picked:
-                columns.append(tf.reshape(tf.stack(finite), (-1, 1)))
-                index = tf.constant([[r] for r, _, _ in picked], dtype=tf.int32)
-                table = tf.tensor_scatter_nd_update(table, index, tf.concat(columns, axis=1))
+                    return 1.0 / tf.cast(scale, tf.float32)
+
+            flags = {"gradients": self.gradients, "weights": self.weights, "fused": self.fused}
+            update = partial(original_apply, grads, variables)
+            table, result = step_table(picked, n, update, inv_scale=inv_scale, recorded=recorded, **flags)
+            slot = self.counter % self.k
             self.buffer[slot].assign(table)
             self.losses[slot].assign(self.pending_loss)  # NaN when scale_loss was not called
             self.pending_loss.assign(np.float32(np.nan))
@@ -236,8 +177,16 @@ class StepCapture:
         result = original_apply(grads, variables)
         dense = [_host_array(g) for _, g, _ in picked]
         after = [_host_array(v.value) for _, _, v in picked] if self.weights else []
-        record = partial(host.record, [r for r, _, _ in picked], len(dense))
-        host_call(record, [loss, inv, *dense, *after], "bbdecoder_step")
+        rows = [r for r, _, _ in picked]
+        inputs = [loss, inv, *dense, *after]
+        if self.every == 1:
+            host_call(partial(host.record, rows, len(dense)), inputs, "bbdecoder_step")
+        else:  # the host is called on the recorded steps and the snapshot steps before them only
+            position = (self.counter + self.first) % self.every
+            active = tf.equal(position, 0) | tf.equal(position, self.every - 1)
+            record = partial(host.record_at, rows, len(dense))
+            host_call_when(active, record, [self.counter, *inputs], "bbdecoder_step")
+            self.counter.assign_add(1)
         self.pending_loss.assign(np.float32(np.nan))
         return result
 
@@ -296,11 +245,12 @@ class StepCapture:
 
         return self._owned(train_function)
 
-    def read(self) -> list[tuple[np.ndarray, float, Callable[[], None] | None]]:
-        """The steps run since the last read, in order: ``(table (n, 8) float64, loss, measure)``;
-        ``measure`` (on the host path with update ratios) fills the table's ratio column, once,
-        on any thread, before the next step's update is read (else ``None``: it is filled)."""
-        count = self.host.count if self.host is not None else int(_read(self.counter))
+    def read(self) -> list[CapturedStep | None]:
+        """The steps run since the last read, in order: ``None`` for a step ``every`` skips, else
+        ``(table (n, 8) float64, loss, measure)``; ``measure`` (on the host path with update ratios)
+        fills the table's ratio column, once, on any thread, before the next step's update is read
+        (else ``None``: it is filled)."""
+        count = self.host.count if self.host is not None and self.every == 1 else int(_read(self.counter))
         new = count - self.read_count
         if new <= 0:
             return []
@@ -311,12 +261,32 @@ class StepCapture:
         steps = range(self.read_count, count)
         self.read_count = count
         host = self.host
+        out: list[CapturedStep | None] = []
         if host is None:
             table, losses = _read(self.buffer).astype(np.float64), _read(self.losses).astype(np.float64)
-            return [(table[i % self.k], float(losses[i % self.k]), None) for i in steps]
-        out: list[tuple[np.ndarray, float, Callable[[], None] | None]] = []
+            for i in steps:
+                recorded = (self.first + i) % self.every == 0
+                out.append((table[i % self.k], float(losses[i % self.k]), None) if recorded else None)
+            return out
         for i in steps:  # copies: the next step rewrites the rows the writer thread reads
+            if not host.recorded(i):
+                out.append(None)
+                continue
             row = host.table[i % self.k].copy()
             measure = partial(host.measure, i, row) if i in host.after else None
             out.append((row, float(host.losses[i % self.k]), measure))
         return out
+
+
+def record_step(
+    recorder: Recorder, step: int, epoch: int, rows: np.ndarray, values: np.ndarray | None,
+    loss: float | None, finite: np.ndarray, ratios: np.ndarray | None, measure: Callable[[], None] | None,
+    first_bad: Callable[[list[Series]], Series] = lambda bad: bad[0],
+) -> None:  # fmt: skip
+    """One batch into the recorder: its statistics, loss and update ratios (``None``: not recorded;
+    ``measure``: the ratio pass that fills ``ratios`` first, see ``StepCapture.read``)."""
+    if measure is not None:
+        measure()
+    recorder.step(step, epoch, rows, values, loss, first_bad=first_bad, finite=finite)
+    if ratios is not None:
+        recorder.ratios(step, epoch, rows, ratios)

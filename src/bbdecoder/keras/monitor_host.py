@@ -50,6 +50,7 @@ __all__ = [
     "HostRatios",
     "HostStep",
     "host_call",
+    "host_call_when",
     "host_kernels",
     "host_statistics",
     "one_replica",
@@ -73,6 +74,20 @@ def host_call(fn: Callable[..., np.ndarray], inputs: list[Any], name: str) -> No
         fn(*[np.asarray(t) for t in inputs])
     else:
         tf.numpy_function(fn, inputs, tf.float64, stateful=True, name=name)
+
+
+def host_call_when(active: Any, fn: Callable[..., np.ndarray], inputs: list[Any], name: str) -> None:
+    """:func:`host_call` on the steps where the boolean tensor ``active`` is true: in a traced step
+    a ``tf.cond``, so the other steps do not enter Python at all."""
+    if tf.executing_eagerly():
+        if bool(active):
+            fn(*[np.asarray(t) for t in inputs])
+        return
+    tf.cond(
+        active,
+        lambda: tf.numpy_function(fn, inputs, tf.float64, stateful=True, name=name),
+        lambda: tf.zeros((), tf.float64),
+    )
 
 
 def spare_core() -> bool:
@@ -137,6 +152,14 @@ class HostRatios:
             wide = snapshot.astype(np.float64)
             self.norms[row] = math.sqrt(float(np.dot(wide, wide)))
 
+    def remember(self, rows: list[int], *weights: np.ndarray) -> None:
+        """Rewrite the snapshots of ``rows`` with ``weights`` (the step before a recorded one, with
+        ``every > 1``: the next ratio compares against these)."""
+        snapshots = [self.snapshots[r] for r in rows]
+        squares = cpu_reductions.update_norms([_flat(w) for w in weights], snapshots, True)
+        for row, (_, after) in zip(rows, squares, strict=True):
+            self.norms[row] = math.sqrt(after)
+
     def __call__(self, rows: list[int], *weights: np.ndarray) -> np.ndarray:
         """The ``(n,)`` float64 ratios of the weights of ``rows`` after this step's update."""
         snapshots = [self.snapshots[r] for r in rows]
@@ -162,10 +185,28 @@ class HostStep:
     forward and backward pass run; should the next update come first, TF copies the buffer before
     writing it (a buffer still referenced is copied on write), so the pass still reads this step's
     weights. Without a spare core it runs in :meth:`record` (a pass beside TF's threads would make
-    every parallel region of theirs wait for it)."""
+    every parallel region of theirs wait for it).
 
-    def __init__(self, n: int, k: int, *, gradients: bool, weights: bool, aside: bool = True) -> None:
-        self.k, self.gradients, self.weights, self.aside = k, gradients, weights, aside
+    With ``every > 1`` only steps numbered ``first + count`` a multiple of ``every`` are recorded
+    (:meth:`recorded`); the step before one rewrites the snapshots (its weights are the recorded
+    step's ``W_before``), and the capture calls the host on no other step (:meth:`record_at`, under
+    a ``tf.cond``). Both passes then run in the step: the snapshot written there must not race a
+    pass still waiting for the writer thread."""
+
+    def __init__(
+        self,
+        n: int,
+        k: int,
+        *,
+        gradients: bool,
+        weights: bool,
+        aside: bool = True,
+        every: int = 1,
+        first: int = 0,
+    ) -> None:
+        self.k, self.gradients, self.weights = k, gradients, weights
+        self.every, self.first = every, first
+        self.aside = aside and every == 1
         self.table = np.full((k, n, COLUMNS), np.nan)
         self.losses = np.full(k, np.nan)
         self.count = 0
@@ -181,6 +222,12 @@ class HostStep:
         slot = self.count % self.k
         table = self.table[slot]
         table.fill(np.nan)
+        if not self.recorded(self.count):
+            if self.weights and rows and self.recorded(self.count + 1):
+                self.ratios.remember(rows, *arrays[n_grads:])
+            self.losses[slot] = np.nan
+            self.count += 1
+            return np.zeros((), dtype=np.float64)
         if rows:
             stats = host_statistics(*arrays[:n_grads])  # also with gradients=False: the finiteness flag
             table[rows, FINITE] = ~(np.isnan(stats[:, 4]) | (stats[:, 2] == np.inf))
@@ -196,6 +243,15 @@ class HostStep:
         self.losses[slot] = float(loss)
         self.count += 1
         return np.zeros((), dtype=np.float64)
+
+    def record_at(self, rows: list[int], n_grads: int, count: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+        """:meth:`record` of the ``count``-th step (``every > 1``: the host sees only some steps)."""
+        self.count = int(count)
+        return self.record(rows, n_grads, *rest)
+
+    def recorded(self, count: int) -> bool:
+        """Whether the ``count``-th step of this ``fit`` (from 0) is recorded."""
+        return (self.first + count) % self.every == 0
 
     def measure(self, step: int, into: np.ndarray) -> None:
         """The ratio pass of step number ``step`` (``count`` when it was recorded), into the

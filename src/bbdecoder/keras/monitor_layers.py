@@ -1,10 +1,20 @@
-"""The layers the Keras monitor names and selects: qualified names and selections of leaf layers."""
+"""The layers the Keras monitor names and selects: qualified names, selections of leaf layers and
+the variables tracked in them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from bbdecoder.keras.layers import check_model, leaf_layers
+from bbdecoder.monitor.recorder import Series
+
+
+@dataclass
+class TrackedVariable(Series):
+    """One tracked trainable variable: the recorder's series and the variable itself."""
+
+    variable: Any = field(kw_only=True)
 
 
 def qualified_layer_names(model: Any) -> dict[int, str]:
@@ -44,3 +54,23 @@ def select_leaves(model: Any, selection: Any) -> list[tuple[int, Any]]:
             raise ValueError(f"no leaf layer matches {selector!r}; the model's leaf layers: {names}")
         chosen.update(found)
     return sorted(chosen.items(), key=lambda item: item[0])
+
+
+def tracked_variables(
+    model: Any, selection: Any, names: dict[int, str], writer: Any
+) -> list[TrackedVariable]:
+    """The trainable variables of the leaf layers of ``selection`` (see :func:`select_leaves`), each
+    once (a variable shared by two layers belongs to the first), as series of ``writer``; stored
+    names ``<qualified layer name>.<variable name>``."""
+    tracked: list[TrackedVariable] = []
+    seen: set[int] = set()
+    for layer_id, layer in select_leaves(model, selection):
+        qualified = names.get(id(layer), layer.name)
+        for variable in layer.trainable_weights:
+            if id(variable) in seen:
+                continue
+            seen.add(id(variable))
+            param = f"{qualified}.{variable.name}"
+            sid = writer.series_id(layer_id, param)
+            tracked.append(TrackedVariable(len(tracked), layer_id, qualified, param, sid, variable=variable))
+    return tracked

@@ -75,9 +75,10 @@ class GradientCapture:
         with_grad = [p for p in selected if p.tensor.grad is not None]
         if not with_grad:
             raise RuntimeError("none of the selected layers has a gradient; did the loss depend on them?")
-        record = self._calls % self.every == 0
-        self._calls += 1
         step, epoch = self._step, self._epoch
+        record = step % self.every == 0  # step numbers, so a resumed run keeps the same grid
+        if self._epoch_first_step is None:  # also a step every= skips: the epoch has run
+            self._epoch_first_step = step
         # a CPU model without a sync stays in NumPy to the recorder (fewer, cheaper calls)
         on_host = self.sync is None and not self._host.deferred and with_grad[0].tensor.device.type == "cpu"
         stats: Any = None
@@ -120,8 +121,6 @@ class GradientCapture:
             parts.append(np.array([float(loss)]) if on_host else loss.reshape(1).double().to(stats.device))
         rows = [p.row for p in with_grad]
         meta = _StepMeta(step, epoch, rows, ratio_label, ratio_n, loss is not None, list(self._grad_order))
-        if self._epoch_first_step is None:
-            self._epoch_first_step = step
         if self._activations.probes and not self._activations.checked:
             self._activations.warn_unseen()
         self._finish_step()

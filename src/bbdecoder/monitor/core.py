@@ -169,7 +169,6 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         self._ratios: Any = UpdateRatios() if sharded_ratios is None else SyncRatios(sharded_ratios)
         self._grad_order: list[int] = []
         self._accumulated = 0
-        self._calls = 0
         self._recorded = 0
         ref = weakref.ref(self)
         for p in self._params:
@@ -289,6 +288,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         if self.sync is not None:
             self.sync.reduce_activations(self._activations.probes)
         self._activations.record(last, epoch)
+        self._note_progress(epoch)
         self.writer.flush()
         _checkpoint(self.writer)
         self._epoch_first_step = None
@@ -315,6 +315,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
                 self.end_epoch()
             else:
                 self._flush_ratio()
+                self._note_progress(None)
                 self.writer.flush()
                 _checkpoint(self.writer)
         finally:
@@ -325,6 +326,14 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
                 self._grad_prefetch.settle()
             self._ratios.reset()
             self._finalizer()
+
+    def _note_progress(self, ended_epoch: int | None) -> None:
+        """The steps run (and the epoch just ended) as store meta: with ``every > 1`` the last
+        steps have no row, and a later monitor on this store continues after them."""
+        if self._step > self._first_step:
+            self.writer.set_meta(V.META_NEXT_STEP, str(self._step))
+        if ended_epoch is not None:
+            self.writer.set_meta(V.META_LAST_EPOCH, str(ended_epoch))
 
     def __enter__(self: _M) -> _M:
         return self

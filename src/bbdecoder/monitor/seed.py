@@ -41,8 +41,10 @@ class Analyzer(TorchMonitor):
         scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients.
         flush_every: write to the store every this many recorded steps (1: a crash loses at most
             the last step).
-        every: record statistics every this many steps (1: every step). Steps in between are
-            counted (step numbers stay those of the optimizer steps) but not stored.
+        every: record statistics on the steps whose number is a multiple of this (1: every step;
+            a resumed run keeps the grid). Steps in between are counted (step numbers stay those
+            of the optimizer steps) but not stored; an epoch of such steps alone still ends with
+            its weight statistics.
         sync: a rank synchroniser for ``torch.distributed`` runs (see
             :class:`bbdecoder.integrations.ddp.RankSync`): it opens the store on one rank only and
             reduces each step's statistics and each epoch's activation state across ranks.

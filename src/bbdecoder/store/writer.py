@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from bbdecoder.store import vocabulary as V
 from bbdecoder.store.connection import connect_readwrite, db_path, foreign_message, store_kind
 from bbdecoder.store.lock import StoreLock, hint
 from bbdecoder.store.schema import APPLICATION_ID, DDL, SCHEMA_VERSION, StoreError, StoreWriteWarning
@@ -176,22 +177,38 @@ class RunWriter:
         return None if row is None else row[0]
 
     def next_step(self) -> int:
-        """The first step number not yet stored or buffered (0 for a new store)."""
+        """The first step number not yet stored or buffered, nor run by a monitor that skipped it
+        (``every > 1``: :data:`~bbdecoder.store.vocabulary.META_NEXT_STEP`); 0 for a new store."""
         steps = [
-            s
+            s + 1
             for s in (self._stored("SELECT MAX(step) FROM steps"), *(r[0] for r in self._steps))
             if s is not None
         ]
-        return int(max(steps)) + 1 if steps else 0
+        ran = self._counter(V.META_NEXT_STEP)
+        return int(max([*steps, *([] if ran is None else [ran])], default=0))
 
     def last_epoch(self) -> int | None:
-        """The epoch of the last stored or buffered step (``None`` for a new store)."""
+        """The epoch of the last stored or buffered step, or the last epoch a monitor ended
+        (:data:`~bbdecoder.store.vocabulary.META_LAST_EPOCH`); ``None`` for a new store."""
         epochs = [
             e
             for e in (self._stored("SELECT MAX(epoch) FROM steps"), *(r[1] for r in self._steps))
             if e is not None
         ]
+        ended = self._counter(V.META_LAST_EPOCH)
+        epochs += [] if ended is None else [ended]
         return int(max(epochs)) if epochs else None
+
+    def _counter(self, key: str) -> int | None:
+        """An integer meta value, buffered or stored (``None``: neither)."""
+        value = self._meta.get(key)
+        if value is None:
+            try:
+                row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            except _ENVIRONMENT_ERRORS:
+                return None
+            value = None if row is None else row[0]
+        return None if value is None else int(value)
 
     def has_histograms(self) -> bool:
         return bool(self._histograms) or self._stored("SELECT 1 FROM histograms LIMIT 1") is not None
