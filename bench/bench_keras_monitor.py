@@ -5,7 +5,10 @@ Dense(10) (1.2M parameters, as ``mnist`` in ``bench_monitor.py``), batch 32, Ada
 ``plain`` (``model.fit``), ``callback`` (+ ``MonitorCallback``: six gradient statistics and the
 update ratio of every variable, the store write, every step) and ``callback+act`` (+ the
 activation probes, ``activations=True``: the three ReLUs); with ``--ablation`` also both with the
-statistics and ratios in TF ops instead of the host kernels (``-tfops``).
+statistics and ratios in TF ops instead of the host kernels (``-tfops``); with ``--every K`` also
+both with ``every=K`` (``-everyK``: the statistics and ratios of one step in K). Then every
+configuration's step time is the mean over the measured batches, not the median, which would
+leave out the recorded steps.
 
 Each round runs one ``fit`` epoch of ``--batches`` batches per configuration (the order rotated
 between rounds); a timing callback first in the list stamps each batch's begin, one last in the list
@@ -106,15 +109,26 @@ def _tf_ops(active: bool) -> Iterator[None]:
         keras_monitor.host_kernels = saved
 
 
-def measure(rounds: int, batches: int, ablation: bool = False) -> dict[str, Any]:
-    import numpy as np
-
+def _callback(path: Path, name: str) -> Any:
+    """The ``MonitorCallback`` of configuration ``name`` (``callback[+act][-tfops|-everyK]``)."""
     from bbdecoder.keras.monitor import MonitorCallback
+
+    every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
+    return MonitorCallback(path, activations=name.startswith("callback+act"), every=every)
+
+
+def _step_time(times: list[float], every: int) -> float:
+    """A configuration's time per step in one round: the median, or with ``--every`` the mean."""
+    return statistics.fmean(times) if every > 1 else statistics.median(times)
+
+
+def measure(rounds: int, batches: int, ablation: bool = False, every: int = 1) -> dict[str, Any]:
+    import numpy as np
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * batches, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(32 * batches,))
-    names = _names(ablation)
+    names = _names(ablation, every)
     models = {n: _model() for n in names}
     per_round: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()
@@ -126,18 +140,18 @@ def measure(rounds: int, batches: int, ablation: bool = False) -> dict[str, Any]
                 callbacks = [stamp.begin]
                 if name != "plain":
                     path = Path(tmp) / f"{name}_{r}"
-                    callbacks.append(MonitorCallback(path, activations=name.startswith("callback+act")))
+                    callbacks.append(_callback(path, name))
                 callbacks.append(stamp.end)
                 with _tf_ops(name.endswith("-tfops")):
                     models[name].fit(
                         x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
                     )
                 if r > 0:
-                    per_round[name].append(statistics.median(stamp.times[2:]))
+                    per_round[name].append(_step_time(stamp.times[2:], every))
     return _summary(per_round, names, load_before, "fit")
 
 
-def measure_blocks(rounds: int, block: int, ablation: bool = False) -> dict[str, Any]:
+def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int = 1) -> dict[str, Any]:
     """The same configurations, driven step by step without ``fit``: per round, ``block``
     consecutive steps of each configuration in turn (the order rotated), each step its train
     function and the callback's ``on_train_batch_end``, the first step of a block left out (the
@@ -146,12 +160,10 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False) -> dict[str,
     import numpy as np
     import tensorflow as tf
 
-    from bbdecoder.keras.monitor import MonitorCallback
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * 64, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(32 * 64,))
-    names = _names(ablation)
+    names = _names(ablation, every)
     setups: dict[str, tuple[Any, Any, Any]] = {}
     tmp = tempfile.TemporaryDirectory()
     for name in names:
@@ -161,7 +173,7 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False) -> dict[str,
         if name == "plain":
             model.make_train_function(force=True)
         else:
-            callback = MonitorCallback(Path(tmp.name) / name, activations=name.startswith("callback+act"))
+            callback = _callback(Path(tmp.name) / name, name)
             with _tf_ops(name.endswith("-tfops")):
                 callback.set_model(model)
                 callback.on_train_begin()
@@ -182,7 +194,7 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False) -> dict[str,
                         callback.on_train_batch_end(step)
                     times.append(time.perf_counter() - t0)
                 if r > 0:
-                    per_round[name].append(statistics.median(times[1:]))
+                    per_round[name].append(_step_time(times[1:], every))
     finally:
         for _, callback, _ in setups.values():
             if callback is not None:
@@ -191,9 +203,13 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False) -> dict[str,
     return _summary(per_round, names, load_before, f"blocks of {block} steps")
 
 
-def _names(ablation: bool) -> list[str]:
+def _names(ablation: bool, every: int = 1) -> list[str]:
     names = ["plain", "callback", "callback+act"]
-    return [*names, "callback-tfops", "callback+act-tfops"] if ablation else names
+    if ablation:
+        names += ["callback-tfops", "callback+act-tfops"]
+    if every > 1:
+        names += [f"callback-every{every}", f"callback+act-every{every}"]
+    return names
 
 
 def _summary(
@@ -234,16 +250,24 @@ def main() -> None:
     )
     parser.add_argument("--block-rounds", type=int, default=0, help="rounds of --block steps (0: none)")
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--every", type=int, default=1, help="also the callback with every=K (-everyK)")
     args = parser.parse_args()
     _set_threads(args.threads)
     from common import environment, save_results
 
-    result = {"environment": environment(), "rounds": args.rounds, "batches": args.batches}
+    result = {
+        "environment": environment(),
+        "rounds": args.rounds,
+        "batches": args.batches,
+        "every": args.every,
+        "per_round_step": "mean" if args.every > 1 else "median",
+    }
     if args.rounds:
-        result["keras_mnist"] = measure(args.rounds, args.batches, args.ablation)
+        result["keras_mnist"] = measure(args.rounds, args.batches, args.ablation, args.every)
     if args.block_rounds:
         result["block_rounds"], result["block"] = args.block_rounds, args.block
-        result["keras_mnist_blocks"] = measure_blocks(args.block_rounds, args.block, args.ablation)
+        blocks = measure_blocks(args.block_rounds, args.block, args.ablation, args.every)
+        result["keras_mnist_blocks"] = blocks
     path = save_results(f"keras_monitor_t{args.threads}{args.tag}", result)
     print(f"wrote {path}")
 
