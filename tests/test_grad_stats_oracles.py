@@ -186,3 +186,25 @@ def test_cpu_statistics_of_nonfinite_gradients_flag_max_abs() -> None:
     max_abs = stats[:, GRAD_STATS.index("max_abs")]
     assert np.isnan(max_abs[0]) and max_abs[1] == np.inf and np.isnan(max_abs[2])
     assert np.isfinite(stats[3]).all()
+
+
+@pytest.mark.parametrize("size", [10, 100_000])  # the small rows together, a large one alone
+def test_nonfinite_gradients_get_the_norms_float64_gives(size: int) -> None:
+    """NaN, +-Inf and both: ``l1``, ``max_abs`` and ``l2`` are what float64 ``abs().sum()``,
+    ``abs().max()`` and ``norm()`` give (an Inf gradient's L2 is Inf, not the NaN of
+    ``sqrt(n var + n mean^2)``); the CUDA and CPU paths, the exact redo and the Keras host path
+    share these rows."""
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(size, generator=gen) for _ in range(4)]
+    grads[0][1] = float("nan")
+    grads[1][2] = float("inf")
+    grads[2][3], grads[2][4] = float("-inf"), float("inf")
+    grads[3][0], grads[3][5] = float("inf"), float("nan")
+    host = grad_statistics(grads).double().numpy()
+    device = grad_stats.GradStatistics()._device(grads).numpy()  # the CUDA path's torch ops, on CPU
+    for stats in (host, device):
+        for row, g in zip(stats, grads, strict=True):
+            g64 = g.double()
+            for name, want in (("l1", g64.abs().sum()), ("max_abs", g64.abs().max()), ("l2", g64.norm())):
+                got = row[GRAD_STATS.index(name)]
+                assert got == float(want) or (np.isnan(got) and want.isnan()), (name, got, float(want))

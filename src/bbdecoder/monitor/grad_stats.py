@@ -176,7 +176,7 @@ class GradStatistics:
         max_abs = zeros.scatter_reduce(0, seg, magnitude, "amax")  # NaN propagates
         centred = flat - mean[seg]
         var = zeros.index_add(0, seg, centred * centred) / counts
-        l2 = (var * counts + counts * mean * mean).sqrt()
+        l2 = _inf_norms((var * counts + counts * mean * mean).sqrt(), max_abs)
         return torch.stack([mean, l1 / counts, max_abs, var, l1, l2], dim=1)
 
     def _large_cpu(self, grads: list[torch.Tensor], known: list[Moments | None]) -> np.ndarray:
@@ -252,7 +252,7 @@ class GradStatistics:
         mean = torch.stack(sums).double() / n
         l1 = torch.stack(l1s).double()
         var = centred_sq / n
-        l2 = (centred_sq + n * mean * mean).sqrt()
+        l2 = _inf_norms((centred_sq + n * mean * mean).sqrt(), max_abs.double())
         return torch.stack([mean, l1 / n, max_abs.double(), var, l1, l2], dim=1)
 
 
@@ -289,7 +289,14 @@ def small_statistics(grads: list[torch.Tensor]) -> np.ndarray:
         np.divide(np.add.reduceat(flat, starts), sizes, out=var)
         np.divide(l1_total, sizes, out=l1)
         np.sqrt(var * sizes + sizes * mean * mean, out=l2)
+    l2[max_abs == np.inf] = np.inf  # see _inf_norms
     return out
+
+
+def _inf_norms(l2: torch.Tensor, max_abs: torch.Tensor) -> torch.Tensor:
+    """``l2`` with ``+inf`` where ``max_abs`` is: a gradient with an Inf and no NaN has ``||g|| = inf``,
+    but ``sqrt(n var + n mean^2)`` is NaN there (``inf - inf`` in the centred sum); no device sync."""
+    return torch.where(max_abs == torch.inf, torch.inf, l2)
 
 
 def _small_reference(g: torch.Tensor) -> torch.Tensor:
