@@ -909,3 +909,42 @@ def test_keras_and_pytorch_twins_store_the_same_rows(tmp_path: Path) -> None:
     assert (kh.groupby("param")["count"].sum() == ph.groupby("param")["count"].sum()).all()
     np.testing.assert_allclose(k.steps().loss, p.steps().loss, rtol=1e-5)
     assert k.events().empty and p.events().empty
+
+
+@pytest.mark.parametrize("path_kind", ["host", "tf-ops"])
+def test_every_with_loss_scaling_and_either_recording_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str
+) -> None:
+    """``every=2`` under a ``LossScaleOptimizer`` stores the unscaled statistics of steps 0 and 2 (the
+    scale is read on the recorded step, inside the skipping ``tf.cond``), equal to the plain run's;
+    with ``gradients=False`` or ``weights=False`` the other half is left out on the same steps."""
+    from bbdecoder.keras import monitor as keras_monitor
+
+    if path_kind == "tf-ops":
+        monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
+    elif not keras_monitor.host_kernels():
+        pytest.skip("the fused kernels are not built")
+    x, t = _data()
+    runs = {
+        "plain": ({}, keras.optimizers.SGD(LR)),
+        "scaled": ({}, keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR))),
+        "no-grads": ({"gradients": False}, keras.optimizers.SGD(LR)),
+        "no-weights": ({"weights": False}, keras.optimizers.SGD(LR)),
+    }
+    for name, (options, optimizer) in runs.items():
+        model = _model()
+        model.compile(optimizer=optimizer, loss="mse")
+        callback = MonitorCallback(tmp_path / name, every=2, **options)
+        model.fit(x, t, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[callback])
+    frames = {name: open_run(tmp_path / name).scalars() for name in runs}
+    for frame in frames.values():
+        per_step = frame[~frame.stat.str.startswith("weight_")]
+        assert sorted(per_step.step.unique()) == [0, 2]
+    plain = frames["plain"].set_index(["step", "param", "stat"]).value.sort_index()
+    scaled = frames["scaled"].set_index(["step", "param", "stat"]).value.sort_index()
+    np.testing.assert_allclose(scaled.to_numpy(), plain.to_numpy(), rtol=1e-6)  # not x32768
+    assert not frames["no-grads"].stat.isin(["l2", "mean"]).any()
+    assert frames["no-grads"].stat.eq("update_ratio").sum() == 2 * 4  # steps 0, 2; four variables
+    assert not frames["no-weights"].stat.str.startswith("weight_").any()
+    assert not frames["no-weights"].stat.eq("update_ratio").any()
+    assert frames["no-weights"].stat.eq("l2").sum() == 2 * 4
