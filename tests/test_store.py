@@ -249,3 +249,22 @@ def test_has_histograms_next_step_and_last_epoch_see_stored_and_buffered_rows(tm
     writer = RunWriter(tmp_path)
     assert (writer.has_histograms(), writer.next_step(), writer.last_epoch()) == (True, 1, 2)  # stored
     writer.close()
+
+
+def test_next_step_and_last_epoch_take_the_monitors_meta_counters(tmp_path) -> None:
+    """A monitor with ``every > 1`` notes the steps it ran past the last stored row; a value that is
+    not an integer (a damaged store) is ignored, not raised."""
+    from bbdecoder.store import vocabulary as V
+
+    w = RunWriter(tmp_path)
+    w.add_step(3, 1, 0.5)
+    assert (w.next_step(), w.last_epoch()) == (4, 1)
+    w.set_meta(V.META_NEXT_STEP, "9")
+    w.set_meta(V.META_LAST_EPOCH, "2")
+    assert (w.next_step(), w.last_epoch()) == (9, 2)  # buffered
+    w.flush()
+    assert (w.next_step(), w.last_epoch()) == (9, 2)  # stored
+    w.set_meta(V.META_NEXT_STEP, "nine")
+    w.set_meta(V.META_LAST_EPOCH, "")
+    assert (w.next_step(), w.last_epoch()) == (4, 1)
+    w.close()

@@ -200,7 +200,8 @@ class RunWriter:
         return int(max(epochs)) if epochs else None
 
     def _counter(self, key: str) -> int | None:
-        """An integer meta value, buffered or stored (``None``: neither)."""
+        """An integer meta value, buffered or stored (``None``: neither, or not an integer: the
+        rows alone then answer)."""
         value = self._meta.get(key)
         if value is None:
             try:
@@ -208,7 +209,10 @@ class RunWriter:
             except _ENVIRONMENT_ERRORS:
                 return None
             value = None if row is None else row[0]
-        return None if value is None else int(value)
+        try:
+            return None if value is None else int(value)
+        except (TypeError, ValueError):
+            return None
 
     def has_histograms(self) -> bool:
         return bool(self._histograms) or self._stored("SELECT 1 FROM histograms LIMIT 1") is not None
