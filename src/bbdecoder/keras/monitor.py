@@ -44,7 +44,7 @@ from bbdecoder.keras.monitor_host import FINITE, NSTATS, RATIO, host_kernels, on
 from bbdecoder.keras.monitor_layers import qualified_layer_names, tracked_variables
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_error, installed_by
 from bbdecoder.keras.monitor_tfops import gradient_statistics
-from bbdecoder.monitor.recorder import Recorder, Series
+from bbdecoder.monitor.recorder import Recorder, Series, note_progress
 from bbdecoder.monitor.weights import QUANTILES
 from bbdecoder.store import vocabulary as V
 from bbdecoder.store.background import ThreadedRunWriter
@@ -295,13 +295,8 @@ class MonitorCallback(keras.callbacks.Callback):
                     self.writer.flush()
 
     def _note_progress(self, ended_epoch: int | None) -> None:
-        """The steps run and the last epoch ended as store meta (with ``every > 1`` the last steps
-        have no row): a later monitor on this store continues after them."""
-        assert self.writer is not None
-        if self._capture is not None and self._capture.read_count:
-            self.writer.set_meta(V.META_NEXT_STEP, str(self._step))
-        if ended_epoch is not None:
-            self.writer.set_meta(V.META_LAST_EPOCH, str(ended_epoch))
+        ran = self._capture is not None and self._capture.read_count > 0
+        note_progress(self.writer, self._step if ran else None, ended_epoch)
 
     def _first_in_backward_order(self, bad: list[Series]) -> Series:
         """Backward order is the reverse of the forward: the affected layer called last comes first."""

@@ -258,18 +258,17 @@ class StepCapture:
             raise RuntimeError(
                 f"{new} steps ran between two callbacks, more than steps_per_execution={self.k}"
             )
-        steps = range(self.read_count, count)
+        steps = [i if (self.first + i) % self.every == 0 else None for i in range(self.read_count, count)]
         self.read_count = count
         host = self.host
-        out: list[CapturedStep | None] = []
         if host is None:
             table, losses = _read(self.buffer).astype(np.float64), _read(self.losses).astype(np.float64)
-            for i in steps:
-                recorded = (self.first + i) % self.every == 0
-                out.append((table[i % self.k], float(losses[i % self.k]), None) if recorded else None)
-            return out
+            return [
+                None if i is None else (table[i % self.k], float(losses[i % self.k]), None) for i in steps
+            ]
+        out: list[CapturedStep | None] = []
         for i in steps:  # copies: the next step rewrites the rows the writer thread reads
-            if not host.recorded(i):
+            if i is None:
                 out.append(None)
                 continue
             row = host.table[i % self.k].copy()

@@ -31,7 +31,7 @@ from bbdecoder.monitor.host_copy import HostCopy
 from bbdecoder.monitor.inspection import InspectionMixin
 from bbdecoder.monitor.per_sample_recorder import per_sample_recorder
 from bbdecoder.monitor.ratio_prefetch import RatioPrefetch
-from bbdecoder.monitor.recorder import Recorder
+from bbdecoder.monitor.recorder import Recorder, note_progress
 from bbdecoder.monitor.run_folder import check_run_folder, parameter_signature
 from bbdecoder.monitor.settings import alert_engine, check_alerts, check_settings, check_tensorboard
 from bbdecoder.monitor.summary import SummaryMixin, probe_shapes
@@ -328,12 +328,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
             self._finalizer()
 
     def _note_progress(self, ended_epoch: int | None) -> None:
-        """The steps run (and the epoch just ended) as store meta: with ``every > 1`` the last
-        steps have no row, and a later monitor on this store continues after them."""
-        if self._step > self._first_step:
-            self.writer.set_meta(V.META_NEXT_STEP, str(self._step))
-        if ended_epoch is not None:
-            self.writer.set_meta(V.META_LAST_EPOCH, str(ended_epoch))
+        note_progress(self.writer, self._step if self._step > self._first_step else None, ended_epoch)
 
     def __enter__(self: _M) -> _M:
         return self

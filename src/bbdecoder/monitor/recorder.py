@@ -32,6 +32,16 @@ from bbdecoder.monitor.weights import fixed_range, histogram, weight_statistics
 from bbdecoder.store import vocabulary as V
 
 
+def note_progress(writer: Any, next_step: int | None, ended_epoch: int | None) -> None:
+    """The steps a monitor ran (``next_step``: the number its next step would get; ``None``: it ran
+    none) and the epoch it just ended as store meta: with ``every > 1`` the last steps have no row,
+    and a later monitor on the store continues after them (``RunWriter.next_step``)."""
+    if next_step is not None:
+        writer.set_meta(V.META_NEXT_STEP, str(next_step))
+    if ended_epoch is not None:
+        writer.set_meta(V.META_LAST_EPOCH, str(ended_epoch))
+
+
 class NonFiniteGradientWarning(RuntimeWarning):
     """A gradient held NaN or Inf; the message names the first layer in backward order."""
 
