@@ -19,7 +19,10 @@ epoch aggregates and alert rules, on the training thread instead of the writer t
 ``RunWriter``), ``analyzer-noprefetch`` (the update ratios measured inside ``step()`` instead of
 on the writer thread after ``optimizer.step()``), ``analyzer-nogradread`` (the gradients' moments
 read inside ``step()`` instead of on the writer thread during backward) and
-``analyzer-noratios`` (``weights=False``: no update-ratio pass at all), and ``wandb``
+``analyzer-noratios`` (``weights=False``: no update-ratio pass at all), with ``--every K``
+``analyzer-everyK`` and ``analyzer+act-everyK`` (``every=K``: one step in K recorded, the probes
+on its forward only; each configuration then also gets the ratio of its summed step times over
+blocks of K rounds, one recorded step per block, whose median is the figure for these), and ``wandb``
 (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
@@ -203,7 +206,9 @@ class Config:
         elif name == "analyzer-noratios":  # no update ratios: what their pass costs in the step
             self.analyzer = Analyzer(self.model, tmp / name, weights=False)
         elif name.startswith("analyzer"):  # "-onethread": the fused kernels on the calling thread only
-            self.analyzer = Analyzer(self.model, tmp / name, activations=name.startswith("analyzer+act"))
+            every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
+            act = name.startswith("analyzer+act")
+            self.analyzer = Analyzer(self.model, tmp / name, activations=act, every=every)
         elif name == "wandb":
             import wandb
 
@@ -257,6 +262,7 @@ def measure(
     with_wandb: bool,
     ablation: bool = False,
     extra: tuple[str, ...] = (),
+    every: int = 1,
 ) -> dict:
     torch.manual_seed(0)
     base, make_opt, (x, y), loss_fn = _workload(workload)
@@ -273,6 +279,7 @@ def measure(
         if ablation
         else []
     )
+    names += [f"analyzer-every{every}", f"analyzer+act-every{every}"] if every > 1 else []
     names += ["wandb"] if with_wandb else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,6 +326,16 @@ def measure(
             f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
             f" cpu x{entry['cpu_step_ratio']:.3f} [{cq[0]:.3f}, {cq[2]:.3f}]"
         )
+        if every > 1:  # each block of `every` rounds holds one recorded step of each every= config
+            blocks = [
+                sum(c.times[i : i + every]) / sum(plain.times[i : i + every])
+                for i in range(0, len(ratios) - every + 1, every)
+            ]
+            bq = statistics.quantiles(blocks, n=4)
+            entry.update(
+                {"block_ratio": statistics.median(blocks), "block_ratio_q1": bq[0], "block_ratio_q3": bq[2]}
+            )
+            line += f" blocks of {every}: x{entry['block_ratio']:.3f} [{bq[0]:.3f}, {bq[2]:.3f}]"
         prefetch = getattr(c.analyzer, "_prefetch", None)
         if prefetch is not None:  # ratio passes run on the writer thread after optimizer.step()
             entry["ratio_passes_off_thread"] = prefetch.used
@@ -377,6 +394,13 @@ def main() -> None:
     )
     parser.add_argument("--extra", default="", help="ablation configurations to add, comma-separated")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        help="also the analyzer with every=K, with and without activations (-everyK), and every "
+        "configuration's ratio of summed step times over blocks of K rounds",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warmup = 5, 1
@@ -393,7 +417,7 @@ def main() -> None:
     for workload in args.models.split(","):
         extra = tuple(filter(None, args.extra.split(",")))
         result["workloads"][workload] = measure(
-            workload, args.rounds, args.warmup, with_wandb, args.ablation, extra
+            workload, args.rounds, args.warmup, with_wandb, args.ablation, extra, args.every
         )
         path = save_results(f"monitor_t{args.threads}{args.tag}", result)  # after each workload
     print(f"wrote {path}")

@@ -126,20 +126,20 @@ def test_units_are_the_last_dim_of_token_outputs(tmp_path) -> None:
         assert len(an._activations.probes[1].max) == 7  # what the user asked for
 
 
-def _compiled_run(path, compiled: bool, steps: int = 5):
+def _compiled_run(path, compiled: bool, steps: int = 5, every: int = 1):
     torch.manual_seed(0)
     model = Mixed()
     runner = torch.compile(model, backend="eager") if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     data = [(torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,))) for _ in range(steps)]
     frames = []
-    with Analyzer(runner, path, activations=True) as an:
+    with Analyzer(runner, path, activations=True, every=every) as an:
         for i, (x, y) in enumerate(data):
             loss = F.cross_entropy(an.forward_propagation(x), y)
             opt.zero_grad()
             an.backward_propagation(loss)
             opt.step()
-            if i == 0:
+            if i == min(every, 2) - 1:  # a recorded and (every > 1) a skipped step have run
                 frames.append(_frames_compiled())
             if i == 2:
                 an.end_epoch()
@@ -153,18 +153,46 @@ def _frames_compiled() -> int:
     return int(sum(counters["frames"].values())) + int(counters["stats"]["unique_graphs"])
 
 
-def test_compiled_model_records_the_same_numbers_without_recompiling(tmp_path) -> None:
+@pytest.mark.parametrize("every", [1, 2])
+def test_compiled_model_records_the_same_numbers_without_recompiling(tmp_path, every) -> None:
+    # every=2: one graph with the probes, one for the skipped steps' forwards, then no more
     torch._dynamo.reset()
-    eager, _, _ = _compiled_run(tmp_path / "eager", compiled=False)
+    eager, _, _ = _compiled_run(tmp_path / "eager", compiled=False, every=every)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        compiled, frames, _ = _compiled_run(tmp_path / "compiled", compiled=True)
-    assert frames[1] == frames[0], "recompiled after the first step"
+        compiled, frames, _ = _compiled_run(tmp_path / "compiled", compiled=True, every=every)
+    assert frames[1] == frames[0], "recompiled after the first steps"
     act = compiled[compiled.stat.isin(["dead_fraction", "saturated_fraction", "channel_var"])]
     assert not act.empty and set(act.layer) == {"relu", "tanh"}
     merged = eager.merge(compiled, on=["step", "epoch", "param", "layer", "stat"], suffixes=("_e", "_c"))
     assert len(merged) == len(eager) == len(compiled)
     np.testing.assert_allclose(merged.value_c, merged.value_e, rtol=1e-6, atol=1e-12)
+
+
+def test_every_watches_the_forwards_of_the_recorded_steps_only(tmp_path) -> None:
+    # oracle: a monitor recording every step, fed only the batches of the steps every=2 records
+    # (no optimizer: the same weights for every batch); unit 0 fires in the odd batches only
+    batches = [torch.tensor([[-1.0], [-2.0]]), torch.tensor([[3.0], [-1.0]])] * 3
+    stats = ["dead_fraction", "dead_count", "channel_var"]
+
+    def run(path, every: int, xs: list[torch.Tensor]):
+        with Analyzer(_gate(), path, activations=True, every=every) as an:
+            for x in xs:
+                an.forward_propagation(x).sum().backward()
+                an.step()
+            assert an._activations.forwards_seen() == len(xs) // every
+            dead = an.dead_units()
+            an.end_epoch()
+        table = open_run(path).scalars()
+        return dead, table[table.stat.isin(stats)].set_index(["layer", "stat"]).value.sort_index()
+
+    sampled_dead, sampled = run(tmp_path / "every2", 2, batches)
+    oracle_dead, oracle = run(tmp_path / "oracle", 1, batches[::2])
+    _, every_batch = run(tmp_path / "all", 1, batches)
+    assert sampled_dead == oracle_dead == {"1": [0, 2]}
+    assert len(sampled) == 3
+    np.testing.assert_array_equal(sampled.to_numpy(), oracle.to_numpy())
+    assert every_batch.loc[("1", "dead_count")] == 1.0  # seen in every batch, unit 0 fires
 
 
 def test_a_class_compiled_earlier_does_not_silently_lose_the_hooks(tmp_path) -> None:

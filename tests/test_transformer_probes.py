@@ -152,3 +152,18 @@ def test_timm_style_blocks_and_accumulation(tmp_path: Path) -> None:
     )
     assert set(run.scalars("act_rms").param) == {"blocks.0", "blocks.1"}
     assert set(run.scalars("act_rms").step) == {0, 1}
+
+
+def test_probes_record_the_steps_the_analyzer_records(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ToyViT(fused=False).train()
+    analyzer = Analyzer(model, tmp_path, every=2)
+    with TransformerProbes(analyzer):
+        for _ in range(5):
+            model(torch.randn(2, 3, 16, 16)).sum().backward()
+            analyzer.step()
+    analyzer.close()
+    run = open_run(tmp_path)
+    assert set(run.scalars("l2").step) == {0, 2, 4}
+    for stat in ("act_rms", "attn_entropy", "logit_max"):
+        assert set(run.scalars(stat).step) == {0, 2, 4}, stat

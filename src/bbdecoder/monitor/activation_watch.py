@@ -55,15 +55,19 @@ def expected_channels(layer: LayerInfo, index: LayerIndex) -> tuple[int, torch.d
 
 
 class ActivationWatcher:
-    """Watches layer outputs in training-mode forwards (never while ``paused`` is true)."""
+    """Watches layer outputs in training-mode forwards (never while ``paused`` is true), those of
+    the steps whose number is a multiple of ``every`` (:meth:`arm_for` says which step is next)."""
 
-    def __init__(self, index: LayerIndex, writer: RunWriter, hooks: HookManager) -> None:
+    def __init__(self, index: LayerIndex, writer: RunWriter, hooks: HookManager, every: int = 1) -> None:
         self.index = index
         self.writer = writer
         self.hooks = hooks
+        self.every = every
         self.probes: dict[int, ActivationProbe] = {}
         self.last_max: dict[int, torch.Tensor] = {}
         self.paused = False
+        # a plain bool read by the hooks: a compiled forward guards on it (one graph per value)
+        self.off_step = False
         self.checked = False
         self.masks = MaskBuffer()  # the saturation counts' comparisons, shared by every probe
 
@@ -84,9 +88,13 @@ class ActivationWatcher:
             self.writer.series_id(layer.id, V.ACTIVATION_PARAM)
             self.hooks.forward_hook(layer.module, self._hook(probe, layer))
 
+    def arm_for(self, step: int) -> None:
+        """The forwards that follow belong to step number ``step``: watched when it is recorded."""
+        self.off_step = step % self.every != 0
+
     def _hook(self, probe: ActivationProbe, layer: LayerInfo) -> Callable[..., None]:
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if self.paused or not module.training:
+            if self.paused or self.off_step or not module.training:
                 return
             if isinstance(output, torch.Tensor):
                 out: torch.Tensor | None = output

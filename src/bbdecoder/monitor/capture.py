@@ -130,6 +130,7 @@ class GradientCapture:
         self._grad_order.clear()
         self._accumulated = 0
         self._step += 1
+        self._activations.arm_for(self._step)
 
     def _submit(self: Any, vector: torch.Tensor | np.ndarray, meta: _StepMeta, *, step: bool) -> None:
         if isinstance(vector, np.ndarray):  # a CPU step without a sync: already on the host

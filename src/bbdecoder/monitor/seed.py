@@ -44,7 +44,9 @@ class Analyzer(TorchMonitor):
         every: record statistics on the steps whose number is a multiple of this (1: every step;
             a resumed run keeps the grid). Steps in between are counted (step numbers stay those
             of the optimizer steps) but not stored; an epoch of such steps alone still ends with
-            its weight statistics.
+            its weight statistics. The activation probes (and ``TransformerProbes``) see the
+            forwards of the recorded steps only: dead units are those silent in every one of
+            them, so a unit firing in fewer than about 1 in ``every`` batches may be reported dead.
         sync: a rank synchroniser for ``torch.distributed`` runs (see
             :class:`bbdecoder.integrations.ddp.RankSync`): it opens the store on one rank only and
             reduces each step's statistics and each epoch's activation state across ranks.

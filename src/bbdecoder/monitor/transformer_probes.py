@@ -19,8 +19,9 @@ there anyway).
 
 Rows are scalar rows of the run store, on the series ``(layer_id=-1, param=<module name>)``
 (``<attention module>.head<h>`` per head, ``logits`` for the output), at the step number the
-analyzer gives the iteration. Only forward passes in training mode with grad enabled are recorded;
-several forwards in one step (gradient accumulation) are averaged (maxima: the maximum).
+analyzer gives the iteration. Only forward passes in training mode with grad enabled are recorded,
+and only those of the steps the analyzer records (``every=``); several forwards in one step
+(gradient accumulation) are averaged (maxima: the maximum).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ class TransformerProbes:
 
     # -- hooks --------------------------------------------------------------------------------
     def _recording(self, module: nn.Module) -> bool:
-        return not self.closed and module.training and torch.is_grad_enabled()
+        if self.closed or not module.training or not torch.is_grad_enabled():
+            return False
+        return int(self.analyzer.current_step) % int(getattr(self.analyzer, "every", 1)) == 0
 
     def _add(self, param: str, stat: str, value: torch.Tensor) -> None:
         label = (int(self.analyzer.current_step), int(self.analyzer.current_epoch))
