@@ -93,8 +93,9 @@ class MonitorCallback(keras.callbacks.Callback):
     ``every=k`` records only the steps whose number is a multiple of ``k`` (as the PyTorch
     ``Analyzer``'s ``every``): their gradient statistics, loss, finiteness check and the update
     ratio of their own update; the steps in between compute nothing but the weight snapshot the
-    next recorded ratio compares against (on the step just before it). Activation accumulators and
-    the per-epoch weight statistics still see every step and every epoch.
+    next recorded ratio compares against (on the step just before it). The activation probes see
+    the forwards of the recorded steps only (a ``tf.cond`` skips the others), as in PyTorch; the
+    per-epoch weight statistics still see every epoch.
 
     Args:
         save_path: folder of the run store (created; an existing store is appended to).

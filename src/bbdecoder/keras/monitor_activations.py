@@ -20,11 +20,17 @@ import numpy as np
 
 from bbdecoder.keras._backend import tf
 from bbdecoder.keras.activation_kinds import saturation_rules, saturation_test, watched_layers
-from bbdecoder.keras.monitor_host import HostProbe, host_call
+from bbdecoder.keras.monitor_host import HostProbe, host_call, host_threads
+from bbdecoder.keras.monitor_tfops import when_recorded
 from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
 from bbdecoder.monitor.probe_state import ACTIVATION_STATE
 from bbdecoder.store.vocabulary import ACTIVATION_PARAM
 from bbdecoder.store.writer import RunWriter
+
+
+def _no_update() -> Any:
+    """The skipped branch of a probe's ``tf.cond`` (a value of the other branch's dtype)."""
+    return tf.zeros((), tf.int64)
 
 
 class ActivationProbe:
@@ -83,8 +89,9 @@ class ActivationProbe:
             }
         self.channels = channels
 
-    def update(self, output: Any) -> None:
-        """Add one forward's output (called while the train step is traced or run eagerly)."""
+    def update(self, output: Any, recorded: Any = None) -> None:
+        """Add one forward's output (called while the train step is traced or run eagerly);
+        ``recorded``: a boolean tensor, the output is added only when it is true (``None``: always)."""
         y = tf.cast(tf.stop_gradient(output), tf.float32)
         rank = y.shape.rank
         if rank is None or rank == 0:
@@ -100,7 +107,7 @@ class ActivationProbe:
         host = self.rules is not None and inner is not None
         if self.channels is None:
             if host:
-                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [])
+                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [], host_threads())
                 self.channels = int(channels)
             else:
                 self._create(int(channels))
@@ -115,8 +122,13 @@ class ActivationProbe:
                     f"layer {self.name!r} returned {y.shape} after outputs of {self._host.inner} elements "
                     "per channel after the channel axis; a watched layer must keep that size"
                 )
-            host_call(self._host, [y], "bbdecoder_probe")
+            host_call(self._host, [y], "bbdecoder_probe", recorded)
             return
+        when_recorded(recorded, lambda: self._accumulate(y, axis, int(channels)), _no_update)
+
+    def _accumulate(self, y: Any, axis: int, channels: int) -> Any:
+        """The TF ops that add ``y`` to the ``tf.Variable`` state (returns a dummy for ``tf.cond``)."""
+        rank = y.shape.rank
         last = y if axis == rank - 1 else tf.experimental.numpy.moveaxis(y, axis, -1)
         ch = tf.reshape(last, (-1, channels))  # (N,) too: one channel
         v = self._vars
@@ -125,12 +137,12 @@ class ActivationProbe:
         means = tf.reduce_mean(ch, axis=0)
         variance = tf.reduce_mean(tf.square(means - tf.reduce_mean(means)))
         v["channel_var"].assign_add(tf.cast(variance, tf.float64))
-        v["forwards"].assign_add(1)
         if self.saturation is not None:
             # counted in int32 (half the bytes written of an int64 cast; exact below 2^31 elements)
             count = tf.reduce_sum(tf.cast(self.saturation(y), tf.int32))
             v["saturated"].assign_add(tf.cast(count, tf.int64))
             v["total"].assign_add(tf.size(y, out_type=tf.int64))
+        return v["forwards"].assign_add(1)
 
     def state(self) -> list[Any]:
         """``[max (C,), saturated, total, channel_var, forwards]`` as float64 tensors (``[]``: no forward)."""

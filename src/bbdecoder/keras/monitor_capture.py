@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, host_call_when, spare_core
+from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, host_threads, spare_core
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
 from bbdecoder.keras.monitor_tfops import step_table
 from bbdecoder.monitor.recorder import Recorder, Series
@@ -93,8 +93,9 @@ class StepCapture:
         if host and not xla:
             aside = spare_core()
             self.host = HostStep(
-                len(rows), k, gradients=gradients, weights=weights, aside=aside, every=every, first=first
-            )
+                len(rows), k, gradients=gradients, weights=weights, aside=aside, every=every, first=first,
+                threads=host_threads(),
+            )  # fmt: skip
         self.rows = rows
         self.k = k
         self.gradients = gradients
@@ -110,6 +111,13 @@ class StepCapture:
         self.in_step = False
         self.forward_order: list[int] = []
         self.loss_scaled = False
+
+    def _recorded_now(self) -> Any:
+        """Whether the running step is one ``every`` records: a boolean tensor, or ``None`` when
+        every step is (a Python ``None``: no ``tf.cond`` in the graph)."""
+        if self.every == 1:
+            return None
+        return tf.equal((self.counter + self.first) % self.every, 0)
 
     def _owned(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         setattr(fn, OWNER_ATTRIBUTE, self.owner)
@@ -132,9 +140,7 @@ class StepCapture:
             ]
             if self.host is not None:
                 return self._apply_on_host(optimizer, original_apply, grads, variables, picked)
-            recorded = None  # every step (a Python None: no cond in the graph)
-            if self.every > 1:
-                recorded = tf.equal((self.counter + self.first) % self.every, 0)
+            recorded = self._recorded_now()
             inv_scale = None
             if self.loss_scaled:
                 # the scale the loss was multiplied by (built lazily by the first apply, as in Keras)
@@ -185,7 +191,7 @@ class StepCapture:
             position = (self.counter + self.first) % self.every
             active = tf.equal(position, 0) | tf.equal(position, self.every - 1)
             record = partial(host.record_at, rows, len(dense))
-            host_call_when(active, record, [self.counter, *inputs], "bbdecoder_step")
+            host_call(record, [self.counter, *inputs], "bbdecoder_step", active)
             self.counter.assign_add(1)
         self.pending_loss.assign(np.float32(np.nan))
         return result
@@ -224,7 +230,7 @@ class StepCapture:
             tensor = first_tensor(outputs) if probe is not None else None
             if probe is not None and tensor is not None and not isinstance(tensor, keras.KerasTensor):
                 with tf.name_scope("bbdecoder_activations"):
-                    probe.update(tensor)
+                    probe.update(tensor, self._recorded_now())
             return outputs
 
         return self._owned(call)

@@ -74,7 +74,7 @@ def _all_finite(grad: Any) -> Any:
     return tf.cast(tf.reduce_all(tf.math.is_finite(values)), tf.float32)
 
 
-def _when(recorded: Any, compute: Callable[[], Any], skipped: Callable[[], Any]) -> Any:
+def when_recorded(recorded: Any, compute: Callable[[], Any], skipped: Callable[[], Any]) -> Any:
     """``compute()`` on every step (``recorded`` is ``None``), else a ``tf.cond`` on ``recorded``."""
     return compute() if recorded is None else tf.cond(recorded, compute, skipped)
 
@@ -111,20 +111,20 @@ def step_table(
         finite = tf.stack([_all_finite(g) for _, g, _ in picked]) if picked else nan(0)
         return nan(k, NSTATS), finite
 
-    stats, finite = _when(recorded, statistics, lambda: (nan(k, NSTATS), nan(k)))
+    stats, finite = when_recorded(recorded, statistics, lambda: (nan(k, NSTATS), nan(k)))
     tracked = [v for _, _, v in picked] if weights else []
     # the copies a ratio needs (a read held across the in-place update makes TF copy the buffer);
     # a skipped step holds empty tensors instead
     before = []
     if tracked:
-        before = _when(
+        before = when_recorded(
             recorded,
             lambda: [tf.identity(v.value) for v in tracked],
             lambda: [tf.zeros([0] * len(v.shape), v.dtype) for v in tracked],
         )
     result = apply()
     if tracked:
-        ratios = _when(
+        ratios = when_recorded(
             recorded,
             lambda: tf.stack([update_ratio(b, v.value, fused) for v, b in zip(tracked, before, strict=True)]),
             lambda: nan(k),
