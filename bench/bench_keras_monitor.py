@@ -5,10 +5,8 @@ Dense(10) (1.2M parameters, as ``mnist`` in ``bench_monitor.py``), batch 32, Ada
 ``plain`` (``model.fit``), ``callback`` (+ ``MonitorCallback``: six gradient statistics and the
 update ratio of every variable, the store write, every step) and ``callback+act`` (+ the
 activation probes, ``activations=True``: the three ReLUs); with ``--ablation`` also both with the
-statistics and ratios in TF ops instead of the host kernels (``-tfops``) and with the host
-kernels on the calling thread alone, not split over as many threads as TF's intra-op pool
-(``-onethread``); with ``--every K`` also both with ``every=K`` (``-everyK``: the statistics and
-ratios of one step in K). Then every
+statistics and ratios in TF ops instead of the host kernels (``-tfops``); with ``--every K`` also
+both with ``every=K`` (``-everyK``: the statistics and ratios of one step in K). Then every
 configuration's step time is the mean over the measured batches, not the median, which would
 leave out the recorded steps.
 
@@ -98,26 +96,21 @@ class _Stamp:
 
 
 @contextlib.contextmanager
-def _variant(name: str) -> Iterator[None]:
-    """Within this block new callbacks (and probes traced) of an ablation measure another way:
-    ``-tfops`` in TF ops, not the host kernels; ``-onethread`` with the host kernels on one thread
-    instead of TF's intra-op pool size."""
+def _tf_ops(active: bool) -> Iterator[None]:
+    """Within this block new callbacks measure in TF ops, not the host kernels (the ablation)."""
     from bbdecoder.keras import monitor as keras_monitor
-    from bbdecoder.keras import monitor_activations, monitor_capture
 
-    saved = keras_monitor.host_kernels, monitor_capture.host_threads, monitor_activations.host_threads
-    if name.endswith("-tfops"):
+    saved = keras_monitor.host_kernels
+    if active:
         keras_monitor.host_kernels = lambda: False
-    if name.endswith("-onethread"):
-        monitor_capture.host_threads = monitor_activations.host_threads = lambda: 1
     try:
         yield
     finally:
-        keras_monitor.host_kernels, monitor_capture.host_threads, monitor_activations.host_threads = saved
+        keras_monitor.host_kernels = saved
 
 
 def _callback(path: Path, name: str) -> Any:
-    """The ``MonitorCallback`` of configuration ``name`` (``callback[+act][-tfops|-onethread|-everyK]``)."""
+    """The ``MonitorCallback`` of configuration ``name`` (``callback[+act][-tfops|-everyK]``)."""
     from bbdecoder.keras.monitor import MonitorCallback
 
     every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
@@ -149,7 +142,7 @@ def measure(rounds: int, batches: int, ablation: bool = False, every: int = 1) -
                     path = Path(tmp) / f"{name}_{r}"
                     callbacks.append(_callback(path, name))
                 callbacks.append(stamp.end)
-                with _variant(name):
+                with _tf_ops(name.endswith("-tfops")):
                     models[name].fit(
                         x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
                     )
@@ -181,7 +174,7 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int =
             model.make_train_function(force=True)
         else:
             callback = _callback(Path(tmp.name) / name, name)
-            with _variant(name):
+            with _tf_ops(name.endswith("-tfops")):
                 callback.set_model(model)
                 callback.on_train_begin()
         data = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat())
@@ -196,11 +189,7 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int =
                 times = []
                 for step in range(block + 1):
                     t0 = time.perf_counter()
-                    if r == 0 and step == 0:  # the trace: where the probes are made
-                        with _variant(name):
-                            model.train_function(data)
-                    else:
-                        model.train_function(data)
+                    model.train_function(data)
                     if callback is not None:
                         callback.on_train_batch_end(step)
                     times.append(time.perf_counter() - t0)
@@ -217,7 +206,7 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int =
 def _names(ablation: bool, every: int = 1) -> list[str]:
     names = ["plain", "callback", "callback+act"]
     if ablation:
-        names += ["callback-tfops", "callback+act-tfops", "callback-onethread", "callback+act-onethread"]
+        names += ["callback-tfops", "callback+act-tfops"]
     if every > 1:
         names += [f"callback-every{every}", f"callback+act-every{every}"]
     return names
@@ -257,9 +246,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
     parser.add_argument(
-        "--ablation",
-        action="store_true",
-        help="also the callback with its passes in TF ops (-tfops) and on one thread (-onethread)",
+        "--ablation", action="store_true", help="also the callback with its passes in TF ops (-tfops)"
     )
     parser.add_argument("--block-rounds", type=int, default=0, help="rounds of --block steps (0: none)")
     parser.add_argument("--block", type=int, default=10)

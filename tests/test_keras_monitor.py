@@ -199,54 +199,6 @@ def test_host_and_tf_op_captures_agree_on_zoo_patterns(
         assert abs(value - tf_ops[(step, layer, param, stat)]) <= 2e-6 * scale + 1e-12, (step, param, stat)
 
 
-def test_host_passes_split_over_threads_give_the_float64_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where TF's intra-op pool has as many threads as CPUs, the step's passes (statistics, ratios,
-    probes) are split over that many OpenMP threads, started from a thread torch never ran on (as
-    TF's are): the same numbers as one thread and as float64, to rounding."""
-    import threading
-
-    from bbdecoder.keras import monitor_host
-    from bbdecoder.keras.monitor_host import NSTATS, RATIO, HostProbe, HostStep, host_kernels, host_threads
-    from bbdecoder.monitor import cpu_reductions
-
-    if not host_kernels() or not cpu_reductions.fused_threads():
-        pytest.skip("the fused kernels or torch's OpenMP runtime are not here")
-    monkeypatch.setattr(monitor_host, "_cpus", lambda: 4)
-    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 0)
-    assert host_threads() == 4
-    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 2)
-    assert host_threads() == 2
-    rng = np.random.default_rng(7)
-    n = 300_000  # ten kernel grains: every thread gets parts
-    w0 = rng.normal(size=n).astype("float32")
-    w1 = (w0 + 0.01 * rng.normal(size=n)).astype("float32")
-    grad = (rng.normal(size=n) + 0.5).astype("float32")
-    y = np.maximum(rng.normal(size=(8, 16, 4096)), 0).astype("float32")  # (N, C, positions)
-    got: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
-
-    def run(threads: int) -> None:
-        host = HostStep(1, 1, gradients=True, weights=True, aside=False, threads=threads)
-        host.ratios.add({0: w0})
-        host.record([0], 1, np.float32(1.0), np.float32(1.0), grad, w1)
-        probe = HostProbe(16, 4096, [("le", 0.0)], threads)
-        probe(y)
-        got[threads] = (host.table[0, 0].copy(), probe.state())
-
-    for threads in (1, 4):
-        worker = threading.Thread(target=run, args=(threads,))
-        worker.start()
-        worker.join()
-    g, b, a = grad.astype(np.float64), w0.astype(np.float64), w1.astype(np.float64)
-    want = [g.mean(), np.abs(g).mean(), np.abs(g).max(), g.var(), np.abs(g).sum(), np.linalg.norm(g)]
-    for threads in (1, 4):
-        row, state = got[threads]
-        np.testing.assert_allclose(row[:NSTATS], want, rtol=1e-9)
-        assert row[RATIO] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-9)
-        np.testing.assert_array_equal(state[0], got[1][1][0])  # per-channel maxima: exact
-        np.testing.assert_allclose(np.concatenate(state[1:]), np.concatenate(got[1][1][1:]), rtol=1e-12)
-    assert got[4][1][1][0] == (y <= 0).sum()  # saturated (ReLU at 0) count
-
-
 def test_a_late_ratio_pass_measures_its_own_step() -> None:
     """With one slot, the next step's row can be written before the writer thread runs the
     earlier step's ratio pass: each pass still compares its own step's weights (float64 oracle)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from bbdecoder.keras._backend import tf
 from bbdecoder.keras.activation_kinds import saturation_rules, saturation_test, watched_layers
-from bbdecoder.keras.monitor_host import HostProbe, host_call, host_threads
+from bbdecoder.keras.monitor_host import HostProbe, host_call
 from bbdecoder.keras.monitor_tfops import when_recorded
 from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
 from bbdecoder.monitor.probe_state import ACTIVATION_STATE
@@ -107,7 +107,7 @@ class ActivationProbe:
         host = self.rules is not None and inner is not None
         if self.channels is None:
             if host:
-                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [], host_threads())
+                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [])
                 self.channels = int(channels)
             else:
                 self._create(int(channels))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, host_threads, spare_core
+from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, spare_core
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
 from bbdecoder.keras.monitor_tfops import step_table
 from bbdecoder.monitor.recorder import Recorder, Series
@@ -93,9 +93,8 @@ class StepCapture:
         if host and not xla:
             aside = spare_core()
             self.host = HostStep(
-                len(rows), k, gradients=gradients, weights=weights, aside=aside, every=every, first=first,
-                threads=host_threads(),
-            )  # fmt: skip
+                len(rows), k, gradients=gradients, weights=weights, aside=aside, every=every, first=first
+            )
         self.rows = rows
         self.k = k
         self.gradients = gradients

@@ -52,7 +52,6 @@ __all__ = [
     "host_call",
     "host_kernels",
     "host_statistics",
-    "host_threads",
     "one_replica",
     "spare_core",
 ]
@@ -86,32 +85,18 @@ def host_call(fn: Callable[..., np.ndarray], inputs: list[Any], name: str, activ
         tf.cond(active, call, lambda: tf.zeros((), tf.float64))
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def spare_core() -> bool:
     """TF's thread pools leave a CPU of this process free for the writer thread: both the intra-op
     and the inter-op pool are smaller than the CPUs (a setting of 0, TF's default, is all CPUs)."""
-    cpus = _cpus()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
     pools = (
         tf.config.threading.get_intra_op_parallelism_threads(),
         tf.config.threading.get_inter_op_parallelism_threads(),
     )
     return all(0 < threads < cpus for threads in pools)
-
-
-def host_threads() -> int:
-    """The threads a host pass inside the step is split over: as many as TF's intra-op pool (its
-    default, 0, is every CPU), whose threads wait for the pass, where the fused kernels found an
-    OpenMP runtime (torch's); else 1. Never for a pass on the writer thread."""
-    if not cpu_reductions.fused_threads():
-        return 1
-    cpus, intra = _cpus(), tf.config.threading.get_intra_op_parallelism_threads()
-    return min(cpus, intra) if intra > 0 else cpus
 
 
 def one_replica(model: Any) -> bool:
@@ -129,13 +114,13 @@ def _kernel_dtype(a: np.ndarray) -> type:
     return np.float64 if np.asarray(a).dtype == np.float64 else np.float32
 
 
-def host_statistics(*grads: np.ndarray, threads: int = 1) -> np.ndarray:
+def host_statistics(*grads: np.ndarray) -> np.ndarray:
     """``(n, 6)`` float64 rows (:data:`GRAD_STATS` order) of the dense gradients, one kernel call;
     the rows the one-pass variance or the range of the sums cannot give exactly (and rows with
     NaN/Inf) recomputed by the PyTorch monitor's exact redo
     (:func:`~bbdecoder.monitor.grad_stats.small_statistics`, on float64 copies)."""
     arrays = [_flat(g) for g in grads]
-    found = array_statistics(arrays, threads=threads)
+    found = array_statistics(arrays)
     if found is None:
         rows, redo = np.empty((len(arrays), len(GRAD_STATS))), list(range(len(arrays)))
     else:
@@ -162,21 +147,18 @@ class HostRatios:
             wide = snapshot.astype(np.float64)
             self.norms[row] = math.sqrt(float(np.dot(wide, wide)))
 
-    def remember(self, rows: list[int], *weights: np.ndarray, threads: int = 1) -> None:
+    def remember(self, rows: list[int], *weights: np.ndarray) -> None:
         """Rewrite the snapshots of ``rows`` with ``weights`` (the step before a recorded one, with
         ``every > 1``: the next ratio compares against these)."""
         snapshots = [self.snapshots[r] for r in rows]
-        flat = [_flat(w) for w in weights]
-        squares = cpu_reductions.update_norms(flat, snapshots, True, threads=threads)
+        squares = cpu_reductions.update_norms([_flat(w) for w in weights], snapshots, True)
         for row, (_, after) in zip(rows, squares, strict=True):
             self.norms[row] = math.sqrt(after)
 
-    def __call__(self, rows: list[int], *weights: np.ndarray, threads: int = 1) -> np.ndarray:
-        """The ``(n,)`` float64 ratios of the weights of ``rows`` after this step's update
-        (``threads``: the kernels' split, see :func:`host_threads`)."""
+    def __call__(self, rows: list[int], *weights: np.ndarray) -> np.ndarray:
+        """The ``(n,)`` float64 ratios of the weights of ``rows`` after this step's update."""
         snapshots = [self.snapshots[r] for r in rows]
-        flat = [_flat(w) for w in weights]
-        squares = cpu_reductions.update_norms(flat, snapshots, True, threads=threads)
+        squares = cpu_reductions.update_norms([_flat(w) for w in weights], snapshots, True)
         ratios = np.empty(len(rows))
         for i, (row, (delta, after)) in enumerate(zip(rows, squares, strict=True)):
             size, before = math.sqrt(delta), self.norms[row]
@@ -216,10 +198,8 @@ class HostStep:
         aside: bool = True,
         every: int = 1,
         first: int = 0,
-        threads: int = 1,
     ) -> None:
         self.k, self.gradients, self.weights = k, gradients, weights
-        self.threads = threads  # the split of the passes run in record (on TF's thread)
         self.every, self.first = every, first
         self.aside = aside and every == 1
         self.table = np.full((k, n, COLUMNS), np.nan)
@@ -239,13 +219,12 @@ class HostStep:
         table.fill(np.nan)
         if not self.recorded(self.count):
             if self.weights and rows and self.recorded(self.count + 1):
-                self.ratios.remember(rows, *arrays[n_grads:], threads=self.threads)
+                self.ratios.remember(rows, *arrays[n_grads:])
             self.losses[slot] = np.nan
             self.count += 1
             return np.zeros((), dtype=np.float64)
         if rows:
-            # also with gradients=False: the finiteness flag
-            stats = host_statistics(*arrays[:n_grads], threads=self.threads)
+            stats = host_statistics(*arrays[:n_grads])  # also with gradients=False: the finiteness flag
             table[rows, FINITE] = ~(np.isnan(stats[:, 4]) | (stats[:, 2] == np.inf))
             if self.gradients:
                 scale = float(inv)
@@ -255,7 +234,7 @@ class HostStep:
         if self.weights and rows and self.aside:
             self.after[self.count] = (rows, arrays[n_grads:])
         elif self.weights and rows:
-            table[rows, RATIO] = self.ratios(rows, *arrays[n_grads:], threads=self.threads)
+            table[rows, RATIO] = self.ratios(rows, *arrays[n_grads:])
         self.losses[slot] = float(loss)
         self.count += 1
         return np.zeros((), dtype=np.float64)
@@ -286,8 +265,8 @@ class HostProbe:
     ``(C,)`` float32 and the float64 counters ``saturated``, ``total``, ``channel_var``,
     ``forwards``; ``rules``: the saturation test as ``(op, bound)`` comparisons (``[]``: none)."""
 
-    def __init__(self, channels: int, inner: int, rules: list[tuple[str, float]], threads: int = 1) -> None:
-        self.channels, self.inner, self.threads = channels, inner, threads
+    def __init__(self, channels: int, inner: int, rules: list[tuple[str, float]]) -> None:
+        self.channels, self.inner = channels, inner
         self.rules = [(RULE_OPS[op], bound) for op, bound in rules]
         self.max = np.full(channels, -np.inf, dtype=np.float32)
         self.counters = [np.zeros((), dtype=np.float64) for _ in range(4)]
@@ -297,13 +276,7 @@ class HostProbe:
         kernels = cpu_reductions.FUSED
         assert kernels is not None
         kernels.probe_update(
-            np.ascontiguousarray(y),
-            self.channels,
-            self.inner,
-            self.rules,
-            [self.max],
-            self.counters,
-            self.threads,
+            np.ascontiguousarray(y), self.channels, self.inner, self.rules, [self.max], self.counters
         )
         return np.zeros((), dtype=np.float64)
 
