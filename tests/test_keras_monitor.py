@@ -411,6 +411,7 @@ def test_every_counts_the_stores_step_numbers_across_fits(
         model.fit(x, t, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
     _assert_replayed(tmp_path, initial, every=3)
     run = open_run(tmp_path)
+    assert run.meta()["record_every"] == "3"
     weights = run.scalars().query("stat == 'weight_l2'")
     assert sorted(set(zip(weights.epoch, weights.step, strict=True))) == [(0, 1), (1, 3)]
     np.testing.assert_allclose(

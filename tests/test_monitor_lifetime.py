@@ -239,6 +239,7 @@ def test_deferred_host_copy_stores_exactly_what_the_immediate_one_does(tmp_path)
 def test_every_records_every_kth_step_and_the_update_after_it(tmp_path) -> None:
     run, before, after = _train_recorded(tmp_path, every=2)
     assert run.steps()["step"].tolist() == [0, 2, 4]
+    assert run.meta()["record_every"] == "2"  # shown in the report's run summary
     sc = run.scalars()
     assert set(sc[sc.stat == "l2"].step) == {0, 2, 4}
     ratios = sc[sc.stat == "update_ratio"]

@@ -209,6 +209,7 @@ class MonitorCallback(keras.callbacks.Callback):
         writer.set_layers(layer_rows)
         writer.set_meta(V.META_MODEL, type(model).__name__)
         writer.set_meta(V.META_FRAMEWORK, "keras")
+        writer.set_meta(V.META_EVERY, str(self.every))
         self._tracked = tracked_variables(model, self.layers, names, writer)
         if not self._tracked and (self.gradients or self.weights):
             raise ValueError("the selected layers have no trainable variables: nothing to record")

@@ -144,6 +144,7 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         check_run_folder(self.writer, self.model, owner_rows, self.resume)
         self.writer.set_layers(owner_rows)
         self.writer.set_meta(V.META_MODEL, type(self.model).__name__)
+        self.writer.set_meta(V.META_EVERY, str(self.every))
         self.writer.set_artifact(V.PARAMETERS_ARTIFACT, "json", json.dumps(parameter_signature(self.model)))
         self._step = self.writer.next_step()
         self._first_step = self._step

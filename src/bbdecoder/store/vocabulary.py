@@ -135,6 +135,9 @@ PARAMETERS_ARTIFACT = "parameters.json"
 """The model's parameter names and shapes, checked by ``resume=True``."""
 META_MODEL, META_FRAMEWORK, META_COVERAGE = "model", "framework", "coverage"
 META_FINISHED, META_ABORTED = "finished", "aborted"
+META_EVERY = "record_every"
+"""The ``every=`` of the last monitor that opened the store: its statistics (the activation probes'
+too) are of one step in this many; the run summary shows it beside the steps recorded."""
 META_NEXT_STEP, META_LAST_EPOCH = "next_step", "last_epoch"
 """The step count and the last epoch a monitor ran, written at each epoch end and at ``close``: with
 ``every > 1`` the last steps (and whole epochs) may have no ``steps`` row, and a monitor appending to
