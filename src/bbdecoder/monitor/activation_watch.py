@@ -56,13 +56,12 @@ def expected_channels(layer: LayerInfo, index: LayerIndex) -> tuple[int, torch.d
 
 class ActivationWatcher:
     """Watches layer outputs in training-mode forwards (never while ``paused`` is true), those of
-    the steps whose number is a multiple of ``every`` (:meth:`arm_for` says which step is next)."""
+    the steps the monitor records (:meth:`arm` says whether the next one is)."""
 
-    def __init__(self, index: LayerIndex, writer: RunWriter, hooks: HookManager, every: int = 1) -> None:
+    def __init__(self, index: LayerIndex, writer: RunWriter, hooks: HookManager) -> None:
         self.index = index
         self.writer = writer
         self.hooks = hooks
-        self.every = every
         self.probes: dict[int, ActivationProbe] = {}
         self.last_max: dict[int, torch.Tensor] = {}
         self.paused = False
@@ -88,9 +87,9 @@ class ActivationWatcher:
             self.writer.series_id(layer.id, V.ACTIVATION_PARAM)
             self.hooks.forward_hook(layer.module, self._hook(probe, layer))
 
-    def arm_for(self, step: int) -> None:
-        """The forwards that follow belong to step number ``step``: watched when it is recorded."""
-        self.off_step = step % self.every != 0
+    def arm(self, recorded: bool) -> None:
+        """The forwards that follow are watched when the step they belong to is ``recorded``."""
+        self.off_step = not recorded
 
     def _hook(self, probe: ActivationProbe, layer: LayerInfo) -> Callable[..., None]:
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:

@@ -76,7 +76,7 @@ class GradientCapture:
         if not with_grad:
             raise RuntimeError("none of the selected layers has a gradient; did the loss depend on them?")
         step, epoch = self._step, self._epoch
-        record = step % self.every == 0  # step numbers, so a resumed run keeps the same grid
+        record = self._records(step)
         if self._epoch_first_step is None:  # also a step every= skips: the epoch has run
             self._epoch_first_step = step
         # a CPU model without a sync stays in NumPy to the recorder (fewer, cheaper calls)
@@ -130,7 +130,18 @@ class GradientCapture:
         self._grad_order.clear()
         self._accumulated = 0
         self._step += 1
-        self._activations.arm_for(self._step)
+        self._activations.arm(self._records(self._step))
+
+    def _records(self: Any, step: int) -> bool:
+        """Whether step number ``step`` is one ``every=`` records (step numbers, not calls, so a
+        resumed run keeps the same grid)."""
+        return step % self.every == 0
+
+    @property
+    def records_current_step(self: Any) -> bool:
+        """True when the step in progress (:attr:`current_step`) is one ``every=`` records: the
+        probes watch its forwards."""
+        return self._records(self._step)
 
     def _submit(self: Any, vector: torch.Tensor | np.ndarray, meta: _StepMeta, *, step: bool) -> None:
         if isinstance(vector, np.ndarray):  # a CPU step without a sync: already on the host

@@ -177,8 +177,8 @@ class TorchMonitor(GradientCapture, ActivationsMixin, InspectionMixin, UserLogMi
         self._ratio_label: tuple[int, int] | None = None
         self._last_grad_fn: Any = None
         self._optimizers: list[torch.optim.Optimizer] = []
-        self._activations = ActivationWatcher(self.index, self.writer, self._hooks, self.every)
-        self._activations.arm_for(self._step)
+        self._activations = ActivationWatcher(self.index, self.writer, self._hooks)
+        self._activations.arm(self.records_current_step)
         self._pruned: list[tuple[nn.Module, str]] = []
         device = self._params[0].tensor.device if self._params else torch.device("cpu")
         self._host = HostCopy(deferred=device.type == "cuda")

@@ -71,7 +71,7 @@ class GradPrefetch:
         grad = tensor.grad
         if grad is None or grad.layout != torch.strided or grad.numel() <= TINY:
             return  # a sparse gradient is densified and read in step()
-        if analyzer._step % analyzer.every or analyzer.closed:
+        if not analyzer.records_current_step or analyzer.closed:
             return  # step() records nothing this time
         with self._lock:
             start = not self._active

@@ -90,10 +90,12 @@ class TransformerProbes:
         if (
             writer is None
             or not hasattr(analyzer, "current_step")
+            or not hasattr(analyzer, "records_current_step")
             or not isinstance(analyzer.model, nn.Module)
         ):
             raise TypeError(
-                "TransformerProbes needs a bbdecoder Analyzer (its model, writer and current_step)"
+                "TransformerProbes needs a bbdecoder Analyzer (its model, writer, current_step and "
+                "records_current_step)"
             )
         self.analyzer = analyzer
         self.model: nn.Module = analyzer.model
@@ -130,7 +132,7 @@ class TransformerProbes:
     def _recording(self, module: nn.Module) -> bool:
         if self.closed or not module.training or not torch.is_grad_enabled():
             return False
-        return int(self.analyzer.current_step) % int(getattr(self.analyzer, "every", 1)) == 0
+        return bool(self.analyzer.records_current_step)
 
     def _add(self, param: str, stat: str, value: torch.Tensor) -> None:
         label = (int(self.analyzer.current_step), int(self.analyzer.current_epoch))
