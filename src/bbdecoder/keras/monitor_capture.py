@@ -20,7 +20,7 @@ import numpy as np
 from bbdecoder.keras._backend import keras, tf
 from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, spare_core
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
-from bbdecoder.keras.monitor_tfops import step_table
+from bbdecoder.keras.monitor_tfops import dense_float, step_table
 from bbdecoder.monitor.recorder import Recorder, Series
 
 try:  # Keras' own test for "this call only computes output shapes" (compute_output_spec)
@@ -29,13 +29,6 @@ except ImportError:  # pragma: no cover - other Keras layouts
 
     def in_symbolic_scope() -> bool:
         return False
-
-
-def _host_array(x: Any) -> Any:
-    """A gradient or weight as the host kernels take it: dense, float32 or float64."""
-    if isinstance(x, tf.IndexedSlices):
-        x = tf.convert_to_tensor(x)
-    return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
 
 
 def _read(variable: Any) -> np.ndarray:
@@ -180,8 +173,8 @@ class StepCapture:
             with tf.init_scope():  # the snapshot, taken when the step is first traced: just before it runs
                 host.ratios.add({r: v.numpy() for r, v in new})
         result = original_apply(grads, variables)
-        dense = [_host_array(g) for _, g, _ in picked]
-        after = [_host_array(v.value) for _, _, v in picked] if self.weights else []
+        dense = [dense_float(g) for _, g, _ in picked]
+        after = [dense_float(v.value) for _, _, v in picked] if self.weights else []
         rows = [r for r, _, _ in picked]
         inputs = [loss, inv, *dense, *after]
         if self.every == 1:

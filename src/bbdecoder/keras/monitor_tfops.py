@@ -17,6 +17,14 @@ CONDITION = 4.0
 PyTorch monitor's rule, :data:`bbdecoder.monitor.moment_rows.CONDITION`); elsewhere the two-pass."""
 
 
+def dense_float(x: Any) -> Any:
+    """A gradient or weight as the statistics take it: dense (``IndexedSlices`` converted), float32
+    or float64 (other dtypes cast to float32)."""
+    if isinstance(x, tf.IndexedSlices):
+        x = tf.convert_to_tensor(x)
+    return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+
+
 def _norm(x: Any, fused: bool) -> Any:
     """``||x||``: the fused ``EuclideanNorm`` kernel (no XLA kernel: under XLA, where the square and
     the sum fuse anyway, ``sqrt(sum(x^2))``)."""
@@ -34,9 +42,7 @@ def gradient_statistics(grad: Any, fused: bool = True) -> Any:
     the common case: relative error at most ``3 * CONDITION`` times that of the float32 sum of
     squares), else the exact two-pass ``sum((g - mean)^2) / n`` (a ``tf.cond``: only that branch
     runs). ``fused=False`` under XLA (see :func:`_norm`)."""
-    if isinstance(grad, tf.IndexedSlices):
-        grad = tf.convert_to_tensor(grad)
-    g = grad if grad.dtype in (tf.float32, tf.float64) else tf.cast(grad, tf.float32)
+    g = dense_float(grad)
     n = tf.cast(tf.size(g), g.dtype)
     mean = tf.reduce_sum(g) / n
     magnitude = tf.abs(g)
