@@ -4,6 +4,7 @@ same training (analytic gradients of a linear two-layer net), with the PyTorch r
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,10 @@ def test_gradient_statistics_equal_a_float64_replay(run: tuple[Path, list[np.nda
         ("host-aside", {}, "float64", 1),
         ("host-inline", {"steps_per_execution": 3}, "float32", 1),
         ("host-inline", {}, "float32", 1),
+        ("host-beside", {"steps_per_execution": 3}, "float32", 1),
+        ("host-beside", {"run_eagerly": True}, "float32", 1),
+        ("host-beside", {}, "float64", 1),
+        ("host-beside", {}, "float32", 2),
         ("tf-ops", {}, "float32", 1),
         ("tf-ops", {"steps_per_execution": 3}, "float32", 1),
         ("host-aside", {}, "float32", 2),
@@ -120,7 +125,8 @@ def test_every_capture_path_equals_the_float64_replay(
     every: int,
 ) -> None:
     """The host kernels (one numpy_function per step; the ratio pass on the writer thread where a
-    core is spare, else in the step) and the TF ops (XLA, no kernels) store the same replayed
+    core is spare, else in the step: after the statistics, or beside them on the writer thread)
+    and the TF ops (XLA, no kernels) store the same replayed
     numbers, also with steps_per_execution > 1 (aside, the later updates come before the earlier
     steps' ratio passes: TF copies on write) and eagerly; float64 variables take the kernels'
     float64 path. With ``every=k`` only steps 0, k, 2k, ... are stored, each with the ratio of its
@@ -133,8 +139,9 @@ def test_every_capture_path_equals_the_float64_replay(
         monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
     elif not keras_monitor.host_kernels():
         pytest.skip("the fused kernels are not built")
-    aside = path_kind == "host-aside"
+    aside, beside = path_kind == "host-aside", path_kind == "host-beside"
     monkeypatch.setattr(monitor_capture, "spare_core", lambda: aside)
+    monkeypatch.setattr(monitor_capture, "pair_passes", lambda: beside)
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)
     try:
@@ -149,6 +156,7 @@ def test_every_capture_path_equals_the_float64_replay(
     host = monitor._capture.host if monitor._capture is not None else None
     assert (host is not None) == path_kind.startswith("host")
     assert host is None or host.aside == (aside and every == 1)  # every > 1: both passes in the step
+    assert host is None or (host.beside is not None) == beside
     assert host is None or not host.after  # every pass ran, no view of TF's buffers is kept
     _assert_replayed(tmp_path, initial, every=every)
 
@@ -224,6 +232,32 @@ def test_a_late_ratio_pass_measures_its_own_step() -> None:
         b, a = before.astype(np.float64), after.astype(np.float64)
         assert row[0, RATIO] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-6)
     assert not host.after
+
+
+def test_the_ratio_pass_beside_the_statistics_gives_the_inline_bits_and_its_errors() -> None:
+    """``beside``: the ratio pass on another thread while the statistics run, the same table to
+    the bit as one after the other; an error of the pass is raised by ``record`` itself."""
+    from bbdecoder.keras.monitor_host import HostStep, host_kernels
+
+    if not host_kernels():
+        pytest.skip("the fused kernels are not built")
+    rng = np.random.default_rng(8)
+    w0, grad = rng.normal(size=(300, 70)).astype("float32"), rng.normal(size=(300, 70)).astype("float32")
+    steps = [(w0 + 0.01 * k * rng.normal(size=w0.shape)).astype("float32") for k in range(1, 4)]
+    tables = {}
+    with ThreadPoolExecutor(1) as worker:
+        for beside in (None, worker.submit):
+            host = HostStep(1, 3, gradients=True, weights=True, aside=False, beside=beside)
+            host.ratios.add({0: w0})
+            for w in steps:
+                host.record([0], 1, np.float32(1.0), np.float32(1.0), grad, w)
+            tables[beside is None] = host.table.copy()
+        np.testing.assert_array_equal(tables[True], tables[False])
+        assert np.isfinite(tables[True]).all()
+        host = HostStep(1, 1, gradients=True, weights=True, aside=False, beside=worker.submit)
+        host.ratios.add({0: w0})
+        with pytest.raises(ValueError, match="differ in dtype or size"):
+            host.record([0], 1, np.float32(1.0), np.float32(1.0), grad, w0[:10])
 
 
 def _assert_replayed(path: Path, initial: list[np.ndarray], rel: float = 2e-5, every: int = 1) -> None:
@@ -487,15 +521,19 @@ def _oracle_epoch(model: keras.Model, batches: list[np.ndarray], eps: float = 1e
 
 
 @pytest.mark.parametrize("every", [1, 2])
-@pytest.mark.parametrize("path_kind", ["host", "tf-ops"])
+@pytest.mark.parametrize("path_kind", ["host-aside", "host-inline", "tf-ops"])
 def test_activation_statistics_equal_a_numpy_oracle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str, every: int
 ) -> None:
-    """``every=2``: the probes see the forwards of the recorded steps only (each epoch's first)."""
-    if path_kind == "tf-ops":
-        from bbdecoder.keras import monitor as keras_monitor
+    """``every=2``: the probes see the forwards of the recorded steps only (each epoch's first).
+    ``host-aside``: the kernel reads each output on the writer thread (a spare core)."""
+    from bbdecoder.keras import monitor as keras_monitor
 
+    if path_kind == "tf-ops":
         monkeypatch.setattr(keras_monitor, "host_kernels", lambda: False)
+    elif not keras_monitor.host_kernels():
+        pytest.skip("the fused kernels are not built")
+    monkeypatch.setattr(keras_monitor, "spare_core", lambda: path_kind == "host-aside")
     model = _act_model(frozen=True)
     x, t = _act_data()
     data = tf.data.Dataset.from_tensor_slices((x, t)).batch(ACT_BATCH).repeat()  # new samples each epoch
@@ -513,6 +551,9 @@ def test_activation_statistics_equal_a_numpy_oracle(
         callbacks=[monitor],
     )
     assert _oracle_forward(model, validation[0])["conv"][1][..., 1].max() > 0
+    hosts = [p._host for p in monitor._activations.probes.values()]
+    assert all((h is not None) == (path_kind != "tf-ops") for h in hosts)
+    assert all(h is None or (h.aside is not None) == (path_kind == "host-aside") for h in hosts)
 
     # float32 and float64 agree on every threshold decision only away from the thresholds
     pre = _oracle_forward(model, x)
@@ -664,14 +705,19 @@ def test_the_host_probe_keeps_the_tf_probes_state(
     if isinstance(layer, keras.layers.ReLU):
         outputs = [np.clip(y, 0, layer.max_value) for y in outputs]  # what a ReLU can return
     states = {}
-    for host in (True, False):
-        probe = ActivationProbe(0, "layer", layer, 0.0, 1e-3, axis, host=host)
+    for path in ("host", "host-aside", "tf"):
+        host, worker = path != "tf", ThreadPoolExecutor(1)  # aside: the updates on another thread
+        aside = worker.submit if path == "host-aside" else None
+        probe = ActivationProbe(0, "layer", layer, 0.0, 1e-3, axis, host=host, aside=aside)
         step = tf.function(probe.update)
         for y in outputs:
             step(tf.constant(y.astype("float32")))
-        states[host] = [np.asarray(t, dtype=np.float64) for t in probe.state()]
+        worker.shutdown(wait=True)
+        states[path] = [np.asarray(t, dtype=np.float64) for t in probe.state()]
         assert (probe._host is not None) == host
-    host_state, tf_state = states[True], states[False]
+    for a, b in zip(states["host"], states["host-aside"], strict=True):
+        np.testing.assert_array_equal(a, b)  # the same bits on either thread
+    host_state, tf_state = states["host"], states["tf"]
     np.testing.assert_array_equal(host_state[0], tf_state[0])  # per-channel maximum
     np.testing.assert_array_equal(np.concatenate(host_state[1:3]), np.concatenate(tf_state[1:3]))  # counts
     assert (host_state[1][0] > 0) == (kind is not None or isinstance(layer, keras.layers.ReLU))

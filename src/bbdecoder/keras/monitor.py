@@ -40,7 +40,7 @@ from bbdecoder.keras._backend import keras
 from bbdecoder.keras.layers import leaf_layers
 from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecorder, watched_layers
 from bbdecoder.keras.monitor_capture import StepCapture, record_step
-from bbdecoder.keras.monitor_host import FINITE, NSTATS, RATIO, host_kernels, one_replica
+from bbdecoder.keras.monitor_host import FINITE, NSTATS, RATIO, host_kernels, one_replica, spare_core
 from bbdecoder.keras.monitor_layers import qualified_layer_names, tracked_variables
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE, Shadows, closing_on_error, installed_by
 from bbdecoder.keras.monitor_tfops import gradient_statistics
@@ -217,10 +217,10 @@ class MonitorCallback(keras.callbacks.Callback):
         xla = bool(getattr(model, "jit_compile", False))
         host = not xla and host_kernels() and one_replica(model)  # the passes of monitor_host
         settings = (self.dead_threshold, self.saturation_eps, self.channel_axis)
+        aside = writer.run_soon if spare_core() else None  # the probes' updates on the spare core
         for layer_id, layer, dead in watched_layers(model, self.activations):
-            probe = ActivationProbe(
-                layer_id, names.get(id(layer), layer.name), layer, *settings, count_dead=dead, host=host
-            )
+            name = names.get(id(layer), layer.name)
+            probe = ActivationProbe(layer_id, name, layer, *settings, count_dead=dead, host=host, aside=aside)
             self._activations.watch(probe)
         self._step = writer.next_step()
         last = writer.last_epoch()
@@ -231,7 +231,9 @@ class MonitorCallback(keras.callbacks.Callback):
         k = int(getattr(model, "steps_per_execution", 1) or 1)
         rows = {id(t.variable): t.row for t in self._tracked}
         flags = {"gradients": self.gradients, "weights": self.weights, "xla": xla, "host": host}
-        self._capture = StepCapture(self, rows, k, every=self.every, first=self._step, **flags)
+        self._capture = StepCapture(
+            self, rows, k, every=self.every, first=self._step, beside=writer.run_soon, **flags
+        )
         self._current_epoch = 0
         self._install(model, leaves)
         bins, scaled = self.histogram_bins, self._capture.loss_scaled

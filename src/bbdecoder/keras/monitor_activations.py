@@ -20,7 +20,7 @@ import numpy as np
 
 from bbdecoder.keras._backend import tf
 from bbdecoder.keras.activation_kinds import saturation_rules, saturation_test, watched_layers
-from bbdecoder.keras.monitor_host import HostProbe, host_call
+from bbdecoder.keras.monitor_host import HostProbe, Runner, host_call
 from bbdecoder.keras.monitor_tfops import when_recorded
 from bbdecoder.monitor.activation_rows import ProbeEpoch, store_activation_epoch
 from bbdecoder.monitor.probe_state import ACTIVATION_STATE
@@ -43,7 +43,9 @@ class ActivationProbe:
     - ``channel_var``: population variance across channels of the channels' mean outputs (over
       samples and positions), summed over forwards; ``forwards`` counts the forwards.
 
-    The state and its reductions are those of the PyTorch probe (``STATE``).
+    The state and its reductions are those of the PyTorch probe (``STATE``). ``aside``: the host
+    state's updates run there (the writer thread, where a core is spare), in a traced step; the
+    state is read after the writer's ``wait``.
     """
 
     STATE = ACTIVATION_STATE
@@ -59,6 +61,7 @@ class ActivationProbe:
         *,
         count_dead: bool = True,
         host: bool = False,
+        aside: Runner | None = None,
     ) -> None:
         self.layer_id = layer_id
         self.name = name
@@ -70,6 +73,7 @@ class ActivationProbe:
         self.channels: int | None = None
         self._vars: dict[str, Any] = {}
         self._host: HostProbe | None = None
+        self._aside = aside  # the host probe's updates on another thread (HostProbe.soon)
 
     def _initial(self, channels: int) -> dict[str, Any]:
         initial = {
@@ -107,7 +111,7 @@ class ActivationProbe:
         host = self.rules is not None and inner is not None
         if self.channels is None:
             if host:
-                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [])
+                self._host = HostProbe(int(channels), int(inner or 1), self.rules or [], self._aside)
                 self.channels = int(channels)
             else:
                 self._create(int(channels))
@@ -122,7 +126,8 @@ class ActivationProbe:
                     f"layer {self.name!r} returned {y.shape} after outputs of {self._host.inner} elements "
                     "per channel after the channel axis; a watched layer must keep that size"
                 )
-            host_call(self._host, [y], "bbdecoder_probe", recorded)
+            traced = self._host.aside is not None and not tf.executing_eagerly()
+            host_call(self._host.soon if traced else self._host, [y], "bbdecoder_probe", recorded)
             return
         when_recorded(recorded, lambda: self._accumulate(y, axis, int(channels)), _no_update)
 

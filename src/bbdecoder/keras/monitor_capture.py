@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.keras.monitor_host import COLUMNS, HostStep, host_call, spare_core
+from bbdecoder.keras.monitor_host import COLUMNS, HostStep, Runner, host_call, spare_core, usable_cpus
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
 from bbdecoder.keras.monitor_tfops import dense_float, step_table
 from bbdecoder.monitor.recorder import Recorder, Series
@@ -29,6 +29,11 @@ except ImportError:  # pragma: no cover - other Keras layouts
 
     def in_symbolic_scope() -> bool:
         return False
+
+
+def pair_passes() -> bool:
+    """The host's two passes of a step can run side by side: two or more CPUs."""
+    return usable_cpus() >= 2
 
 
 def _read(variable: Any) -> np.ndarray:
@@ -64,6 +69,8 @@ class StepCapture:
         every, first: record only the steps numbered ``first + i`` (``i``: the step's index in this
             ``fit``) that are multiples of ``every``; the others compute nothing (on the TF-op path
             a ``tf.cond`` skips them).
+        beside: the host's ratio pass runs there during the statistics where no core is spare, on
+            two or more CPUs (:func:`pair_passes`; see :class:`HostStep`).
     """
 
     def __init__(
@@ -78,16 +85,17 @@ class StepCapture:
         host: bool = False,
         every: int = 1,
         first: int = 0,
+        beside: Runner | None = None,
     ) -> None:
         self.owner = owner
         self.fused = not xla  # the EuclideanNorm kernel has no XLA version
         self.host = None
         self.every, self.first = every, first
         if host and not xla:
-            aside = spare_core()
             self.host = HostStep(
-                len(rows), k, gradients=gradients, weights=weights, aside=aside, every=every, first=first
-            )
+                len(rows), k, gradients=gradients, weights=weights, aside=spare_core(),
+                beside=beside if pair_passes() else None, every=every, first=first,
+            )  # fmt: skip
         self.rows = rows
         self.k = k
         self.gradients = gradients

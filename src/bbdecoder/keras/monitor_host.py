@@ -12,6 +12,14 @@ snapshot of the weights (the :class:`~bbdecoder.monitor.weights.UpdateRatios` sc
 and its snapshot read once, the snapshot rewritten, ``||W_after||`` kept as the next step's
 ``||W_before||``). TF hands the arrays over without a copy (CPU tensors share their buffers).
 
+Where the passes run: the statistics in the step. The ratio pass on the store's writer thread,
+after the step, where TF's pools leave a core free (beside the next forward and backward pass);
+else, on a machine of two or more CPUs, on the writer thread *during* the statistics (at the end of
+the step TF's own threads wait for the ``numpy_function``, so the core the ratio pass takes is
+idle), else in the step after them. With a spare core the activation probes hand each output to
+the writer thread too (the output's buffer, referenced by the array, is not reused by TF while the
+probe reads it).
+
 A probe's state (per-channel maximum, saturated and total counts, summed channel variance,
 forwards) then lives in NumPy arrays that ``probe_update`` updates in place in one read of the
 output, where the TF ops read it four times and wrote two masks.
@@ -29,6 +37,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,16 +59,21 @@ __all__ = [
     "HostProbe",
     "HostRatios",
     "HostStep",
+    "Runner",
     "host_call",
     "host_kernels",
     "host_statistics",
     "one_replica",
     "spare_core",
+    "usable_cpus",
 ]
 
 NSTATS = len(GRAD_STATS)
 RATIO, FINITE = NSTATS, NSTATS + 1  # a step table's columns after the six statistics
 COLUMNS = NSTATS + 2
+
+Runner = Callable[[Callable[[], Any]], Any]
+"""Runs a job on another thread and returns at once (the store writer's ``run_soon``)."""
 
 
 def host_kernels() -> bool:
@@ -85,13 +100,18 @@ def host_call(fn: Callable[..., np.ndarray], inputs: list[Any], name: str, activ
         tf.cond(active, call, lambda: tf.zeros((), tf.float64))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def spare_core() -> bool:
     """TF's thread pools leave a CPU of this process free for the writer thread: both the intra-op
     and the inter-op pool are smaller than the CPUs (a setting of 0, TF's default, is all CPUs)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     pools = (
         tf.config.threading.get_intra_op_parallelism_threads(),
         tf.config.threading.get_inter_op_parallelism_threads(),
@@ -128,6 +148,13 @@ def host_statistics(*grads: np.ndarray) -> np.ndarray:
     if redo:
         rows[redo] = small_statistics([torch.from_numpy(arrays[i].astype(np.float64)) for i in redo])
     return rows
+
+
+def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as error:  # raised where the result is taken
+        future.set_exception(error)
 
 
 class HostRatios:
@@ -179,8 +206,10 @@ class HostStep:
     that keep TF's buffers) until :meth:`measure` runs it, on the store's writer thread while the next step's
     forward and backward pass run; should the next update come first, TF copies the buffer before
     writing it (a buffer still referenced is copied on write), so the pass still reads this step's
-    weights. Without a spare core it runs in :meth:`record` (a pass beside TF's threads would make
-    every parallel region of theirs wait for it).
+    weights. Without a spare core it runs in :meth:`record`, after the statistics (a pass beside
+    TF's threads would make every parallel region of theirs wait for it); with ``beside`` (a
+    :data:`Runner` of another thread, on two or more CPUs) during them, on that thread, while TF's
+    own threads wait for the ``numpy_function``. The numbers are the same bits either way.
 
     With ``every > 1`` only steps numbered ``first + count`` a multiple of ``every`` are recorded
     (:meth:`recorded`); the step before one rewrites the snapshots (its weights are the recorded
@@ -196,12 +225,14 @@ class HostStep:
         gradients: bool,
         weights: bool,
         aside: bool = True,
+        beside: Runner | None = None,
         every: int = 1,
         first: int = 0,
     ) -> None:
         self.k, self.gradients, self.weights = k, gradients, weights
         self.every, self.first = every, first
         self.aside = aside and every == 1
+        self.beside = None if self.aside else beside
         self.table = np.full((k, n, COLUMNS), np.nan)
         self.losses = np.full(k, np.nan)
         self.count = 0
@@ -223,21 +254,42 @@ class HostStep:
             self.losses[slot] = np.nan
             self.count += 1
             return np.zeros((), dtype=np.float64)
-        if rows:
-            stats = host_statistics(*arrays[:n_grads])  # also with gradients=False: the finiteness flag
-            table[rows, FINITE] = ~(np.isnan(stats[:, 4]) | (stats[:, 2] == np.inf))
-            if self.gradients:
-                scale = float(inv)
-                if scale != 1.0:
-                    stats = stats * np.array([scale, scale, scale, scale * scale, scale, scale])
-                table[rows, :NSTATS] = stats
+        beside = self._ratios_beside(rows, arrays[n_grads:])
+        try:
+            if rows:
+                self._statistics(table, rows, float(inv), arrays[:n_grads])
+        except BaseException:
+            if beside is not None:
+                beside.exception()  # the pass on the other thread is over before the error leaves
+            raise
         if self.weights and rows and self.aside:
             self.after[self.count] = (rows, arrays[n_grads:])
+        elif beside is not None:
+            table[rows, RATIO] = beside.result()
         elif self.weights and rows:
             table[rows, RATIO] = self.ratios(rows, *arrays[n_grads:])
         self.losses[slot] = float(loss)
         self.count += 1
         return np.zeros((), dtype=np.float64)
+
+    def _statistics(
+        self, table: np.ndarray, rows: list[int], scale: float, grads: tuple[np.ndarray, ...]
+    ) -> None:
+        stats = host_statistics(*grads)  # also with gradients=False: the finiteness flag
+        table[rows, FINITE] = ~(np.isnan(stats[:, 4]) | (stats[:, 2] == np.inf))
+        if self.gradients:
+            if scale != 1.0:
+                stats = stats * np.array([scale, scale, scale, scale * scale, scale, scale])
+            table[rows, :NSTATS] = stats
+
+    def _ratios_beside(self, rows: list[int], weights: tuple[np.ndarray, ...]) -> Future[np.ndarray] | None:
+        """The ratio pass of this step started on ``beside`` 's thread, or ``None`` (no such thread,
+        or the pass runs aside or not at all)."""
+        if self.beside is None or not (self.weights and rows):
+            return None
+        future: Future[np.ndarray] = Future()
+        self.beside(partial(_settle, future, self.ratios, rows, *weights))
+        return future
 
     def record_at(self, rows: list[int], n_grads: int, count: np.ndarray, *rest: np.ndarray) -> np.ndarray:
         """:meth:`record` of the ``count``-th step (``every > 1``: the host sees only some steps)."""
@@ -263,10 +315,14 @@ class HostStep:
 class HostProbe:
     """One watched layer's activation state on the host, ``probe_update`` 's arrays: ``max``
     ``(C,)`` float32 and the float64 counters ``saturated``, ``total``, ``channel_var``,
-    ``forwards``; ``rules``: the saturation test as ``(op, bound)`` comparisons (``[]``: none)."""
+    ``forwards``; ``rules``: the saturation test as ``(op, bound)`` comparisons (``[]``: none);
+    ``aside``: where :meth:`soon` runs the update (the writer thread, with a spare core). The state
+    is read once the updates handed over are done (the writer's ``wait``)."""
 
-    def __init__(self, channels: int, inner: int, rules: list[tuple[str, float]]) -> None:
-        self.channels, self.inner = channels, inner
+    def __init__(
+        self, channels: int, inner: int, rules: list[tuple[str, float]], aside: Runner | None = None
+    ) -> None:
+        self.channels, self.inner, self.aside = channels, inner, aside
         self.rules = [(RULE_OPS[op], bound) for op, bound in rules]
         self.max = np.full(channels, -np.inf, dtype=np.float32)
         self.counters = [np.zeros((), dtype=np.float64) for _ in range(4)]
@@ -278,6 +334,12 @@ class HostProbe:
         kernels.probe_update(
             np.ascontiguousarray(y), self.channels, self.inner, self.rules, [self.max], self.counters
         )
+        return np.zeros((), dtype=np.float64)
+
+    def soon(self, y: np.ndarray) -> np.ndarray:
+        """:meth:`__call__` on the ``aside`` thread, after the updates handed there before it."""
+        assert self.aside is not None
+        self.aside(partial(self, y))
         return np.zeros((), dtype=np.float64)
 
     def state(self) -> list[np.ndarray]:
