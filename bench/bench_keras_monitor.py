@@ -5,7 +5,10 @@ Dense(10) (1.2M parameters, as ``mnist`` in ``bench_monitor.py``), batch 32, Ada
 ``plain`` (``model.fit``), ``callback`` (+ ``MonitorCallback``: six gradient statistics and the
 update ratio of every variable, the store write, every step) and ``callback+act`` (+ the
 activation probes, ``activations=True``: the three ReLUs); with ``--ablation`` also both with the
-statistics and ratios in TF ops instead of the host kernels (``-tfops``); with ``--every K`` also
+host passes in the step, one after the other (``-inline``: the ratio pass after the statistics where
+no core is spare, not beside them on the writer thread; the probes' kernel in the step where a core
+is spare, not on the writer thread); with ``--tfops`` also both with the statistics and ratios in TF
+ops instead of the host kernels (``-tfops``); with ``--every K`` also
 both with ``every=K`` (``-everyK``: the statistics and ratios of one step in K). Then every
 configuration's step time is the mean over the measured batches, not the median, which would
 leave out the recorded steps.
@@ -96,21 +99,25 @@ class _Stamp:
 
 
 @contextlib.contextmanager
-def _tf_ops(active: bool) -> Iterator[None]:
-    """Within this block new callbacks measure in TF ops, not the host kernels (the ablation)."""
+def _variant(name: str) -> Iterator[None]:
+    """Within this block new callbacks of an ablation measure another way: ``-tfops`` in TF ops, not
+    the host kernels; ``-inline`` with the host passes in the step, one after the other."""
     from bbdecoder.keras import monitor as keras_monitor
+    from bbdecoder.keras import monitor_capture
 
-    saved = keras_monitor.host_kernels
-    if active:
+    saved = keras_monitor.host_kernels, keras_monitor.spare_core, monitor_capture.pair_passes
+    if name.endswith("-tfops"):
         keras_monitor.host_kernels = lambda: False
+    if name.endswith("-inline"):
+        keras_monitor.spare_core = monitor_capture.pair_passes = lambda: False
     try:
         yield
     finally:
-        keras_monitor.host_kernels = saved
+        keras_monitor.host_kernels, keras_monitor.spare_core, monitor_capture.pair_passes = saved
 
 
 def _callback(path: Path, name: str) -> Any:
-    """The ``MonitorCallback`` of configuration ``name`` (``callback[+act][-tfops|-everyK]``)."""
+    """The ``MonitorCallback`` of configuration ``name`` (``callback[+act][-inline|-tfops|-everyK]``)."""
     from bbdecoder.keras.monitor import MonitorCallback
 
     every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
@@ -122,13 +129,12 @@ def _step_time(times: list[float], every: int) -> float:
     return statistics.fmean(times) if every > 1 else statistics.median(times)
 
 
-def measure(rounds: int, batches: int, ablation: bool = False, every: int = 1) -> dict[str, Any]:
+def measure(rounds: int, batches: int, names: list[str], every: int = 1) -> dict[str, Any]:
     import numpy as np
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * batches, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(32 * batches,))
-    names = _names(ablation, every)
     models = {n: _model() for n in names}
     per_round: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()
@@ -142,7 +148,7 @@ def measure(rounds: int, batches: int, ablation: bool = False, every: int = 1) -
                     path = Path(tmp) / f"{name}_{r}"
                     callbacks.append(_callback(path, name))
                 callbacks.append(stamp.end)
-                with _tf_ops(name.endswith("-tfops")):
+                with _variant(name):
                     models[name].fit(
                         x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
                     )
@@ -151,7 +157,7 @@ def measure(rounds: int, batches: int, ablation: bool = False, every: int = 1) -
     return _summary(per_round, names, load_before, "fit")
 
 
-def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int = 1) -> dict[str, Any]:
+def measure_blocks(rounds: int, block: int, names: list[str], every: int = 1) -> dict[str, Any]:
     """The same configurations, driven step by step without ``fit``: per round, ``block``
     consecutive steps of each configuration in turn (the order rotated), each step its train
     function and the callback's ``on_train_batch_end``, the first step of a block left out (the
@@ -163,7 +169,6 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int =
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * 64, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(32 * 64,))
-    names = _names(ablation, every)
     setups: dict[str, tuple[Any, Any, Any]] = {}
     tmp = tempfile.TemporaryDirectory()
     for name in names:
@@ -174,7 +179,7 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int =
             model.make_train_function(force=True)
         else:
             callback = _callback(Path(tmp.name) / name, name)
-            with _tf_ops(name.endswith("-tfops")):
+            with _variant(name):
                 callback.set_model(model)
                 callback.on_train_begin()
         data = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat())
@@ -203,9 +208,11 @@ def measure_blocks(rounds: int, block: int, ablation: bool = False, every: int =
     return _summary(per_round, names, load_before, f"blocks of {block} steps")
 
 
-def _names(ablation: bool, every: int = 1) -> list[str]:
+def _names(ablation: bool, every: int = 1, tfops: bool = False) -> list[str]:
     names = ["plain", "callback", "callback+act"]
     if ablation:
+        names += ["callback-inline", "callback+act-inline"]
+    if tfops:
         names += ["callback-tfops", "callback+act-tfops"]
     if every > 1:
         names += [f"callback-every{every}", f"callback+act-every{every}"]
@@ -246,13 +253,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
     parser.add_argument(
-        "--ablation", action="store_true", help="also the callback with its passes in TF ops (-tfops)"
+        "--ablation", action="store_true", help="also the callback with its host passes in the step (-inline)"
+    )
+    parser.add_argument(
+        "--tfops", action="store_true", help="also the callback with its passes in TF ops (-tfops)"
     )
     parser.add_argument("--block-rounds", type=int, default=0, help="rounds of --block steps (0: none)")
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--every", type=int, default=1, help="also the callback with every=K (-everyK)")
     args = parser.parse_args()
     _set_threads(args.threads)
+    names = _names(args.ablation, args.every, args.tfops)
     from common import environment, save_results
 
     result = {
@@ -263,10 +274,10 @@ def main() -> None:
         "per_round_step": "mean" if args.every > 1 else "median",
     }
     if args.rounds:
-        result["keras_mnist"] = measure(args.rounds, args.batches, args.ablation, args.every)
+        result["keras_mnist"] = measure(args.rounds, args.batches, names, args.every)
     if args.block_rounds:
         result["block_rounds"], result["block"] = args.block_rounds, args.block
-        blocks = measure_blocks(args.block_rounds, args.block, args.ablation, args.every)
+        blocks = measure_blocks(args.block_rounds, args.block, names, args.every)
         result["keras_mnist_blocks"] = blocks
     path = save_results(f"keras_monitor_t{args.threads}{args.tag}", result)
     print(f"wrote {path}")
