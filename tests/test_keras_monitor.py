@@ -3,6 +3,8 @@ same training (analytic gradients of a linear two-layer net), with the PyTorch r
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -534,6 +536,11 @@ def test_activation_statistics_equal_a_numpy_oracle(
     elif not keras_monitor.host_kernels():
         pytest.skip("the fused kernels are not built")
     monkeypatch.setattr(keras_monitor, "spare_core", lambda: path_kind == "host-aside")
+    if path_kind == "host-aside":  # slow updates: the state must be read after they are all done
+        from bbdecoder.keras.monitor_host import HostProbe
+
+        update = HostProbe.__call__
+        monkeypatch.setattr(HostProbe, "__call__", lambda probe, y: (time.sleep(0.02), update(probe, y))[1])
     model = _act_model(frozen=True)
     x, t = _act_data()
     data = tf.data.Dataset.from_tensor_slices((x, t)).batch(ACT_BATCH).repeat()  # new samples each epoch
@@ -554,6 +561,7 @@ def test_activation_statistics_equal_a_numpy_oracle(
     hosts = [p._host for p in monitor._activations.probes.values()]
     assert all((h is not None) == (path_kind != "tf-ops") for h in hosts)
     assert all(h is None or (h.aside is not None) == (path_kind == "host-aside") for h in hosts)
+    assert not [t for t in threading.enumerate() if t.name.startswith("bbdecoder-host")]  # stopped
 
     # float32 and float64 agree on every threshold decision only away from the thresholds
     pre = _oracle_forward(model, x)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bbdecoder.keras._backend import keras
+from bbdecoder.keras.host_worker import HostWorker
 from bbdecoder.keras.layers import leaf_layers
 from bbdecoder.keras.monitor_activations import ActivationProbe, ActivationRecorder, watched_layers
 from bbdecoder.keras.monitor_capture import StepCapture, record_step
@@ -154,6 +155,7 @@ class MonitorCallback(keras.callbacks.Callback):
         self._shadows = Shadows()
         self._installed_on: Any = None
         self._capture: StepCapture | None = None
+        self._worker = HostWorker()  # the host passes that leave the step
 
     # -- lifetime -----------------------------------------------------------------------------
     def __enter__(self) -> MonitorCallback:
@@ -182,6 +184,7 @@ class MonitorCallback(keras.callbacks.Callback):
 
     def _restore(self) -> None:
         self._shadows.restore()
+        self._worker.close()
         if self._capture is not None:
             self._capture.in_step = False
         model, self._installed_on = self._installed_on, None
@@ -217,7 +220,8 @@ class MonitorCallback(keras.callbacks.Callback):
         xla = bool(getattr(model, "jit_compile", False))
         host = not xla and host_kernels() and one_replica(model)  # the passes of monitor_host
         settings = (self.dead_threshold, self.saturation_eps, self.channel_axis)
-        aside = writer.run_soon if spare_core() else None  # the probes' updates on the spare core
+        worker = self._worker
+        aside = worker.run_soon if spare_core() else None  # the probes' updates on the spare core
         for layer_id, layer, dead in watched_layers(model, self.activations):
             name = names.get(id(layer), layer.name)
             probe = ActivationProbe(layer_id, name, layer, *settings, count_dead=dead, host=host, aside=aside)
@@ -232,7 +236,7 @@ class MonitorCallback(keras.callbacks.Callback):
         rows = {id(t.variable): t.row for t in self._tracked}
         flags = {"gradients": self.gradients, "weights": self.weights, "xla": xla, "host": host}
         self._capture = StepCapture(
-            self, rows, k, every=self.every, first=self._step, beside=writer.run_soon, **flags
+            self, rows, k, every=self.every, first=self._step, beside=worker.run_soon, **flags
         )
         self._current_epoch = 0
         self._install(model, leaves)
@@ -320,6 +324,7 @@ class MonitorCallback(keras.callbacks.Callback):
             return
         stored_epoch, last = self._epoch0 + epoch, self._step - 1
         self.writer.wait()  # the batches' jobs: the epoch aggregates are complete
+        self._worker.wait()  # the probes' updates
         if self.gradients:
             self._recorder.end_epoch(stored_epoch)
         if self.weights:

@@ -44,8 +44,8 @@ class ActivationProbe:
       samples and positions), summed over forwards; ``forwards`` counts the forwards.
 
     The state and its reductions are those of the PyTorch probe (``STATE``). ``aside``: the host
-    state's updates run there (the writer thread, where a core is spare), in a traced step; the
-    state is read after the writer's ``wait``.
+    state's updates run there (the host worker, where a core is spare), in a traced step; the
+    state is read after the worker's ``wait``.
     """
 
     STATE = ACTIVATION_STATE

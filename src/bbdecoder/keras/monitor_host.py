@@ -14,22 +14,11 @@ and its snapshot read once, the snapshot rewritten, ``||W_after||`` kept as the 
 
 Where the passes run: the statistics in the step. The ratio pass on the store's writer thread,
 after the step, where TF's pools leave a core free (beside the next forward and backward pass);
-else, on a machine of two or more CPUs, on the writer thread *during* the statistics (at the end of
-the step TF's own threads wait for the ``numpy_function``, so the core the ratio pass takes is
-idle), else in the step after them. With a spare core the activation probes hand each output to
-the writer thread too (the output's buffer, referenced by the array, is not reused by TF while the
-probe reads it).
-
-A probe's state (per-channel maximum, saturated and total counts, summed channel variance,
-forwards) then lives in NumPy arrays that ``probe_update`` updates in place in one read of the
-output, where the TF ops read it four times and wrote two masks.
-
-Used where the kernels are built, the train step is not compiled by XLA (which has no
-``numpy_function``) and no distribution strategy splits the step over replicas (sparse gradients
-are made dense and other dtypes than float32/float64 cast to float32 first, as the TF ops do; a
-probe also needs a saturation test the kernel's comparisons express and static sizes after the
-channel axis); elsewhere the TF ops of :mod:`~bbdecoder.keras.monitor_capture` and
-:mod:`~bbdecoder.keras.monitor_activations` run.
+else, on a machine of two or more CPUs, on the callback's host worker thread
+(:mod:`~bbdecoder.keras.host_worker`) *during* the statistics (at the end of the step TF's own
+threads wait for the ``numpy_function``, so the core the ratio pass takes is idle), else in the
+step after them. With a spare core the activation probes hand each output to the host worker too
+(the output's buffer, referenced by the array, is not reused by TF while the probe reads it).
 """
 
 from __future__ import annotations
@@ -316,8 +305,8 @@ class HostProbe:
     """One watched layer's activation state on the host, ``probe_update`` 's arrays: ``max``
     ``(C,)`` float32 and the float64 counters ``saturated``, ``total``, ``channel_var``,
     ``forwards``; ``rules``: the saturation test as ``(op, bound)`` comparisons (``[]``: none);
-    ``aside``: where :meth:`soon` runs the update (the writer thread, with a spare core). The state
-    is read once the updates handed over are done (the writer's ``wait``)."""
+    ``aside``: where :meth:`soon` runs the update (the host worker, with a spare core). The state
+    is read once the updates handed over are done (the worker's ``wait``)."""
 
     def __init__(
         self, channels: int, inner: int, rules: list[tuple[str, float]], aside: Runner | None = None
