@@ -56,3 +56,19 @@ def test_close_drains_the_queue_stops_the_thread_and_a_new_job_starts_another() 
     assert seen == [1, 2]
     worker.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("bbdecoder-host")]
+
+
+def test_submit_hands_back_the_result_or_the_error_in_order_with_the_other_jobs() -> None:
+    worker, seen = HostWorker(), []
+    worker.run_soon(lambda: (time.sleep(0.01), seen.append("before")))
+    future = worker.submit(lambda: [*seen, "computed"])
+    assert future.result() == ["before", "computed"]
+
+    def fail() -> None:
+        raise KeyError("pass")
+
+    failed = worker.submit(fail)
+    with pytest.raises(KeyError, match="pass"):
+        failed.result()
+    worker.wait()  # a submitted job's error belongs to its future, not to wait()
+    worker.close()

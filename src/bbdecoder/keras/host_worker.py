@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["HostWorker"]
+
+T = TypeVar("T")
 
 
 class HostWorker:
@@ -22,16 +25,26 @@ class HostWorker:
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        self._last: Future[None] | None = None
+        self._last: Future[Any] | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # TF may call from more than one of its threads
 
     def run_soon(self, job: Callable[[], Any]) -> None:
-        """Run ``job`` after the jobs handed over before it, and return at once."""
+        """Run ``job`` after the jobs handed over before it, and return at once (its error is
+        raised by :meth:`wait`)."""
+        self._hand_over(self._guarded, job)
+
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        """Run ``job`` after the jobs handed over before it; its result (or error) is the future's."""
+        return self._hand_over(job)
+
+    def _hand_over(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="bbdecoder-host")
-            self._last = self._pool.submit(self._guarded, job)
+            future = self._pool.submit(fn, *args)
+            self._last = future
+        return future
 
     def _guarded(self, job: Callable[[], Any]) -> None:
         try:
@@ -45,7 +58,7 @@ class HostWorker:
         with self._lock:
             last = self._last
         if last is not None:
-            last.result()  # one thread, jobs in order: the earlier ones are done too
+            futures.wait([last])  # one thread, jobs in order: the earlier ones are done too
         error, self._error = self._error, None
         if error is not None:
             raise error

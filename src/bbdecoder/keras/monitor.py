@@ -236,7 +236,7 @@ class MonitorCallback(keras.callbacks.Callback):
         rows = {id(t.variable): t.row for t in self._tracked}
         flags = {"gradients": self.gradients, "weights": self.weights, "xla": xla, "host": host}
         self._capture = StepCapture(
-            self, rows, k, every=self.every, first=self._step, beside=worker.run_soon, **flags
+            self, rows, k, every=self.every, first=self._step, beside=worker.submit, **flags
         )
         self._current_epoch = 0
         self._install(model, leaves)

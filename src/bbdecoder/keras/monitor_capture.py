@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.keras._backend import keras, tf
-from bbdecoder.keras.monitor_host import COLUMNS, HostStep, Runner, host_call, spare_core, usable_cpus
+from bbdecoder.keras.monitor_host import COLUMNS, HostStep, Submit, host_call, spare_core, usable_cpus
 from bbdecoder.keras.monitor_patch import OWNER_ATTRIBUTE
 from bbdecoder.keras.monitor_tfops import dense_float, step_table
 from bbdecoder.monitor.recorder import Recorder, Series
@@ -85,7 +85,7 @@ class StepCapture:
         host: bool = False,
         every: int = 1,
         first: int = 0,
-        beside: Runner | None = None,
+        beside: Submit | None = None,
     ) -> None:
         self.owner = owner
         self.fused = not xla  # the EuclideanNorm kernel has no XLA version

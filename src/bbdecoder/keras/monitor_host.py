@@ -12,6 +12,17 @@ snapshot of the weights (the :class:`~bbdecoder.monitor.weights.UpdateRatios` sc
 and its snapshot read once, the snapshot rewritten, ``||W_after||`` kept as the next step's
 ``||W_before||``). TF hands the arrays over without a copy (CPU tensors share their buffers).
 
+A probe's state (per-channel maximum, saturated and total counts, summed channel variance,
+forwards) then lives in NumPy arrays that ``probe_update`` updates in place in one read of the
+output, where the TF ops read it four times and wrote two masks.
+
+Used where the kernels are built, the train step is not compiled by XLA (which has no
+``numpy_function``) and no distribution strategy splits the step over replicas (sparse gradients
+are made dense and other dtypes than float32/float64 cast to float32 first, as the TF ops do; a
+probe also needs a saturation test the kernel's comparisons express and static sizes after the
+channel axis); elsewhere the TF ops of :mod:`~bbdecoder.keras.monitor_capture` and
+:mod:`~bbdecoder.keras.monitor_activations` run.
+
 Where the passes run: the statistics in the step. The ratio pass on the store's writer thread,
 after the step, where TF's pools leave a core free (beside the next forward and backward pass);
 else, on a machine of two or more CPUs, on the callback's host worker thread
@@ -49,6 +60,7 @@ __all__ = [
     "HostRatios",
     "HostStep",
     "Runner",
+    "Submit",
     "host_call",
     "host_kernels",
     "host_statistics",
@@ -62,7 +74,9 @@ RATIO, FINITE = NSTATS, NSTATS + 1  # a step table's columns after the six stati
 COLUMNS = NSTATS + 2
 
 Runner = Callable[[Callable[[], Any]], Any]
-"""Runs a job on another thread and returns at once (the store writer's ``run_soon``)."""
+"""Runs a job on another thread and returns at once (``HostWorker.run_soon``)."""
+Submit = Callable[[Callable[[], Any]], Future[Any]]
+"""Runs a job on another thread and returns its future (``HostWorker.submit``)."""
 
 
 def host_kernels() -> bool:
@@ -139,13 +153,6 @@ def host_statistics(*grads: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        future.set_result(fn(*args))
-    except BaseException as error:  # raised where the result is taken
-        future.set_exception(error)
-
-
 class HostRatios:
     """Update ratios ``||W_after - W_before|| / ||W_before||`` (``||W_after - W_before||`` where
     ``||W_before|| = 0``) against a host snapshot of each tracked weight (by buffer row), taken by
@@ -197,7 +204,7 @@ class HostStep:
     writing it (a buffer still referenced is copied on write), so the pass still reads this step's
     weights. Without a spare core it runs in :meth:`record`, after the statistics (a pass beside
     TF's threads would make every parallel region of theirs wait for it); with ``beside`` (a
-    :data:`Runner` of another thread, on two or more CPUs) during them, on that thread, while TF's
+    :data:`Submit` of another thread, on two or more CPUs) during them, on that thread, while TF's
     own threads wait for the ``numpy_function``. The numbers are the same bits either way.
 
     With ``every > 1`` only steps numbered ``first + count`` a multiple of ``every`` are recorded
@@ -214,7 +221,7 @@ class HostStep:
         gradients: bool,
         weights: bool,
         aside: bool = True,
-        beside: Runner | None = None,
+        beside: Submit | None = None,
         every: int = 1,
         first: int = 0,
     ) -> None:
@@ -276,9 +283,7 @@ class HostStep:
         or the pass runs aside or not at all)."""
         if self.beside is None or not (self.weights and rows):
             return None
-        future: Future[np.ndarray] = Future()
-        self.beside(partial(_settle, future, self.ratios, rows, *weights))
-        return future
+        return self.beside(partial(self.ratios, rows, *weights))
 
     def record_at(self, rows: list[int], n_grads: int, count: np.ndarray, *rest: np.ndarray) -> np.ndarray:
         """:meth:`record` of the ``count``-th step (``every > 1``: the host sees only some steps)."""
