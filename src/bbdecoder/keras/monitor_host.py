@@ -112,8 +112,9 @@ def usable_cpus() -> int:
 
 
 def spare_core() -> bool:
-    """TF's thread pools leave a CPU of this process free for the writer thread: both the intra-op
-    and the inter-op pool are smaller than the CPUs (a setting of 0, TF's default, is all CPUs)."""
+    """TF's thread pools leave a CPU of this process free for our threads (the store's writer, the
+    host worker): both the intra-op and the inter-op pool are smaller than the CPUs (a setting of
+    0, TF's default, is all CPUs)."""
     cpus = usable_cpus()
     pools = (
         tf.config.threading.get_intra_op_parallelism_threads(),
