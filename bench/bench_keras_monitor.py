@@ -6,8 +6,8 @@ Dense(10) (1.2M parameters, as ``mnist`` in ``bench_monitor.py``), batch 32, Ada
 update ratio of every variable, the store write, every step) and ``callback+act`` (+ the
 activation probes, ``activations=True``: the three ReLUs); with ``--ablation`` also both with the
 host passes in the step, one after the other (``-inline``: the ratio pass after the statistics where
-no core is spare, not beside them on the writer thread; the probes' kernel in the step where a core
-is spare, not on the writer thread); with ``--tfops`` also both with the statistics and ratios in TF
+no core is spare, not beside them on the callback's host worker; the probes' kernel in the step where
+a core is spare, not on the host worker); with ``--tfops`` also both with the statistics and ratios in TF
 ops instead of the host kernels (``-tfops``); with ``--every K`` also
 both with ``every=K`` (``-everyK``: the statistics and ratios of one step in K). Then every
 configuration's step time is the mean over the measured batches, not the median, which would

@@ -127,7 +127,7 @@ def test_every_capture_path_equals_the_float64_replay(
     every: int,
 ) -> None:
     """The host kernels (one numpy_function per step; the ratio pass on the writer thread where a
-    core is spare, else in the step: after the statistics, or beside them on the writer thread)
+    core is spare, else in the step: after the statistics, or beside them on the host worker)
     and the TF ops (XLA, no kernels) store the same replayed
     numbers, also with steps_per_execution > 1 (aside, the later updates come before the earlier
     steps' ratio passes: TF copies on write) and eagerly; float64 variables take the kernels'
@@ -528,7 +528,7 @@ def test_activation_statistics_equal_a_numpy_oracle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str, every: int
 ) -> None:
     """``every=2``: the probes see the forwards of the recorded steps only (each epoch's first).
-    ``host-aside``: the kernel reads each output on the writer thread (a spare core)."""
+    ``host-aside``: the kernel reads each output on the host worker (a spare core)."""
     from bbdecoder.keras import monitor as keras_monitor
 
     if path_kind == "tf-ops":
