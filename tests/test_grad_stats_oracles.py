@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bbdecoder.monitor import cpu_reductions, grad_stats
-from bbdecoder.monitor.grad_stats import GRAD_STATS, EpochAccumulator, grad_statistics
+from bbdecoder.monitor.epochs import EpochAccumulator
+from bbdecoder.monitor.grad_stats import GRAD_STATS, grad_statistics
 
 pytestmark = pytest.mark.usefixtures("cpu_passes")  # each test with the fused kernels and with NumPy
 

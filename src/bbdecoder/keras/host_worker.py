@@ -64,7 +64,9 @@ class HostWorker:
             raise error
 
     def close(self) -> None:
-        """Run what is queued, stop the thread (idempotent; errors of the jobs are dropped)."""
+        """Run what is queued, stop the thread (idempotent). Errors of the jobs are dropped: a job
+        not waited for belongs to an epoch that never ends (an abort, a close mid-epoch), whose
+        probe state is never read."""
         with self._lock:
             pool, self._pool, self._last = self._pool, None, None
         if pool is not None:

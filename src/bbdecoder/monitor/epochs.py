@@ -8,11 +8,44 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bbdecoder.monitor.grad_stats import EpochAccumulator
 from bbdecoder.store.vocabulary import AGG_MEAN, AGG_VAR, GRAD_STATS
 
 EpochRow = tuple[int, int, int, str, float]
 """``(epoch, series_id, stat_id, agg, value)``, as ``RunWriter.add_epoch_scalars`` takes them."""
+
+
+class EpochAccumulator:
+    """Mean and population variance across iterations (Welford, float64, NaN/Inf skipped)."""
+
+    def __init__(self, n_series: int, n_stats: int) -> None:
+        self.count = np.zeros((n_series, n_stats))
+        self.mean = np.zeros((n_series, n_stats))
+        self.m2 = np.zeros((n_series, n_stats))
+
+    def update(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Add one step: ``values[i]`` belongs to series ``rows[i]``."""
+        if len(rows) == len(self.count) and np.isfinite(values).all() and (np.diff(rows) == 1).all():
+            # every series, in order, all finite (the common step): the same update on views
+            self.count += 1
+            delta = values - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (values - self.mean)
+            return
+        finite = np.isfinite(values)
+        count = self.count[rows] + finite
+        safe = np.where(finite, values, 0.0)
+        delta = np.where(finite, safe - self.mean[rows], 0.0)
+        mean = self.mean[rows] + np.divide(delta, count, out=np.zeros_like(delta), where=count > 0)
+        self.m2[rows] += delta * np.where(finite, safe - mean, 0.0)
+        self.mean[rows] = mean
+        self.count[rows] = count
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mean, var, count)``, each ``(n_series, n_stats)``; NaN where no finite value was seen."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(self.count > 0, self.mean, np.nan)
+            var = np.where(self.count > 0, self.m2 / self.count, np.nan)
+        return mean, var, self.count.copy()
 
 
 class EpochAggregates:

@@ -56,8 +56,8 @@ from bbdecoder.monitor.moment_rows import CONDITION, fused_statistics, moment_ro
 from bbdecoder.monitor.weights import UpdateRatios, update_ratios
 from bbdecoder.store.vocabulary import GRAD_STATS
 
-__all__ = ["CONDITION", "GRAD_STATS", "EpochAccumulator", "GradStatistics", "UpdateRatios", "grad_statistics"]
-__all__ += ["small_statistics", "update_ratios"]
+__all__ = ["CONDITION", "GRAD_STATS", "GradStatistics", "UpdateRatios", "grad_statistics", "small_statistics"]
+__all__ += ["update_ratios"]
 
 SMALL = 1 << 15
 """On devices other than the CPU, tensors up to this many elements are reduced together in float64."""
@@ -321,37 +321,3 @@ def grad_statistics(grads: list[torch.Tensor], inv_scale: float = 1.0) -> torch.
     """Statistics of each gradient tensor: ``(len(grads), 6)`` float64 on the grads' device, in the
     order of :data:`GRAD_STATS` (a one-off :class:`GradStatistics`; the analyzer keeps one)."""
     return GradStatistics()(grads, inv_scale)
-
-
-class EpochAccumulator:
-    """Mean and population variance across iterations (Welford, float64, NaN/Inf skipped)."""
-
-    def __init__(self, n_series: int, n_stats: int) -> None:
-        self.count = np.zeros((n_series, n_stats))
-        self.mean = np.zeros((n_series, n_stats))
-        self.m2 = np.zeros((n_series, n_stats))
-
-    def update(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Add one step: ``values[i]`` belongs to series ``rows[i]``."""
-        if len(rows) == len(self.count) and np.isfinite(values).all() and (np.diff(rows) == 1).all():
-            # every series, in order, all finite (the common step): the same update on views
-            self.count += 1
-            delta = values - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (values - self.mean)
-            return
-        finite = np.isfinite(values)
-        count = self.count[rows] + finite
-        safe = np.where(finite, values, 0.0)
-        delta = np.where(finite, safe - self.mean[rows], 0.0)
-        mean = self.mean[rows] + np.divide(delta, count, out=np.zeros_like(delta), where=count > 0)
-        self.m2[rows] += delta * np.where(finite, safe - mean, 0.0)
-        self.mean[rows] = mean
-        self.count[rows] = count
-
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(mean, var, count)``, each ``(n_series, n_stats)``; NaN where no finite value was seen."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(self.count > 0, self.mean, np.nan)
-            var = np.where(self.count > 0, self.m2 / self.count, np.nan)
-        return mean, var, self.count.copy()
