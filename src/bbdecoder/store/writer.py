@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bbdecoder.store import vocabulary as V
+from bbdecoder.store.bulk_insert import insert_rows
 from bbdecoder.store.connection import connect_readwrite, db_path, foreign_message, store_kind
 from bbdecoder.store.lock import StoreLock, hint
 from bbdecoder.store.schema import APPLICATION_ID, DDL, SCHEMA_VERSION, StoreError, StoreWriteWarning
@@ -483,11 +484,11 @@ class RunWriter:
         for first, last, epoch in self._relabels:
             for table in ("steps", "scalars", "histograms", "events"):
                 c.execute(f"UPDATE {table} SET epoch = ? WHERE step BETWEEN ? AND ?", (epoch, first, last))
-        c.executemany("INSERT INTO steps VALUES (?, ?, ?, ?)", self._steps)
+        insert_rows(c, "INSERT INTO steps VALUES", self._steps)
         c.executemany("UPDATE steps SET loss = ? WHERE step = ?", self._loss_updates)
-        c.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?, ?)", self._scalars)
-        c.executemany("INSERT INTO epoch_scalars VALUES (?, ?, ?, ?, ?)", self._epoch_scalars)
-        c.executemany("INSERT INTO histograms VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._histograms)
+        insert_rows(c, "INSERT INTO scalars VALUES", self._scalars)  # one statement per 256 rows
+        insert_rows(c, "INSERT INTO epoch_scalars VALUES", self._epoch_scalars)
+        insert_rows(c, "INSERT INTO histograms VALUES", self._histograms)
         c.executemany(
             "INSERT INTO events (step, epoch, time, kind, layer_id, param, message, data) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
