@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import warnings
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+
+import numpy as np
 
 from bbdecoder.alerts import rules as R
-from bbdecoder.alerts.rules import AlertConfig
+from bbdecoder.alerts.rules import Alert, AlertConfig, Row
+from bbdecoder.alerts.tensor_rules import (
+    StepValues,
+    TensorState,
+    grad_norm_alerts,
+    ratio_alerts,
+    weights_by_layer,
+)
 from bbdecoder.store import vocabulary as V
-from bbdecoder.store.writer import RunWriter, ScalarRow
+from bbdecoder.store.writer import RunWriter, ScalarRow, table_rows
 
 GRAD_NORM = V.L2
 RATIO = V.UPDATE_RATIO
@@ -25,26 +33,6 @@ WATCHED = frozenset({GRAD_NORM, RATIO, DEAD})
 
 class AlertWarning(RuntimeWarning):
     """A training anomaly detected by :class:`AlertEngine` (raised once per alert kind)."""
-
-
-@dataclass
-class Alert:
-    """One alert: ``kind`` (see :data:`bbdecoder.alerts.ALERT_KINDS`), where and when, and why."""
-
-    kind: str
-    step: int | None
-    epoch: int | None
-    layer_id: int | None
-    layer: str
-    param: str
-    value: float
-    threshold: float
-    message: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-Row = tuple[int, int, int, str, str, str, float]
-"""``(step, epoch, layer_id, layer, param, stat, value)``, the reader's column order."""
 
 
 class AlertEngine:
@@ -62,12 +50,9 @@ class AlertEngine:
         self.alerts: list[Alert] = []
         self._writer: RunWriter | None = None
         self._warned: set[str] = set()
-        self._norms: dict[tuple[int, str], deque[float]] = {}
-        self._peak_median: dict[tuple[int, str], float] = {}
+        self._tensors = TensorState(self.config.explode_window)  # the per-tensor rules' state
+        self._state_of_series = np.full(0, -1, dtype=np.int64)  # series_id -> TensorState index
         self._active: set[tuple[str, int, str]] = set()
-        self._low_norm: dict[tuple[int, str], int] = {}
-        self._had_gradient: set[tuple[int, str]] = set()
-        self._low_ratio: dict[tuple[int, str], int] = {}
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
         self._loss_peak = 0.0
@@ -83,18 +68,24 @@ class AlertEngine:
     def attach(self, writer: RunWriter) -> AlertEngine:
         """Evaluate every row ``writer`` receives from now on and store alerts as its events.
 
-        Wraps the writer's ``add_scalars``, ``add_step`` and ``set_loss`` (this writer object only; a
-        loss given with ``analyzer.log(loss=...)`` reaches the writer through ``set_loss``), so the
-        live rules see the losses a replay of the store sees. Returns self.
+        Wraps the writer's ``add_scalars``, ``add_step_scalars``, ``add_step`` and ``set_loss`` (this
+        writer object only; a loss given with ``analyzer.log(loss=...)`` reaches the writer through
+        ``set_loss``), so the live rules see the losses a replay of the store sees. A step's table
+        (``add_step_scalars``) is judged from its arrays; its rows still pass through
+        ``add_scalars`` for the store and any other watcher. Returns self.
         """
         if self._writer is not None:
             raise RuntimeError("this AlertEngine is already attached to a writer")
         self._writer = writer
         add_scalars, add_step, set_loss = writer.add_scalars, writer.add_step, writer.set_loss
+        add_table = writer.add_step_scalars
         epochs: dict[str, int] = {"last": 0}
+        in_table = threading.local()  # per thread: a user's rows on another thread are still judged
 
         def scalars_then_alerts(rows: list[ScalarRow]) -> None:
             add_scalars(rows)
+            if getattr(in_table, "active", False):
+                return  # a table's rows: judged from its arrays
             judged = self._judged(writer, rows)
             if judged:
                 self.observe(self._named(writer, judged))
@@ -109,7 +100,18 @@ class AlertEngine:
             set_loss(step, loss)
             self._loss_once(step, epochs["last"], loss)
 
+        def table_then_alerts(
+            step: int, epoch: int, series_ids: np.ndarray, stat_ids: Sequence[int], values: np.ndarray
+        ) -> None:
+            in_table.active = True
+            try:
+                add_table(step, epoch, series_ids, stat_ids, values)
+            finally:
+                in_table.active = False
+            self._observe_table(writer, step, epoch, series_ids, stat_ids, values)
+
         writer.add_scalars = scalars_then_alerts  # type: ignore[method-assign]
+        writer.add_step_scalars = table_then_alerts  # type: ignore[method-assign]
         writer.add_step = step_then_alerts  # type: ignore[method-assign]
         writer.set_loss = loss_then_alerts  # type: ignore[method-assign]
         return self
@@ -130,12 +132,15 @@ class AlertEngine:
         watched, finite = self._watched, math.isfinite
         return [r for r in rows if r[3] in watched or not finite(r[4])]
 
-    def _named(self, writer: RunWriter, rows: Iterable[ScalarRow]) -> list[Row]:
+    def _refresh_names(self, writer: RunWriter) -> None:
         # ids are only ever added, so the inverse maps are rebuilt only when they grew
         if len(self._series_names) != len(writer._series):
             self._series_names = {sid: key for key, sid in writer._series.items()}
         if len(self._stat_names) != len(writer._stats):
             self._stat_names = {sid: name for name, sid in writer._stats.items()}
+
+    def _named(self, writer: RunWriter, rows: Iterable[ScalarRow]) -> list[Row]:
+        self._refresh_names(writer)
         series, stats = self._series_names, self._stat_names
         if self._layer_names is None or any(series[r[2]][0] not in self._layer_names for r in rows):
             self._layer_names = writer.layer_names()
@@ -159,11 +164,96 @@ class AlertEngine:
             if self._first_step is None:
                 self._first_step = step
             norms = [r for r in part if r[5] == GRAD_NORM and r[4] != ""]
+            ratios = [r for r in part if r[5] == RATIO and r[4] != ""]
             new += self._nonfinite(part)
-            new += self._grad_norms(norms)
-            new += self._ratios([r for r in part if r[5] == RATIO and r[4] != ""])
+            new += grad_norm_alerts(self._tensors, self.config, StepValues.from_rows(self._tensors, norms))
+            new += ratio_alerts(
+                self._tensors,
+                self.config,
+                StepValues.from_rows(self._tensors, ratios),
+                step,
+                self._first_step,
+            )
             new += self._dead([r for r in part if r[5] == DEAD])
         return self._emit(new)
+
+    def _observe_table(
+        self,
+        writer: RunWriter,
+        step: int,
+        epoch: int,
+        series_ids: np.ndarray,
+        stat_ids: Sequence[int],
+        values: np.ndarray,
+    ) -> None:
+        """Judge one step's table ``values[i, j]`` (statistic ``stat_ids[j]`` of series
+        ``series_ids[i]``) as :meth:`observe` judges its rows, from the arrays: no row is built
+        unless an alert fires. A table with a non-finite value, a dead-unit column or a series
+        without a parameter name goes through the rows."""
+        if not len(series_ids):
+            return
+        self._refresh_names(writer)
+        columns = {self._stat_names[s]: j for j, s in enumerate(stat_ids)}
+        watched = [stat for stat in (GRAD_NORM, RATIO) if stat in columns]
+        simple = DEAD not in columns and bool(np.isfinite(values).all())
+        index = self._series_states(series_ids) if simple and watched else None
+        if not simple or (watched and index is None):
+            self._observe_rows(writer, table_rows(step, epoch, series_ids, stat_ids, values))
+            return
+        if index is None:
+            return  # finite, and no statistic a rule reads: the rows would not be judged either
+        if self._first_step is None:
+            self._first_step = step
+        new: list[Alert] = []
+        for stat in watched:
+            column = np.ascontiguousarray(values[:, columns[stat]], dtype=np.float64)
+            step_values = self._table_values(writer, step, epoch, series_ids, stat, index, column)
+            if stat == GRAD_NORM:
+                new += grad_norm_alerts(self._tensors, self.config, step_values)
+            else:
+                new += ratio_alerts(self._tensors, self.config, step_values, step, self._first_step)
+        self._emit(new)
+
+    def _observe_rows(self, writer: RunWriter, rows: list[ScalarRow]) -> None:
+        judged = self._judged(writer, rows)
+        if judged:
+            self.observe(self._named(writer, judged))
+
+    def _series_states(self, series_ids: np.ndarray) -> np.ndarray | None:
+        """The TensorState index of each series (``None``: one has no parameter name)."""
+        ids = np.asarray(series_ids, dtype=np.int64)
+        lut = self._state_of_series
+        if len(ids) and ids.max() >= len(lut):
+            lut = self._state_of_series = np.concatenate(
+                [lut, np.full(2 * int(ids.max()) + 1 - len(lut), -1)]
+            )
+        index = lut[ids]
+        for at in np.flatnonzero(index < 0):
+            key = self._series_names[int(ids[at])]
+            if key[1] == "":
+                return None
+            lut[ids[at]] = index[at] = self._tensors.position(key)
+        return index
+
+    def _table_values(
+        self, writer: RunWriter, step: int, epoch: int, series_ids: np.ndarray, stat: str,
+        index: np.ndarray, column: np.ndarray,
+    ) -> StepValues:  # fmt: skip
+        series = self._series_names
+
+        def row(i: int) -> Row:
+            layer_id, param = series[int(series_ids[i])]
+            if self._layer_names is None or layer_id not in self._layer_names:
+                self._layer_names = writer.layer_names()
+            return (step, epoch, layer_id, self._layer_names.get(layer_id, ""), param, stat, float(column[i]))
+
+        def weights() -> dict[tuple[int, str], float]:
+            keys = [series[int(s)] for s in series_ids]
+            return weights_by_layer(
+                (lid, param, float(v)) for (lid, param), v in zip(keys, column, strict=True)
+            )
+
+        return StepValues(index, column, row, weights)
 
     def observe_loss(self, step: int, epoch: int, loss: float) -> list[Alert]:
         """Evaluate the loss of one step; returns the new alerts (at most one)."""
@@ -212,88 +302,6 @@ class AlertEngine:
             Alert(R.NONFINITE, step, epoch, layer_id, layer, param, bad[0][6], math.nan, message,
                   {"affected": affected})
         ]  # fmt: skip
-
-    def _grad_norms(self, rows: list[Row]) -> list[Alert]:
-        c, new = self.config, list[Alert]()
-        finite = [r[6] for r in rows if math.isfinite(r[6])]
-        largest = max(finite, default=0.0)
-        weight_norms = {(r[2], r[4].rpartition(".")[0]): r[6] for r in rows if r[4].endswith("weight")}
-        for step, epoch, layer_id, layer, param, _stat, value in rows:
-            key = (layer_id, param)
-            history = self._norms.setdefault(key, deque(maxlen=c.explode_window))
-            if not math.isfinite(value):
-                continue
-            if c.exploding and len(history) >= c.explode_min_history:
-                median = statistics.median(history)  # of a short window: faster than np.median
-                peak = max(self._peak_median.get(key, 0.0), median)
-                self._peak_median[key] = peak
-                # the floor: a converged model's gradients are orders of magnitude below those it
-                # learned with, and one harder batch brings them back up by 10x without any danger
-                limit = max(c.explode_factor * median, c.explode_floor * peak)
-                if self._onset(R.EXPLODING, layer_id, param, median > 0 and value > limit):
-                    message = (
-                        f"exploding gradient at step {step}: [{layer_id}] {layer} ({param}) has L2 norm "
-                        f"{value:.4g}, {value / median:.3g}x the median {median:.4g} of its last "
-                        f"{len(history)} steps"
-                    )
-                    if c.explode_floor * peak > c.explode_factor * median:
-                        message += f" and {value / peak:.3g}x its largest median {peak:.4g}"
-                    new.append(Alert(R.EXPLODING, step, epoch, layer_id, layer, param, value, limit, message))
-            history.append(value)
-            if c.vanishing:
-                limit = max(c.vanish_relative * largest, c.vanish_absolute)
-                low = self._low_norm.get(key, 0) + 1 if value < limit else 0
-                self._low_norm[key] = low
-                if low == 0:
-                    self._had_gradient.add(key)
-                # a gradient that was never above the limit is zero by construction (a bias followed
-                # by BatchNorm, an attention key bias): it did not vanish, it never existed
-                vanished = low >= c.vanish_patience and key in self._had_gradient
-                if param.endswith("bias"):
-                    # a layer whose weight still learns has not vanished: a tiny bias gradient beside
-                    # it is structural (the same BatchNorm and key-bias cases, with rounding noise)
-                    weight = weight_norms.get((layer_id, param.rpartition(".")[0]))
-                    vanished = vanished and not (weight is not None and weight >= limit)
-                if self._onset(R.VANISHING, layer_id, param, vanished):
-                    message = (
-                        f"vanishing gradient at step {step}: [{layer_id}] {layer} ({param}) has L2 norm "
-                        f"{value:.3g}, below {limit:.3g} ({c.vanish_relative:g} x the step's largest norm) "
-                        f"for {low} steps"
-                    )
-                    new.append(Alert(R.VANISHING, step, epoch, layer_id, layer, param, value, limit, message))
-        return new
-
-    def _ratios(self, rows: list[Row]) -> list[Alert]:
-        c, new = self.config, list[Alert]()
-        if not c.update_ratio:
-            return new
-        weights = {(r[2], r[4].rpartition(".")[0]): r[6] for r in rows if r[4].endswith("weight")}
-        for step, epoch, layer_id, layer, param, _stat, value in rows:
-            if (
-                not math.isfinite(value)
-                or self._first_step is None
-                or step - self._first_step < c.ratio_warmup
-            ):
-                continue
-            key = (layer_id, param)
-            low = self._low_ratio.get(key, 0) + 1 if value < c.ratio_low else 0
-            self._low_ratio[key] = low
-            high = value > c.ratio_high
-            if high and param.endswith("bias"):
-                # a bias near zero (zero-initialised, as in LayerNorm and most transformers) is as small
-                # as one step, so its own ratio is large while its layer barely moves: the layer's
-                # weight decides
-                weight = weights.get((layer_id, param.rpartition(".")[0]))
-                high = weight is None or not math.isfinite(weight) or weight > c.ratio_high
-            if self._onset(R.RATIO_BAND, layer_id, param, high or low >= c.ratio_patience):
-                side = f"above {c.ratio_high:g}" if high else f"below {c.ratio_low:g} for {low} steps"
-                message = (
-                    f"update ratio out of band at step {step}: [{layer_id}] {layer} ({param}) "
-                    f"||dW||/||W|| = {value:.3g}, {side}"
-                )
-                limit = c.ratio_high if high else c.ratio_low
-                new.append(Alert(R.RATIO_BAND, step, epoch, layer_id, layer, param, value, limit, message))
-        return new
 
     def _dead(self, rows: list[Row]) -> list[Alert]:
         c, new = self.config, list[Alert]()

@@ -53,7 +53,8 @@ only after the series was healthy once more. Events are stored with these kinds:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from bbdecoder.store import vocabulary as V
 
@@ -66,6 +67,25 @@ LOSS_SPIKE = V.LOSS_SPIKE
 
 ALERT_KINDS = V.ALERT_KINDS
 """Every event kind an alert is stored under."""
+
+Row = tuple[int, int, int, str, str, str, float]
+"""``(step, epoch, layer_id, layer, param, stat, value)``, the reader's column order."""
+
+
+@dataclass
+class Alert:
+    """One alert: ``kind`` (see :data:`bbdecoder.alerts.ALERT_KINDS`), where and when, and why."""
+
+    kind: str
+    step: int | None
+    epoch: int | None
+    layer_id: int | None
+    layer: str
+    param: str
+    value: float
+    threshold: float
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

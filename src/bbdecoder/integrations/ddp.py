@@ -72,7 +72,9 @@ class NullWriter:
     def _drop(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    set_layers = set_meta = set_artifact = add_step = add_scalars = add_epoch_scalars = _drop
+    set_layers = set_meta = set_artifact = add_step = add_scalars = add_step_scalars = add_epoch_scalars = (
+        _drop
+    )
     add_histogram = add_event = flush = relabel_epoch = _drop
 
     @property

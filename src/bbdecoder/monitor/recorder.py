@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -112,10 +111,7 @@ class Recorder:
         w = self.writer
         index = np.asarray(rows, dtype=np.int64)
         if values is not None:
-            series_ids = np.repeat(self._series_ids[index], len(self.stat_ids)).tolist()
-            stats = self.stat_ids * len(index)
-            flat = values.ravel().tolist()
-            w.add_scalars(list(zip(repeat(step), repeat(epoch), series_ids, stats, flat, strict=False)))
+            w.add_step_scalars(step, epoch, self._series_ids[index], self.stat_ids, values)
             self.epochs.update(index, values)
         w.add_step(step, epoch, loss)
         if finite is None:
@@ -127,11 +123,9 @@ class Recorder:
 
     def ratios(self, step: int, epoch: int, rows: Rows, values: np.ndarray) -> None:
         """Store the update ratios ``values[i]`` of ``series[rows[i]]``, labelled with ``step``."""
-        series_ids = self._series_ids[np.asarray(rows, dtype=np.int64)].tolist()
-        flat = np.asarray(values, dtype=np.float64).tolist()
-        self.writer.add_scalars(
-            list(zip(repeat(step), repeat(epoch), series_ids, repeat(self.ratio_stat), flat, strict=False))
-        )
+        series_ids = self._series_ids[np.asarray(rows, dtype=np.int64)]
+        table = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+        self.writer.add_step_scalars(step, epoch, series_ids, [self.ratio_stat], table)
 
     def nonfinite(self, step: int, epoch: int, bad: list[Series], first: Series) -> None:
         message = (

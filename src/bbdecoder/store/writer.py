@@ -9,6 +9,8 @@ import os
 import sqlite3
 import time
 import warnings
+from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,22 @@ from bbdecoder.store.connection import connect_readwrite, db_path, foreign_messa
 from bbdecoder.store.lock import StoreLock, hint
 from bbdecoder.store.schema import APPLICATION_ID, DDL, SCHEMA_VERSION, StoreError, StoreWriteWarning
 
-__all__ = ["RunWriter", "ScalarRow", "connect", "db_path"]
+__all__ = ["RunWriter", "ScalarRow", "connect", "db_path", "table_rows"]
 
 ScalarRow = tuple[int, int, int, int, float]
 """``(step, epoch, series_id, stat_id, value)``."""
+
+
+def table_rows(
+    step: int, epoch: int, series_ids: np.ndarray, stat_ids: Sequence[int], values: np.ndarray
+) -> list[ScalarRow]:
+    """The rows of one step's table ``values[i, j]`` (statistic ``stat_ids[j]`` of series
+    ``series_ids[i]``), series by series."""
+    n, k = values.shape
+    sids = np.repeat(np.asarray(series_ids, dtype=np.int64), k).tolist()
+    flat = np.asarray(values, dtype=np.float64).ravel().tolist()
+    return list(zip(repeat(step), repeat(epoch), sids, list(stat_ids) * n, flat, strict=False))
+
 
 _ROW_BYTES = 120  # a rough size of one buffered row tuple, for the memory bound
 _ENVIRONMENT_ERRORS = (sqlite3.OperationalError, OSError)
@@ -297,6 +311,14 @@ class RunWriter:
 
     def add_scalars(self, rows: list[ScalarRow]) -> None:
         self._scalars.extend(rows)
+
+    def add_step_scalars(
+        self, step: int, epoch: int, series_ids: np.ndarray, stat_ids: Sequence[int], values: np.ndarray
+    ) -> None:
+        """Buffer one step's table: ``values`` ``(len(series_ids), len(stat_ids))``, ``values[i, j]``
+        statistic ``stat_ids[j]`` of series ``series_ids[i]``. The rows go through
+        :meth:`add_scalars` (whatever watches it sees them); the alert rules read the arrays."""
+        self.add_scalars(table_rows(step, epoch, series_ids, stat_ids, values))
 
     def add_epoch_scalars(self, rows: list[tuple[int, int, int, str, float]]) -> None:
         """Buffer an epoch's aggregates; this marks an epoch end: the flush that writes them also
