@@ -236,6 +236,32 @@ def test_deferred_host_copy_stores_exactly_what_the_immediate_one_does(tmp_path)
     )
 
 
+def test_deferred_host_copy_does_its_bookkeeping_on_the_writer_thread(tmp_path, monkeypatch) -> None:
+    """The CUDA path (run here on CPU) hands each finite step's bookkeeping to the writer thread, as
+    the CPU path does; the non-finite step (3) stays on the training thread, where its warning is
+    raised, and the last step is drained there at close. The stored rows are those of the
+    immediate copy (the test above)."""
+    import threading
+
+    from bbdecoder.store.background import ThreadedRunWriter
+
+    ran_on: list[bool] = []
+    original = ThreadedRunWriter.run_then_flush
+
+    def spy(self, job, flush=True):  # type: ignore[no-untyped-def]
+        def watched() -> None:
+            ran_on.append(threading.current_thread() is threading.main_thread())
+            job()
+
+        return original(self, watched, flush)
+
+    monkeypatch.setattr(ThreadedRunWriter, "run_then_flush", spy)
+    run, _, _ = _train_recorded(tmp_path, deferred=True)
+    assert ran_on == [False] * 4  # steps 0, 1, 2 and 4
+    assert run.steps()["step"].tolist() == list(range(6))
+    assert run.events("nonfinite_grad")["step"].tolist() == [3]
+
+
 def test_every_records_every_kth_step_and_the_update_after_it(tmp_path) -> None:
     run, before, after = _train_recorded(tmp_path, every=2)
     assert run.steps()["step"].tolist() == [0, 2, 4]

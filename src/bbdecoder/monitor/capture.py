@@ -144,24 +144,30 @@ class GradientCapture:
         return self._records(self._step)
 
     def _submit(self: Any, vector: torch.Tensor | np.ndarray, meta: _StepMeta, *, step: bool) -> None:
+        # the bookkeeping goes to the writer thread where it can, overlapping the next forward and
+        # backward; a non-finite step stays here, so its warning comes from this call
+        later = getattr(self.writer, "run_then_flush", None) if self.tensorboard is None else None
         if isinstance(vector, np.ndarray):  # a CPU step without a sync: already on the host
-            later = getattr(self.writer, "run_then_flush", None)
-            if later is not None and self.tensorboard is None and np.isfinite(vector).all():
-                # the bookkeeping on the writer thread, overlapping the next forward and backward;
-                # a non-finite step stays here, so its warning comes from this call
+            if later is not None and np.isfinite(vector).all():
                 if step:
                     self._recorded += 1
                 # the job holds the recorder, not the analyzer: a dropped analyzer is collected at once
                 job = partial(_record_vector, self.recorder, vector, meta)
                 later(job, flush=step and self._recorded % self.flush_every == 0)
                 return
-            self._wait_for_writer()  # the previous step's bookkeeping first
             ready = [(vector, meta)]
         else:
             if self.sync is not None:
                 vector = self.sync.reduce_step(vector)
             ready = self._host.submit(vector, meta)
         for host, ready_meta in ready:
+            if self._host.deferred and later is not None and np.isfinite(host).all():
+                # the previous step's vector (CUDA): its bookkeeping off the training thread, where
+                # every microsecond of Python delays the next kernel launches
+                job = partial(_record_vector, self.recorder, host, ready_meta)
+                later(job, flush=bool(ready_meta.rows) and self._recorded % self.flush_every == 0)
+                continue
+            self._wait_for_writer()  # the previous step's bookkeeping first
             self._process(host, ready_meta)
         if step:
             self._recorded += 1
