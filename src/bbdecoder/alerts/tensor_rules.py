@@ -4,8 +4,8 @@ norms, the update-ratio band (:mod:`bbdecoder.alerts.rules` says what each means
 Their state lives in arrays indexed by tensor (:class:`TensorState`) and a step's values come as
 one array (:class:`StepValues`), so a step of N tensors costs a few NumPy operations, not N rounds
 of Python: the live rules run every recorded step on the store's writer thread (on CUDA, on the
-training thread), where a loop over rows held the GIL about 3 us per tensor. A row is built only
-for an alert. The alerts, their onsets, order and messages are those of a loop over the rows in
+training thread), where a loop over the rows held the GIL about 4 us per tensor and step. A row
+is built only for an alert. The alerts, their onsets, order and messages are those of a loop over the rows in
 order (tested against one).
 """
 
@@ -60,7 +60,7 @@ class TensorState:
         extra = n - len(self.filled)
         if extra <= 0:
             return
-        extra = max(extra, len(self.filled))  # doubling: a model's tensors arrive one by one in replay
+        extra = max(extra, len(self.filled))  # doubling: the row path adds tensors one at a time
         self.window = np.vstack([self.window, np.full((extra, self.window.shape[1]), np.nan)])
         for name in self._PER_TENSOR:
             old = getattr(self, name)
