@@ -293,3 +293,73 @@ def test_a_series_without_a_parameter_name_is_not_judged_as_a_tensor(tmp_path: P
         writer.add_step_scalars(step, 0, ids, [l2], norms)
     assert [(a.kind, a.layer_id, a.step) for a in engine.alerts] == [("exploding_grad", 2, 11)]
     writer.close()
+
+
+def test_the_rules_take_turns_between_threads(tmp_path: Path) -> None:
+    """A user's ``log(loss=...)`` on the training thread and a job on the writer thread both run
+    the rules; the second waits for the first (the threaded writer's own lock), so the rules'
+    state is never updated by two threads at once."""
+    import time
+
+    from bbdecoder.store.background import ThreadedRunWriter
+
+    writer = ThreadedRunWriter(tmp_path / "run")
+    engine = AlertEngine(warn=False).attach(writer)
+    order: list[tuple[str, int]] = []
+    entered, release = threading.Event(), threading.Event()
+    judge = engine.observe_loss
+
+    def slow(step: int, epoch: int, loss: float) -> list:
+        order.append(("start", step))
+        if step == 0:
+            entered.set()
+            release.wait(10)
+        out = judge(step, epoch, loss)
+        order.append(("end", step))
+        return out
+
+    engine.observe_loss = slow  # type: ignore[method-assign]
+    first = threading.Thread(target=writer.set_loss, args=(0, 1.0))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=writer.set_loss, args=(1, 2.0))
+    second.start()
+    time.sleep(0.2)  # without the lock the second thread's rules would run now
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert order == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    writer.close()
+
+
+def test_an_alert_raised_on_the_training_thread_while_a_job_waits_does_not_deadlock(tmp_path: Path) -> None:
+    """The rules on the training thread store their alert as an event (the writer's lock) while a
+    writer-thread job (which holds that lock) waits to run the rules: with one lock for both
+    there is one order, so both finish."""
+    from bbdecoder.store.background import ThreadedRunWriter
+
+    writer = ThreadedRunWriter(tmp_path / "run")
+    engine = AlertEngine(warn=False).attach(writer)
+    for step in range(10):
+        writer.add_step(step, 0, 1.0)  # a loss history: step 10's loss is a spike
+    sid, l2 = writer.series_id(1, "m.weight"), writer.stat_id("l2")
+    entered, release = threading.Event(), threading.Event()
+    judge = engine.observe_loss
+
+    def slow(step: int, epoch: int, loss: float) -> list:
+        if step == 10:
+            entered.set()
+            release.wait(10)
+        return judge(step, epoch, loss)
+
+    engine.observe_loss = slow  # type: ignore[method-assign]
+    spike = threading.Thread(target=writer.add_step, args=(10, 0, 100.0), daemon=True)
+    spike.start()
+    assert entered.wait(10)
+    writer.run_then_flush(lambda: writer.add_step_scalars(10, 0, np.array([sid]), [l2], np.ones((1, 1))))
+    release.set()
+    spike.join(10)
+    assert not spike.is_alive(), "deadlock: the training thread's alert waits for the writer's lock"
+    writer.wait()
+    assert [a.kind for a in engine.alerts] == ["loss_spike"]
+    writer.close()

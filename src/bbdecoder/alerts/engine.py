@@ -53,6 +53,7 @@ class AlertEngine:
         self._tensors = TensorState(self.config.explode_window)  # the per-tensor rules' state
         self._state_of_series = np.full(0, -1, dtype=np.int64)  # series_id -> TensorState index
         self._active: set[tuple[str, int, str]] = set()
+        self._rules_lock = threading.RLock()
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
         self._loss_peak = 0.0
@@ -81,24 +82,29 @@ class AlertEngine:
         add_table = writer.add_step_scalars
         epochs: dict[str, int] = {"last": 0}
         in_table = threading.local()  # per thread: a user's rows on another thread are still judged
+        # the rules' state is one: the writer thread's jobs and a user's log() on the training
+        # thread take turns. A threaded writer's own lock serves (its jobs hold it already, and an
+        # alert's event takes it again), so there is one lock order and no deadlock
+        rules = getattr(writer, "_mutex", None) or self._rules_lock
 
         def scalars_then_alerts(rows: list[ScalarRow]) -> None:
             add_scalars(rows)
             if getattr(in_table, "active", False):
                 return  # a table's rows: judged from its arrays
-            judged = self._judged(writer, rows)
-            if judged:
-                self.observe(self._named(writer, judged))
+            with rules:
+                self._observe_rows(writer, rows)
 
         def step_then_alerts(step: int, epoch: int, loss: float | None) -> None:
             add_step(step, epoch, loss)
             epochs["last"] = epoch
             if loss is not None:
-                self._loss_once(step, epoch, loss)
+                with rules:
+                    self._loss_once(step, epoch, loss)
 
         def loss_then_alerts(step: int, loss: float) -> None:
             set_loss(step, loss)
-            self._loss_once(step, epochs["last"], loss)
+            with rules:
+                self._loss_once(step, epochs["last"], loss)
 
         def table_then_alerts(
             step: int, epoch: int, series_ids: np.ndarray, stat_ids: Sequence[int], values: np.ndarray
@@ -108,7 +114,8 @@ class AlertEngine:
                 add_table(step, epoch, series_ids, stat_ids, values)
             finally:
                 in_table.active = False
-            self._observe_table(writer, step, epoch, series_ids, stat_ids, values)
+            with rules:
+                self._observe_table(writer, step, epoch, series_ids, stat_ids, values)
 
         writer.add_scalars = scalars_then_alerts  # type: ignore[method-assign]
         writer.add_step_scalars = table_then_alerts  # type: ignore[method-assign]
