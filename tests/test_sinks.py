@@ -170,3 +170,44 @@ def test_cli_export_to_mlflow_and_wandb(tmp_path: Path, mlflow_uri: str, wandb_o
         assert main(["export", str(root), "--wandb", "bbdecoder-cli"]) == 0
     folder = Path(capsys.readouterr().out.split("wandb sync ")[1].strip().rstrip(")"))
     assert_same_series(read_wandb_offline(folder), want)
+
+
+def test_live_sink_feeds_take_turns_between_threads(tmp_path: Path) -> None:
+    """The writer thread's jobs and a user's ``log()`` on the training thread both feed the live
+    sink's step buffer; the second waits while the first hands a step to the sink."""
+    import threading
+    import time
+
+    from bbdecoder.sinks.live import attach_sink
+    from bbdecoder.store.background import ThreadedRunWriter
+
+    order: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowSink:
+        def log_step(self, step: int, metrics: dict[str, float], timestamp: float) -> None:
+            order.append(f"log {step} start")
+            if step == 0:
+                entered.set()
+                release.wait(10)
+            order.append(f"log {step} end")
+
+        def close(self) -> None:
+            pass
+
+    writer = ThreadedRunWriter(tmp_path / "run")
+    attach_sink(writer, SlowSink())
+    series, stat = writer.series_id(-1, "user"), writer.stat_id("val_acc")
+    writer.add_scalars([(0, 0, series, stat, 0.5)])
+    first = threading.Thread(target=writer.add_step, args=(1, 0, None))  # releases step 0
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=writer.add_scalars, args=([(1, 0, series, stat, 0.6)],))
+    second.start()
+    time.sleep(0.2)  # without the turns the second feed would change the buffer now
+    order.append("second fed" if not second.is_alive() else "second waits")
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert order[:3] == ["log 0 start", "second waits", "log 0 end"]
+    writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Protocol
@@ -44,6 +45,9 @@ def attach_sink(writer: RunWriter, sink: Sink) -> StepBuffer:
     closed when the writer is. Wraps this writer object's ``add_scalars``, ``add_step`` and ``close``."""
     buffer = StepBuffer(sink)
     add_scalars, add_step, close = writer.add_scalars, writer.add_step, writer.close
+    # the writer thread's jobs and a user's log() on the training thread both feed the buffer: they
+    # take turns on the threaded writer's own lock (its jobs hold it already: one lock order)
+    turns = getattr(writer, "_mutex", None) or threading.RLock()
     layer_names: dict[int, str] = {}
 
     def names(rows: Iterable[ScalarRow]) -> dict[int, dict[str, float]]:
@@ -60,17 +64,19 @@ def attach_sink(writer: RunWriter, sink: Sink) -> StepBuffer:
 
     def scalars(rows: list[ScalarRow]) -> None:
         add_scalars(rows)
-        by_step = names(rows)
-        for step, values in by_step.items():
-            buffer.add(step, values)
-        if by_step:
-            buffer.release_before(max(by_step))
+        with turns:
+            by_step = names(rows)
+            for step, values in by_step.items():
+                buffer.add(step, values)
+            if by_step:
+                buffer.release_before(max(by_step))
 
     def step(step: int, epoch: int, loss: float | None) -> None:
         add_step(step, epoch, loss)
-        buffer.release_before(step)
-        if loss is not None:
-            buffer.add(step, {"loss": float(loss)})
+        with turns:
+            buffer.release_before(step)
+            if loss is not None:
+                buffer.add(step, {"loss": float(loss)})
 
     def closing() -> None:
         close()
