@@ -53,7 +53,6 @@ class AlertEngine:
         self._tensors = TensorState(self.config.explode_window)  # the per-tensor rules' state
         self._state_of_series = np.full(0, -1, dtype=np.int64)  # series_id -> TensorState index
         self._active: set[tuple[str, int, str]] = set()
-        self._rules_lock = threading.RLock()
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
         self._loss_peak = 0.0
@@ -82,10 +81,8 @@ class AlertEngine:
         add_table = writer.add_step_scalars
         epochs: dict[str, int] = {"last": 0}
         in_table = threading.local()  # per thread: a user's rows on another thread are still judged
-        # the rules' state is one: the writer thread's jobs and a user's log() on the training
-        # thread take turns. A threaded writer's own lock serves (its jobs hold it already, and an
-        # alert's event takes it again), so there is one lock order and no deadlock
-        rules = getattr(writer, "_mutex", None) or self._rules_lock
+        # the rules' state is one: the writer thread's jobs and a user's log() take turns
+        rules = writer.watchers_lock
 
         def scalars_then_alerts(rows: list[ScalarRow]) -> None:
             add_scalars(rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable
 from typing import Protocol
@@ -45,9 +44,7 @@ def attach_sink(writer: RunWriter, sink: Sink) -> StepBuffer:
     closed when the writer is. Wraps this writer object's ``add_scalars``, ``add_step`` and ``close``."""
     buffer = StepBuffer(sink)
     add_scalars, add_step, close = writer.add_scalars, writer.add_step, writer.close
-    # the writer thread's jobs and a user's log() on the training thread both feed the buffer: they
-    # take turns on the threaded writer's own lock (its jobs hold it already: one lock order)
-    turns = getattr(writer, "_mutex", None) or threading.RLock()
+    turns = writer.watchers_lock  # the writer thread's jobs and a user's log() both feed the buffer
     layer_names: dict[int, str] = {}
 
     def names(rows: Iterable[ScalarRow]) -> dict[int, dict[str, float]]:

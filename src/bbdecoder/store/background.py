@@ -85,6 +85,12 @@ class ThreadedRunWriter(RunWriter):
         super().__init__(save_path, **kwargs)
         _OPEN[_key(self.path)] = self
 
+    @property
+    def watchers_lock(self) -> threading.RLock:
+        """This writer's own lock: its jobs hold it already, and an alert's event takes it again,
+        so a watcher holding it keeps one lock order (no deadlock)."""
+        return self._mutex
+
     # -- the writer thread --------------------------------------------------------------------
     def _run(self) -> None:
         while True:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sqlite3
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -83,6 +84,7 @@ class RunWriter:
     ) -> None:
         self.path = db_path(save_path)
         self.max_buffer_bytes = int(max_buffer_bytes)
+        self._watchers_lock = threading.RLock()
         self.retry_seconds = float(retry_seconds)
         self.closed = True  # until the store is open
         self._conn: Any = None
@@ -308,6 +310,13 @@ class RunWriter:
                 return
         self._loss_updates.append((float(loss), int(step)))
         self._late_losses[int(step)] = float(loss)
+
+    @property
+    def watchers_lock(self) -> threading.RLock:
+        """The lock that code wrapping this writer's methods (the alert engine, the live sinks)
+        holds while it updates its own state, so that a job on a writer thread and a call on the
+        training thread take turns."""
+        return self._watchers_lock
 
     def add_scalars(self, rows: list[ScalarRow]) -> None:
         self._scalars.extend(rows)
