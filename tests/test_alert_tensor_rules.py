@@ -356,7 +356,16 @@ def test_an_alert_raised_on_the_training_thread_while_a_job_waits_does_not_deadl
     spike = threading.Thread(target=writer.add_step, args=(10, 0, 100.0), daemon=True)
     spike.start()
     assert entered.wait(10)
-    writer.run_then_flush(lambda: writer.add_step_scalars(10, 0, np.array([sid]), [l2], np.ones((1, 1))))
+    job_started = threading.Event()
+
+    def job() -> None:  # on the writer thread, holding the writer's lock
+        job_started.set()
+        writer.add_step_scalars(10, 0, np.array([sid]), [l2], np.ones((1, 1)))
+
+    writer.run_then_flush(job)
+    # one lock: the job cannot start while the training thread's rules hold it (the wait times out);
+    # two locks: it starts at once and waits for the rules' lock while holding the writer's
+    job_started.wait(0.5)
     release.set()
     spike.join(10)
     assert not spike.is_alive(), "deadlock: the training thread's alert waits for the writer's lock"
