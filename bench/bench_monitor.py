@@ -22,7 +22,9 @@ read inside ``step()`` instead of on the writer thread during backward) and
 ``analyzer-noratios`` (``weights=False``: no update-ratio pass at all), with ``--every K``
 ``analyzer-everyK`` and ``analyzer+act-everyK`` (``every=K``: one step in K recorded, the probes
 on its forward only; each configuration then also gets the ratio of its summed step times over
-blocks of K rounds, one recorded step per block, whose median is the figure for these), and ``wandb``
+blocks of K rounds, one recorded step per block, whose median is the figure for these), with
+``--extra analyzer-flushK`` (or ``analyzer+act-flushK``) ``flush_every=K`` (one transaction and one
+writer-thread job per K steps), and ``wandb``
 (``wandb.watch(log="all", log_freq=1)`` offline, when wandb is importable).
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
@@ -207,8 +209,11 @@ class Config:
             self.analyzer = Analyzer(self.model, tmp / name, weights=False)
         elif name.startswith("analyzer"):  # "-onethread": the fused kernels on the calling thread only
             every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
+            flush_every = int(name.rsplit("-flush", 1)[1]) if "-flush" in name else 1
             act = name.startswith("analyzer+act")
-            self.analyzer = Analyzer(self.model, tmp / name, activations=act, every=every)
+            self.analyzer = Analyzer(
+                self.model, tmp / name, activations=act, every=every, flush_every=flush_every
+            )
         elif name == "wandb":
             import wandb
 

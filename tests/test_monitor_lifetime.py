@@ -193,13 +193,13 @@ def test_all_nan_epoch_still_draws_the_gradient_figures(tmp_path) -> None:
     assert len(table) == 4 and table["max_abs"].isna().all()  # every parameter there, as a marker
 
 
-def _train_recorded(path, *, every: int = 1, deferred: bool = False, steps: int = 6):
+def _train_recorded(path, *, every: int = 1, deferred: bool = False, steps: int = 6, flush_every: int = 1):
     from bbdecoder.monitor.host_copy import HostCopy
 
     torch.manual_seed(0)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    an = Analyzer(model, path, every=every)
+    an = Analyzer(model, path, every=every, flush_every=flush_every)
     if deferred:  # the CUDA path: each step's vector is read one step later
         an._host = HostCopy(deferred=True)
     before, after = [], []
@@ -260,6 +260,37 @@ def test_deferred_host_copy_does_its_bookkeeping_on_the_writer_thread(tmp_path, 
     assert ran_on == [False] * 4  # steps 0, 1, 2 and 4
     assert run.steps()["step"].tolist() == list(range(6))
     assert run.events("nonfinite_grad")["step"].tolist() == [3]
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_flush_every_wakes_the_writer_thread_once_per_flush_and_stores_the_same(
+    tmp_path, monkeypatch, deferred: bool
+) -> None:
+    """With ``flush_every=4`` the steps' bookkeeping is held on the training thread and handed to
+    the writer thread with the flush (the non-finite step 3 hands over what is held first, then is
+    recorded here); the store is the one ``flush_every=1`` writes, row for row."""
+    from bbdecoder.store.background import ThreadedRunWriter
+
+    requests: list[bool] = []  # per request to the writer thread: does it carry a job
+    original = ThreadedRunWriter._hand_over
+
+    def spy(self, job, flush, locked=True):  # type: ignore[no-untyped-def]
+        requests.append(job is not None)
+        return original(self, job, flush, locked)
+
+    monkeypatch.setattr(ThreadedRunWriter, "_hand_over", spy)
+    each, _, _ = _train_recorded(tmp_path / "each", steps=13, deferred=deferred)
+    jobs_each = sum(requests)
+    requests.clear()
+    batched, _, _ = _train_recorded(tmp_path / "batched", steps=13, flush_every=4, deferred=deferred)
+    assert jobs_each >= 11  # a job per finite step
+    assert sum(requests) <= 5  # steps 0-2 before step 3, 4-6 with 7, 8-10 with 11, 12 at close
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(each.scalars(), batched.scalars())
+    assert each.steps().drop(columns="time").equals(batched.steps().drop(columns="time"))
+    assert batched.steps()["step"].tolist() == list(range(13))
+    nonfinite = [run.events("nonfinite_grad")["step"].tolist() for run in (each, batched)]
+    assert nonfinite == [[3], [3]]
 
 
 def test_every_records_every_kth_step_and_the_update_after_it(tmp_path) -> None:

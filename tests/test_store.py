@@ -105,7 +105,7 @@ CHILD = textwrap.dedent(
     torch.set_num_threads(1)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    an = Analyzer(model, sys.argv[1], flush_every=1)
+    an = Analyzer(model, sys.argv[1], flush_every=int(sys.argv[4]))
     kill_in_flush = int(sys.argv[2])  # -1: never; else die inside the flush transaction of that step
     wait = sys.argv[3] == "wait"  # acknowledge each step after its commit (else right after recording)
     conn = an.writer._conn
@@ -148,7 +148,7 @@ def _check_complete(run, n_params: int) -> list[int]:
     return steps
 
 
-def _run_child(tmp_path, kill_in_flush: int, kill_after: int, wait: bool = True):
+def _run_child(tmp_path, kill_in_flush: int, kill_after: int, wait: bool = True, flush_every: int = 1):
     """Drive the child step by step; read the store while it waits; kill it while it waits after
     acknowledging step ``kill_after`` (or let it die inside a flush). Returns the acknowledged steps
     and the step counts the concurrent reader saw."""
@@ -156,7 +156,14 @@ def _run_child(tmp_path, kill_in_flush: int, kill_after: int, wait: bool = True)
     script.write_text(CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "run"), str(kill_in_flush), "wait" if wait else "-"],
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "run"),
+            str(kill_in_flush),
+            "wait" if wait else "-",
+            str(flush_every),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -217,6 +224,17 @@ def test_sigkill_with_the_commit_on_the_writer_thread_loses_at_most_flush_every_
     with open_run(tmp_path / "run") as run:
         assert run.integrity_check() == "ok"
         assert _check_complete(run, 4) in (acknowledged, acknowledged[:-1])
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_with_flush_every_3_loses_at_most_the_steps_since_the_flush_before_last(tmp_path):
+    # steps 0-2, 3-5, ... are flushed together (their bookkeeping held until the flush): after
+    # step 16 the flush of steps 12-14 may be in flight, the one of steps 9-11 is committed
+    acknowledged, _ = _run_child(tmp_path, kill_in_flush=-1, kill_after=16, wait=False, flush_every=3)
+    assert acknowledged == list(range(17))
+    with open_run(tmp_path / "run") as run:
+        assert run.integrity_check() == "ok"
+        assert _check_complete(run, 4) in (list(range(15)), list(range(12)))
 
 
 def test_blobs_and_arrays_round_trip(tmp_path) -> None:

@@ -211,7 +211,7 @@ def test_run_soon_queues_behind_running_work_without_waiting(tmp_path: Path) -> 
         release.wait(30)
         order.append("first")
 
-    writer.run_then_flush(first, flush=False)
+    writer.run_then_flush(first)
     writer.run_soon(lambda: order.append("second"))
     assert order == []  # returned while the first job still waits: no wait for it
     release.set()
@@ -234,3 +234,64 @@ def test_run_soon_queues_behind_running_work_without_waiting(tmp_path: Path) -> 
     here = []
     writer.run_soon(lambda: here.append(threading.current_thread()))  # closed: runs on this thread
     assert here == [threading.current_thread()]
+
+
+def test_a_job_without_a_flush_is_held_until_the_next_flush_wait_or_close(tmp_path: Path) -> None:
+    """``run_then_flush(job, flush=False)`` keeps the job on the calling thread (the writer thread
+    is not woken); the next flush hands the held jobs over first, in order, in one request; so do
+    :meth:`wait`, :meth:`flush` and :meth:`close`."""
+    writer = ThreadedRunWriter(tmp_path / "run")
+    _fill(writer, range(1))
+    writer.wait()
+    sid, mean = writer.series_id(0, "fc.weight"), writer.stat_id("mean")
+    ran: list[tuple[int, bool]] = []
+
+    def job(step: int):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            ran.append((step, threading.current_thread() is threading.main_thread()))
+            writer.add_step(step, 0, float(step))
+            writer.add_scalars([(step, 0, sid, mean, step * 0.5)])
+
+        return run
+
+    writer.run_then_flush(job(1), flush=False)
+    writer.run_then_flush(job(2), flush=False)
+    assert ran == [] and writer._outstanding == 0  # held here: nothing handed over
+    writer.run_then_flush(job(3))
+    writer.wait()
+    assert ran == [(1, False), (2, False), (3, False)]  # in order, on the writer thread
+    with open_run(tmp_path / "run") as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2, 3]  # committed by the one flush
+
+    writer.run_then_flush(job(4), flush=False)
+    writer.wait()  # runs the held job; its rows stay buffered for the next flush
+    assert ran[-1] == (4, False) and writer.pending
+    writer.run_then_flush(job(5), flush=False)
+    writer.flush()
+    writer.wait()
+    assert ran[-1] == (5, False)
+    with open_run(tmp_path / "run") as run:
+        assert run.steps()["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    writer.run_then_flush(job(6), flush=False)
+    writer.close()
+    with open_run(tmp_path / "run") as run:
+        assert run.steps()["step"].tolist() == list(range(7))
+        sc = run.scalars()
+        assert sc[sc.stat == "mean"].set_index("step")["value"].to_dict() == {s: s * 0.5 for s in range(7)}
+
+
+def test_held_jobs_survive_an_error_of_the_writer_thread(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path / "run")
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a job")
+
+    writer.run_then_flush(broken)
+    writer.run_then_flush(lambda: ran.append("held"), flush=False)
+    with pytest.raises(RuntimeError, match="a bug in a job"):
+        writer.run_then_flush(lambda: ran.append("next"))
+    assert ran == []  # raised before anything was handed over: the held job is still held
+    writer.wait()
+    assert ran == ["held"]
+    writer.close()

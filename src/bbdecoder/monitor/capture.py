@@ -114,8 +114,12 @@ class GradientCapture:
         assert stats is not None
         extra = [row for source in self._row_sources for row in source.rows(step, epoch)]
         if extra:
-            self._wait_for_writer()  # the alert rules see the previous step's rows first
-            self.writer.add_scalars(extra)
+            later = self._later()
+            if later is not None:  # held, in order: after the previous step's job, before this one's
+                later(partial(self.writer.add_scalars, extra), flush=False)
+            else:
+                self._wait_for_writer()  # the alert rules see the previous step's rows first
+                self.writer.add_scalars(extra)
         parts.insert(0, stats.reshape(-1))
         if loss is not None:
             parts.append(np.array([float(loss)]) if on_host else loss.reshape(1).double().to(stats.device))
@@ -146,7 +150,7 @@ class GradientCapture:
     def _submit(self: Any, vector: torch.Tensor | np.ndarray, meta: _StepMeta, *, step: bool) -> None:
         # the bookkeeping goes to the writer thread where it can, overlapping the next forward and
         # backward; a non-finite step stays here, so its warning comes from this call
-        later = getattr(self.writer, "run_then_flush", None) if self.tensorboard is None else None
+        later = self._later()
         if isinstance(vector, np.ndarray):  # a CPU step without a sync: already on the host
             if later is not None and np.isfinite(vector).all():
                 if step:
@@ -173,6 +177,10 @@ class GradientCapture:
             self._recorded += 1
             if self._recorded % self.flush_every == 0 and not self._host.in_flight:
                 self.writer.flush()
+
+    def _later(self: Any) -> Callable[..., None] | None:
+        """The threaded writer's ``run_then_flush``, where the bookkeeping may leave this thread."""
+        return getattr(self.writer, "run_then_flush", None) if self.tensorboard is None else None
 
     def _drain(self: Any) -> None:
         """Every recorded step in the recorder: the writer thread's jobs, the deferred host copy."""

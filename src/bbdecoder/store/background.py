@@ -16,8 +16,9 @@ promises of :class:`RunWriter` stay:
 - :meth:`run_then_flush` hands the writer thread a job before a flush (the analyzer's bookkeeping
   of one CPU step: rows, epoch aggregates, alert rules), on the same terms: it waits for the
   previous job and flush, so a step's work overlaps the next forward and backward pass and
-  nothing piles up. Warnings a job raises (:meth:`warn`) are raised on the training thread by its
-  next call, like the store's own.
+  nothing piles up. A job without a flush (``flush_every`` > 1) is held on the training thread
+  and handed over with the next flush, so the writer thread wakes once per flush. Warnings a job
+  raises (:meth:`warn`) are raised on the training thread by its next call, like the store's own.
 - :meth:`run_soon` queues a job that does not touch the store (the update ratios measured after
   ``optimizer.step()``) behind the work already handed over, without waiting; :meth:`wait` waits
   for it too. At most two requests are outstanding.
@@ -82,6 +83,7 @@ class ThreadedRunWriter(RunWriter):
         self._error: BaseException | None = None
         self._deferred: list[tuple[str, type[Warning]]] = []
         self._close_here = False
+        self._held: list[Callable[[], None]] = []  # jobs run_then_flush keeps for the next hand-over
         super().__init__(save_path, **kwargs)
         _OPEN[_key(self.path)] = self
 
@@ -114,6 +116,10 @@ class ThreadedRunWriter(RunWriter):
                         self._idle.set()
             if self._close_here:  # close() was called on this thread: finish it now the job is done
                 with self._mutex:
+                    held, self._held = self._held, []
+                    for job in held:  # its analyzer was dropped: nothing will hand them over now
+                        with contextlib.suppress(Exception):  # no training thread left to raise it on
+                            job()
                     RunWriter.close(self)
                 _OPEN.pop(_key(self.path), None)
                 return
@@ -145,36 +151,52 @@ class ThreadedRunWriter(RunWriter):
         if self._on_writer_thread():
             return  # a job's own calls: the thread is busy with that job
         if os.getpid() == self._pid:
+            if self._held and not self.closed:
+                self._hand_over_after_held(None, False)
             self._idle.wait()
         self._surface()
 
+    def _hand_over_after_held(self, job: Callable[[], None] | None, flush: bool) -> None:
+        """Hand over the held jobs, then ``job``, then a flush if ``flush``: one request."""
+        jobs, self._held = [*self._held, *([job] if job is not None else [])], []
+        self._hand_over(_in_turn(jobs) if jobs else None, flush)
+
     # -- the training thread ------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until every flush handed to the writer thread is committed (or failed: then its
-        warning or error is raised here)."""
+        """Block until every job and flush handed to the writer thread is done, the held jobs of
+        :meth:`run_then_flush` included (a flush that failed: its warning or error is raised here)."""
         self._wait_idle()
 
     def flush(self) -> None:
-        """Hand the buffered rows to the writer thread (one transaction) and return; waits only
-        while the previous flush is still being written."""
-        self._wait_idle()
+        """Hand the buffered rows to the writer thread (one transaction, after the held jobs) and
+        return; waits only while the previous flush is still being written."""
         if self.closed or os.getpid() != self._pid:
+            self._wait_idle()
             return
-        self._hand_over(None, True)
+        self._idle.wait()
+        self._surface()  # an error of the writer thread: the held jobs stay for the next call
+        self._hand_over_after_held(None, True)
 
     def run_then_flush(self, job: Callable[[], None], flush: bool = True) -> None:
-        """Run ``job`` on the writer thread, then flush (``flush=False``: its rows stay buffered
-        for a later flush); returns at once, after waiting for the previous job or flush. A job
-        must only call this writer (and what it owns) and :meth:`warn`; its exception is raised
-        by the training thread's next call. In a forked child or on a closed writer the job runs
-        here."""
-        self._wait_idle()
+        """Run ``job`` on the writer thread, then flush; returns at once, after waiting for the
+        previous job or flush. With ``flush=False`` the job is held here, without a wait, and
+        handed over with the next flush (or :meth:`wait`, or any call that waits for the writer
+        thread): with ``flush_every=k`` the writer thread wakes once for k steps, and its Python
+        runs from warm caches after the first step's. A job must only call this writer (and what
+        it owns) and :meth:`warn`; its exception is raised by the training thread's next call. In
+        a forked child or on a closed writer the job runs here."""
         if self.closed or os.getpid() != self._pid:
+            self._wait_idle()
             job()
             if flush:
                 self.flush()
             return
-        self._hand_over(job, flush)
+        if not flush:
+            self._held.append(job)
+            return
+        self._idle.wait()
+        self._surface()  # an error of the writer thread: the held jobs stay for the next call
+        self._hand_over_after_held(job, True)
 
     def run_soon(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the writer thread after the work already handed over, and return at once
@@ -302,3 +324,15 @@ class ThreadedRunWriter(RunWriter):
     def failing(self) -> bool:
         with self._mutex:
             return super().failing
+
+
+def _in_turn(jobs: list[Callable[[], None]]) -> Callable[[], None]:
+    """One job running ``jobs`` in order (a single job as it is)."""
+    if len(jobs) == 1:
+        return jobs[0]
+
+    def run() -> None:
+        for job in jobs:
+            job()
+
+    return run
