@@ -287,11 +287,12 @@ def test_held_jobs_survive_an_error_of_the_writer_thread(tmp_path: Path) -> None
     def broken() -> None:
         raise RuntimeError("a bug in a job")
 
-    writer.run_then_flush(broken)
-    writer.run_then_flush(lambda: ran.append("held"), flush=False)
-    with pytest.raises(RuntimeError, match="a bug in a job"):
-        writer.run_then_flush(lambda: ran.append("next"))
-    assert ran == []  # raised before anything was handed over: the held job is still held
-    writer.wait()
-    assert ran == ["held"]
+    for flush in (False, True):
+        ran.clear()
+        writer.run_then_flush(broken)
+        with pytest.raises(RuntimeError, match="a bug in a job"):
+            writer.run_then_flush(lambda: ran.append("the step after"), flush=flush)
+        assert ran == []  # raised before it was handed over: the job is held
+        writer.wait()
+        assert ran == ["the step after"]
     writer.close()

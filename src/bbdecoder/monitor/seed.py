@@ -40,7 +40,9 @@ class Analyzer(TorchMonitor):
         quantiles: weight quantiles recorded per epoch (numbers in [0, 1]).
         scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients.
         flush_every: write to the store every this many recorded steps (1: a crash loses at most
-            the last step).
+            the last step). Above 1 the steps' bookkeeping (rows, epoch aggregates, alert rules)
+            also waits for the flush and runs on the writer thread in one go: cheaper where no
+            core is spare, the alerts up to this many steps later.
         every: record statistics on the steps whose number is a multiple of this (1: every step;
             a resumed run keeps the grid). Steps in between are counted (step numbers stay those
             of the optimizer steps) but not stored; an epoch of such steps alone still ends with

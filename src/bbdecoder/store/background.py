@@ -179,24 +179,27 @@ class ThreadedRunWriter(RunWriter):
 
     def run_then_flush(self, job: Callable[[], None], flush: bool = True) -> None:
         """Run ``job`` on the writer thread, then flush; returns at once, after waiting for the
-        previous job or flush. With ``flush=False`` the job is held here, without a wait, and
-        handed over with the next flush (or :meth:`wait`, or any call that waits for the writer
-        thread): with ``flush_every=k`` the writer thread wakes once for k steps, and its Python
-        runs from warm caches after the first step's. A job must only call this writer (and what
-        it owns) and :meth:`warn`; its exception is raised by the training thread's next call. In
-        a forked child or on a closed writer the job runs here."""
+        previous job or flush. With ``flush=False`` the job is held here and handed over with the
+        next flush (or :meth:`wait`, or any call that waits for the writer thread); only the first
+        one after a flush waits, for that flush to commit. So with ``flush_every=k`` the writer
+        thread wakes once for k steps, its Python runs from warm caches after the first step's,
+        and a kill still loses at most k steps. A job must only call this writer (and what it
+        owns) and :meth:`warn`; its exception is raised by the training thread's next call (a job
+        whose call raises it stays held). In a forked child or on a closed writer the job runs
+        here."""
         if self.closed or os.getpid() != self._pid:
             self._wait_idle()
             job()
             if flush:
                 self.flush()
             return
-        if not flush:
-            self._held.append(job)
-            return
-        self._idle.wait()
-        self._surface()  # an error of the writer thread: the held jobs stay for the next call
-        self._hand_over_after_held(job, True)
+        first = not self._held
+        self._held.append(job)  # an error raised below leaves it held, for the next hand-over
+        if flush or first:  # the first job after a flush waits for that flush to commit, so a
+            self._idle.wait()  # kill still loses at most flush_every steps
+            self._surface()
+        if flush:
+            self._hand_over_after_held(None, True)
 
     def run_soon(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the writer thread after the work already handed over, and return at once
