@@ -271,11 +271,11 @@ def test_flush_every_wakes_the_writer_thread_once_per_flush_and_stores_the_same(
     recorded here); the store is the one ``flush_every=1`` writes, row for row."""
     from bbdecoder.store.background import ThreadedRunWriter
 
-    requests: list[bool] = []  # per request to the writer thread: does it carry a job
+    requests: list[bool] = []  # per request to the writer thread: does it carry bookkeeping
     original = ThreadedRunWriter._hand_over
 
     def spy(self, job, flush, locked=True):  # type: ignore[no-untyped-def]
-        requests.append(job is not None)
+        requests.append(job is not None and locked)  # not a ratio pass (run_soon: unlocked)
         return original(self, job, flush, locked)
 
     monkeypatch.setattr(ThreadedRunWriter, "_hand_over", spy)

@@ -122,4 +122,6 @@ def test_an_error_of_a_job_is_raised_by_the_next_call(tmp_path: Path, monkeypatc
     with pytest.raises(RuntimeError, match="recorder failed"):
         analyzer.step()
     analyzer.close()
-    assert list(open_run(tmp_path).steps().step) == [0]  # step 0 was committed before the failure
+    # step 0 was committed before the failure; step 2, whose step() raised it, was kept and
+    # written at close; step 1 is the one that failed
+    assert list(open_run(tmp_path).steps().step) == [0, 2]

@@ -211,6 +211,66 @@ def test_the_pass_needs_a_core_torch_leaves_free(tmp_path: Path, monkeypatch: py
     _assert_oracle(_ratios(tmp_path / "run"), seen)
 
 
+def test_taking_the_pass_leaves_the_held_bookkeeping_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``flush_every=3`` the steps' bookkeeping waits for the flush; ``step()`` waits for the
+    ratio pass alone, so it hands nothing over: one bookkeeping request per three steps."""
+    from bbdecoder.store.background import ThreadedRunWriter
+
+    bookkeeping: list[int] = []
+    original = ThreadedRunWriter._hand_over
+
+    def spy(self, job, flush, locked=True):  # type: ignore[no-untyped-def]
+        if job is not None and locked:  # not a ratio pass (run_soon: unlocked)
+            bookkeeping.append(1)
+        return original(self, job, flush, locked)
+
+    monkeypatch.setattr(ThreadedRunWriter, "_hand_over", spy)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    analyzer = Analyzer(model, tmp_path / "run", flush_every=3)
+    seen = []
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+        analyzer.step()
+        opt.step()
+    assert len(bookkeeping) == 2  # steps 0-2 and 3-5, each with its flush
+    seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    analyzer.close()
+    assert analyzer._prefetch is not None and analyzer._prefetch.used == STEPS  # the last at close
+    _assert_oracle(_ratios(tmp_path / "run"), seen)
+
+
+def test_an_error_of_the_pass_is_raised_by_the_next_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bbdecoder.monitor.weights import UpdateRatios
+
+    def broken(self, current):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the pass failed")
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    analyzer = Analyzer(model, tmp_path / "run")
+    monkeypatch.setattr(UpdateRatios, "measure_aside", broken)
+    for step in range(2):
+        x, y = _data(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 0:
+            analyzer.step()
+            opt.step()  # starts the pass, which fails on the writer thread
+        else:
+            with pytest.raises(RuntimeError, match="the pass failed"):
+                analyzer.step()
+    monkeypatch.undo()
+    analyzer.close()
+
+
 class _TiedWithToken(nn.Module):
     """A container-owned parameter (ViT's ``cls_token``) and tied embedding/output weights."""
 

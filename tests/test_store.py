@@ -106,10 +106,19 @@ CHILD = textwrap.dedent(
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     an = Analyzer(model, sys.argv[1], flush_every=int(sys.argv[4]))
+    if an.flush_every > 1:  # the ratios measured in step(): the ratio pass waits for the writer
+        an._prefetch = None  # thread, which would hide whether a held step waits for the flush
     kill_in_flush = int(sys.argv[2])  # -1: never; else die inside the flush transaction of that step
     wait = sys.argv[3] == "wait"  # acknowledge each step after its commit (else right after recording)
     conn = an.writer._conn
     calls = []
+    slow_flush = int(sys.argv[5])  # -1: never; else the flush handed over at that step stalls 0.5 s
+
+    def stall():
+        if calls.append(1) is None and len(calls) == 1:
+            import time
+            time.sleep(0.5)
+        return 0
 
     def inside_flush():  # called every 20 SQLite instructions of the step's flush, its only statements
         calls.append(1)
@@ -121,6 +130,8 @@ CHILD = textwrap.dedent(
     while True:
         if step == kill_in_flush:
             conn.set_progress_handler(inside_flush, 20)
+        if step == slow_flush:
+            conn.set_progress_handler(stall, 20)
         x = torch.randn(16, 8)
         loss = F.cross_entropy(an.forward_propagation(x), torch.randint(0, 4, (16,)))
         opt.zero_grad()
@@ -148,7 +159,14 @@ def _check_complete(run, n_params: int) -> list[int]:
     return steps
 
 
-def _run_child(tmp_path, kill_in_flush: int, kill_after: int, wait: bool = True, flush_every: int = 1):
+def _run_child(
+    tmp_path,
+    kill_in_flush: int,
+    kill_after: int,
+    wait: bool = True,
+    flush_every: int = 1,
+    slow_flush: int = -1,
+):
     """Drive the child step by step; read the store while it waits; kill it while it waits after
     acknowledging step ``kill_after`` (or let it die inside a flush). Returns the acknowledged steps
     and the step counts the concurrent reader saw."""
@@ -163,6 +181,7 @@ def _run_child(tmp_path, kill_in_flush: int, kill_after: int, wait: bool = True,
             str(kill_in_flush),
             "wait" if wait else "-",
             str(flush_every),
+            str(slow_flush),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -228,9 +247,11 @@ def test_sigkill_with_the_commit_on_the_writer_thread_loses_at_most_flush_every_
 
 @pytest.mark.timeout(180)
 def test_sigkill_with_flush_every_3_loses_at_most_the_steps_since_the_last_flush(tmp_path):
-    # steps 0-2, 3-5, ... are flushed together (their bookkeeping held until the flush); step 15,
-    # the first one held after the flush of steps 12-14, waited for that flush to commit
-    acknowledged, _ = _run_child(tmp_path, kill_in_flush=-1, kill_after=16, wait=False, flush_every=3)
+    # steps 0-2, 3-5, ... are flushed together (their bookkeeping held until the flush); the flush
+    # of steps 12-14 stalls, and step 15, the first one held after it, waits for it to commit
+    acknowledged, _ = _run_child(
+        tmp_path, kill_in_flush=-1, kill_after=16, wait=False, flush_every=3, slow_flush=14
+    )
     assert acknowledged == list(range(17))
     with open_run(tmp_path / "run") as run:
         assert run.integrity_check() == "ok"

@@ -31,6 +31,7 @@ made while the pass runs, it is measured at whatever point the pass read it.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from functools import partial
 from typing import Any
@@ -59,11 +60,30 @@ class _Pending:
     def __init__(self, versions: list[int]) -> None:
         self.versions = versions
         self.result: Measured | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
         self.stale = False  # another optimizer step moved weights after the pass started
+
+    def wait(self, writer: Any) -> Measured | None:
+        """The pass's result once it has run (its error raised here); ``None`` if the writer thread
+        ended without running it. Waits for this pass alone: the jobs ``run_then_flush`` holds
+        stay held."""
+        while not self.done.wait(0.5):
+            thread = getattr(writer, "_thread", None)
+            if thread is None or not thread.is_alive():
+                return None
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def _measure(ratios: UpdateRatios, tensors: list[torch.Tensor], pending: _Pending) -> None:
-    pending.result = ratios.measure_aside(tensors)
+    try:
+        pending.result = ratios.measure_aside(tensors)
+    except BaseException as err:  # raised by the next step(), which waits for this pass
+        pending.error = err
+    finally:
+        pending.done.set()
 
 
 def _after_optimizer_step(ref: weakref.ReferenceType[RatioPrefetch], optimizer: Any, *_: Any) -> None:
@@ -125,8 +145,7 @@ class RatioPrefetch:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        analyzer.writer.wait()  # the pass is over (its error, if any, is raised here)
-        result = pending.result
+        result = pending.wait(analyzer.writer)  # the pass is over (its error, if any, is raised here)
         if result is None or pending.stale or [t._version for t in tensors] != pending.versions:
             return None
         if not result.plan.fits(tensors):
@@ -136,9 +155,9 @@ class RatioPrefetch:
 
     def settle(self, analyzer: Any) -> None:
         """Wait for a pass in flight and drop it (before the tracker is used here)."""
-        if self._pending is not None:
-            self._pending = None
-            analyzer.writer.wait()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait(analyzer.writer)
 
     def drop(self) -> None:
         """Forget a pass without waiting (at close, once the writer thread has been waited for)."""
