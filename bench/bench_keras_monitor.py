@@ -9,9 +9,10 @@ host passes in the step, one after the other (``-inline``: the ratio pass after 
 no core is spare, not beside them on the callback's host worker; the probes' kernel in the step where
 a core is spare, not on the host worker); with ``--tfops`` also both with the statistics and ratios in TF
 ops instead of the host kernels (``-tfops``); with ``--every K`` also
-both with ``every=K`` (``-everyK``: the statistics and ratios of one step in K). Then every
-configuration's step time is the mean over the measured batches, not the median, which would
-leave out the recorded steps.
+both with ``every=K`` (``-everyK``: the statistics and ratios of one step in K), with ``--flush K``
+also both with ``flush_every=K`` (``-flushK``: one store transaction and one writer-thread job per K
+steps). With either, every configuration's step time is the mean over the measured batches, not
+the median, which would leave out the recorded (or flushed) steps.
 
 Each round runs one ``fit`` epoch of ``--batches`` batches per configuration (the order rotated
 between rounds); a timing callback first in the list stamps each batch's begin, one last in the list
@@ -117,11 +118,15 @@ def _variant(name: str) -> Iterator[None]:
 
 
 def _callback(path: Path, name: str) -> Any:
-    """The ``MonitorCallback`` of configuration ``name`` (``callback[+act][-inline|-tfops|-everyK]``)."""
+    """The ``MonitorCallback`` of configuration ``name``
+    (``callback[+act][-inline|-tfops|-everyK|-flushK]``)."""
     from bbdecoder.keras.monitor import MonitorCallback
 
     every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
-    return MonitorCallback(path, activations=name.startswith("callback+act"), every=every)
+    flush_every = int(name.rsplit("-flush", 1)[1]) if "-flush" in name else 1
+    return MonitorCallback(
+        path, activations=name.startswith("callback+act"), every=every, flush_every=flush_every
+    )
 
 
 def _step_time(times: list[float], every: int) -> float:
@@ -208,7 +213,7 @@ def measure_blocks(rounds: int, block: int, names: list[str], every: int = 1) ->
     return _summary(per_round, names, load_before, f"blocks of {block} steps")
 
 
-def _names(ablation: bool, every: int = 1, tfops: bool = False) -> list[str]:
+def _names(ablation: bool, every: int = 1, tfops: bool = False, flush: int = 1) -> list[str]:
     names = ["plain", "callback", "callback+act"]
     if ablation:
         names += ["callback-inline", "callback+act-inline"]
@@ -216,6 +221,8 @@ def _names(ablation: bool, every: int = 1, tfops: bool = False) -> list[str]:
         names += ["callback-tfops", "callback+act-tfops"]
     if every > 1:
         names += [f"callback-every{every}", f"callback+act-every{every}"]
+    if flush > 1:
+        names += [f"callback-flush{flush}", f"callback+act-flush{flush}"]
     return names
 
 
@@ -261,9 +268,11 @@ def main() -> None:
     parser.add_argument("--block-rounds", type=int, default=0, help="rounds of --block steps (0: none)")
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--every", type=int, default=1, help="also the callback with every=K (-everyK)")
+    parser.add_argument("--flush", type=int, default=1, help="also the callback with flush_every=K (-flushK)")
     args = parser.parse_args()
     _set_threads(args.threads)
-    names = _names(args.ablation, args.every, args.tfops)
+    names = _names(args.ablation, args.every, args.tfops, args.flush)
+    spread = max(args.every, args.flush)  # above 1: a step's time is the mean over the batches
     from common import environment, save_results
 
     result = {
@@ -271,13 +280,14 @@ def main() -> None:
         "rounds": args.rounds,
         "batches": args.batches,
         "every": args.every,
-        "per_round_step": "mean" if args.every > 1 else "median",
+        "flush": args.flush,
+        "per_round_step": "mean" if spread > 1 else "median",
     }
     if args.rounds:
-        result["keras_mnist"] = measure(args.rounds, args.batches, names, args.every)
+        result["keras_mnist"] = measure(args.rounds, args.batches, names, spread)
     if args.block_rounds:
         result["block_rounds"], result["block"] = args.block_rounds, args.block
-        blocks = measure_blocks(args.block_rounds, args.block, names, args.every)
+        blocks = measure_blocks(args.block_rounds, args.block, names, spread)
         result["keras_mnist_blocks"] = blocks
     path = save_results(f"keras_monitor_t{args.threads}{args.tag}", result)
     print(f"wrote {path}")
