@@ -296,3 +296,19 @@ def test_held_jobs_survive_an_error_of_the_writer_thread(tmp_path: Path) -> None
         writer.wait()
         assert ran == ["the step after"]
     writer.close()
+
+
+def test_a_held_job_that_fails_does_not_stop_the_ones_after_it(tmp_path: Path) -> None:
+    writer = ThreadedRunWriter(tmp_path / "run")
+    ran: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("step 1's bookkeeping failed")
+
+    writer.run_then_flush(lambda: ran.append(0), flush=False)
+    writer.run_then_flush(broken, flush=False)
+    writer.run_then_flush(lambda: ran.append(2))
+    with pytest.raises(RuntimeError, match="step 1's bookkeeping failed"):
+        writer.wait()
+    assert ran == [0, 2]
+    writer.close()

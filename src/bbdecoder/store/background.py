@@ -330,12 +330,19 @@ class ThreadedRunWriter(RunWriter):
 
 
 def _in_turn(jobs: list[Callable[[], None]]) -> Callable[[], None]:
-    """One job running ``jobs`` in order (a single job as it is)."""
+    """One job running ``jobs`` in order (a single job as it is); a job that raises does not stop
+    the ones after it (each is a step of its own), and the first error is raised at the end."""
     if len(jobs) == 1:
         return jobs[0]
 
     def run() -> None:
+        first: BaseException | None = None
         for job in jobs:
-            job()
+            try:
+                job()
+            except Exception as err:
+                first = first or err
+        if first is not None:
+            raise first
 
     return run
