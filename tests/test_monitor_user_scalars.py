@@ -193,3 +193,51 @@ def test_the_report_shows_the_loss_and_the_logged_values(tmp_path: Path) -> None
     assert "Logged values and learning rates" in page
     for title in ("lr per step", "val_acc per step", "loss per step", "values per epoch", "val_top5"):
         assert title in page, title
+
+
+class _KeptSteps:
+    """A live sink that keeps what it is handed, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, float]]] = []
+
+    def log_step(self, step: int, metrics: dict[str, float], timestamp: float) -> None:
+        self.steps.append((step, dict(metrics)))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("flush_every", [1, 4])
+def test_logged_values_reach_a_live_sink_after_the_held_steps(tmp_path: Path, flush_every: int) -> None:
+    """With ``flush_every=4`` the steps' tables are held until the flush; a ``log()`` after each
+    step and the learning rates still reach a live sink after the steps before them: in ascending
+    order (the ``Sink`` promise; W&B ignores a step that comes after a later one), every step with
+    its gradient statistics, update ratios, learning rate and logged value. (A step can come in
+    two parts, its update ratios measured a step later: W&B merges a repeated step.)"""
+    from bbdecoder.sinks.live import attach_sink
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = _KeptSteps()
+    with Analyzer(model, tmp_path, alerts=False, flush_every=flush_every).attach(opt) as analyzer:
+        attach_sink(analyzer.writer, sink)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(10):
+            loss = model(torch.randn(8, 3, generator=generator)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            analyzer.log(val=float(step), loss=loss)
+    order = [s for s, _ in sink.steps]
+    assert order == sorted(order) and set(order) == set(range(10))
+    merged: dict[int, dict[str, float]] = {}
+    for step, metrics in sink.steps:
+        merged.setdefault(step, {}).update(metrics)
+    for step, metrics in merged.items():
+        assert metrics["val/model"] == step
+        assert metrics["lr/model"] == pytest.approx(0.1)
+        expected = {"loss/model", "grad_l2/0.weight", "grad_l2/2.bias", "update_ratio/0.weight"}
+        assert expected <= set(metrics), step
+    stored = open_run(tmp_path).scalars()
+    assert sorted(stored[stored.stat == "val"].step) == list(range(10))

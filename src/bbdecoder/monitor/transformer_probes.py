@@ -27,6 +27,7 @@ and only those of the steps the analyzer records (``every=``); several forwards 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from bbdecoder.monitor.transformer_stats import (
     padding_keep,
     transformer_blocks,
 )
+from bbdecoder.store.background import after_held_steps
 from bbdecoder.store.vocabulary import MODEL_LAYER_ID, TRANSFORMER_STATS
 
 PROBE_STATS: tuple[str, ...] = TRANSFORMER_STATS
@@ -268,7 +270,7 @@ class TransformerProbes:
             (step, epoch, self._writer.series_id(MODEL_LAYER_ID, param), self._writer.stat_id(stat), float(v))
             for (param, stat), v in zip(keys, values.tolist(), strict=True)
         ]
-        self._writer.add_scalars(rows)
+        after_held_steps(self._writer, partial(self._writer.add_scalars, rows))  # after held steps
         self._pending = {}
 
     def close(self) -> None:

@@ -17,11 +17,14 @@ Where they are stored (read them with ``open_run(path).scalars()`` / ``.epoch_sc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from bbdecoder.store.background import after_held_steps
 from bbdecoder.store.vocabulary import AGG_VALUE, OPTIMIZER_PARAM, USER_LAYER_ID, USER_PARAM
 
 __all__ = [
@@ -110,13 +113,11 @@ class UserLogMixin:
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise TypeError(f"log(step=...) takes a step number >= 0, got {step!r}")
         at = step if step is not None else (self._step - 1 if self._step > self._first_step else self._step)
-        self.writer.add_scalars(
-            [(at, self._epoch, series, self.writer.stat_id(name), v) for name, v in values]
-        )
-        if "loss" in scalars:
-            set_loss = getattr(self.writer, "set_loss", None)  # the non-writing ranks' writer has none
-            if set_loss is not None:
-                set_loss(at, dict(values)["loss"])
+        writer = self.writer
+        rows = [(at, self._epoch, series, writer.stat_id(name), v) for name, v in values]
+        set_loss = getattr(writer, "set_loss", None) if "loss" in scalars else None  # non-writing ranks: none
+        loss = dict(values).get("loss")
+        after_held_steps(writer, partial(_add_user_rows, writer, rows, set_loss, at, loss))
         # per-step values are written with the next step's flush (and by close)
 
     def _log_learning_rates(self: Any) -> None:
@@ -124,6 +125,13 @@ class UserLogMixin:
         if rates:
             series = self.writer.series_id(USER_LAYER_ID, OPTIMIZER_PARAM)
             step = self._step - 1
-            self.writer.add_scalars(
-                [(step, self._epoch, series, self.writer.stat_id(n), v) for n, v in rates]
-            )
+            rows = [(step, self._epoch, series, self.writer.stat_id(n), v) for n, v in rates]
+            after_held_steps(self.writer, partial(self.writer.add_scalars, rows))
+
+
+def _add_user_rows(
+    writer: Any, rows: list[Any], set_loss: Callable[[int, float], None] | None, step: int, loss: float | None
+) -> None:
+    writer.add_scalars(rows)
+    if set_loss is not None and loss is not None:
+        set_loss(step, loss)

@@ -19,6 +19,7 @@ promises of :class:`RunWriter` stay:
   nothing piles up. A job without a flush (``flush_every`` > 1) is held on the training thread
   and handed over with the next flush, so the writer thread wakes once per flush. Warnings a job
   raises (:meth:`warn`) are raised on the training thread by its next call, like the store's own.
+  :meth:`after_held` puts a job of the training thread (a user's ``log()``) behind the held jobs.
 - :meth:`run_soon` queues a job that does not touch the store (the update ratios measured after
   ``optimizer.step()``) behind the work already handed over, without waiting; :meth:`wait` waits
   for it too. At most two requests are outstanding.
@@ -46,7 +47,7 @@ import numpy as np
 from bbdecoder.store.schema import StoreWriteWarning
 from bbdecoder.store.writer import RunWriter, ScalarRow
 
-__all__ = ["ThreadedRunWriter", "wait_for_writer"]
+__all__ = ["ThreadedRunWriter", "after_held_steps", "wait_for_writer"]
 
 _Request = tuple[Callable[[], None] | None, bool, bool]
 
@@ -61,11 +62,25 @@ def _key(path: Path) -> str:
 def wait_for_writer(path: Path) -> None:
     """Wait until an open :class:`ThreadedRunWriter` of this process on the store file ``path`` has
     committed every flush handed to it, so that a reader in the same process (figures drawn during
-    training, the report) sees what was recorded. Its warnings and errors stay for the writer's own
-    caller."""
+    training, the report) sees what was recorded; called on the thread that holds steps for a later
+    flush (``flush_every`` > 1, ``"auto"``), it hands them over with a flush first. Its warnings and
+    errors stay for the writer's own caller."""
     writer = _OPEN.get(_key(path))
     if writer is not None and os.getpid() == writer._pid:
+        writer._commit_held_here()
         writer._idle.wait()
+
+
+def after_held_steps(writer: Any, job: Callable[[], None]) -> None:
+    """Run ``job`` (rows for the store) after the steps' bookkeeping that ``writer`` holds, where it
+    is a :class:`ThreadedRunWriter` (:meth:`ThreadedRunWriter.after_held`); at once with any other
+    writer. Rows added from the training thread so reach the alert rules and live sinks in step
+    order, whatever ``flush_every``."""
+    after_held = getattr(writer, "after_held", None)
+    if after_held is None:
+        job()
+    else:
+        after_held(job)
 
 
 class ThreadedRunWriter(RunWriter):
@@ -84,6 +99,7 @@ class ThreadedRunWriter(RunWriter):
         self._deferred: list[tuple[str, type[Warning]]] = []
         self._close_here = False
         self._held: list[Callable[[], None]] = []  # jobs run_then_flush keeps for the next hand-over
+        self._held_by: int | None = None  # the thread that holds them (the training thread)
         super().__init__(save_path, **kwargs)
         _OPEN[_key(self.path)] = self
 
@@ -151,8 +167,8 @@ class ThreadedRunWriter(RunWriter):
         if self._on_writer_thread():
             return  # a job's own calls: the thread is busy with that job
         if os.getpid() == self._pid:
-            if self._held and not self.closed:
-                self._hand_over_after_held(None, False)
+            if self._held and not self.closed:  # committed too: wait() promises the store has them
+                self._hand_over_after_held(None, True)
             self._idle.wait()
         self._surface()
 
@@ -164,7 +180,8 @@ class ThreadedRunWriter(RunWriter):
     # -- the training thread ------------------------------------------------------------------
     def wait(self) -> None:
         """Block until every job and flush handed to the writer thread is done, the held jobs of
-        :meth:`run_then_flush` included (a flush that failed: its warning or error is raised here)."""
+        :meth:`run_then_flush` included and committed with a flush (a flush that failed: its
+        warning or error is raised here)."""
         self._wait_idle()
 
     def flush(self) -> None:
@@ -195,10 +212,32 @@ class ThreadedRunWriter(RunWriter):
             return
         first = not self._held
         self._held.append(job)  # an error raised below leaves it held, for the next hand-over
+        self._held_by = threading.get_ident()
         if flush or first:  # the first job after a flush waits for that flush to commit, so a
             self._idle.wait()  # kill still loses at most flush_every steps
             self._surface()
         if flush:
+            self._hand_over_after_held(None, True)
+
+    def after_held(self, job: Callable[[], None]) -> None:
+        """Run ``job`` after the jobs :meth:`run_then_flush` holds (appended to them, handed over
+        with them) or, where none is held, after those handed over and still running (as a
+        request of its own), else here and now. A user's ``log()`` rows so reach the store's
+        watchers (alert rules, live sinks) after the tables of the steps before them, in step
+        order, whatever ``flush_every``."""
+        if self.closed or os.getpid() != self._pid:
+            job()
+        elif self._held:
+            self._held.append(job)
+        elif not self._idle.is_set():  # handed-over jobs still running: after them, in turn
+            self._hand_over(job, False)
+        else:
+            job()
+
+    def _commit_held_here(self) -> None:
+        """Hand the held jobs over with a flush, where the calling thread is the one holding them
+        (another thread leaves them: only their own thread changes the held list)."""
+        if self._held and self._held_by == threading.get_ident() and not self.closed:
             self._hand_over_after_held(None, True)
 
     def run_soon(self, job: Callable[[], None]) -> None:
