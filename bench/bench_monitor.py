@@ -29,8 +29,11 @@ writer-thread job per K steps), and ``wandb``
 
 Rounds are interleaved (one step of each configuration per round, the order rotated), and the
 reported ratio is the **median of the per-round ratios** to ``plain`` (so load changes hit both
-sides of each ratio alike). ``Analyzer.step()`` is also timed alone and compared with one
-``torch._foreach_norm(grads, 2)`` over the same gradients two ways: timed right after the step
+sides of each ratio alike), with the median ratio of summed step times over blocks of 16 rounds
+beside it: with ``flush_every=K`` (K <= 16) every block holds a flush, and the steps that carry
+one (the held bookkeeping runs then) are what a median of single rounds leaves out.
+``Analyzer.step()`` is also timed alone and compared with one ``torch._foreach_norm(grads, 2)``
+over the same gradients two ways: timed right after the step
 (after ``optimizer.step()`` has just read the gradients, so from a warm cache: the stricter
 reference) and the ``one-read`` norm of the same round, in step()'s place. The load average
 is recorded before and after. On a shared machine the CPU-time ratios (``time.process_time`` for
@@ -61,6 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, kernels_on_one_thread, pin_threads, save_results
 
 from bbdecoder.monitor import Analyzer
+
+BLOCK = 16
+"""Rounds per block of the block ratios: each block holds a flush of every ``flush_every`` <= 16."""
 
 
 class MnistCNN(nn.Module):
@@ -209,11 +215,10 @@ class Config:
             self.analyzer = Analyzer(self.model, tmp / name, weights=False)
         elif name.startswith("analyzer"):  # "-onethread": the fused kernels on the calling thread only
             every = int(name.rsplit("-every", 1)[1]) if "-every" in name else 1
-            flush_every = int(name.rsplit("-flush", 1)[1]) if "-flush" in name else 1
+            # "-flushK": flush_every=K; without it the default (1)
+            flush = {"flush_every": int(name.rsplit("-flush", 1)[1])} if "-flush" in name else {}
             act = name.startswith("analyzer+act")
-            self.analyzer = Analyzer(
-                self.model, tmp / name, activations=act, every=every, flush_every=flush_every
-            )
+            self.analyzer = Analyzer(self.model, tmp / name, activations=act, every=every, **flush)
         elif name == "wandb":
             import wandb
 
@@ -331,16 +336,25 @@ def measure(
             f"  {c.name:<13} step x{entry['step_ratio']:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
             f" cpu x{entry['cpu_step_ratio']:.3f} [{cq[0]:.3f}, {cq[2]:.3f}]"
         )
-        if every > 1:  # each block of `every` rounds holds one recorded step of each every= config
-            blocks = [
-                sum(c.times[i : i + every]) / sum(plain.times[i : i + every])
-                for i in range(0, len(ratios) - every + 1, every)
-            ]
+        # each block of `every` rounds holds one recorded step of each every= config; blocks of
+        # BLOCK rounds hold at least one flush of each configuration (the flushed steps, whose
+        # held bookkeeping runs then, are left out of a median of single rounds)
+        size = every if every > 1 else BLOCK
+        blocks = [
+            sum(c.times[i : i + size]) / sum(plain.times[i : i + size])
+            for i in range(0, len(ratios) - size + 1, size)
+        ]
+        if len(blocks) >= 2:
             bq = statistics.quantiles(blocks, n=4)
             entry.update(
-                {"block_ratio": statistics.median(blocks), "block_ratio_q1": bq[0], "block_ratio_q3": bq[2]}
+                {
+                    "block_rounds": size,
+                    "block_ratio": statistics.median(blocks),
+                    "block_ratio_q1": bq[0],
+                    "block_ratio_q3": bq[2],
+                }
             )
-            line += f" blocks of {every}: x{entry['block_ratio']:.3f} [{bq[0]:.3f}, {bq[2]:.3f}]"
+            line += f" blocks of {size}: x{entry['block_ratio']:.3f} [{bq[0]:.3f}, {bq[2]:.3f}]"
         prefetch = getattr(c.analyzer, "_prefetch", None)
         if prefetch is not None:  # ratio passes run on the writer thread after optimizer.step()
             entry["ratio_passes_off_thread"] = prefetch.used
