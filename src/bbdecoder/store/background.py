@@ -63,7 +63,7 @@ def wait_for_writer(path: Path) -> None:
     """Wait until an open :class:`ThreadedRunWriter` of this process on the store file ``path`` has
     committed every flush handed to it, so that a reader in the same process (figures drawn during
     training, the report) sees what was recorded; called on the thread that holds steps for a later
-    flush (``flush_every`` > 1, ``"auto"``), it hands them over with a flush first. Its warnings and
+    flush (``flush_every`` > 1), it hands them over with a flush first. Its warnings and
     errors stay for the writer's own caller."""
     writer = _OPEN.get(_key(path))
     if writer is not None and os.getpid() == writer._pid:
