@@ -182,7 +182,7 @@ def test_a_job_runs_on_the_writer_thread_before_its_flush_and_warns_on_the_train
     assert seen == ["bbdecoder-store-writer"]
     writer.run_then_flush(lambda: writer.add_step(3, 0, 3.0), flush=False)
     writer.wait()
-    assert writer.pending  # buffered, not committed
+    assert not writer.pending  # wait() commits a held job's rows too
     writer.close()
     with open_run(tmp_path) as run:
         assert run.steps()["step"].tolist() == [0, 1, 2, 3]
@@ -264,8 +264,8 @@ def test_a_job_without_a_flush_is_held_until_the_next_flush_wait_or_close(tmp_pa
         assert run.steps()["step"].tolist() == [0, 1, 2, 3]  # committed by the one flush
 
     writer.run_then_flush(job(4), flush=False)
-    writer.wait()  # runs the held job; its rows stay buffered for the next flush
-    assert ran[-1] == (4, False) and writer.pending
+    writer.wait()  # runs the held job and commits its rows
+    assert ran[-1] == (4, False) and not writer.pending
     writer.run_then_flush(job(5), flush=False)
     writer.flush()
     writer.wait()
