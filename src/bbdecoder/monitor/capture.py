@@ -16,6 +16,7 @@ import torch
 
 from bbdecoder.layers import LayerSelection
 from bbdecoder.monitor.recorder import Recorder, Series
+from bbdecoder.store.background import after_held_steps
 from bbdecoder.store.vocabulary import GRAD_STATS
 
 _NSTATS = len(GRAD_STATS)
@@ -113,13 +114,8 @@ class GradientCapture:
             return
         assert stats is not None
         extra = [row for source in self._row_sources for row in source.rows(step, epoch)]
-        if extra:
-            later = self._later()
-            if later is not None:  # held, in order: after the previous step's job, before this one's
-                later(partial(self.writer.add_scalars, extra), flush=False)
-            else:
-                self._wait_for_writer()  # the alert rules see the previous step's rows first
-                self.writer.add_scalars(extra)
+        if extra:  # in order: after the previous steps' jobs (held or running), before this one's
+            after_held_steps(self.writer, partial(self.writer.add_scalars, extra))
         parts.insert(0, stats.reshape(-1))
         if loss is not None:
             parts.append(np.array([float(loss)]) if on_host else loss.reshape(1).double().to(stats.device))
