@@ -295,6 +295,35 @@ def test_a_series_without_a_parameter_name_is_not_judged_as_a_tensor(tmp_path: P
     writer.close()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_each_table_layout_keeps_its_own_state_index(tmp_path: Path, seed: int) -> None:
+    """The live path keeps how it reads a table by the table's layout (its series and statistics):
+    the same series in another order, a subset, a series twice, and layouts coming back must each
+    find every tensor's own state. Against the rows judged one by one."""
+    rng = np.random.default_rng(seed)
+    config = AlertConfig(explode_factor=3.0, explode_min_history=2, ratio_warmup=2, vanish_patience=2)
+    writer, live = _live_writer(tmp_path, config)
+    names = [(i // 2, f"m{i // 2}." + ("weight" if i % 2 == 0 else "bias")) for i in range(8)]
+    series = np.array([writer.series_id(*key) for key in names])
+    writer.set_layers([(lid, f"L{lid}", "Linear", 1, None) for lid in sorted({k[0] for k in names})])
+    l2, ratio = writer.stat_id("l2"), writer.stat_id("update_ratio")
+    layouts = [series, series[::-1], series[[3, 1, 6]], np.concatenate([series[:4], series[:2]])]
+    replay = AlertEngine(config, warn=False)
+    for step in range(60):
+        shown = layouts[int(rng.integers(len(layouts)))]
+        norms = rng.lognormal(0, 0.3, (len(shown), 1)) * rng.choice(
+            [1.0, 40.0, 1e-9], size=(len(shown), 1), p=[0.85, 0.1, 0.05]
+        )
+        ratios = rng.lognormal(-7, 3, (len(shown), 1))
+        for table, stat in ((norms, l2), (ratios, ratio)):
+            writer.add_step_scalars(step, 0, shown, [stat], table)
+            replay.observe(live._named(writer, table_rows(step, 0, shown, [stat], table)))
+    assert [astuple(a) for a in live.alerts] == [astuple(a) for a in replay.alerts]
+    assert {a.kind for a in live.alerts} >= {"exploding_grad", "update_ratio_out_of_band"}
+    assert len(live._plans._plans) == len(layouts) * 2
+    writer.close()
+
+
 def test_the_rules_take_turns_between_threads(tmp_path: Path) -> None:
     """A user's ``log(loss=...)`` on the training thread and a job on the writer thread both run
     the rules; the second waits for the first (the threaded writer's own lock), so the rules'

@@ -14,6 +14,7 @@ import numpy as np
 
 from bbdecoder.alerts import rules as R
 from bbdecoder.alerts.rules import Alert, AlertConfig, Row
+from bbdecoder.alerts.table_plans import TablePlans, all_finite
 from bbdecoder.alerts.tensor_rules import (
     StepValues,
     TensorState,
@@ -51,7 +52,7 @@ class AlertEngine:
         self._writer: RunWriter | None = None
         self._warned: set[str] = set()
         self._tensors = TensorState(self.config.explode_window)  # the per-tensor rules' state
-        self._state_of_series = np.full(0, -1, dtype=np.int64)  # series_id -> TensorState index
+        self._plans = TablePlans(self._tensors)  # how a step's table is read, by its layout
         self._active: set[tuple[str, int, str]] = set()
         self._dead_min: dict[int, float] = {}
         self._losses: deque[float] = deque(maxlen=self.config.loss_window)
@@ -196,12 +197,16 @@ class AlertEngine:
         without a parameter name goes through the rows."""
         if not len(series_ids):
             return
-        self._refresh_names(writer)
-        columns = {self._stat_names[s]: j for j, s in enumerate(stat_ids)}
-        watched = [stat for stat in (GRAD_NORM, RATIO) if stat in columns]
-        simple = DEAD not in columns and bool(np.isfinite(values).all())
-        index = self._series_states(series_ids) if simple and watched else None
-        if not simple or (watched and index is None):
+        stats = tuple(stat_ids)
+        plan = self._plans.known(series_ids, stats)
+        if plan is None:
+            self._refresh_names(writer)
+            plan = self._plans.make(series_ids, stats, self._stat_names)
+        simple = not plan.dead and all_finite(values)
+        index = None
+        if simple and plan.watched:
+            index = self._plans.states(plan, series_ids, self._series_names)
+        if not simple or (plan.watched and index is None):
             self._observe_rows(writer, table_rows(step, epoch, series_ids, stat_ids, values))
             return
         if index is None:
@@ -209,9 +214,10 @@ class AlertEngine:
         if self._first_step is None:
             self._first_step = step
         new: list[Alert] = []
-        for stat in watched:
-            column = np.ascontiguousarray(values[:, columns[stat]], dtype=np.float64)
+        for stat in plan.watched:
+            column = np.ascontiguousarray(values[:, plan.columns[stat]], dtype=np.float64)
             step_values = self._table_values(writer, step, epoch, series_ids, stat, index, column)
+            step_values.distinct, step_values.finite = plan.distinct, True
             if stat == GRAD_NORM:
                 new += grad_norm_alerts(self._tensors, self.config, step_values)
             else:
@@ -222,22 +228,6 @@ class AlertEngine:
         judged = self._judged(writer, rows)
         if judged:
             self.observe(self._named(writer, judged))
-
-    def _series_states(self, series_ids: np.ndarray) -> np.ndarray | None:
-        """The TensorState index of each series (``None``: one has no parameter name)."""
-        ids = np.asarray(series_ids, dtype=np.int64)
-        lut = self._state_of_series
-        if len(ids) and ids.max() >= len(lut):
-            lut = self._state_of_series = np.concatenate(
-                [lut, np.full(2 * int(ids.max()) + 1 - len(lut), -1)]
-            )
-        index = lut[ids]
-        for at in np.flatnonzero(index < 0):
-            key = self._series_names[int(ids[at])]
-            if key[1] == "":
-                return None
-            lut[ids[at]] = index[at] = self._tensors.position(key)
-        return index
 
     def _table_values(
         self, writer: RunWriter, step: int, epoch: int, series_ids: np.ndarray, stat: str,

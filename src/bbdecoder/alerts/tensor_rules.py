@@ -66,11 +66,12 @@ class TensorState:
             old = getattr(self, name)
             setattr(self, name, np.concatenate([old, np.zeros(extra, old.dtype)]))
 
-    def medians(self, index: np.ndarray) -> np.ndarray:
+    def medians(self, index: np.ndarray, filled: np.ndarray | None = None) -> np.ndarray:
         """The median of each tensor's remembered norms, as ``statistics.median`` computes it (the
-        middle value, or the mean of the two middle ones); each of ``index`` has at least one."""
+        middle value, or the mean of the two middle ones); each of ``index`` has at least one
+        (``filled``: their counts, where the caller has them)."""
         ordered = np.sort(self.window[index], axis=1)  # the empty slots (NaN) sort last
-        n = self.filled[index]
+        n = self.filled[index] if filled is None else filled
         width = ordered.shape[1]
         if n.min() == width:  # every window full (the steady state): one middle for all
             half = width // 2
@@ -83,9 +84,13 @@ class TensorState:
     def remember(self, index: np.ndarray, values: np.ndarray) -> None:
         """Append one finite norm to each tensor's window (``index`` without repeats)."""
         width = self.window.shape[1]
-        self.window[index, self.next_slot[index]] = values
-        self.next_slot[index] = (self.next_slot[index] + 1) % width
-        self.filled[index] = np.minimum(self.filled[index] + 1, width)
+        slot = self.next_slot[index]
+        self.window[index, slot] = values
+        slot += 1
+        slot[slot == width] = 0
+        self.next_slot[index] = slot
+        filled = self.filled[index]
+        self.filled[index] = np.minimum(filled + 1, width, out=filled)
 
 
 @dataclass
@@ -98,6 +103,8 @@ class StepValues:
     values: np.ndarray
     row: Callable[[int], Row]
     weights: Callable[[], WeightValues]
+    distinct: bool = False  # known to hold no tensor twice (else :func:`_distinct_runs` looks)
+    finite: bool = False  # known to be all finite (else the rules look)
 
     @classmethod
     def from_rows(cls, state: TensorState, rows: list[Row]) -> StepValues:
@@ -120,11 +127,15 @@ def grad_norm_alerts(state: TensorState, config: AlertConfig, step: StepValues) 
     exploding alert before its vanishing one)."""
     if not len(step.index):
         return []
-    finite = np.isfinite(step.values)
-    largest = float(step.values[finite].max()) if finite.any() else 0.0
+    if step.finite:
+        largest = float(step.values.max())
+    else:
+        finite = np.isfinite(step.values)
+        n_finite = int(np.count_nonzero(finite))
+        largest = float(step.values[finite].max()) if n_finite else 0.0
     weights = _Lazy(step.weights)
     new: list[tuple[int, int, Alert]] = []
-    for part in _distinct_runs(step.index):
+    for part in _distinct_runs(step.index, step.distinct):
         new += _grad_norm_part(state, config, step, part, largest, weights)
     return [alert for *_, alert in sorted(new, key=lambda t: (t[0], t[1]))]
 
@@ -133,24 +144,26 @@ def _grad_norm_part(
     state: TensorState, c: AlertConfig, step: StepValues, part: slice, largest: float, weights: _Lazy
 ) -> list[tuple[int, int, Alert]]:
     index, values = step.index[part], step.values[part]
-    kept = _subset(np.isfinite(values))  # a non-finite norm is neither judged nor remembered
+    # a non-finite norm is neither judged nor remembered
+    kept = None if step.finite else _subset(np.isfinite(values))
     index, values = _take(index, kept), _take(values, kept)
     new: list[tuple[int, int, Alert]] = []
-    if c.exploding:
+    if c.exploding and len(index):
         counts = state.filled[index]
-        judged = _subset(counts >= c.explode_min_history)
+        fewest = int(counts.min())
+        judged = None if fewest >= c.explode_min_history else _subset(counts >= c.explode_min_history)
         at = _take(index, judged)
         if len(at):
-            median = state.medians(at)
+            median = state.medians(at, _take(counts, judged))
             peak = np.maximum(state.peak_median[at], median)
             state.peak_median[at] = peak
             # the floor: a converged model's gradients are orders of magnitude below those it
             # learned with, and one harder batch brings them back up by 10x without any danger
             limit = np.maximum(c.explode_factor * median, c.explode_floor * peak)
             bad = (median > 0) & (_take(values, judged) > limit)
-            onset = bad & ~state.exploding[at]
+            onset = bad > state.exploding[at]  # bad now, not before
             state.exploding[at] = bad
-            for j in np.flatnonzero(onset) if onset.any() else ():
+            for j in _where(onset):
                 k = _position(judged, j)
                 i = part.start + _position(kept, k)
                 fired = _exploding(
@@ -166,14 +179,14 @@ def _grad_norm_part(
         # a gradient that was never above the limit is zero by construction (a bias followed by
         # BatchNorm, an attention key bias): it did not vanish, it never existed
         vanished = (low >= c.vanish_patience) & state.had_gradient[index]
-        for j in np.flatnonzero(vanished) if vanished.any() else ():
+        for j in _where(vanished):
             # a layer whose weight still learns has not vanished: a tiny bias gradient beside it is
             # structural (a bias before BatchNorm, an attention key bias, with rounding noise)
             weight = _partner_weight(step.row(part.start + _position(kept, j)), weights)
             vanished[j] = not (weight is not None and weight >= limit_v)
-        onset = vanished & ~state.vanishing[index]
+        onset = vanished > state.vanishing[index]
         state.vanishing[index] = vanished
-        for j in np.flatnonzero(onset) if onset.any() else ():
+        for j in _where(onset):
             i = part.start + _position(kept, j)
             new.append((i, 1, _vanishing(step.row(i), limit_v, int(low[j]), c)))
     return new
@@ -189,31 +202,36 @@ def ratio_alerts(
         return []
     weights = _Lazy(step.weights)
     new: list[Alert] = []
-    for part in _distinct_runs(step.index):
+    for part in _distinct_runs(step.index, step.distinct):
         values = step.values[part]
-        judged = _subset(np.isfinite(values))  # an infinite ratio (a zero weight) is undefined
+        judged = None if step.finite else _subset(np.isfinite(values))  # an infinite ratio: undefined
         at, v = _take(step.index[part], judged), _take(values, judged)
         low = np.where(v < c.ratio_low, state.low_ratio[at] + 1, 0)
         state.low_ratio[at] = low
         high = v > c.ratio_high
-        for j in np.flatnonzero(high) if high.any() else ():
+        for j in _where(high):
             # a bias near zero moves by about one optimizer step, so its own ratio stays near 1
             # while its layer barely moves: the layer's weight decides
             weight = _partner_weight(step.row(part.start + _position(judged, j)), weights)
             high[j] = weight is None or not math.isfinite(weight) or weight > c.ratio_high
         bad = high | (low >= c.ratio_patience)
-        onset = bad & ~state.ratio_band[at]
+        onset = bad > state.ratio_band[at]
         state.ratio_band[at] = bad
-        for j in np.flatnonzero(onset) if onset.any() else ():
+        for j in _where(onset):
             row = step.row(part.start + _position(judged, j))
             new.append(_ratio(row, bool(high[j]), int(low[j]), c))
     return new
 
 
 def _subset(mask: np.ndarray) -> np.ndarray | None:
-    """The positions where ``mask`` holds, or ``None`` when it holds everywhere (the usual step:
-    the arrays are then used as they are, without a copy)."""
-    return None if mask.all() else np.flatnonzero(mask)
+    """The positions where the 1-D ``mask`` holds, or ``None`` when it holds everywhere (the usual
+    step: the arrays are then used as they are, without a copy)."""
+    return None if np.count_nonzero(mask) == len(mask) else mask.nonzero()[0]
+
+
+def _where(mask: np.ndarray) -> np.ndarray:
+    """The positions where the 1-D ``mask`` holds (usually none: one call, no reduction first)."""
+    return mask.nonzero()[0]
 
 
 def _take(array: np.ndarray, subset: np.ndarray | None) -> np.ndarray:
@@ -238,10 +256,11 @@ class _Lazy:
         return self._value.get(key)
 
 
-def _distinct_runs(index: np.ndarray) -> Iterator[slice]:
-    """Consecutive runs of rows without a tensor twice (one run for a normal step), so that a
-    tensor repeated within one step sees its earlier row's state, as in a loop over the rows."""
-    if len(set(index.tolist())) == len(index):
+def _distinct_runs(index: np.ndarray, distinct: bool = False) -> Iterator[slice]:
+    """Consecutive runs of rows without a tensor twice (one run for a normal step, and where
+    ``distinct`` says so), so that a tensor repeated within one step sees its earlier row's state,
+    as in a loop over the rows."""
+    if distinct or len(set(index.tolist())) == len(index):
         yield slice(0, len(index))
         return
     start, seen = 0, set[int]()

@@ -116,7 +116,11 @@ class Recorder:
         w.add_step(step, epoch, loss)
         if finite is None:
             finite = np.ones(len(index), bool) if values is None else np.isfinite(values[:, self._max_abs])
-        bad = [self.series[r] for r, ok in zip(index.tolist(), finite, strict=True) if not ok]
+        bad = (
+            []
+            if np.count_nonzero(finite) == len(index)
+            else [self.series[r] for r, ok in zip(index.tolist(), finite, strict=True) if not ok]
+        )
         if bad:
             self.nonfinite(step, epoch, bad, first_bad(bad))
         return bad

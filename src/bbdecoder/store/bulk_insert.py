@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import chain
 from typing import Any
 
@@ -32,7 +33,6 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
         return
     width = len(rows[0])
     per_statement = max(1, min(CHUNK_ROWS, _parameter_limit(conn) // width))
-    group = "(" + ", ".join("?" * width) + ")"
     for start in range(0, len(rows), per_statement):
         part = rows[start : start + per_statement]
         if len(set(map(len, part))) != 1:  # a short row and a long one would bind shifted values
@@ -40,7 +40,14 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
             raise sqlite3.ProgrammingError(
                 f"insert_rows: rows of widths {widths} in one insert; give every row {width} values"
             )
-        conn.execute(f"{head} {', '.join([group] * len(part))}", list(chain.from_iterable(part)))
+        conn.execute(_statement(head, width, len(part)), list(chain.from_iterable(part)))
+
+
+@lru_cache(maxsize=256)
+def _statement(head: str, width: int, n: int) -> str:
+    """The SQL text of ``n`` rows of ``width`` values (the same few every flush: built once)."""
+    group = "(" + ", ".join("?" * width) + ")"
+    return f"{head} {', '.join([group] * n)}"
 
 
 def _parameter_limit(conn: sqlite3.Connection) -> int:

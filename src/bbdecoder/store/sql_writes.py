@@ -84,13 +84,20 @@ class SqlWrites(RowBuffer):
 
     def _write_catalog(self) -> None:
         c = self._conn
-        c.executemany("INSERT INTO series (series_id, layer_id, param) VALUES (?, ?, ?)", self._new_series)
-        c.executemany("INSERT INTO stat_names (stat_id, name) VALUES (?, ?)", self._new_stats)
-        c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(self._meta.items()))
-        c.executemany(
-            "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?)",
-            [(n, k, v) for n, (k, v) in self._artifacts.items()],
-        )
+        # each statement only where it has rows: a step's flush usually has none of these
+        if self._new_series:
+            c.executemany(
+                "INSERT INTO series (series_id, layer_id, param) VALUES (?, ?, ?)", self._new_series
+            )
+        if self._new_stats:
+            c.executemany("INSERT INTO stat_names (stat_id, name) VALUES (?, ?)", self._new_stats)
+        if self._meta:
+            c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(self._meta.items()))
+        if self._artifacts:
+            c.executemany(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?)",
+                [(n, k, v) for n, (k, v) in self._artifacts.items()],
+            )
         if self._layers is not None:
             c.execute("DELETE FROM layers")
             c.executemany("INSERT INTO layers VALUES (?, ?, ?, ?, ?)", self._layers)
@@ -101,15 +108,17 @@ class SqlWrites(RowBuffer):
             for table in ("steps", "scalars", "histograms", "events"):
                 c.execute(f"UPDATE {table} SET epoch = ? WHERE step BETWEEN ? AND ?", (epoch, first, last))
         insert_rows(c, "INSERT INTO steps VALUES", self._steps)
-        c.executemany("UPDATE steps SET loss = ? WHERE step = ?", self._loss_updates)
+        if self._loss_updates:
+            c.executemany("UPDATE steps SET loss = ? WHERE step = ?", self._loss_updates)
         insert_rows(c, "INSERT INTO scalars VALUES", self._scalars)  # one statement per 256 rows
         insert_rows(c, "INSERT INTO epoch_scalars VALUES", self._epoch_scalars)
         insert_rows(c, "INSERT INTO histograms VALUES", self._histograms)
-        c.executemany(
-            "INSERT INTO events (step, epoch, time, kind, layer_id, param, message, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            self._events,
-        )
+        if self._events:
+            c.executemany(
+                "INSERT INTO events (step, epoch, time, kind, layer_id, param, message, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self._events,
+            )
         if self._dropped_steps:
             lo, hi, n = min(self._dropped_steps), max(self._dropped_steps), len(self._dropped_steps)
             message = f"{n} steps between {lo} and {hi} were not stored: the run store could not be written"
