@@ -14,7 +14,7 @@ import numpy as np
 
 from bbdecoder.alerts import rules as R
 from bbdecoder.alerts.rules import Alert, AlertConfig, Row
-from bbdecoder.alerts.table_plans import TablePlans, all_finite
+from bbdecoder.alerts.table_plans import DEAD, GRAD_NORM, RATIO, TablePlans, all_finite
 from bbdecoder.alerts.tensor_rules import (
     StepValues,
     TensorState,
@@ -22,12 +22,8 @@ from bbdecoder.alerts.tensor_rules import (
     ratio_alerts,
     weights_by_layer,
 )
-from bbdecoder.store import vocabulary as V
 from bbdecoder.store.writer import RunWriter, ScalarRow, table_rows
 
-GRAD_NORM = V.L2
-RATIO = V.UPDATE_RATIO
-DEAD = V.DEAD_FRACTION
 WATCHED = frozenset({GRAD_NORM, RATIO, DEAD})
 """The statistics the rules read (besides any non-finite value)."""
 
@@ -216,8 +212,9 @@ class AlertEngine:
         new: list[Alert] = []
         for stat in plan.watched:
             column = np.ascontiguousarray(values[:, plan.columns[stat]], dtype=np.float64)
-            step_values = self._table_values(writer, step, epoch, series_ids, stat, index, column)
-            step_values.distinct, step_values.finite = plan.distinct, True
+            step_values = self._table_values(
+                writer, step, epoch, series_ids, stat, index, column, plan.distinct
+            )
             if stat == GRAD_NORM:
                 new += grad_norm_alerts(self._tensors, self.config, step_values)
             else:
@@ -231,8 +228,9 @@ class AlertEngine:
 
     def _table_values(
         self, writer: RunWriter, step: int, epoch: int, series_ids: np.ndarray, stat: str,
-        index: np.ndarray, column: np.ndarray,
+        index: np.ndarray, column: np.ndarray, distinct: bool,
     ) -> StepValues:  # fmt: skip
+        """One statistic of a finite table, for the per-tensor rules (``distinct``: no series twice)."""
         series = self._series_names
 
         def row(i: int) -> Row:
@@ -247,7 +245,7 @@ class AlertEngine:
                 (lid, param, float(v)) for (lid, param), v in zip(keys, column, strict=True)
             )
 
-        return StepValues(index, column, row, weights)
+        return StepValues(index, column, row, weights, distinct=distinct, finite=True)
 
     def observe_loss(self, step: int, epoch: int, loss: float) -> list[Alert]:
         """Evaluate the loss of one step; returns the new alerts (at most one)."""
