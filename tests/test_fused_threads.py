@@ -90,6 +90,7 @@ def test_update_norms_and_their_writes_are_the_same_bits_with_any_number_of_thre
 LAYOUTS = [
     ((32, 16, 24, 24), 16, 576),  # a convolution's (N, C, H, W): one unit per sample
     ((5000, 48), 48, 1),  # (N * L, D) channels last: units of 1,024 rows, the last one short
+    ((1001, 1024), 1024, 1),  # wide: units of 128 rows, the last of 105 (four rows at a time, one left)
     ((7, 3, 2), 3, 2),  # inner of 2
     ((3000,), 3000, 1),  # one channel per element
 ]

@@ -32,4 +32,16 @@ def probe_update(
     threads: int = 1,
     /,
 ) -> None: ...
+def probe_update_at(
+    address: int,
+    elements: int,
+    wide: bool,
+    channels: int,
+    inner: int,
+    rules: Sequence[tuple[int, float]],
+    maxima: Sequence[np.ndarray],
+    scalars: Sequence[np.ndarray],
+    threads: int = 1,
+    /,
+) -> None: ...
 def use_openmp(path: str, /) -> bool: ...

@@ -105,8 +105,7 @@ class ActivationWatcher:
                 return
             if not -out.dim() <= probe.dim < out.dim():
                 return  # checked on the host once (see check_dims); never raise inside a forward
-            with torch.no_grad():
-                probe.update(out, self.masks)
+            probe.update(out, self.masks)  # reads it only: no no_grad block (20 us from cold caches)
 
         return hook
 

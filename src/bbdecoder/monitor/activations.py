@@ -183,10 +183,17 @@ class ActivationProbe(StatefulProbe):
     def update(self, output: torch.Tensor, buffer: MaskBuffer | None = None) -> None:
         """Add one forward's output (``buffer``: the saturation count's reused CPU buffer; given,
         a dense float CPU output goes through the fused kernel in one read, see
-        :mod:`~bbdecoder.monitor.probe_kernel`)."""
-        y = output.detach()
-        if buffer is not None and self.fused.update(self, y):
+        :mod:`~bbdecoder.monitor.probe_kernel`). Needs no ``no_grad`` block around it: the output
+        is only read. The forwards ``torch.func`` transforms make (``vmap``, ``grad``: the output a
+        wrapper without storage) are not the model's own and are left out."""
+        if buffer is not None and self.fused.update(self, output):
             return
+        with torch.no_grad():
+            self._update_in_torch(output.detach().resolve_neg(), buffer)  # NumPy reads no negative view
+
+    def _update_in_torch(self, y: torch.Tensor, buffer: MaskBuffer | None) -> None:
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(y):
+            return  # (dynamo cannot trace the check; a traced forward is the model's own)
         if y.dim() == 1:
             channel_max, channel_mean = y, y.float()
         else:  # reduce over every other dim in place of a channels-first copy

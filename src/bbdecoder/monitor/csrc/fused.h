@@ -66,5 +66,6 @@ INTERNAL PyObject *fused_moments(PyObject *module, PyObject *arrays);
 INTERNAL PyObject *fused_statistics(PyObject *module, PyObject *args);
 INTERNAL PyObject *fused_update_norms(PyObject *module, PyObject *args);
 INTERNAL PyObject *fused_probe_update(PyObject *module, PyObject *args);
+INTERNAL PyObject *fused_probe_update_at(PyObject *module, PyObject *args);
 
 #endif

@@ -27,6 +27,9 @@ static PyMethodDef fused_methods[] = {
     {"probe_update", fused_probe_update, METH_VARARGS,
      "probe_update(y, channels, inner, rules, maxima, scalars, threads=1): one forward into an activation "
      "probe's state."},
+    {"probe_update_at", fused_probe_update_at, METH_VARARGS,
+     "probe_update_at(address, elements, wide, channels, inner, rules, maxima, scalars, threads=1): the same, "
+     "the output given as the address of `elements` dense float32 (float64 where `wide`) values."},
     {"update_norms", fused_update_norms, METH_VARARGS,
      "update_norms(weights, snapshots, keep, into=None, threads=1) -> list of (||s - w||^2, ||w||^2)."},
     {"use_openmp", fused_use_openmp, METH_O,

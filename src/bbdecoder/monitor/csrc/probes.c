@@ -7,72 +7,170 @@
    bound inclusive or not; NaN never counted). Memory order is (outer, channels, inner). */
 typedef struct {
     double low, high;
-    int low_inclusive, high_inclusive, counting;
+    int counting;
+    int low_mode, high_mode; /* NO_BOUND, STRICT or INCLUSIVE: the loops' variant */
 } Rules;
 
-/* Values are summed in T per piece of PIECE values (per SIMD lane: 128 or fewer, a relative error
-   of ~1e-7), pieces in double; counts in int per piece. A unit is a row of the outer dimension
-   (channels first: each channel's `inner` values) or PIECE rows (channels last); each unit's sum
-   per channel goes to `totals` (units, channels), added up in unit order afterwards, so the sums do
-   not depend on how the units are split among threads. `maxima` (NaN sticks) and `nan` are the
-   part's own, `partial` its scratch. */
+enum { NO_BOUND = 0, STRICT = 1, INCLUSIVE = 2 };
+#define BELOW(v, b, mode) ((mode) == STRICT ? (v) < (b) : (mode) == INCLUSIVE ? (v) <= (b) : 0)
+#define ABOVE(v, b, mode) ((mode) == STRICT ? (v) > (b) : (mode) == INCLUSIVE ? (v) >= (b) : 0)
+
+/* Values are summed in T per piece of PIECE values (channels first: in LANES running sums of 64
+   values each; channels last: a channel's values of a unit's rows), pieces in double; counts in
+   int per piece. A unit is a row of the outer dimension (channels first: each channel's `inner`
+   values) or unit_rows() rows (channels last); each unit's sum per channel goes to `totals` (units,
+   channels), added up in unit order afterwards, so the sums do not depend on how the units are
+   split among threads. `maxima` and `nan` (the channel holds a NaN) are the part's own, `partial`
+   its scratch. */
 #define PIECE 1024
 
+/* Channels last: the rows of a unit, about 4 * FUSED_GRAIN values (so that a (batch, tokens, width)
+   output splits over the threads, while `totals` stays small), 4 to PIECE rows; fixed by the width
+   alone, as the sums must be. */
+static inline Py_ssize_t unit_rows(Py_ssize_t channels) {
+    Py_ssize_t rows = 4 * FUSED_GRAIN / channels;
+    return rows < 4 ? 4 : rows > PIECE ? PIECE : rows;
+}
+
+/* Channels first, unit by unit (rows of the outer dimension), each channel's `inner` values in
+   pieces: LANES running maxima, sums and counts, so that no result waits on the one before (a
+   single accumulator per statistic runs at a third of the speed), the comparisons of the rule fixed
+   by `low_mode` / `high_mode` (constants where it is inlined). A NaN is found through the channel's
+   sum, which is NaN then (or with +inf beside -inf: the values are looked at again). */
+#define DEFINE_FIRST(NAME, T, LANES)                                                                    \
+    static inline __attribute__((always_inline)) long long NAME(                                       \
+        const T *x, Py_ssize_t first_unit, Py_ssize_t last_unit, Py_ssize_t channels, Py_ssize_t inner, \
+        T low, T high, const int low_mode, const int high_mode, T *maxima, int *nan, double *totals) { \
+        long long count = 0;                                                                           \
+        for (Py_ssize_t o = first_unit; o < last_unit; o++) {                                          \
+            for (Py_ssize_t c = 0; c < channels; c++) {                                                \
+                const T *block = x + (o * channels + c) * inner;                                      \
+                T top[LANES], sum[LANES], largest = maxima[c];                                         \
+                int hits[LANES];                                                                       \
+                double total = 0;                                                                      \
+                for (int j = 0; j < LANES; j++) top[j] = largest;                                      \
+                for (Py_ssize_t first = 0; first < inner; first += PIECE) {                           \
+                    Py_ssize_t last = first + PIECE < inner ? first + PIECE : inner, i = first;        \
+                    T piece = 0;                                                                       \
+                    int piece_hits = 0;                                                                \
+                    for (int j = 0; j < LANES; j++) sum[j] = 0, hits[j] = 0;                           \
+                    for (; i + LANES <= last; i += LANES) {                                            \
+                        _Pragma("omp simd")                                                            \
+                        for (int j = 0; j < LANES; j++) {                                              \
+                            T v = block[i + j];                                                        \
+                            top[j] = v > top[j] ? v : top[j];                                          \
+                            sum[j] += v;                                                               \
+                            hits[j] += BELOW(v, low, low_mode) | ABOVE(v, high, high_mode);            \
+                        }                                                                              \
+                    }                                                                                  \
+                    for (; i < last; i++) {                                                            \
+                        T v = block[i];                                                                \
+                        largest = v > largest ? v : largest;                                           \
+                        piece += v;                                                                    \
+                        piece_hits += BELOW(v, low, low_mode) | ABOVE(v, high, high_mode);             \
+                    }                                                                                  \
+                    for (int j = 0; j < LANES; j++) piece += sum[j], piece_hits += hits[j];            \
+                    total += piece;                                                                    \
+                    count += piece_hits;                                                               \
+                }                                                                                      \
+                for (int j = 0; j < LANES; j++) largest = top[j] > largest ? top[j] : largest;         \
+                if (total != total)                                                                    \
+                    for (Py_ssize_t i = 0; i < inner; i++) nan[c] |= block[i] != block[i];             \
+                maxima[c] = largest;                                                                   \
+                totals[o * channels + c] = total;                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        return count;                                                                                  \
+    }
+
+DEFINE_FIRST(channels_float_first, float, 16)
+DEFINE_FIRST(channels_double_first, double, 8)
+
+/* Channels last (inner == 1), PIECE rows at a time along the channels: each row's values update
+   the running maxima and the piece's sums of their channels, vectorised across the channels. A NaN
+   is found through the channel's piece sum, as above. */
+#define DEFINE_LAST(NAME, T)                                                                            \
+    static inline __attribute__((always_inline)) long long NAME(                                       \
+        const T *x, Py_ssize_t first_unit, Py_ssize_t last_unit, Py_ssize_t outer, Py_ssize_t channels, \
+        T low, T high, const int low_mode, const int high_mode, T *maxima, int *nan, double *totals,   \
+        T *partial) {                                                                                  \
+        long long count = 0;                                                                           \
+        for (Py_ssize_t unit = first_unit; unit < last_unit; unit++) {                                \
+            Py_ssize_t rows = unit_rows(channels), first = unit * rows;                                \
+            Py_ssize_t last = first + rows < outer ? first + rows : outer;                             \
+            for (Py_ssize_t c = 0; c < channels; c++) partial[c] = 0;                                  \
+            Py_ssize_t o = first;                                                                      \
+            for (; o + 4 <= last; o += 4) { /* four rows per read and write of the running values */  \
+                const T *r0 = x + o * channels, *r1 = r0 + channels, *r2 = r1 + channels, *r3 = r2 + channels; \
+                int hits = 0;                                                                          \
+                _Pragma("omp simd reduction(+ : hits)")                                                \
+                for (Py_ssize_t c = 0; c < channels; c++) {                                            \
+                    T a = r0[c], b = r1[c], d = r2[c], e = r3[c], top = maxima[c];                     \
+                    top = a > top ? a : top;                                                           \
+                    top = b > top ? b : top;                                                           \
+                    top = d > top ? d : top;                                                           \
+                    maxima[c] = e > top ? e : top;                                                     \
+                    partial[c] += (a + b) + (d + e);                                                   \
+                    hits += (BELOW(a, low, low_mode) | ABOVE(a, high, high_mode)) +                    \
+                            (BELOW(b, low, low_mode) | ABOVE(b, high, high_mode)) +                    \
+                            (BELOW(d, low, low_mode) | ABOVE(d, high, high_mode)) +                    \
+                            (BELOW(e, low, low_mode) | ABOVE(e, high, high_mode));                     \
+                }                                                                                      \
+                count += hits;                                                                         \
+            }                                                                                          \
+            for (; o < last; o++) {                                                                    \
+                const T *row = x + o * channels;                                                      \
+                int hits = 0;                                                                          \
+                _Pragma("omp simd reduction(+ : hits)")                                                \
+                for (Py_ssize_t c = 0; c < channels; c++) {                                            \
+                    T v = row[c];                                                                      \
+                    maxima[c] = v > maxima[c] ? v : maxima[c];                                         \
+                    partial[c] += v;                                                                   \
+                    hits += BELOW(v, low, low_mode) | ABOVE(v, high, high_mode);                       \
+                }                                                                                      \
+                count += hits;                                                                         \
+            }                                                                                          \
+            for (Py_ssize_t c = 0; c < channels; c++) {                                                \
+                totals[unit * channels + c] = partial[c];                                              \
+                if (partial[c] != partial[c])                                                          \
+                    for (Py_ssize_t o = first; o < last; o++) nan[c] |= x[o * channels + c] != x[o * channels + c]; \
+            }                                                                                          \
+        }                                                                                              \
+        return count;                                                                                  \
+    }
+
+DEFINE_LAST(channels_float_last, float)
+DEFINE_LAST(channels_double_last, double)
+
+/* The loops of a part, with the rule's comparisons fixed at compile time (one variant per pair of
+   bounds, none, strict or inclusive each). */
 #define DEFINE_CHANNELS(NAME, T)                                                                        \
     MULTIVERSION static long long NAME(const T *x, Py_ssize_t first_unit, Py_ssize_t last_unit,         \
                                        Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,         \
                                        const Rules *r, T *maxima, int *nan, double *totals, T *partial) { \
         const T low = (T)r->low, high = (T)r->high;                                                    \
-        const int li = r->low_inclusive, hi = r->high_inclusive, counting = r->counting;              \
         long long count = 0;                                                                           \
-        if (inner == 1) { /* channels last: along the channels, PIECE rows at a time */               \
-            for (Py_ssize_t unit = first_unit; unit < last_unit; unit++) {                            \
-                Py_ssize_t first = unit * PIECE, last = first + PIECE < outer ? first + PIECE : outer; \
-                for (Py_ssize_t c = 0; c < channels; c++) partial[c] = 0;                              \
-                for (Py_ssize_t o = first; o < last; o++) {                                            \
-                    const T *row = x + o * channels;                                                  \
-                    int hits = 0;                                                                      \
-                    _Pragma("omp simd reduction(+ : hits)")                                            \
-                    for (Py_ssize_t c = 0; c < channels; c++) {                                        \
-                        T v = row[c];                                                                  \
-                        maxima[c] = ((v > maxima[c]) | (v != v)) ? v : maxima[c]; /* NaN stays */     \
-                        partial[c] += v;                                                               \
-                        hits += (v < low) + (li & (v == low)) + (v > high) + (hi & (v == high));              \
-                    }                                                                                  \
-                    count += hits;                                                                     \
-                }                                                                                      \
-                for (Py_ssize_t c = 0; c < channels; c++) totals[unit * channels + c] = partial[c];    \
-            }                                                                                          \
-            return counting ? count : 0;                                                               \
+        switch (r->low_mode * 3 + r->high_mode) {                                                      \
+            LOOP_CASE(NAME, NO_BOUND, NO_BOUND)                                                        \
+            LOOP_CASE(NAME, NO_BOUND, STRICT)                                                          \
+            LOOP_CASE(NAME, NO_BOUND, INCLUSIVE)                                                       \
+            LOOP_CASE(NAME, STRICT, NO_BOUND)                                                          \
+            LOOP_CASE(NAME, STRICT, STRICT)                                                            \
+            LOOP_CASE(NAME, STRICT, INCLUSIVE)                                                         \
+            LOOP_CASE(NAME, INCLUSIVE, NO_BOUND)                                                       \
+            LOOP_CASE(NAME, INCLUSIVE, STRICT)                                                         \
+            LOOP_CASE(NAME, INCLUSIVE, INCLUSIVE)                                                      \
         }                                                                                              \
-        for (Py_ssize_t o = first_unit; o < last_unit; o++) {                                          \
-            for (Py_ssize_t c = 0; c < channels; c++) {                                                \
-                const T *block = x + (o * channels + c) * inner;                                      \
-                T top = maxima[c];                                                                     \
-                int seen_nan = 0;                                                                      \
-                double total = 0;                                                                      \
-                for (Py_ssize_t first = 0; first < inner; first += PIECE) {                           \
-                    Py_ssize_t last = first + PIECE < inner ? first + PIECE : inner;                  \
-                    T piece = 0;                                                                       \
-                    int hits = 0;                                                                      \
-                    _Pragma("omp simd reduction(max : top) reduction(+ : piece, hits) reduction(| : seen_nan)") \
-                    for (Py_ssize_t i = first; i < last; i++) {                                        \
-                        T v = block[i];                                                                \
-                        top = v > top ? v : top;                                                       \
-                        seen_nan |= v != v;                                                            \
-                        piece += v;                                                                    \
-                        hits += (v < low) + (li & (v == low)) + (v > high) + (hi & (v == high));              \
-                    }                                                                                  \
-                    total += piece;                                                                    \
-                    count += hits;                                                                     \
-                }                                                                                      \
-                maxima[c] = top;                                                                       \
-                nan[c] |= seen_nan;                                                                    \
-                totals[o * channels + c] = total;                                                      \
-            }                                                                                          \
-        }                                                                                              \
-        return counting ? count : 0;                                                                   \
+        return r->counting ? count : 0;                                                                \
     }
+
+#define LOOP_CASE(NAME, LOW, HIGH)                                                                      \
+    case LOW * 3 + HIGH:                                                                               \
+        count = inner == 1 ? NAME##_last(x, first_unit, last_unit, outer, channels, low, high, LOW, HIGH, maxima, nan, \
+                                         totals, partial)                                              \
+                           : NAME##_first(x, first_unit, last_unit, channels, inner, low, high, LOW, HIGH, maxima,  \
+                                          nan, totals);                                                \
+        break;
 
 DEFINE_CHANNELS(channels_float, float)
 DEFINE_CHANNELS(channels_double, double)
@@ -126,33 +224,28 @@ static int add_rule(PyObject *rule, Rules *r) {
     int op;
     double bound;
     if (!PyArg_ParseTuple(rule, "id;a saturation rule is (op, bound)", &op, &bound)) return 0;
-    if (op < 0 || op > 3 || (op < 2 && r->low != -Py_HUGE_VAL) || (op >= 2 && r->high != Py_HUGE_VAL)) {
+    if (op < 0 || op > 3 || (op < 2 && r->low_mode != NO_BOUND) || (op >= 2 && r->high_mode != NO_BOUND)) {
         PyErr_SetString(PyExc_ValueError, "saturation rules: at most one lower (lt/le) and one upper (gt/ge) bound");
         return 0;
     }
     if (op < 2) {
         r->low = bound;
-        r->low_inclusive = op == 1;
+        r->low_mode = op == 1 ? INCLUSIVE : STRICT;
     } else {
         r->high = bound;
-        r->high_inclusive = op == 3;
+        r->high_mode = op == 3 ? INCLUSIVE : STRICT;
     }
     return 1;
 }
 
-/* probe_update(y, channels, inner, rules, maxima, scalars): one forward into an activation
-   probe's state. `maxima` (channels,) float32 becomes max(maxima, channel max) (NaN propagates);
-   `scalars` are the probe's four float64 0-d arrays (saturated, total, channel_var, forwards):
-   with rules, saturated += the count and total += the size; channel_var += the population
-   variance of the channel means (in double); forwards += 1. */
-PyObject *fused_probe_update(PyObject *module, PyObject *args) {
-    PyObject *y_in, *rules_in, *maxima_in, *scalars_in;
-    Py_ssize_t channels, inner;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "OnnOOO|i:probe_update", &y_in, &channels, &inner, &rules_in, &maxima_in, &scalars_in,
-                          &threads))
-        return NULL;
-    Rules rules = {-Py_HUGE_VAL, Py_HUGE_VAL, 0, 0, 0};
+/* One forward's output of `n` values of `width` bytes at `data` (dense, in memory order (outer,
+   channels, inner)) into an activation probe's state: `maxima` (channels,) float32 becomes
+   max(maxima, channel max) (NaN propagates); `scalars` are the probe's four float64 0-d arrays
+   (saturated, total, channel_var, forwards): with rules, saturated += the count and total += n;
+   channel_var += the population variance of the channel means (in double); forwards += 1. */
+static PyObject *probe_run(const void *data, size_t width, Py_ssize_t n, Py_ssize_t channels, Py_ssize_t inner,
+                           PyObject *rules_in, PyObject *maxima_in, PyObject *scalars_in, int threads) {
+    Rules rules = {-Py_HUGE_VAL, Py_HUGE_VAL, 0, NO_BOUND, NO_BOUND};
     PyObject *fast_rules = PySequence_Fast(rules_in, "probe_update(): rules is a sequence of (op, bound)");
     if (fast_rules == NULL) return NULL;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast_rules); i++) {
@@ -163,19 +256,15 @@ PyObject *fused_probe_update(PyObject *module, PyObject *args) {
     }
     rules.counting = PySequence_Fast_GET_SIZE(fast_rules) > 0;
     Py_DECREF(fast_rules);
-    PyObject *seq = PyTuple_Pack(1, y_in), *out = NULL;
-    if (seq == NULL) return NULL;
-    Buffers y, maxima, scalars;
-    int have_y = 0, have_maxima = 0, have_scalars = 0;
+    PyObject *out = NULL;
+    Buffers maxima, scalars;
+    int have_maxima = 0, have_scalars = 0;
     ProbeJob job = {NULL, 0, 0, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL};
-    if (fused_acquire(seq, "", 0, &y) < 0) goto done;
-    have_y = 1;
     if (fused_acquire(maxima_in, "probe_update(): maxima is a sequence of one array", 1, &maxima) < 0) goto done;
     have_maxima = 1;
     if (fused_acquire(scalars_in, "probe_update(): scalars is a sequence of four arrays", 1, &scalars) < 0) goto done;
     have_scalars = 1;
-    Py_ssize_t n = y.views[0].len / y.sizes[0];
-    if (channels <= 0 || inner <= 0 || n == 0 || n % (channels * inner)) {
+    if (channels <= 0 || inner <= 0 || n <= 0 || n % (channels * inner)) {
         PyErr_Format(PyExc_ValueError, "probe_update(): %zd elements are not (outer, %zd, %zd)", n, channels, inner);
         goto done;
     }
@@ -193,11 +282,10 @@ PyObject *fused_probe_update(PyObject *module, PyObject *args) {
             goto done;
         }
     }
-    Py_ssize_t outer = n / (channels * inner), units = inner == 1 ? (outer + PIECE - 1) / PIECE : outer;
+    Py_ssize_t outer = n / (channels * inner), units = inner == 1 ? (outer + unit_rows(channels) - 1) / unit_rows(channels) : outer;
     int parts = fused_parts(n, threads);
     parts = parts < units ? parts : (int)units;
-    size_t width = y.sizes[0];
-    job = (ProbeJob){y.views[0].buf, width == 8, outer, channels, inner, units, &rules, NULL, NULL, NULL, NULL, NULL};
+    job = (ProbeJob){data, width == 8, outer, channels, inner, units, &rules, NULL, NULL, NULL, NULL, NULL};
     job.maxima = PyMem_Malloc(parts * channels * width);
     job.partial = PyMem_Malloc(parts * channels * width);
     job.nan = PyMem_Malloc(parts * channels * sizeof(int));
@@ -244,7 +332,47 @@ done:
     PyMem_Free(job.totals);
     if (have_scalars) fused_release(&scalars);
     if (have_maxima) fused_release(&maxima);
-    if (have_y) fused_release(&y);
+    return out;
+}
+
+/* probe_update(y, channels, inner, rules, maxima, scalars, threads=1): `y` an array (float32 or
+   float64, dense in memory). */
+PyObject *fused_probe_update(PyObject *module, PyObject *args) {
+    PyObject *y_in, *rules_in, *maxima_in, *scalars_in;
+    Py_ssize_t channels, inner;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OnnOOO|i:probe_update", &y_in, &channels, &inner, &rules_in, &maxima_in, &scalars_in,
+                          &threads))
+        return NULL;
+    PyObject *seq = PyTuple_Pack(1, y_in), *out = NULL;
+    if (seq == NULL) return NULL;
+    Buffers y;
+    if (fused_acquire(seq, "", 0, &y) == 0) {
+        out = probe_run(y.views[0].buf, (size_t)y.sizes[0], y.views[0].len / y.sizes[0], channels, inner, rules_in,
+                        maxima_in, scalars_in, threads);
+        fused_release(&y);
+    }
     Py_DECREF(seq);
     return out;
+}
+
+/* probe_update_at(address, elements, wide, channels, inner, rules, maxima, scalars, threads=1): the
+   output as `elements` float32 (float64 where `wide`) values dense at `address` (a CPU tensor's
+   data_ptr(): one attribute read where a NumPy view costs a detach() and a numpy() call, each
+   several microseconds from the cold caches a forward pass leaves). The caller keeps the tensor
+   alive, dense and of that dtype for the call. */
+PyObject *fused_probe_update_at(PyObject *module, PyObject *args) {
+    unsigned long long address;
+    Py_ssize_t elements, channels, inner;
+    int wide, threads = 1;
+    PyObject *rules_in, *maxima_in, *scalars_in;
+    if (!PyArg_ParseTuple(args, "KnpnnOOO|i:probe_update_at", &address, &elements, &wide, &channels, &inner, &rules_in,
+                          &maxima_in, &scalars_in, &threads))
+        return NULL;
+    if (address == 0) {
+        PyErr_SetString(PyExc_ValueError, "probe_update_at(): no data at address 0");
+        return NULL;
+    }
+    return probe_run((const void *)(uintptr_t)address, wide ? sizeof(double) : sizeof(float), elements, channels, inner,
+                     rules_in, maxima_in, scalars_in, threads);
 }
