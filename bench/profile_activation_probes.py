@@ -8,7 +8,8 @@ per-round ratios of the forward to ``plain``'s. Configurations, the probes hooke
 activation module (``activations=True``'s choice: the ReLUs of the CNNs, BERT-mini's GELUs, which
 have no saturation count):
 
-- ``plain``: no hooks; ``hooks``: a forward hook that does nothing;
+- ``plain``: no hooks; ``hooks``: a forward hook that does nothing; ``one-read``: a hook that
+  sums each output (``out.sum()``), the cheapest full read of it and so the least a probe can cost;
 - ``probes-signs``: the saturation count as it was before, a sum of signs
   (``n - sum(sign(y))``), whose float temporary as large as the output is allocated per forward;
 - ``probes-torch``: the count by torch's boolean ``(y <= 0).sum()``;
@@ -48,6 +49,7 @@ from bbdecoder.monitor.element_counts import MaskBuffer
 CONFIGS = (
     "plain",
     "hooks",
+    "one-read",
     "probes-signs",
     "probes-torch",
     "probes-numpy",
@@ -55,6 +57,10 @@ CONFIGS = (
     "probes-onethread",
     "probes-nosaturation",
 )
+
+
+def _one_read(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+    out.detach().sum()  # returns nothing: a hook's return value would replace the output
 
 
 def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
@@ -66,6 +72,9 @@ def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
         if name == "hooks":
             module.register_forward_hook(lambda _m, _i, _o: None)
             continue
+        if name == "one-read":
+            module.register_forward_hook(_one_read)
+            continue
         probe = ActivationProbe(module, 0.0, 1e-3, dim, dead=True)
         if name == "probes-nosaturation":
             probe.saturation = None
@@ -75,7 +84,7 @@ def _hook_probes(model: nn.Module, name: str, dim: int) -> None:
             probe.saturation = lambda y, _buffer: y.numel() - torch.sign(y).sum().double()
 
         def hook(_m: nn.Module, _i: object, out: torch.Tensor, probe: ActivationProbe = probe) -> None:
-            with kernels_on_one_thread(one_thread), torch.no_grad():
+            with kernels_on_one_thread(one_thread):  # as the analyzer's hook: no no_grad block
                 probe.update(out, buffer)
 
         module.register_forward_hook(hook)
