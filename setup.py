@@ -31,7 +31,7 @@ setup(
         Extension(
             "bbdecoder.monitor._fused",
             [f"{SOURCES}/{name}.c" for name in ("module", "buffers", "blocks", "threads", "gradients", "weights", "probes")],
-            depends=[f"{SOURCES}/fused.h"],
+            depends=[f"{SOURCES}/fused.h", f"{SOURCES}/probe_loops.h"],
             optional=True,
         )
     ],
