@@ -178,6 +178,8 @@ def test_forwards_inside_torch_func_transforms_are_left_out_without_an_error(fus
         return y.sum()
 
     torch.func.vmap(forward)(torch.randn(3, 4, 6, 5))
+    torch.func.vmap(forward)(torch.randn(3, 4, 7, 5))  # another channel count: no new state either
     torch.func.grad(forward)(torch.randn(4, 6, 5))
+    torch.func.grad(forward)(torch.randn(4, 9, 5))
     for ours, theirs in zip(_state(probe), before, strict=True):
         np.testing.assert_array_equal(ours, theirs)

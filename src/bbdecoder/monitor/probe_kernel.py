@@ -68,6 +68,10 @@ class FusedProbeState:
         dtype = y.dtype
         if (dtype is not torch.float32 and dtype is not torch.float64) or y.is_neg():
             return False
+        try:
+            address = y.data_ptr()
+        except RuntimeError:  # no storage: a torch.func transform's wrapper (before any state changes)
+            return False
         key = (y.shape, y.stride())
         if key != self._layout_of:
             self._layout_of, self._layout = key, channel_layout(y, probe.dim)
@@ -91,10 +95,6 @@ class FusedProbeState:
             self._of = state
             self._maxima = [state[0].numpy()]
             self._scalars = [t.numpy() for t in state[1:]]
-        try:
-            address = y.data_ptr()
-        except RuntimeError:  # no storage: a torch.func transform's wrapper
-            return False
         threads = cpu_reductions.kernel_threads()  # the forward's thread: torch's pool runs the parts
         kernels.probe_update_at(
             address, elements, dtype is torch.float64, channels, inner, self._rules, self._maxima,
