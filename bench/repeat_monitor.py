@@ -37,12 +37,15 @@ def _threads(passed: list[str]) -> str:
 
 
 def run_once(passed: list[str], tag: str) -> dict:
-    """One ``bench_monitor.py`` process; its results file, read back."""
+    """One ``bench_monitor.py`` process; its results file, read back and removed (its figures go
+    into the summary)."""
     subprocess.run(
         [sys.executable, str(HERE / "bench_monitor.py"), *passed, "--tag", tag], check=True, env=os.environ
     )
     path = HERE / "results" / f"monitor_t{_threads(passed)}{tag}.json"
-    return json.loads(path.read_text())
+    results = json.loads(path.read_text())
+    path.unlink()
+    return results
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -87,8 +90,6 @@ def main() -> None:
         f"monitor_t{_threads(passed)}{args.tag}_runs",
         {"arguments": passed, "runs": args.runs, "environment": runs[0]["environment"], "summary": summary},
     )
-    for k in range(args.runs):  # the per-run files: their figures are in the summary
-        (HERE / "results" / f"monitor_t{_threads(passed)}{args.tag}_run{k}.json").unlink()
     print(f"wrote {path}")
 
 

@@ -99,8 +99,9 @@ DEFINE_FIRST(channels_double_first, double, 8)
         T low, T high, const int low_mode, const int high_mode, T *maxima, int *nan, double *totals,   \
         T *partial) {                                                                                  \
         long long count = 0;                                                                           \
+        const Py_ssize_t rows = unit_rows(channels);                                                   \
         for (Py_ssize_t unit = first_unit; unit < last_unit; unit++) {                                \
-            Py_ssize_t rows = unit_rows(channels), first = unit * rows;                                \
+            Py_ssize_t first = unit * rows;                                                            \
             Py_ssize_t last = first + rows < outer ? first + rows : outer;                             \
             for (Py_ssize_t c = 0; c < channels; c++) partial[c] = 0;                                  \
             Py_ssize_t o = first;                                                                      \

@@ -109,7 +109,8 @@ static PyObject *probe_run(const void *data, size_t width, Py_ssize_t n, Py_ssiz
             goto done;
         }
     }
-    Py_ssize_t outer = n / (channels * inner), units = inner == 1 ? (outer + unit_rows(channels) - 1) / unit_rows(channels) : outer;
+    Py_ssize_t outer = n / (channels * inner), rows = unit_rows(channels);
+    Py_ssize_t units = inner == 1 ? (outer + rows - 1) / rows : outer;
     int parts = fused_parts(n, threads);
     parts = parts < units ? parts : (int)units;
     job = (ProbeJob){data, width == 8, outer, channels, inner, units, &rules, NULL, NULL, NULL, NULL, NULL};
