@@ -26,11 +26,13 @@ class BuildFused(build_ext):
         super().build_extensions()
 
 
+FUSED_SOURCES = ["module", "buffers", "blocks", "threads", "gradients", "weights", "probes", "tensor_rules"]
+
 setup(
     ext_modules=[
         Extension(
             "bbdecoder.monitor._fused",
-            [f"{SOURCES}/{name}.c" for name in ("module", "buffers", "blocks", "threads", "gradients", "weights", "probes")],
+            [f"{SOURCES}/{name}.c" for name in FUSED_SOURCES],
             depends=[f"{SOURCES}/fused.h", f"{SOURCES}/probe_loops.h"],
             optional=True,
         )

@@ -170,6 +170,28 @@ def test_no_spare_core_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     _assert_oracle(_stats(tmp_path / "run"), grads)
 
 
+def test_spare_core_is_asked_once_per_backward_and_again_at_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hooks ask once per backward (a question per gradient cost BERT-mini 0.7 ms a step),
+    and the next backward asks again: a core freed later is used from that step on."""
+    import sys
+
+    asked: list[bool] = []
+
+    def spare() -> bool:
+        if sys._getframe(1).f_code.co_filename.endswith("ratio_prefetch.py"):
+            return False  # the ratio pass's own question: not counted here
+        asked.append(len(asked) >= 2)  # no spare core for the first two steps
+        return asked[-1]
+
+    monkeypatch.setattr(ratio_prefetch, "spare_core", spare)
+    _, grads, used = _train(tmp_path / "run")
+    assert asked == [False, False, True, True, True]  # once per step, three gradients each
+    assert used == 3 * (STEPS - 2)
+    _assert_oracle(_stats(tmp_path / "run"), grads)
+
+
 def test_sparse_and_half_precision_gradients_are_read_in_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(5000, 8, sparse=True), nn.Flatten(), nn.Linear(32, 1))

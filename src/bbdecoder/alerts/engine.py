@@ -8,12 +8,14 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from bbdecoder.alerts import rules as R
 from bbdecoder.alerts.rules import Alert, AlertConfig, Row
+from bbdecoder.alerts.table_kernel import table_alerts
 from bbdecoder.alerts.table_plans import DEAD, GRAD_NORM, RATIO, TablePlans, all_finite
 from bbdecoder.alerts.tensor_rules import (
     StepValues,
@@ -211,14 +213,23 @@ class AlertEngine:
             self._first_step = step
         new: list[Alert] = []
         for stat in plan.watched:
-            column = np.ascontiguousarray(values[:, plan.columns[stat]], dtype=np.float64)
-            step_values = self._table_values(
-                writer, step, epoch, series_ids, stat, index, column, plan.distinct
-            )
-            if stat == GRAD_NORM:
-                new += grad_norm_alerts(self._tensors, self.config, step_values)
-            else:
-                new += ratio_alerts(self._tensors, self.config, step_values, step, self._first_step)
+            at = plan.columns[stat]
+            fired = None
+            if plan.distinct:  # one C call where the extension is built
+                row = partial(self._table_row, writer, step, epoch, series_ids, stat, values, at)
+                fired = table_alerts(
+                    self._tensors, self.config, stat, values, at, index, step, self._first_step, row
+                )
+            if fired is None:
+                column = np.ascontiguousarray(values[:, at], dtype=np.float64)
+                step_values = self._table_values(
+                    writer, step, epoch, series_ids, stat, index, column, plan.distinct
+                )
+                if stat == GRAD_NORM:
+                    fired = grad_norm_alerts(self._tensors, self.config, step_values)
+                else:
+                    fired = ratio_alerts(self._tensors, self.config, step_values, step, self._first_step)
+            new += fired
         self._emit(new)
 
     def _observe_rows(self, writer: RunWriter, rows: list[ScalarRow]) -> None:
@@ -232,12 +243,7 @@ class AlertEngine:
     ) -> StepValues:  # fmt: skip
         """One statistic of a finite table, for the per-tensor rules (``distinct``: no series twice)."""
         series = self._series_names
-
-        def row(i: int) -> Row:
-            layer_id, param = series[int(series_ids[i])]
-            if self._layer_names is None or layer_id not in self._layer_names:
-                self._layer_names = writer.layer_names()
-            return (step, epoch, layer_id, self._layer_names.get(layer_id, ""), param, stat, float(column[i]))
+        row = partial(self._table_row, writer, step, epoch, series_ids, stat, column.reshape(-1, 1), 0)
 
         def weights() -> dict[tuple[int, str], float]:
             keys = [series[int(s)] for s in series_ids]
@@ -246,6 +252,24 @@ class AlertEngine:
             )
 
         return StepValues(index, column, row, weights, distinct=distinct, finite=True)
+
+    def _table_row(
+        self, writer: RunWriter, step: int, epoch: int, series_ids: np.ndarray, stat: str,
+        values: np.ndarray, column: int, i: int,
+    ) -> Row:  # fmt: skip
+        """Row ``i`` of a table's statistic in ``values[:, column]``, for an alert."""
+        layer_id, param = self._series_names[int(series_ids[i])]
+        if self._layer_names is None or layer_id not in self._layer_names:
+            self._layer_names = writer.layer_names()
+        return (
+            step,
+            epoch,
+            layer_id,
+            self._layer_names.get(layer_id, ""),
+            param,
+            stat,
+            float(values[i, column]),
+        )
 
     def observe_loss(self, step: int, epoch: int, loss: float) -> list[Alert]:
         """Evaluate the loss of one step; returns the new alerts (at most one)."""

@@ -5,8 +5,10 @@ Their state lives in arrays indexed by tensor (:class:`TensorState`) and a step'
 one array (:class:`StepValues`), so a step of N tensors costs a few NumPy operations, not N rounds
 of Python: the live rules run every recorded step on the store's writer thread (on CUDA, on the
 training thread), where a loop over the rows held the GIL about 4 us per tensor and step. A row
-is built only for an alert. The alerts, their onsets, order and messages are those of a loop over the rows in
-order (tested against one).
+is built only for an alert. The alerts, their onsets, order and messages are those of a loop over
+the rows in order (tested against one). Where the C extension is built, a step's finite table
+takes one call instead (:mod:`bbdecoder.alerts.table_kernel`, the same arithmetic on the same
+arrays); this module remains the reference, and judges every table the kernel declines.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def _grad_norm_part(
             for j in _where(onset):
                 k = _position(judged, j)
                 i = part.start + _position(kept, k)
-                fired = _exploding(
+                fired = exploding_alert(
                     step.row(i), float(median[j]), float(peak[j]), float(limit[j]), int(counts[k]), c
                 )
                 new.append((i, 0, fired))
@@ -219,7 +221,7 @@ def ratio_alerts(
         state.ratio_band[at] = bad
         for j in _where(onset):
             row = step.row(part.start + _position(judged, j))
-            new.append(_ratio(row, bool(high[j]), int(low[j]), c))
+            new.append(ratio_alert(row, bool(high[j]), int(low[j]), c))
     return new
 
 
@@ -279,7 +281,9 @@ def _partner_weight(row: Row, weights: _Lazy) -> float | None:
     return weights.get((row[2], row[4].rpartition(".")[0]))
 
 
-def _exploding(row: Row, median: float, peak: float, limit: float, history: int, c: AlertConfig) -> Alert:
+def exploding_alert(
+    row: Row, median: float, peak: float, limit: float, history: int, c: AlertConfig
+) -> Alert:
     step, epoch, layer_id, layer, param, _stat, value = row
     message = (
         f"exploding gradient at step {step}: [{layer_id}] {layer} ({param}) has L2 norm "
@@ -299,7 +303,7 @@ def _vanishing(row: Row, limit: float, low: int, c: AlertConfig) -> Alert:
     return Alert(R.VANISHING, step, epoch, layer_id, layer, param, value, limit, message)
 
 
-def _ratio(row: Row, high: bool, low: int, c: AlertConfig) -> Alert:
+def ratio_alert(row: Row, high: bool, low: int, c: AlertConfig) -> Alert:
     step, epoch, layer_id, layer, param, _stat, value = row
     side = f"above {c.ratio_high:g}" if high else f"below {c.ratio_low:g} for {low} steps"
     message = (

@@ -45,3 +45,27 @@ def probe_update_at(
     /,
 ) -> None: ...
 def use_openmp(path: str, /) -> bool: ...
+def norm_rules(
+    table: np.ndarray,
+    column: int,
+    index: np.ndarray,
+    window: np.ndarray,
+    filled: np.ndarray,
+    next_slot: np.ndarray,
+    peak: np.ndarray,
+    low_norm: np.ndarray,
+    had_gradient: np.ndarray,
+    exploding: np.ndarray,
+    vanishing: np.ndarray,
+    config: tuple[bool, float, float, int, bool, float, float, int],
+    /,
+) -> list[tuple[int, float, float, float, int]] | None: ...
+def ratio_rules(
+    table: np.ndarray,
+    column: int,
+    index: np.ndarray,
+    low_ratio: np.ndarray,
+    ratio_band: np.ndarray,
+    config: tuple[float, float, int],
+    /,
+) -> list[tuple[int, int]] | None: ...

@@ -73,7 +73,9 @@ class GradientCapture:
                 "no gradient was computed since the last recorded step: call loss.backward() (or "
                 "backward_propagation) before step(), once per iteration"
             )
-        with_grad = [p for p in selected if p.tensor.grad is not None]
+        # each attribute of a tensor costs microseconds from the cold caches backward leaves: once
+        pairs = [(p, p.tensor.grad) for p in selected]
+        with_grad = [p for p, grad in pairs if grad is not None]
         if not with_grad:
             raise RuntimeError("none of the selected layers has a gradient; did the loss depend on them?")
         step, epoch = self._step, self._epoch
@@ -81,10 +83,10 @@ class GradientCapture:
         if self._epoch_first_step is None:  # also a step every= skips: the epoch has run
             self._epoch_first_step = step
         # a CPU model without a sync stays in NumPy to the recorder (fewer, cheaper calls)
-        on_host = self.sync is None and not self._host.deferred and with_grad[0].tensor.device.type == "cpu"
+        on_host = self.sync is None and not self._host.deferred and with_grad[0].tensor.is_cpu
         stats: Any = None
         if record:  # the gradients before the weights: the backward pass wrote them last
-            grads = [p.tensor.grad for p in with_grad]
+            grads = [grad for _, grad in pairs if grad is not None]
             if on_host:
                 prefetch = self._grad_prefetch
                 known = None if prefetch is None else prefetch.take([p.row for p in with_grad], grads)

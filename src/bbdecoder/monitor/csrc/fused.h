@@ -61,11 +61,13 @@ INTERNAL int fused_acquire(PyObject *sequence, const char *what, int writable, B
 INTERNAL void fused_release(Buffers *b);
 INTERNAL Py_ssize_t fused_stride(const Py_buffer *view, int axis);
 
-/* the functions of the module: gradients.c, weights.c, probes.c */
+/* the functions of the module: gradients.c, weights.c, probes.c, tensor_rules.c */
 INTERNAL PyObject *fused_moments(PyObject *module, PyObject *arrays);
 INTERNAL PyObject *fused_statistics(PyObject *module, PyObject *args);
 INTERNAL PyObject *fused_update_norms(PyObject *module, PyObject *args);
 INTERNAL PyObject *fused_probe_update(PyObject *module, PyObject *args);
 INTERNAL PyObject *fused_probe_update_at(PyObject *module, PyObject *args);
+INTERNAL PyObject *fused_norm_rules(PyObject *module, PyObject *args);
+INTERNAL PyObject *fused_ratio_rules(PyObject *module, PyObject *args);
 
 #endif

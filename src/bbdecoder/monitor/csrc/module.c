@@ -3,8 +3,10 @@
    moments(arrays) and update_norms(weights, snapshots, keep, into) do what the NumPy functions of
    the same names in bbdecoder/monitor/cpu_reductions.py do; statistics() also does the arithmetic
    of moment_rows.py on the moments, and probe_update() an activation probe's update
-   (probe_kernel.py). Each reads an array from memory once, with the GIL released for the whole
-   list (so the writer thread's passes run beside the training thread). With `threads` > 1 a pass
+   (probe_kernel.py). Each pass reads an array from memory once, with the GIL released for the
+   whole list (so the writer thread's passes run beside the training thread). norm_rules() and
+   ratio_rules() are no passes: the per-tensor alert rules of one step's table of a few values
+   (tensor_rules.c), with the GIL held. With `threads` > 1 a pass
    is split over torch's own intra-op threads (threads.c), in blocks whose partial sums are added
    in a fixed order, so the results are the same bits with any number of threads. Sums are accumulated in
    double per SIMD lane, so they are float64-exact up to the rounding of the additions; the maximum
@@ -32,6 +34,12 @@ static PyMethodDef fused_methods[] = {
      "the output given as the address of `elements` dense float32 (float64 where `wide`) values."},
     {"update_norms", fused_update_norms, METH_VARARGS,
      "update_norms(weights, snapshots, keep, into=None, threads=1) -> list of (||s - w||^2, ||w||^2)."},
+    {"norm_rules", fused_norm_rules, METH_VARARGS,
+     "norm_rules(table, column, index, window, filled, next_slot, peak, low_norm, had_gradient, exploding, "
+     "vanishing, config) -> list of exploding onsets (row, median, peak, limit, history), or None."},
+    {"ratio_rules", fused_ratio_rules, METH_VARARGS,
+     "ratio_rules(table, column, index, low_ratio, ratio_band, (low, high, patience)) -> list of onsets "
+     "(row, run), or None."},
     {"use_openmp", fused_use_openmp, METH_O,
      "use_openmp(path) -> bool: run `threads` > 1 on the OpenMP runtime of the loaded library at `path` "
      "(torch's extension module); True where it has one."},
