@@ -167,3 +167,42 @@ def test_probes_record_the_steps_the_analyzer_records(tmp_path: Path) -> None:
     assert set(run.scalars("l2").step) == {0, 2, 4}
     for stat in ("act_rms", "attn_entropy", "logit_max"):
         assert set(run.scalars(stat).step) == {0, 2, 4}, stat
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("transform", ["vmap_grad", "grad"])
+def test_forwards_inside_torch_func_transforms_are_left_out(tmp_path: Path, transform: str) -> None:
+    """Per-sample gradients with ``torch.func`` run the model on wrapper tensors that must not
+    escape the transform: the probes leave those forwards out (they used to keep the wrappers,
+    and the next step's flush raised inside the user's forward), and record the training step's
+    forwards as without them."""
+    from torch.func import functional_call, grad, vmap
+
+    def train(path: Path, per_sample: bool) -> dict[str, list[float]]:
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        model = torch.nn.Sequential(encoder, torch.nn.Flatten(), torch.nn.Linear(5 * 16, 3)).train()
+        analyzer = Analyzer(model, path)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss_of(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, p, (x.unsqueeze(0) if transform == "vmap_grad" else x,)).sum()
+
+        with TransformerProbes(analyzer):
+            for step in range(3):
+                x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(step))
+                if per_sample:
+                    if transform == "vmap_grad":
+                        vmap(grad(loss_of), in_dims=(None, 0))(params, x)
+                    else:
+                        grad(loss_of)(params, x)
+                model(x).sum().backward()
+                analyzer.step()
+        analyzer.close()
+        run = open_run(path)
+        return {stat: run.scalars(stat).value.tolist() for stat in ("act_rms", "attn_entropy", "logit_max")}
+
+    recorded = train(tmp_path / "with", True)
+    assert recorded == train(tmp_path / "without", False)
+    assert all(len(values) >= 3 for values in recorded.values()), recorded

@@ -20,7 +20,8 @@ there anyway).
 Rows are scalar rows of the run store, on the series ``(layer_id=-1, param=<module name>)``
 (``<attention module>.head<h>`` per head, ``logits`` for the output), at the step number the
 analyzer gives the iteration. Only forward passes in training mode with grad enabled are recorded,
-and only those of the steps the analyzer records (``every=``); several forwards in one step
+outside ``torch.func`` transforms (``vmap``, ``grad``), and only those of the steps the analyzer
+records (``every=``); several forwards in one step
 (gradient accumulation) are averaged (maxima: the maximum).
 """
 
@@ -133,6 +134,11 @@ class TransformerProbes:
     # -- hooks --------------------------------------------------------------------------------
     def _recording(self, module: nn.Module) -> bool:
         if self.closed or not module.training or not torch.is_grad_enabled():
+            return False
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            # inside vmap / grad (per-sample gradients): the tensors are wrappers that must not
+            # escape the transform, and these forwards are not the training step's (dynamo cannot
+            # trace the check, and compiles no transform here)
             return False
         return bool(self.analyzer.records_current_step)
 
